@@ -1,0 +1,3 @@
+from hutch.agent.main import main
+
+main()

@@ -1,0 +1,117 @@
+"""Routing inside the agent: which service answers a request.
+
+One agent serves both E2B in-sandbox ports. Traffic for envd (49983) and the code interpreter
+(49999) is told apart by path; any other `E2b-Sandbox-Port` (or an HTTP CONNECT) is forwarded to
+that port on the sandbox's own loopback, where user servers listen.
+
+Services are created on first use so that the agent answers `/health` before it has imported
+them; `warm_up_in_background` imports them right after boot.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from hutch.agent.config import ENVD_PORT, ENVD_VERSION, INTERPRETER_PORT, AgentConfig
+from hutch.agent.http import Request, Response, error_response, json_response
+from hutch.errors import InvalidArgument, NotFound
+
+AGENT_PORTS = (str(ENVD_PORT), str(INTERPRETER_PORT))
+
+
+class AgentApp:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._process = None
+        self._filesystem = None
+        self._files = None
+        self._interpreter = None
+
+    # -- services, created once on first use -------------------------------------------------
+
+    @property
+    def process(self):
+        if self._process is None:
+            with self._lock:
+                if self._process is None:
+                    from hutch.agent.process import ProcessService
+
+                    self._process = ProcessService(self.config)
+        return self._process
+
+    @property
+    def filesystem(self):
+        if self._filesystem is None:
+            with self._lock:
+                if self._filesystem is None:
+                    from hutch.agent.filesystem import FilesystemService
+
+                    self._filesystem = FilesystemService(self.config)
+        return self._filesystem
+
+    @property
+    def files(self):
+        if self._files is None:
+            with self._lock:
+                if self._files is None:
+                    from hutch.agent.files import FilesEndpoint
+
+                    self._files = FilesEndpoint(self.config)
+        return self._files
+
+    @property
+    def interpreter(self):
+        if self._interpreter is None:
+            with self._lock:
+                if self._interpreter is None:
+                    from hutch.agent.interpreter import Interpreter
+
+                    self._interpreter = Interpreter(self.config)
+        return self._interpreter
+
+    def warm_up_in_background(self) -> None:
+        def warm() -> None:
+            _ = self.process, self.filesystem, self.files
+            if self.config.prestart_kernel:
+                self.interpreter.prestart()
+
+        threading.Thread(target=warm, name="warm-up", daemon=True).start()
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def __call__(self, req: Request):
+        port = req.headers.get("e2b-sandbox-port")
+        if req.method == "CONNECT" or (port and port not in AGENT_PORTS):
+            from hutch.agent.forward import forward
+
+            return forward(req, port)
+        path = req.path
+        if path.startswith("/process.Process/"):
+            return self.process.rpc(req)
+        if path.startswith("/filesystem.Filesystem/"):
+            return self.filesystem.rpc(req)
+        if path == "/files":
+            return self.files(req)
+        if path == "/execute" or path == "/contexts" or path.startswith("/contexts/"):
+            return self.interpreter(req)
+        if path == "/health":
+            return Response(204)
+        if path == "/init" and req.method == "POST":
+            return self._init(req)
+        if path == "/envs" and req.method == "GET":
+            return json_response(self.config.env)
+        if path == "/version":
+            return json_response({"version": ENVD_VERSION})
+        return error_response(NotFound(f"no route for {req.method} {path}"))
+
+    def _init(self, req: Request) -> Response:
+        """E2B's `/init`: set the environment that later processes and kernels start with."""
+        body = req.json()
+        env = body.get("envVars") or {}
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise InvalidArgument("envVars must be an object of strings")
+        self.config.env.update(env)
+        return Response(204)

@@ -1,0 +1,60 @@
+"""What the runtime tells the agent at boot (the `HUTCH_AGENT` environment variable, JSON).
+
+The variable is removed from the environment before any user process can start, so user code
+never sees it. Every field has a default, so `python -m hutch.agent --socket PATH` also runs the
+agent outside a sandbox (tests, development).
+"""
+
+from __future__ import annotations
+
+import os
+
+ENVD_PORT = 49983
+INTERPRETER_PORT = 49999
+ENVD_VERSION = "0.6.4"
+
+
+class AgentConfig:
+    __slots__ = (
+        "env",
+        "home",
+        "kernel_python",
+        "listen_fd",
+        "prestart_kernel",
+        "python_path",
+        "rlimits",
+        "socket_path",
+        "user",
+    )
+
+    def __init__(self, raw: dict) -> None:
+        self.home: str = raw.get("home") or os.environ.get("HOME") or os.getcwd()
+        self.user: str = raw.get("user", "user")
+        # The environment every process (and kernel) starts with, before per-request envs.
+        self.env: dict[str, str] = dict(raw.get("env") or {})
+        self.listen_fd: int | None = raw.get("listen_fd")
+        self.socket_path: str | None = raw.get("socket_path")
+        # name -> [soft, hard]; applied once at boot, so user code can only lower them further.
+        self.rlimits: dict[str, list[int]] = raw.get("rlimits") or {}
+        # Extra import roots for the agent's lazily imported parts (jupyter_client).
+        self.python_path: list[str] = raw.get("python_path") or []
+        self.kernel_python: str = raw.get("kernel_python") or _default_python()
+        self.prestart_kernel: bool = bool(raw.get("prestart_kernel", False))
+
+    def process_env(self) -> dict[str, str]:
+        """The base environment of user processes."""
+        env = {
+            "HOME": self.home,
+            "USER": self.user,
+            "LOGNAME": self.user,
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+        }
+        env.update(self.env)
+        return env
+
+
+def _default_python() -> str:
+    import sys
+
+    return sys.executable

@@ -1,0 +1,119 @@
+"""Boot of the in-sandbox agent.
+
+Order matters for start-up time and safety:
+1. If we are pid 1 of the sandbox (bwrap `--as-pid-1`), fork: the parent stays pid 1 and only
+   reaps orphans, the child becomes the agent. One process that reaps everything would steal
+   exit statuses from the agent's own `subprocess` children.
+2. Apply the rlimits the runtime asked for (hard limits: user code cannot raise them again).
+3. Close every inherited fd but stdio and the listening socket.
+4. Serve. Service modules are imported on first use, and pre-imported by a background thread
+   right after the socket is being served, so the first request does not wait for imports.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _become_reaper_or_agent() -> None:
+    """As pid 1: fork off the agent and reap every child until the agent exits."""
+    if os.getpid() != 1:
+        return
+    agent_pid = os.fork()
+    if agent_pid == 0:
+        return
+    os.closerange(3, 1 << 16)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(0)
+        except InterruptedError:
+            continue
+        if pid == agent_pid:
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def _apply_rlimits(rlimits: dict[str, list[int]]) -> None:
+    import resource
+
+    for name, (soft, hard) in rlimits.items():
+        which = getattr(resource, f"RLIMIT_{name.upper()}")
+        _, current_hard = resource.getrlimit(which)
+        if current_hard != resource.RLIM_INFINITY and (hard < 0 or hard > current_hard):
+            hard = current_hard  # rlimits can only be lowered here
+        if soft < 0 or (hard >= 0 and soft > hard):
+            soft = hard
+        resource.setrlimit(which, (soft, hard))
+
+
+def _listener(config):
+    import socket
+
+    if config.listen_fd is not None:
+        return socket.socket(fileno=config.listen_fd)
+    path = config.socket_path
+    if not path:
+        raise SystemExit("hutch-agent: no listening fd and no --socket path")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(128)
+    return sock
+
+
+def _parse_args(argv: list[str], raw: dict) -> dict:
+    # argparse costs milliseconds to import; two flags do not need it.
+    args = iter(argv)
+    for arg in args:
+        if arg == "--socket":
+            raw["socket_path"] = next(args)
+        elif arg == "--home":
+            raw["home"] = next(args)
+        elif arg == "--prestart-kernel":
+            raw["prestart_kernel"] = True
+        else:
+            raise SystemExit(f"hutch-agent: unknown argument {arg!r}")
+    return raw
+
+
+def main(argv: list[str] | None = None) -> None:
+    _become_reaper_or_agent()
+    import json
+
+    from hutch.agent.config import AgentConfig
+
+    raw = json.loads(os.environ.pop("HUTCH_AGENT", "") or "{}")
+    config = AgentConfig(_parse_args(sys.argv[1:] if argv is None else argv, raw))
+    if config.rlimits:
+        _apply_rlimits(config.rlimits)
+    keep = {0, 1, 2} | ({config.listen_fd} if config.listen_fd is not None else set())
+    for fd in sorted(int(name) for name in os.listdir("/proc/self/fd")):
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # the fd of the listdir itself
+    for path in config.python_path:
+        if path not in sys.path:
+            sys.path.append(path)
+    try:
+        os.chdir(config.home)
+    except OSError:
+        pass
+
+    from hutch.agent.app import AgentApp
+    from hutch.agent.server import serve_forever
+
+    listener = _listener(config)
+    app = AgentApp(config)
+    app.warm_up_in_background()
+    serve_forever(listener, app)
+
+
+if __name__ == "__main__":
+    main()
