@@ -31,7 +31,12 @@ from hutch.errors import FailedPrecondition, InvalidArgument, NotFound, Resource
 TICK = 0.25  # seconds between checks that a streaming client is still there
 READ_SIZE = 64 * 1024
 BACKLOG_LIMIT = 16 * 1024 * 1024  # bytes a slow subscriber may fall behind before output waits
-SIGNALS = {"SIGNAL_SIGTERM": signal.SIGTERM, "SIGNAL_SIGKILL": signal.SIGKILL, 15: signal.SIGTERM, 9: signal.SIGKILL}
+SIGNALS = {
+    "SIGNAL_SIGTERM": signal.SIGTERM,
+    "SIGNAL_SIGKILL": signal.SIGKILL,
+    15: signal.SIGTERM,
+    9: signal.SIGKILL,
+}
 KEEPALIVE = {"event": {"keepalive": {}}}
 
 
