@@ -156,3 +156,11 @@ BY_CODE: dict[str, type[HutchError]] = {
 def from_wire(code: str, message: str) -> HutchError:
     """The exception for a `{"code","message"}` answer (unknown codes become `HutchError`)."""
     return BY_CODE.get(code, HutchError)(message)
+
+
+def from_status(status: int, message: str) -> HutchError:
+    """The exception for an HTTP error status whose body carries no wire code."""
+    for cls in BY_CODE.values():
+        if cls.http_status == status and cls is not HutchError:
+            return cls(message)
+    return HutchError(message)

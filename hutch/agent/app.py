@@ -5,7 +5,8 @@ One agent serves both E2B in-sandbox ports. Traffic for envd (49983) and the cod
 that port on the sandbox's own loopback, where user servers listen.
 
 Services are created on first use so that the agent answers `/health` before it has imported
-them; `warm_up_in_background` imports them right after boot.
+them; `warm_up_in_background` imports them once the first request (the runtime's readiness probe)
+is answered: importing them earlier would compete with that answer for the GIL.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class AgentApp:
         self._filesystem = None
         self._files = None
         self._interpreter = None
+        self._warming = False
 
     # -- services, created once on first use -------------------------------------------------
 
@@ -71,6 +73,10 @@ class AgentApp:
         return self._interpreter
 
     def warm_up_in_background(self) -> None:
+        if self._warming:
+            return
+        self._warming = True
+
         def warm() -> None:
             _ = self.process, self.filesystem, self.files
             if self.config.prestart_kernel:
@@ -79,6 +85,11 @@ class AgentApp:
         threading.Thread(target=warm, name="warm-up", daemon=True).start()
 
     # -- dispatch ------------------------------------------------------------------------------
+
+    def after_response(self) -> None:
+        """Called by the server once an answer is sent: the first one starts the warm-up."""
+        if not self._warming:
+            self.warm_up_in_background()
 
     def __call__(self, req: Request):
         port = req.headers.get("e2b-sandbox-port")

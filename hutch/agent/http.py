@@ -12,7 +12,6 @@ connection to a handler (port forwarding, WebSocket pass-through).
 
 from __future__ import annotations
 
-import json
 import select
 import socket
 
@@ -172,6 +171,8 @@ class Request:
         return dict(parse_qsl(self.query, keep_blank_values=True))
 
     def json(self, limit: int = 16 * 1024 * 1024):
+        import json
+
         raw = self.body.read_all(limit)
         if not raw:
             return {}
@@ -222,6 +223,8 @@ class Takeover:
 
 
 def json_response(obj, status: int = 200, headers: list | None = None) -> Response:
+    import json  # not at module level: json costs ~6 ms to import, and /health must not wait for it
+
     body = json.dumps(obj, separators=(",", ":")).encode()
     return Response(status, body, [("content-type", "application/json"), *(headers or [])])
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import socket
 import sys
 import threading
-import traceback
 
 from hutch.agent.http import (
     BadRequest,
@@ -46,6 +45,8 @@ def serve_connection(sock: socket.socket, app) -> None:
             except HutchError as exc:
                 resp = error_response(exc)
             except Exception as exc:
+                import traceback
+
                 log(f"{req.method} {req.path} failed:\n{traceback.format_exc()}")
                 resp = error_response(HutchError(f"internal error: {exc.__class__.__name__}: {exc}"))
             if isinstance(resp, Takeover):
@@ -59,6 +60,9 @@ def serve_connection(sock: socket.socket, app) -> None:
                     return
             else:
                 conn.send_response(resp, keep_alive, head_only=req.method == "HEAD")
+            after_response = getattr(app, "after_response", None)
+            if after_response is not None:
+                after_response()
             if not keep_alive:
                 return
             if not req.body.done:

@@ -1,0 +1,117 @@
+"""The contract of an isolation backend: start, stop, status, stats, and the channel to the agent.
+
+A backend turns an `InstanceSpec` into a running, isolated instance whose only connection to the
+host is the agent's Unix socket (`Instance.socket_path`). Everything above (scheduler, gateway)
+talks to instances through that socket and never knows which backend made them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from hutch.types import InstanceId
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Limits of one instance. Enforced by the backend, not by the agent."""
+
+    cpu: float = 1.0  # vCPUs (CFS quota)
+    memory_mb: int = 512  # the instance is OOM-killed inside its cgroup beyond this
+    pids: int = 256  # processes + threads; fork bombs stop here
+    disk_mb: int = 1024  # the workspace; 0 means an unlimited plain directory
+    tmp_mb: int = 64  # the private /tmp (tmpfs, counted in memory too)
+    nofile: int = 1024  # open files per process
+    max_lifetime_s: float | None = None  # wall-clock cap: killed when it runs out
+
+    def __post_init__(self) -> None:
+        if self.cpu <= 0 or self.memory_mb < 16 or self.pids < 8 or self.tmp_mb < 1 or self.nofile < 64:
+            raise ValueError(f"resources out of range: {self}")
+        if self.disk_mb < 0 or (self.max_lifetime_s is not None and self.max_lifetime_s <= 0):
+            raise ValueError(f"resources out of range: {self}")
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    instance_id: InstanceId
+    resources: Resources = field(default_factory=Resources)
+    env: dict[str, str] = field(default_factory=dict)
+    # Key of the persistent workspace in the workspace store (see hutch.storage); None: a fresh one
+    # named after the instance.
+    workspace: str | None = None
+    network: bool = False  # False: loopback only
+    prestart_kernel: bool = False  # start a Jupyter kernel right after boot (code interpreter)
+
+
+class InstanceState(enum.Enum):
+    STARTING = "starting"  # spawned, agent not answering yet
+    RUNNING = "running"  # agent answers on its socket
+    STOPPED = "stopped"  # stopped on purpose; everything but a kept workspace is gone
+    CRASHED = "crashed"  # died on its own (OOM kill of the agent, lifetime cap, killed from outside)
+
+
+@dataclass
+class Instance:
+    """A running instance as its backend knows it. Persisted so a restarted hutch can adopt it."""
+
+    instance_id: InstanceId
+    backend: str
+    socket_path: Path
+    workspace: str
+    workspace_path: Path
+    host_uid: int  # the unprivileged host uid the sandbox user runs as
+    pid: int  # host pid of the instance's first process (its pid 1)
+    pid_start_time: int  # from /proc/<pid>/stat, so a recycled pid is never mistaken for it
+    started_at: float  # unix time
+    spec: InstanceSpec
+    state: InstanceState = InstanceState.STARTING
+    detail: dict = field(default_factory=dict)  # backend-private (cgroup paths, uid slot, ...)
+
+
+@dataclass(frozen=True)
+class InstanceStats:
+    cpu_seconds: float
+    memory_bytes: int
+    memory_peak_bytes: int
+    pids: int
+    workspace_bytes: int
+
+
+class Runtime(Protocol):
+    """An isolation backend. Implementations: `hutch.runtime.bwrap.BwrapRuntime`."""
+
+    name: str
+
+    async def start(self, spec: InstanceSpec) -> Instance:
+        """Start an instance and return once its agent answers `/health`.
+
+        Raises:
+            IsolationError: the sandbox could not be set up.
+            CapacityError: no uid slot or resources left on this host.
+        """
+        ...
+
+    async def stop(self, instance_id: InstanceId, keep_workspace: bool = False) -> None:
+        """Kill the whole tree, remove its cgroups and private files; keep the workspace if asked."""
+        ...
+
+    async def status(self, instance_id: InstanceId) -> InstanceState: ...
+
+    async def stats(self, instance_id: InstanceId) -> InstanceStats: ...
+
+    def get(self, instance_id: InstanceId) -> Instance:
+        """The instance, or `NotFound`."""
+        ...
+
+    def instances(self) -> list[Instance]: ...
+
+    async def adopt_running(self) -> list[Instance]:
+        """After a restart of hutch: take back the instances still alive, clean up the dead."""
+        ...
+
+    async def close(self) -> None:
+        """Stop watching instances (they keep running; `stop` ends them)."""
+        ...

@@ -1,0 +1,200 @@
+"""The host's side of the only channel into an instance: HTTP over the agent's Unix socket.
+
+Used by the runtime (readiness), the scheduler (health, `/init`), tests and benchmarks. The
+gateway forwards raw client traffic over the same socket and needs none of these helpers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from hutch.errors import DeadlineExceeded, Unavailable, from_status, from_wire
+
+STREAM_TYPE = "application/connect+json"
+
+
+@dataclass
+class CommandResult:
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    pid: int = 0
+    status: str = ""
+    events: list[dict] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+
+def _envelope(message: dict) -> bytes:
+    data = json.dumps(message).encode()
+    return struct.pack(">BI", 0, len(data)) + data
+
+
+class AgentChannel:
+    def __init__(self, socket_path: Path | str, timeout: float = 60.0) -> None:
+        self.socket_path = Path(socket_path)
+        self._client = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+            base_url="http://sandbox",
+            timeout=timeout,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> AgentChannel:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        return self._client
+
+    async def health(self) -> bool:
+        try:
+            return (await self._client.get("/health", timeout=5)).status_code == 204
+        except httpx.HTTPError:
+            return False
+
+    async def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                response = await self._client.get("/health", timeout=max(0.1, deadline - time.monotonic()))
+                if response.status_code == 204:
+                    return
+            except (httpx.TransportError, OSError):
+                pass
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(f"agent at {self.socket_path} not ready after {timeout:.1f}s")
+            await asyncio.sleep(0.002)
+
+    async def init(self, env: dict[str, str]) -> None:
+        response = await self._client.post("/init", json={"envVars": env})
+        _raise_for(response)
+
+    async def run(
+        self,
+        cmd: str,
+        *,
+        shell: bool = True,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float = 60.0,
+    ) -> CommandResult:
+        """Run a command to its end (`shell`: through `/bin/bash -l -c`, as E2B does)."""
+        process = (
+            {"cmd": "/bin/bash", "args": ["-l", "-c", cmd]} if shell else {"cmd": cmd, "args": args or []}
+        )
+        if env:
+            process["envs"] = env
+        if cwd:
+            process["cwd"] = cwd
+        result = CommandResult(exit_code=-1)
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._client.stream(
+                    "POST",
+                    "/process.Process/Start",
+                    content=_envelope({"process": process}),
+                    headers={"content-type": STREAM_TYPE},
+                    timeout=httpx.Timeout(timeout, connect=5),
+                ) as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                        _raise_for(response)
+                    buf = b""
+                    async for chunk in response.aiter_raw():
+                        buf += chunk
+                        while len(buf) >= 5:
+                            flags, length = struct.unpack(">BI", buf[:5])
+                            if len(buf) < 5 + length:
+                                break
+                            message = json.loads(buf[5 : 5 + length])
+                            buf = buf[5 + length :]
+                            if flags & 0x02:
+                                if "error" in message:
+                                    error = message["error"]
+                                    raise from_wire(error.get("code", ""), error.get("message", ""))
+                                return result
+                            _apply_event(result, message.get("event", {}))
+        except TimeoutError:
+            raise DeadlineExceeded(f"command did not finish within {timeout}s") from None
+        except httpx.TransportError as exc:
+            raise Unavailable(f"lost the agent while running a command: {exc}") from None
+        return result
+
+    async def write_file(self, path: str, data: bytes) -> None:
+        response = await self._client.post(
+            "/files",
+            params={"path": path},
+            content=data,
+            headers={"content-type": "application/octet-stream"},
+        )
+        _raise_for(response)
+
+    async def read_file(self, path: str) -> bytes:
+        response = await self._client.get("/files", params={"path": path})
+        _raise_for(response)
+        return response.content
+
+    async def execute(self, code: str, context_id: str | None = None, timeout: float = 120.0) -> list[dict]:
+        """Run code in the interpreter; the NDJSON lines of the answer."""
+        lines = []
+        async with self._client.stream(
+            "POST",
+            "/execute",
+            json={"code": code, "context_id": context_id},
+            timeout=httpx.Timeout(timeout, connect=5),
+        ) as response:
+            if response.status_code != 200:
+                await response.aread()
+                _raise_for(response)
+            async for line in response.aiter_lines():
+                if line.strip():
+                    lines.append(json.loads(line))
+        return lines
+
+
+def _apply_event(result: CommandResult, event: dict) -> None:
+    result.events.append(event)
+    if "start" in event:
+        result.pid = event["start"].get("pid", 0)
+    elif "data" in event:
+        data = event["data"]
+        if "stdout" in data:
+            result.stdout += base64.b64decode(data["stdout"])
+        if "stderr" in data:
+            result.stderr += base64.b64decode(data["stderr"])
+        if "pty" in data:
+            result.stdout += base64.b64decode(data["pty"])
+    elif "end" in event:
+        end = event["end"]
+        result.exit_code = end.get("exitCode", 0)
+        result.status = end.get("status", "")
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+        code, message = body.get("code"), body.get("message", response.text)
+    except ValueError:
+        code, message = None, response.text
+    if isinstance(code, str):
+        raise from_wire(code, message)
+    raise from_status(response.status_code, message)
