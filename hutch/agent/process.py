@@ -255,9 +255,14 @@ class ProcessService:
         proc_config = {"cmd": cmd, "args": args, "envs": envs, "cwd": cwd}
         proc = ManagedProcess(popen, proc_config, request.get("tag"), master)
         sub = proc.subscribe()
+        try:
+            threading.Thread(target=self._pump, args=(proc,), name=f"pump-{proc.pid}", daemon=True).start()
+        except RuntimeError:
+            proc.signal(signal.SIGKILL)
+            popen.wait()
+            raise ResourceExhausted("no thread left to follow the process (the sandbox's pids limit)") from None
         with self.lock:
             self.processes[proc.pid] = proc
-        threading.Thread(target=self._pump, args=(proc,), name=f"pump-{proc.pid}", daemon=True).start()
         return proc, sub
 
     def _pump(self, proc: ManagedProcess) -> None:

@@ -93,7 +93,23 @@ def serve_forever(listener: socket.socket, app) -> None:
                 return
             log(f"accept failed: {exc}")
             continue
-        threading.Thread(target=serve_connection, args=(sock, app), daemon=True).start()
+        try:
+            threading.Thread(target=serve_connection, args=(sock, app), daemon=True).start()
+        except RuntimeError:
+            # No thread left under the pids limit (a fork bomb, say): say so instead of hanging.
+            _refuse(sock, b'{"code":503,"message":"the sandbox has no process or thread left to serve this"}')
+
+
+def _refuse(sock: socket.socket, body: bytes) -> None:
+    try:
+        sock.sendall(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 def method_not_allowed(method: str, path: str) -> Response:

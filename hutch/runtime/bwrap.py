@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from hutch.errors import HutchError, IsolationError, NotFound
+from hutch.errors import HutchError, IsolationError, NotFound, Unimplemented
 from hutch.runtime import seccomp
 from hutch.runtime.base import Instance, InstanceSpec, InstanceState, InstanceStats, Resources
 from hutch.runtime.cgroups import Cgroup, CgroupManager
@@ -133,6 +133,10 @@ class BwrapRuntime:
     # -- start ---------------------------------------------------------------------------------
 
     async def start(self, spec: InstanceSpec) -> Instance:
+        if spec.network:
+            # Sharing the host's network namespace would expose its loopback services: egress
+            # needs a namespace of its own with a policy (veth + nftables), not built yet.
+            raise Unimplemented("network access for sandboxes is not available yet; instances have loopback only")
         if spec.instance_id in self._instances:
             raise IsolationError(f"instance {spec.instance_id} already exists")
         instance, popen, stderr_r = await asyncio.to_thread(self._spawn, spec)
@@ -191,9 +195,7 @@ class BwrapRuntime:
             stderr_r, stderr_w = os.pipe()
             fds += [info_w, block_r, stderr_w]
 
-            argv = self._argv(
-                spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, instance_dir, workspace_path
-            )
+            argv = self._argv(spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, instance_dir, workspace_path)
             try:
                 popen = subprocess.Popen(
                     argv,
@@ -275,6 +277,7 @@ class BwrapRuntime:
             "--perms", "0755", "--dir", "/home",
             "--bind", str(workspace_path), SANDBOX_HOME,
             "--ro-bind", str(instance_dir / "run"), RUN_DIR,
+            "--remount-ro", "/",  # the skeleton root bwrap built is owned by the sandbox user otherwise
             "--chdir", SANDBOX_HOME,
             "--clearenv",
             "--setenv", "PATH", self.host.path_env,
@@ -282,8 +285,7 @@ class BwrapRuntime:
             "--setenv", "USER", "user",
             "--setenv", "HUTCH_AGENT", "marshal:" + marshal.dumps(agent_config).hex(),
         ]  # fmt: skip
-        if not spec.network:
-            argv.append("--unshare-net")
+        argv.append("--unshare-net")  # loopback only
         argv += [
             self.host.python, "-I", "-S", "-B", "-c",
             f"import sys; sys.path.insert(0, {AGENT_LIB!r}); from hutch.agent.main import main; main([])",
@@ -335,9 +337,7 @@ class BwrapRuntime:
                 message = os.read(stderr_r, 65536).decode(errors="replace").strip()
             except BlockingIOError:
                 message = ""
-            raise IsolationError(
-                f"instance {instance.instance_id} died while starting: {message or 'no output'}"
-            )
+            raise IsolationError(f"instance {instance.instance_id} died while starting: {message or 'no output'}")
         finally:
             await channel.aclose()
 
@@ -436,8 +436,9 @@ class BwrapRuntime:
         instance = self.get(instance_id)
         if instance.workspace == key:
             return
-        await asyncio.to_thread(self.store.rename, instance.workspace, key)
+        moved = await asyncio.to_thread(self.store.rename, instance.workspace, key, instance.workspace_path)
         instance.workspace = key
+        instance.workspace_path = moved or instance.workspace_path
         self._save(instance)
 
     # -- persistence and adoption --------------------------------------------------------------
@@ -491,7 +492,9 @@ class BwrapRuntime:
                 log.error("cleanup of dead instance %s: %s", instance.instance_id, exc)
         return adopted
 
-    async def close(self) -> None:
+    async def close(self, unstage: bool = False) -> None:
+        """Stop watching; instances keep running. `unstage`: also unmount the staged host binds and
+        remove hutch's (empty) cgroup parents, for a runtime that is going away for good."""
         loop = asyncio.get_running_loop()
         for watch in self._watches.values():
             if watch.pidfd >= 0:
@@ -502,6 +505,9 @@ class BwrapRuntime:
                 watch.lifetime_timer.cancel()
         self._watches.clear()
         self._instances.clear()
+        if unstage:
+            self.host.unstage()
+            self.cgroups.remove_parents()
 
 
 def _short_hash(path: Path) -> str:

@@ -277,6 +277,14 @@ class CgroupManager:
         _write(parent / "cgroup.subtree_control", enable)
         return parent
 
+    def remove_parents(self) -> None:
+        """Remove hutch's group directories if no instance is left in them."""
+        for parent in [*self.parents.values(), *([self.kill_parent] if self.kill_parent else [])]:
+            try:
+                parent.rmdir()
+            except OSError:
+                pass
+
     def create(self, name: str, resources: Resources) -> Cgroup:
         dirs = {key: parent / name for key, parent in self.parents.items()}
         kill_dir = self.kill_parent / name if self.kill_parent else None

@@ -96,9 +96,7 @@ class AgentChannel:
         timeout: float = 60.0,
     ) -> CommandResult:
         """Run a command to its end (`shell`: through `/bin/bash -l -c`, as E2B does)."""
-        process = (
-            {"cmd": "/bin/bash", "args": ["-l", "-c", cmd]} if shell else {"cmd": cmd, "args": args or []}
-        )
+        process = {"cmd": "/bin/bash", "args": ["-l", "-c", cmd]} if shell else {"cmd": cmd, "args": args or []}
         if env:
             process["envs"] = env
         if cwd:

@@ -98,6 +98,16 @@ class HostView:
         )
         self._write_etc()
 
+    def unstage(self) -> None:
+        """Unmount the staged binds (running sandboxes keep their own copies of them)."""
+        for target in sorted(self.stage_dir.iterdir()):
+            if is_mount_point(target):
+                subprocess.run(["umount", "--lazy", str(target)], capture_output=True)
+            try:
+                target.rmdir()
+            except OSError:
+                pass
+
     def _reachable(self, source: Path) -> Path:
         """`source`, or a read-only bind of it under our stage dir when others cannot reach it."""
         if traversable_by_others(source):

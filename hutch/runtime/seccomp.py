@@ -66,14 +66,10 @@ def filter_bpf() -> bytes:
         for bit in range(32):
             flag = 1 << bit
             if NAMESPACE_FLAGS & flag:
-                flt.add_rule(
-                    seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag)
-                )
+                flt.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
         flt.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")  # flags live in memory; glibc falls back
         for request in (TIOCSTI, TIOCLINUX):
-            flt.add_rule(
-                seccomp.ERRNO(errno.EPERM), "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, request)
-            )
+            flt.add_rule(seccomp.ERRNO(errno.EPERM), "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, request))
         with os.fdopen(os.memfd_create("hutch-seccomp-build", 0), "w+b") as out:
             flt.export_bpf(out)
             out.flush()

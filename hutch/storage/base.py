@@ -43,8 +43,9 @@ class WorkspaceStore(Protocol):
         """Remove the data for good. Detach first."""
         ...
 
-    def rename(self, key: str, new_key: str) -> None:
-        """Give a workspace a new key; allowed while attached (the sandbox keeps its bind)."""
+    def rename(self, key: str, new_key: str, attached: Path | None = None) -> Path | None:
+        """Give a workspace a new key, also while it is attached at `attached` (a sandbox keeps
+        its bind). Returns where the attached workspace is now on the host (None if detached)."""
         ...
 
     def exists(self, key: str) -> bool: ...

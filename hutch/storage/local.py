@@ -53,7 +53,7 @@ class DirectoryStore:
     def delete(self, key: str) -> None:
         shutil.rmtree(self._path(key), ignore_errors=True)
 
-    def rename(self, key: str, new_key: str) -> None:
+    def rename(self, key: str, new_key: str, attached: Path | None = None) -> Path | None:
         target = self._path(new_key)
         if target.exists():
             raise AlreadyExists(f"workspace {new_key} already exists")
@@ -62,6 +62,7 @@ class DirectoryStore:
             self._path(key).rename(target)
         except FileNotFoundError:
             raise NotFound(f"workspace {key} does not exist") from None
+        return target if attached is not None else None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_dir()
@@ -157,15 +158,16 @@ class ImageStore:
         except FileNotFoundError:
             pass
 
-    def rename(self, key: str, new_key: str) -> None:
+    def rename(self, key: str, new_key: str, attached: Path | None = None) -> Path | None:
         target = self._image(new_key)
         if target.exists():
             raise AlreadyExists(f"workspace {new_key} already exists")
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._image(key).rename(target)
+            self._image(key).rename(target)  # the loop device holds the file open: mounts carry on
         except FileNotFoundError:
             raise NotFound(f"workspace {key} does not exist") from None
+        return attached
 
     def exists(self, key: str) -> bool:
         return self._image(key).exists()

@@ -1,0 +1,125 @@
+"""Start, stop, crash, re-adoption and port forwarding of real instances."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hutch.runtime.base import InstanceSpec, InstanceState, Resources
+from hutch.runtime.bwrap import BwrapRuntime
+from hutch.runtime.cgroups import Cgroup
+from hutch.runtime.channel import AgentChannel
+
+pytestmark = pytest.mark.sandbox
+
+
+def _processes_of(uid: int) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        if int(uid_line.split()[1]) == uid:
+            found.append(int(pid))
+    return found
+
+
+def test_stop_leaves_nothing_of_the_instance_behind(sandbox, runtime):
+    sandbox.run("sleep 60 & sleep 60 & echo spawned")
+    instance = sandbox.instance
+    cgroup_dirs = list(Cgroup.from_dict(instance.detail["cgroup"]).dirs.values())
+    assert all(d.is_dir() for d in cgroup_dirs)
+    sandbox.stop()
+    assert _processes_of(instance.host_uid) == []
+    assert not any(d.exists() for d in cgroup_dirs)
+    assert not (runtime.instances_dir / instance.instance_id).exists()
+    assert not runtime.store.exists(instance.workspace)
+    assert instance.instance_id not in {i.instance_id for i in runtime.instances()}
+
+
+def test_a_kept_workspace_comes_back_in_the_next_instance(make_sandbox, runtime):
+    key = f"tenant-a/session-{uuid.uuid4().hex[:8]}"
+    first = make_sandbox(workspace=key)
+    first.run("mkdir -p notes && echo remembered > notes/today.txt")
+    first.stop(keep_workspace=True)
+    assert runtime.store.exists(key)
+    second = make_sandbox(workspace=key)
+    assert second.run("cat notes/today.txt").text.strip() == "remembered"
+    assert second.run("touch notes/again && echo writable").text.strip() == "writable"
+    second.stop()
+    runtime.store.delete(key)
+
+
+def test_an_instance_that_dies_is_reported_crashed(sandbox, loop, runtime):
+    exits = []
+    runtime.on_exit = exits.append
+    try:
+        os.kill(sandbox.instance.pid, 9)
+        deadline = time.monotonic() + 5
+        while loop.run(runtime.status(sandbox.id)) != InstanceState.CRASHED:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert [i.instance_id for i in exits] == [sandbox.id]
+    finally:
+        runtime.on_exit = None
+
+
+def test_a_restarted_runtime_adopts_running_instances_and_cleans_up_dead_ones(loop, runtime, make_sandbox):
+    alive = make_sandbox()
+    alive.run("echo state > state.txt")
+    dead = make_sandbox()
+    dead_instance = dead.instance
+    # A second runtime on the same data directory plays the restarted hutch.
+    successor = loop.run(_new_runtime(runtime))
+    loop.run(dead.channel.aclose())
+    os.kill(dead_instance.pid, 9)
+    time.sleep(0.2)
+    adopted = loop.run(successor.adopt_running())
+    assert alive.id in {i.instance_id for i in adopted}
+    assert dead_instance.instance_id not in {i.instance_id for i in adopted}
+    assert not (runtime.instances_dir / dead_instance.instance_id).exists()
+    channel = AgentChannel(successor.get(alive.id).socket_path)
+    result = loop.run(channel.run("cat state.txt"))
+    loop.run(channel.aclose())
+    assert result.text.strip() == "state"
+    loop.run(successor.close())
+
+
+async def _new_runtime(runtime: BwrapRuntime) -> BwrapRuntime:
+    return BwrapRuntime(runtime.data_dir, runtime.store)
+
+
+def test_user_servers_inside_are_reached_through_the_agent(sandbox, loop):
+    sandbox.run(
+        "nohup python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &"
+        " for i in $(seq 100); do (echo > /dev/tcp/127.0.0.1/8000) 2>/dev/null && break; sleep 0.05; done",
+    )
+    sandbox.run("echo served-from-the-sandbox > index.txt")
+
+    async def fetch():
+        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(sandbox.instance.socket_path))) as c:
+            forwarded = await c.get("http://sandbox/index.txt", headers={"E2b-Sandbox-Port": "8000"})
+            closed = await c.get("http://sandbox/", headers={"E2b-Sandbox-Port": "8001"})
+            return forwarded, closed
+
+    forwarded, closed = loop.run(fetch())
+    assert forwarded.status_code == 200
+    assert forwarded.text.strip() == "served-from-the-sandbox"
+    assert closed.status_code == 503
+    assert "8001" in closed.json()["message"]
+
+
+def test_an_invalid_spec_is_refused_before_anything_starts():
+    with pytest.raises(ValueError):
+        Resources(memory_mb=1)
+    with pytest.raises(ValueError):
+        InstanceSpec(instance_id="x", resources=Resources(cpu=0))
