@@ -80,7 +80,7 @@ async def run(runs: int, store_kind: str) -> dict:
         # 3. idle memory of an instance without a kernel: PSS of its processes and its bwrap monitor
         await asyncio.sleep(1.0)
         cgroup = Cgroup.from_dict(instance.detail["cgroup"])
-        pids = cgroup.procs() + [instance.detail["bwrap_pid"]]
+        pids = [*cgroup.procs(), instance.detail["bwrap_pid"]]
         results["idle_pss_mb"] = round(sum(pss_kb(pid) for pid in pids) / 1024, 2)
         results["idle_processes"] = len(pids)
 

@@ -55,7 +55,7 @@ def parse_mountinfo(text: str) -> tuple[dict[str, Path], Path | None]:
         left, sep, right = line.partition(" - ")
         if not sep:
             continue
-        fstype, _source, super_opts = (right.split() + ["", ""])[:3]
+        fstype, _source, super_opts = [*right.split(), "", ""][:3]
         mount_point = Path(left.split()[4])
         if fstype == "cgroup2":
             v2 = v2 or mount_point
