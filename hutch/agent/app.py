@@ -78,9 +78,16 @@ class AgentApp:
         self._warming = True
 
         def warm() -> None:
-            _ = self.process, self.filesystem, self.files
-            if self.config.prestart_kernel:
-                self.interpreter.prestart()
+            # The kernel first: it takes the longest, and one failing step must not stop the rest.
+            steps = [lambda: self.interpreter.prestart()] if self.config.prestart_kernel else []
+            steps += [lambda: self.process, lambda: self.filesystem, lambda: self.files]
+            for step in steps:
+                try:
+                    step()
+                except Exception as exc:
+                    from hutch.agent.server import log
+
+                    log(f"warm-up step failed: {exc.__class__.__name__}: {exc}")
 
         threading.Thread(target=warm, name="warm-up", daemon=True).start()
 
@@ -120,9 +127,7 @@ class AgentApp:
         """E2B's `/init`: set the environment that later processes and kernels start with."""
         body = req.json()
         env = body.get("envVars") or {}
-        if not isinstance(env, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-        ):
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise InvalidArgument("envVars must be an object of strings")
         self.config.env.update(env)
         return Response(204)

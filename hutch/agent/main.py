@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     except OSError:
         pass
 
+    import signal
+
+    # SIGTERM ends the agent through SystemExit, so atexit hooks (kernel cleanup) run.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
     from hutch.agent.app import AgentApp
     from hutch.agent.server import serve_forever
 

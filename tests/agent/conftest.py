@@ -29,9 +29,7 @@ def start_agent(tmp_path: Path, extra_env: dict | None = None) -> RunningAgent:
     home.mkdir()
     sock = tmp_path / "agent.sock"
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hutch.agent", "--socket", str(sock), "--home", str(home)], env=env
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "hutch.agent", "--socket", str(sock), "--home", str(home)], env=env)
     running = RunningAgent(sock, home, proc)
     deadline = time.monotonic() + 10
     while True:

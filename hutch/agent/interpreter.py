@@ -1,0 +1,566 @@
+"""The code interpreter: E2B's port-49999 API (`/execute`, `/contexts`) over real IPython kernels.
+
+Each context owns one kernel (`hutch.agent.kernel.Kernel`), started on demand; executions
+without a `context_id` use a default context per language, created on first use (or by
+`prestart()` right after boot). Only Python is installed; other languages are a 400.
+
+`POST /execute` answers NDJSON, one line per kernel message, flushed as it comes:
+
+    {"type": "number_of_executions", "execution_count": N}      execute_input
+    {"type": "stdout" | "stderr", "text": ..., "timestamp": NS}  stream (ns since the epoch)
+    {"type": "result", "text": ..., "png": ..., "is_main_result": bool}
+                                     display_data (false) / execute_result (true)
+    {"type": "error", "name": ..., "value": ..., "traceback": ...}
+    {"type": "end_of_execution"}                                  status idle
+
+Threads, not an event loop: the connection thread that streams an execution also reads the
+kernel's IOPub socket, keeping only messages whose parent is its own request. A context's lock
+serializes everything that talks to its kernel (executions, start, restart, delete); a second
+execution waits for the first. While it waits or the kernel is silent, the stream yields None
+every TICK so the server notices a client that went away.
+
+Interrupts: when the client disconnects (or times out, which is the same thing to us) before
+the cell finished, the kernel gets SIGINT and the lock is held until the cell reports idle, so
+the next execution starts on a quiet kernel with its state intact. A cell that ignores SIGINT
+for INTERRUPT_GRACE seconds costs the context its kernel: it is replaced by a fresh one.
+
+A kernel that dies under a cell (`os._exit`, the OOM killer) ends that execution with an error
+named `ContextRestarting` (E2B's name for it) and is restarted in the background at once; the
+next execution runs on the new kernel, with a fresh namespace. One that dies while idle is
+replaced when the next execution comes.
+
+`env_vars` are set in the kernel's `os.environ` just before the cell (a silent request queued
+ahead of it) and put back to their previous values just after (another silent request), as E2B
+does. Environment set later with `/init` is applied to running kernels before their next cell.
+
+Start-up budget: this module imports only lean standard modules; jupyter_client and zmq load
+with `hutch.agent.kernel`, when the first kernel starts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import threading
+import time
+
+from hutch.agent import paths
+from hutch.agent.http import Request, Response, StreamResponse, error_response, json_response
+from hutch.errors import HutchError, InvalidArgument, NotFound, Unavailable
+
+TICK = 0.25  # seconds between checks that the client is still there and the kernel alive
+INTERRUPT_GRACE = 5.0  # seconds an interrupted cell may take to stop before its kernel is replaced
+PYTHON = "python"
+PYTHON_ALIASES = frozenset({"python", "python3", "py", "ipython"})
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+NDJSON_HEADERS = [("content-type", "application/x-ndjson")]
+END = b'{"type":"end_of_execution"}\n'
+
+# Jupyter mime type -> field of an E2B result; any other mime type goes to `extra`.
+MIME_FIELDS = {
+    "text/plain": "text",
+    "text/html": "html",
+    "text/markdown": "markdown",
+    "image/svg+xml": "svg",
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "application/pdf": "pdf",
+    "text/latex": "latex",
+    "application/json": "json",
+    "application/javascript": "javascript",
+    "e2b/data": "data",
+    "e2b/chart": "chart",
+}
+
+# Kernel-side snippets for per-execution env vars. Lambdas keep the user's namespace clean; the
+# previous values wait on the `sys` module until the restore runs.
+SET_ENV = (
+    "(lambda o, e: (setattr(__import__('sys'), '_hutch_saved_env', "
+    "{{k: o.environ.get(k) for k in e}}), o.environ.update(e)))(__import__('os'), {env!r})"
+)
+RESTORE_ENV = (
+    "(lambda o, s: [o.environ.pop(k, None) if v is None else o.environ.__setitem__(k, v) "
+    "for k, v in s.items()])(__import__('os'), __import__('sys').__dict__.pop('_hutch_saved_env', {}))"
+)
+UPDATE_ENV = "__import__('os').environ.update({env!r})"
+
+
+def log(message: str) -> None:
+    from hutch.agent.server import log as server_log
+
+    server_log(message)
+
+
+class Context:
+    """A named kernel session: its language, working directory and (once started) kernel."""
+
+    __slots__ = ("closed", "cwd", "id", "kernel", "kernel_env", "language", "lock", "stopping")
+
+    def __init__(self, context_id: str, language: str, cwd: str) -> None:
+        self.id = context_id
+        self.language = language
+        self.cwd = cwd
+        self.lock = threading.Lock()  # held by whoever talks to the kernel
+        self.kernel = None  # hutch.agent.kernel.Kernel, once started
+        self.kernel_env: dict[str, str] = {}  # the agent's env as the kernel last saw it
+        self.closed = False
+        self.stopping: str | None = None  # "restart" / "delete" while we kill the kernel on purpose
+
+    def info(self) -> dict:
+        return {"id": self.id, "language": self.language, "cwd": self.cwd}
+
+
+class Interpreter:
+    def __init__(self, config) -> None:
+        self.config = config
+        self.contexts: dict[str, Context] = {}
+        self.defaults: dict[str, str] = {}  # language -> id of its default context
+        self.lock = threading.Lock()
+        self._workdir: str | None = None
+        self._serial = 0
+        atexit.register(self.close)
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def __call__(self, req: Request):
+        path = req.path
+        method = req.method
+        if path == "/execute":
+            if method == "POST":
+                return self.execute(req)
+            return _not_allowed(method, path)
+        if path == "/contexts":
+            if method == "GET":
+                return self.list_contexts()
+            if method == "POST":
+                return self.create_context(req)
+            return _not_allowed(method, path)
+        parts = path.split("/")  # "", "contexts", id[, "restart"]
+        if len(parts) == 3 and parts[2]:
+            if method == "DELETE":
+                return self.delete_context(parts[2])
+            return _not_allowed(method, path)
+        if len(parts) == 4 and parts[2] and parts[3] == "restart":
+            if method == "POST":
+                return self.restart_context(parts[2])
+            return _not_allowed(method, path)
+        return error_response(NotFound(f"no route for {method} {path}"))
+
+    # -- contexts ------------------------------------------------------------------------------
+
+    def _get(self, context_id) -> Context:
+        if not isinstance(context_id, str):
+            raise InvalidArgument("context_id must be a string")
+        with self.lock:
+            ctx = self.contexts.get(context_id)
+        if ctx is None:
+            raise NotFound(f"context '{context_id}' not found")
+        return ctx
+
+    def _default(self, language: str) -> Context:
+        with self.lock:
+            ctx = self.contexts.get(self.defaults.get(language, ""))
+            if ctx is None:
+                ctx = Context(_new_id(), language, self.config.home)
+                self.contexts[ctx.id] = ctx
+                self.defaults[language] = ctx.id
+            return ctx
+
+    def list_contexts(self) -> Response:
+        with self.lock:
+            return json_response([ctx.info() for ctx in self.contexts.values()])
+
+    def create_context(self, req: Request) -> Response:
+        body = req.json() or {}
+        if not isinstance(body, dict):
+            raise InvalidArgument("the request body must be a JSON object")
+        language = _language(body.get("language"))
+        cwd = paths.resolve(body.get("cwd"), self.config.home)
+        if not os.path.exists(cwd):
+            raise NotFound(f"cwd '{cwd}' does not exist")
+        if not os.path.isdir(cwd):
+            raise InvalidArgument(f"cwd '{cwd}' is not a directory")
+        ctx = Context(_new_id(), language, cwd)
+        with ctx.lock:
+            self._start_kernel(ctx)
+        with self.lock:
+            self.contexts[ctx.id] = ctx
+        return json_response(ctx.info())
+
+    def restart_context(self, context_id: str) -> Response:
+        """A fresh kernel for the context, now: a running cell is killed, not waited for."""
+        ctx = self._get(context_id)
+        ctx.stopping = "restart"
+        try:
+            kernel = ctx.kernel
+            if kernel is not None:
+                kernel.kill()
+            with ctx.lock:
+                old, ctx.kernel = ctx.kernel, None
+                if old is not None:
+                    old.shutdown()
+                if ctx.closed:
+                    raise NotFound(f"context '{context_id}' not found")
+                self._start_kernel(ctx)
+        finally:
+            ctx.stopping = None
+        return Response(204)
+
+    def delete_context(self, context_id: str) -> Response:
+        with self.lock:
+            ctx = self.contexts.pop(context_id, None)
+            if ctx is None:
+                raise NotFound(f"context '{context_id}' not found")
+            for language, default_id in list(self.defaults.items()):
+                if default_id == context_id:
+                    del self.defaults[language]
+        ctx.closed = True
+        ctx.stopping = "delete"
+        kernel = ctx.kernel
+        if kernel is not None:
+            kernel.kill()
+        with ctx.lock:
+            old, ctx.kernel = ctx.kernel, None
+            if old is not None:
+                old.shutdown()
+        return Response(204)
+
+    # -- kernels -------------------------------------------------------------------------------
+
+    def prestart(self) -> None:
+        """Start the default Python context's kernel (called on a background thread at boot).
+
+        A first `/execute` racing with this waits on the context's lock for this same kernel.
+        """
+        ctx = self._default(PYTHON)
+        try:
+            with ctx.lock:
+                if ctx.kernel is None and not ctx.closed:
+                    self._start_kernel(ctx)
+        except Exception as exc:  # a background thread: report, the next execution retries
+            log(f"kernel prestart failed: {getattr(exc, 'message', exc)}")
+
+    def _kernel_argv(self) -> list[str]:
+        return [
+            self.config.kernel_python,
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            "{connection_file}",
+            "--InteractiveShell.colors=nocolor",  # tracebacks as plain text
+            "--HistoryManager.hist_file=:memory:",  # no sqlite shared by every kernel in $HOME
+        ]
+
+    def _kernel_slot(self) -> tuple[str, str]:
+        """The private directory for kernel files (0700) and a fresh name inside it."""
+        with self.lock:
+            if self._workdir is None or not os.path.isdir(self._workdir):
+                import tempfile
+
+                self._workdir = tempfile.mkdtemp(prefix="hutch-kernels-")
+            self._serial += 1
+            return self._workdir, f"k{self._serial}"
+
+    def _start_kernel(self, ctx: Context):
+        """Start a kernel for `ctx` (its lock held). Raises Unavailable when it cannot start."""
+        try:
+            from hutch.agent.kernel import Kernel
+        except ImportError as exc:
+            raise Unavailable(f"the code interpreter is not installed: {exc}") from None
+        workdir, name = self._kernel_slot()
+        env = self.config.process_env()
+        env.setdefault("MPLBACKEND", INLINE_BACKEND)  # figures come back as PNG results
+        kernel_env = dict(self.config.env)
+        kernel = Kernel(self._kernel_argv(), ctx.cwd, env, workdir, name)
+        kernel.start()
+        ctx.kernel = kernel
+        ctx.kernel_env = kernel_env
+        return kernel
+
+    def _ensure_kernel(self, ctx: Context) -> None:
+        with ctx.lock:
+            if ctx.closed:
+                raise NotFound(f"context '{ctx.id}' not found")
+            if ctx.kernel is None:
+                self._start_kernel(ctx)
+
+    def _live_kernel(self, ctx: Context):
+        """The context's kernel, replaced first if it died while idle (lock held)."""
+        kernel = ctx.kernel
+        if kernel is not None and kernel.alive():
+            return kernel
+        ctx.kernel = None
+        if kernel is not None:
+            kernel.shutdown()
+        return self._start_kernel(ctx)
+
+    def _revive(self, ctx: Context, dead) -> None:
+        """Replace a kernel that died under a cell, so the next execution finds one ready."""
+        with ctx.lock:
+            if ctx.kernel is dead:
+                ctx.kernel = None
+                dead.shutdown()
+            if ctx.closed or ctx.kernel is not None:
+                return
+            try:
+                self._start_kernel(ctx)
+            except HutchError as exc:
+                log(f"restarting the kernel of context {ctx.id} failed: {exc.message}")
+
+    def close(self) -> None:
+        """At exit: kill every kernel and remove their files."""
+        with self.lock:
+            contexts = list(self.contexts.values())
+            self.contexts.clear()
+            self.defaults.clear()
+            workdir, self._workdir = self._workdir, None
+        for ctx in contexts:
+            ctx.closed = True
+            kernel = ctx.kernel
+            if kernel is not None:
+                kernel.kill()
+        if workdir is not None:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    # -- execution -----------------------------------------------------------------------------
+
+    def execute(self, req: Request):
+        body = req.json()
+        if not isinstance(body, dict):
+            raise InvalidArgument("the request body must be a JSON object")
+        code = body.get("code")
+        if not isinstance(code, str):
+            raise InvalidArgument("code must be a string")
+        context_id = body.get("context_id")
+        language = body.get("language")
+        if context_id and language:
+            raise InvalidArgument("only one of context_id and language can be given")
+        env_vars = _env_vars(body.get("env_vars"))
+        ctx = self._get(context_id) if context_id else self._default(_language(language))
+        if ctx.kernel is None:
+            # The first kernel of a context: start it (or wait for prestart's) before answering,
+            # so that a kernel that cannot start is an HTTP error rather than a 200.
+            self._ensure_kernel(ctx)
+        return StreamResponse(200, self._stream(ctx, code, env_vars), NDJSON_HEADERS)
+
+    def _stream(self, ctx: Context, code: str, env_vars: dict[str, str]):
+        while not ctx.lock.acquire(timeout=TICK):
+            yield None
+        try:
+            if ctx.closed:
+                yield _line(_error("ContextDeleted", "the context was deleted before this code ran"))
+                yield END
+                return
+            try:
+                kernel = self._live_kernel(ctx)
+            except HutchError as exc:
+                yield _line(_error("KernelUnavailable", exc.message))
+                yield END
+                return
+            yield from self._run(ctx, kernel, code, env_vars)
+        finally:
+            ctx.lock.release()
+
+    def _run(self, ctx: Context, kernel, code: str, env_vars: dict[str, str]):
+        kernel.drain_shell()
+        setup = self._env_setup(ctx, env_vars)
+        if setup:
+            kernel.execute(setup, silent=True)
+        msg_id = kernel.execute(code)
+        finished = False
+        errored = False
+        try:
+            while True:
+                msg = kernel.next_message(TICK)
+                if msg is None:
+                    if not kernel.alive():
+                        finished = True
+                        yield _line(self._death_error(ctx, kernel))
+                        yield END
+                        return
+                    yield None
+                    continue
+                if msg["parent_header"].get("msg_id") != msg_id:
+                    continue  # left over from an earlier request, or a silent one
+                msg_type = msg["msg_type"]
+                if msg_type == "status":
+                    if msg["content"].get("execution_state") == "idle":
+                        finished = True
+                        break
+                    continue
+                if msg_type == "error":
+                    if errored:
+                        continue
+                    errored = True
+                event = _event(msg_type, msg)
+                if event is not None:
+                    yield _line(event)
+            yield END
+        finally:
+            if not finished:
+                self._stop_cell(ctx, kernel, msg_id)
+            if ctx.kernel is kernel:
+                if kernel.alive():
+                    if env_vars:
+                        kernel.execute(RESTORE_ENV, silent=True)
+                elif ctx.stopping is None:
+                    threading.Thread(target=self._revive, args=(ctx, kernel), name="kernel-revive", daemon=True).start()
+
+    def _env_setup(self, ctx: Context, env_vars: dict[str, str]) -> str:
+        """Kernel code that brings its environment up to date and applies `env_vars`."""
+        parts = []
+        current = dict(self.config.env)
+        if current != ctx.kernel_env:
+            changed = {k: v for k, v in current.items() if ctx.kernel_env.get(k) != v}
+            if changed:
+                parts.append(UPDATE_ENV.format(env=changed))
+            ctx.kernel_env = current
+        if env_vars:
+            parts.append(SET_ENV.format(env=env_vars))
+        return "\n".join(parts)
+
+    def _stop_cell(self, ctx: Context, kernel, msg_id: str) -> None:
+        """Interrupt the running cell and wait until it is over; replace the kernel if it won't stop."""
+        deadline = time.monotonic() + INTERRUPT_GRACE
+        next_signal = 0.0
+        while time.monotonic() < deadline:
+            if not kernel.alive():
+                return
+            now = time.monotonic()
+            if now >= next_signal:
+                kernel.interrupt()
+                next_signal = now + 1.0
+            msg = kernel.next_message(0.1)
+            if (
+                msg is not None
+                and msg["msg_type"] == "status"
+                and msg["parent_header"].get("msg_id") == msg_id
+                and msg["content"].get("execution_state") == "idle"
+            ):
+                return
+        log(f"context {ctx.id}: the interrupted cell did not stop; restarting its kernel")
+        ctx.kernel = None
+        kernel.shutdown()
+        try:
+            self._start_kernel(ctx)
+        except HutchError as exc:
+            log(f"restarting the kernel of context {ctx.id} failed: {exc.message}")
+
+    @staticmethod
+    def _death_error(ctx: Context, kernel) -> dict:
+        if ctx.stopping == "delete":
+            return _error("ContextDeleted", "the context was deleted while this code ran")
+        if ctx.stopping == "restart":
+            return _error("ContextRestarting", "the context was restarted while this code ran")
+        code = kernel.exit_code
+        if code is not None and code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+            if code == -signal.SIGKILL:
+                how += " (possibly out of memory)"
+        else:
+            how = f"exited with code {code}"
+        return _error(
+            "ContextRestarting",
+            f"the kernel {how} while running this code; it is being restarted and the "
+            "context's state (variables, imports) is lost",
+        )
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _not_allowed(method: str, path: str) -> Response:
+    return error_response(HutchError(f"{method} is not allowed on {path}"), status=405)
+
+
+def _new_id() -> str:
+    import uuid
+
+    return str(uuid.uuid4())
+
+
+def _language(value) -> str:
+    if value is None or value == "":
+        return PYTHON
+    if not isinstance(value, str):
+        raise InvalidArgument("language must be a string")
+    if value.strip().lower() in PYTHON_ALIASES:
+        return PYTHON
+    raise InvalidArgument(f"language '{value}' is not supported: this sandbox has only a Python kernel")
+
+
+def _env_vars(value) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument("env_vars must be an object of strings")
+    for key, val in value.items():
+        if not key or "=" in key or "\x00" in key:
+            raise InvalidArgument(f"invalid environment variable name {key!r}")
+        if not isinstance(val, str) or "\x00" in val:
+            raise InvalidArgument(f"environment variable {key!r} must be a string without NUL bytes")
+    return value
+
+
+def _line(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def _error(name: str, value: str, traceback: str = "") -> dict:
+    return {"type": "error", "name": name, "value": value, "traceback": traceback}
+
+
+def _event(msg_type: str, msg: dict) -> dict | None:
+    """The NDJSON line for one IOPub message of the execution, or None to skip it."""
+    content = msg["content"]
+    if msg_type == "stream":
+        name = content.get("name")
+        if name not in ("stdout", "stderr"):
+            return None
+        return {"type": name, "text": content.get("text", ""), "timestamp": _ns(msg["header"].get("date"))}
+    if msg_type == "execute_input":
+        return {"type": "number_of_executions", "execution_count": content.get("execution_count")}
+    if msg_type == "display_data":
+        return _result(content.get("data") or {}, False)
+    if msg_type == "execute_result":
+        return _result(content.get("data") or {}, True)
+    if msg_type == "error":
+        return _error(
+            content.get("ename", ""),
+            content.get("evalue", ""),
+            "\n".join(content.get("traceback") or []),
+        )
+    return None
+
+
+def _result(data: dict, main: bool) -> dict:
+    out: dict = {"type": "result"}
+    extra = {}
+    for mime, value in data.items():
+        field = MIME_FIELDS.get(mime)
+        if field is None:
+            extra[mime] = value
+        else:
+            out[field] = value
+    text = out.get("text")
+    if isinstance(text, str) and len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        out["text"] = text[1:-1]  # E2B shows a string result without its repr quotes
+    if extra:
+        out["extra"] = extra
+    out["is_main_result"] = main
+    return out
+
+
+def _ns(date) -> int:
+    """Nanoseconds since the epoch of a Jupyter header date (as the SDK's OutputMessage has it)."""
+    try:
+        return int(date.timestamp()) * 1_000_000_000 + date.microsecond * 1000
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return time.time_ns()

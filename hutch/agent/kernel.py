@@ -1,0 +1,185 @@
+"""One IPython kernel process, driven through jupyter_client without an event loop of our own.
+
+Imported lazily (jupyter_client and zmq cost ~100 ms): only `hutch.agent.interpreter` imports
+this module, and only when a kernel is about to start.
+
+The kernel listens on `ipc` sockets (Unix sockets, not TCP: the sandbox's TCP ports belong to
+user servers) whose paths, like the connection file and the kernel's log, live in a private
+directory the interpreter owns. The hot path (sending an execute request, reading IOPub) uses
+the client's zmq sockets directly and blocks in `zmq_poll`; jupyter_client's manager (which
+runs small coroutines on a per-thread loop of its own) is only used to start, interrupt and
+shut the process down.
+
+A `Kernel` is not thread-safe: its owner (the context's lock) lets one thread use it at a
+time. Only `kill()` may be called from any thread, to stop a kernel that is busy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from queue import Empty
+
+import zmq
+from jupyter_client.kernelspec import KernelSpec
+from jupyter_client.manager import KernelManager
+
+from hutch.errors import Unavailable
+
+# One zmq context (one IO thread) for every kernel's sockets. Receive queues are unbounded: a
+# SUB socket drops messages past its high-water mark, and a dropped "idle" would leave an
+# execution waiting forever; output waits here when the HTTP client reads slowly.
+ZMQ_CONTEXT = zmq.Context()
+ZMQ_CONTEXT.setsockopt(zmq.RCVHWM, 0)
+
+READY_TIMEOUT = 60.0  # seconds a new kernel may take until its IOPub reaches us
+LOG_TAIL = 2000  # bytes of the kernel's log quoted when it fails to start
+
+
+class Kernel:
+    def __init__(self, argv: list[str], cwd: str, env: dict[str, str], workdir: str, name: str) -> None:
+        self.name = name
+        self.cwd = cwd
+        self.log_path = os.path.join(workdir, f"{name}.log")
+        km = KernelManager(
+            transport="ipc",
+            ip=os.path.join(workdir, name),
+            connection_file=os.path.join(workdir, f"{name}.json"),
+            context=ZMQ_CONTEXT,
+        )
+        # The kernel command is ours, not a kernelspec found on disk.
+        km._kernel_spec = KernelSpec(argv=argv, display_name="Python 3", language="python", interrupt_mode="signal")
+        self.km = km
+        self.env = env
+        self.client = None
+        self.popen = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, timeout: float = READY_TIMEOUT) -> None:
+        """Start the process and connect to it; raises Unavailable (with its log) when it fails."""
+        with open(self.log_path, "ab") as log:
+            try:
+                self.km.start_kernel(cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            except OSError as exc:
+                self.shutdown()
+                raise Unavailable(f"could not start the kernel: {exc}") from None
+        self.popen = self.km.provisioner.process
+        client = self.km.client(context=ZMQ_CONTEXT)
+        client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+        self.client = client
+        try:
+            self._wait_ready(timeout)
+        except Unavailable:
+            self.shutdown()
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Until IOPub is known to reach us: after that no output of a cell can be lost.
+
+        Proof is the kernel's `iopub_welcome` (sent when our subscription arrives, JEP 65) or
+        the IOPub status of one of our kernel_info requests (kernels without the welcome).
+        """
+        deadline = time.monotonic() + timeout
+        asked: set[str] = set()
+        while time.monotonic() < deadline:
+            asked.add(self.client.kernel_info())
+            retry_at = time.monotonic() + 0.2
+            while time.monotonic() < retry_at:
+                msg = self.next_message(0.05)
+                if msg is None:
+                    if not self.alive():
+                        raise Unavailable(f"the kernel exited during start-up{self._log_tail()}")
+                    continue
+                if msg["msg_type"] == "iopub_welcome" or (
+                    msg["msg_type"] == "status" and msg["parent_header"].get("msg_id") in asked
+                ):
+                    return
+        raise Unavailable(f"the kernel did not answer within {timeout:.0f} s{self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - LOG_TAIL))
+                tail = f.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+        return f": {tail}" if tail else ""
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.popen is None else self.popen.poll()
+
+    def interrupt(self) -> None:
+        """SIGINT to the kernel's process group: a KeyboardInterrupt in the running cell."""
+        if self.alive():
+            try:
+                self.km.interrupt_kernel()
+            except (OSError, RuntimeError):
+                pass
+
+    def kill(self) -> None:
+        """SIGKILL the kernel and everything it started. Safe from any thread."""
+        popen = self.popen
+        if popen is None or popen.returncode is not None:
+            return
+        try:
+            os.killpg(popen.pid, signal.SIGKILL)  # the kernel leads its own session
+        except (ProcessLookupError, PermissionError):
+            try:
+                popen.kill()
+            except ProcessLookupError:
+                pass
+
+    def shutdown(self) -> None:
+        """Stop the process (at once) and remove its connection file, sockets and log."""
+        if self.client is not None:
+            try:
+                self.client.stop_channels()
+            except Exception:
+                pass
+            self.client = None
+        self.kill()
+        try:
+            if self.km.has_kernel:
+                self.km.shutdown_kernel(now=True)
+            else:
+                self.km.cleanup_resources()
+        except Exception:
+            pass
+        for path in (self.km.connection_file, self.log_path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        try:
+            self.km.cleanup_ipc_files()
+        except Exception:
+            pass
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def execute(self, code: str, silent: bool = False) -> str:
+        """Send an execute request; returns its msg_id (the parent id of its IOPub messages)."""
+        return self.client.execute(
+            code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=False
+        )
+
+    def next_message(self, timeout: float) -> dict | None:
+        """The next IOPub message, or None when none came within `timeout` seconds."""
+        try:
+            return self.client.iopub_channel.get_msg(timeout=timeout)
+        except Empty:
+            return None
+
+    def drain_shell(self) -> None:
+        """Drop the shell replies nobody waits for (progress is read on IOPub)."""
+        sock = self.client.shell_channel.socket
+        while sock.poll(0):
+            sock.recv_multipart()
