@@ -30,9 +30,7 @@ def unary(client: httpx.Client, path: str, message: dict) -> httpx.Response:
 
 def server_stream(client: httpx.Client, path: str, message: dict, headers: dict | None = None):
     """All (flags, message) envelopes of a server stream; the last one has flags 0x02."""
-    r = client.post(
-        path, content=envelope(message), headers={"content-type": STREAM_TYPE, **(headers or {})}
-    )
+    r = client.post(path, content=envelope(message), headers={"content-type": STREAM_TYPE, **(headers or {})})
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == STREAM_TYPE
     return parse_envelopes(r.content)

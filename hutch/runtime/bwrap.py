@@ -117,6 +117,11 @@ class BwrapRuntime:
     def instances(self) -> list[Instance]:
         return list(self._instances.values())
 
+    def is_running(self, instance_id: str) -> bool:
+        """On every proxied request: a dict lookup, no system call."""
+        instance = self._instances.get(instance_id)  # type: ignore[call-overload]
+        return instance is not None and instance.state == InstanceState.RUNNING
+
     def channel(self, instance_id: InstanceId) -> AgentChannel:
         return AgentChannel(self.get(instance_id).socket_path)
 

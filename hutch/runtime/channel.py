@@ -135,6 +135,33 @@ class AgentChannel:
             raise Unavailable(f"lost the agent while running a command: {exc}") from None
         return result
 
+    async def spawn(self, argv: list[str], tag: str | None = None, env: dict[str, str] | None = None) -> int:
+        """Start a background process and return its pid once started; it outlives this call."""
+        process: dict = {"cmd": argv[0], "args": argv[1:]}
+        if env:
+            process["envs"] = env
+        request: dict = {"process": process}
+        if tag:
+            request["tag"] = tag
+        async with self._client.stream(
+            "POST", "/process.Process/Start", content=_envelope(request), headers={"content-type": STREAM_TYPE}
+        ) as response:
+            if response.status_code != 200:
+                await response.aread()
+                _raise_for(response)
+            buf = b""
+            async for chunk in response.aiter_raw():
+                buf += chunk
+                if len(buf) >= 5:
+                    flags, length = struct.unpack(">BI", buf[:5])
+                    if len(buf) >= 5 + length:
+                        message = json.loads(buf[5 : 5 + length])
+                        if flags & 0x02:
+                            error = message.get("error", {})
+                            raise from_wire(error.get("code", ""), error.get("message", "process did not start"))
+                        return int(message["event"]["start"]["pid"])
+        raise Unavailable("the agent closed the stream before the process started")
+
     async def write_file(self, path: str, data: bytes) -> None:
         response = await self._client.post(
             "/files",

