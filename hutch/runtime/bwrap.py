@@ -275,10 +275,11 @@ class BwrapRuntime:
             "--block-fd", str(block_r),
             "--seccomp", str(seccomp_fd),
             "--hostname", "sandbox",
-            *self.host.bwrap_mounts(),
+            # The kernel file systems and /tmp first: host paths bound later may live below /tmp.
             "--proc", "/proc",
             "--dev", "/dev",
             "--size", str(resources.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",
+            *self.host.bwrap_mounts(),
             "--perms", "0755", "--dir", "/home",
             "--bind", str(workspace_path), SANDBOX_HOME,
             "--ro-bind", str(instance_dir / "run"), RUN_DIR,
