@@ -9,9 +9,11 @@ import typer
 
 from hutch import __version__
 from hutch.cli import sandbox
+from hutch.cli.serve import serve
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="hutch: sandboxes for AI agents.")
 app.add_typer(sandbox.app, name="sandbox")
+app.command()(serve)
 
 
 @app.command()

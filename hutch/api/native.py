@@ -1,0 +1,274 @@
+"""hutch's own control plane (`/v1/...`): tenants, functions and sessions.
+
+Session fields use the function-platform names (DESIGN.md §3): `sessionId`,
+`sessionTTLInSeconds`, `sessionIdleTimeoutInSeconds`, `sessionStatus`, `containerId`,
+`disableSessionIdReuse`, `sessionAffinityType`, `createdTime`, `lastModifiedTime`.
+Routes stay thin: parse, call a service, render.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from hutch.api.auth import caller
+from hutch.errors import InvalidArgument, NotFound, PermissionDenied
+from hutch.functions import BUILTIN_TENANT, AffinityType, FunctionSpec
+from hutch.metadb.records import EndReason, FunctionRecord, SessionRecord, SessionStatus, Tenant
+
+router = APIRouter(prefix="/v1")
+Caller = Annotated[Tenant, Depends(caller)]
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# -- tenants -----------------------------------------------------------------------------------
+
+
+class TenantIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128)
+    max_sessions: int = Field(50, alias="maxSessions", ge=0, le=100000)
+
+
+class TenantPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_sessions: int = Field(alias="maxSessions", ge=0, le=100000)
+
+
+class KeyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: str = Field("api", min_length=1, max_length=64)
+
+
+def tenant_json(tenant: Tenant) -> dict:
+    return {
+        "tenantId": tenant.tenant_id,
+        "name": tenant.name,
+        "admin": tenant.is_admin,
+        "maxSessions": tenant.max_sessions,
+        "createdTime": iso(tenant.created_at),
+    }
+
+
+@router.post("/tenants", status_code=201, tags=["tenants"], summary="Create a tenant (admin); returns its first key")
+async def create_tenant(body: TenantIn, request: Request, tenant: Caller) -> dict:
+    made, key = await request.app.state.hutch.tenants.create(tenant, body.name, body.max_sessions)
+    return {**tenant_json(made), "apiKey": key}
+
+
+@router.get("/tenants", tags=["tenants"], summary="List tenants (admin)")
+async def list_tenants(request: Request, tenant: Caller) -> dict:
+    request.app.state.hutch.tenants.require_admin(tenant)
+    return {"tenants": [tenant_json(t) for t in await request.app.state.hutch.metadb.list_tenants()]}
+
+
+@router.get("/tenants/me", tags=["tenants"], summary="The calling tenant")
+async def me(tenant: Caller) -> dict:
+    return tenant_json(tenant)
+
+
+@router.patch("/tenants/{tenant_id}", tags=["tenants"], summary="Change a tenant's quota (admin)")
+async def patch_tenant(tenant_id: str, body: TenantPatch, request: Request, tenant: Caller) -> dict:
+    return tenant_json(await request.app.state.hutch.tenants.update_quota(tenant, tenant_id, body.max_sessions))
+
+
+@router.post("/tenants/{tenant_id}/keys", status_code=201, tags=["tenants"], summary="Issue another API key")
+async def add_key(tenant_id: str, body: KeyIn, request: Request, tenant: Caller) -> dict:
+    key = await request.app.state.hutch.tenants.add_key(tenant, tenant_id, body.label)
+    return {"tenantId": tenant_id, "apiKey": key}
+
+
+# -- functions ---------------------------------------------------------------------------------
+
+
+def function_json(record: FunctionRecord) -> dict:
+    return {
+        **FunctionSpec.model_validate(record.spec).wire(),
+        "builtin": record.tenant_id == BUILTIN_TENANT,
+        "createdTime": iso(record.created_at),
+        "lastModifiedTime": iso(record.updated_at),
+    }
+
+
+@router.get("/functions", tags=["functions"], summary="The tenant's functions and the built-ins")
+async def list_functions(request: Request, tenant: Caller) -> dict:
+    records = await request.app.state.hutch.metadb.list_functions(tenant.tenant_id)
+    return {"functions": [function_json(r) for r in records]}
+
+
+@router.post("/functions", status_code=201, tags=["functions"], summary="Create a function")
+async def create_function(spec: FunctionSpec, request: Request, tenant: Caller) -> dict:
+    hutch = request.app.state.hutch
+    existing = await hutch.metadb.list_functions(tenant.tenant_id)
+    if any(r.name == spec.name and r.tenant_id == tenant.tenant_id for r in existing):
+        from hutch.errors import AlreadyExists
+
+        raise AlreadyExists(f"function {spec.name} already exists")
+    return await _store_function(hutch, tenant, spec)
+
+
+async def _store_function(hutch, tenant: Tenant, spec: FunctionSpec, created_at: float | None = None) -> dict:
+    now = time.time()
+    record = FunctionRecord(tenant.tenant_id, spec.name, spec.wire(), created_at or now, now)
+    await hutch.metadb.put_function(record)
+    hutch.sessions.function_changed(tenant.tenant_id, spec, spec.name)
+    return function_json(record)
+
+
+@router.get("/functions/{name}", tags=["functions"], summary="A function")
+async def get_function(name: str, request: Request, tenant: Caller) -> dict:
+    return function_json(await request.app.state.hutch.metadb.get_function(tenant.tenant_id, name))
+
+
+@router.put("/functions/{name}", tags=["functions"], summary="Replace a function's settings")
+async def put_function(name: str, spec: FunctionSpec, request: Request, tenant: Caller) -> dict:
+    if spec.name != name:
+        raise InvalidArgument(f"the body names function {spec.name!r}, the path {name!r}")
+    hutch = request.app.state.hutch
+    current = await hutch.metadb.get_function(tenant.tenant_id, name)
+    if current.tenant_id == BUILTIN_TENANT:
+        raise PermissionDenied(f"{name} is built in; create a function of your own (POST /v1/functions)")
+    return await _store_function(hutch, tenant, spec, current.created_at)
+
+
+@router.delete(
+    "/functions/{name}", status_code=204, tags=["functions"], summary="Delete a function and end its sessions"
+)
+async def delete_function(name: str, request: Request, tenant: Caller) -> Response:
+    hutch = request.app.state.hutch
+    current = await hutch.metadb.get_function(tenant.tenant_id, name)
+    if current.tenant_id == BUILTIN_TENANT:
+        raise PermissionDenied(f"{name} is built in and cannot be deleted")
+    await hutch.metadb.delete_function(tenant.tenant_id, name)
+    hutch.sessions.function_changed(tenant.tenant_id, None, name)
+    return Response(status_code=204)
+
+
+# -- sessions ----------------------------------------------------------------------------------
+
+
+class SessionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    session_id: str | None = Field(None, alias="sessionId", description="HEADER_FIELD functions only")
+    ttl_s: int | None = Field(None, alias="sessionTTLInSeconds", ge=1, le=21600)
+    idle_timeout_s: int | None = Field(None, alias="sessionIdleTimeoutInSeconds", ge=0, le=21600)
+    env: dict[str, str] = Field(default_factory=dict, alias="environmentVariables")
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class SessionPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    ttl_s: int | None = Field(None, alias="sessionTTLInSeconds", ge=1, le=21600)
+    idle_timeout_s: int | None = Field(None, alias="sessionIdleTimeoutInSeconds", ge=0, le=21600)
+
+
+def session_json(session: SessionRecord) -> dict:
+    return {
+        "sessionId": session.session_id,
+        "functionName": session.function,
+        "sessionAffinityType": session.affinity,
+        "sessionStatus": session.status.value,
+        "containerId": session.instance_id,
+        "sessionTTLInSeconds": session.ttl_s,
+        "sessionIdleTimeoutInSeconds": session.idle_timeout_s,
+        "disableSessionIdReuse": session.disable_reuse,
+        "createdTime": iso(session.created_at),
+        "lastModifiedTime": iso(session.last_modified),
+        "lastActivityTime": iso(session.last_activity),
+        "expireTime": iso(session.expires_at),
+        "epoch": session.epoch,
+        "metadata": session.metadata,
+        **({"endTime": iso(session.ended_at), "endReason": session.end_reason} if not session.active else {}),
+    }
+
+
+@router.post("/functions/{name}/sessions", status_code=201, tags=["sessions"], summary="Create (prewarm) a session")
+async def create_session(name: str, body: SessionIn, request: Request, tenant: Caller) -> dict:
+    sessions = request.app.state.hutch.sessions
+    _, spec = await sessions.function(tenant.tenant_id, name)
+    if body.session_id is not None and spec.session_affinity != AffinityType.HEADER_FIELD:
+        raise InvalidArgument("a client-chosen sessionId is only allowed for HEADER_FIELD functions")
+    session, _ = await sessions.create(
+        tenant,
+        name,
+        session_id=body.session_id,
+        affinity=spec.session_affinity.value,
+        ttl_s=body.ttl_s,
+        idle_timeout_s=body.idle_timeout_s,
+        env=body.env,
+        metadata=body.metadata,
+    )
+    return session_json(session)
+
+
+async def _list(request: Request, tenant: Tenant, function: str | None, status, limit: int, next_token) -> dict:
+    records, token = await request.app.state.hutch.metadb.list_sessions(
+        tenant.tenant_id, status=status, function=function, limit=limit, after=next_token
+    )
+    live = request.app.state.hutch.sessions
+    return {
+        "sessions": [session_json((live.active(r.internal_id) or r) if r.active else r) for r in records],
+        "nextToken": token,
+    }
+
+
+@router.get("/functions/{name}/sessions", tags=["sessions"], summary="A function's sessions, newest first")
+async def list_function_sessions(
+    name: str,
+    request: Request,
+    tenant: Caller,
+    status: SessionStatus | None = None,
+    limit: int = Query(100, ge=1, le=1000),
+    next_token: str | None = Query(None, alias="nextToken"),
+) -> dict:
+    await request.app.state.hutch.metadb.get_function(tenant.tenant_id, name)
+    return await _list(request, tenant, name, status, limit, next_token)
+
+
+@router.get("/sessions", tags=["sessions"], summary="All of the tenant's sessions, newest first")
+async def list_sessions(
+    request: Request,
+    tenant: Caller,
+    status: SessionStatus | None = None,
+    limit: int = Query(100, ge=1, le=1000),
+    next_token: str | None = Query(None, alias="nextToken"),
+) -> dict:
+    return await _list(request, tenant, None, status, limit, next_token)
+
+
+async def _session(request: Request, tenant: Tenant, name: str, session_id: str) -> SessionRecord:
+    return await request.app.state.hutch.sessions.get(tenant.tenant_id, session_id, name)
+
+
+@router.get("/functions/{name}/sessions/{session_id}", tags=["sessions"], summary="A session")
+async def get_session(name: str, session_id: str, request: Request, tenant: Caller) -> dict:
+    return session_json(await _session(request, tenant, name, session_id))
+
+
+@router.patch("/functions/{name}/sessions/{session_id}", tags=["sessions"], summary="Renew TTL / idle timeout")
+async def update_session(name: str, session_id: str, body: SessionPatch, request: Request, tenant: Caller) -> dict:
+    if body.ttl_s is None and body.idle_timeout_s is None:
+        raise InvalidArgument("give sessionTTLInSeconds and/or sessionIdleTimeoutInSeconds")
+    session = await _session(request, tenant, name, session_id)
+    renewed = await request.app.state.hutch.sessions.renew(session, body.ttl_s, body.idle_timeout_s)
+    return session_json(renewed)
+
+
+@router.delete(
+    "/functions/{name}/sessions/{session_id}", status_code=204, tags=["sessions"], summary="End a session now"
+)
+async def delete_session(name: str, session_id: str, request: Request, tenant: Caller) -> Response:
+    session = await _session(request, tenant, name, session_id)
+    if not session.active:
+        raise NotFound(f"session {session_id} has already ended")
+    await request.app.state.hutch.sessions.end(session, EndReason.DELETED)
+    return Response(status_code=204)

@@ -1,0 +1,128 @@
+"""Functions: the template of a session's instance (what runs, with what limits, routed how).
+
+A function is named per tenant; the built-ins (`base`, `code-interpreter-v1`) belong to every
+tenant (tenant id "*") and can be shadowed by a tenant's own function of the same name. An E2B
+`templateID` names a function.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from hutch.runtime.base import Resources
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+BUILTIN_TENANT = "*"
+
+
+class AffinityType(enum.StrEnum):
+    HEADER_FIELD = "HEADER_FIELD"
+    GENERATED_COOKIE = "GENERATED_COOKIE"
+    MCP_STREAMABLE = "MCP_STREAMABLE"
+    MCP_SSE = "MCP_SSE"
+
+
+class ResourceSpec(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    cpu: float = Field(1.0, gt=0, le=16, description="vCPUs")
+    memory_mb: int = Field(512, alias="memoryMB", ge=64, le=65536)
+    pids: int = Field(256, ge=16, le=32768)
+    disk_mb: int = Field(1024, alias="diskMB", ge=16, le=1048576, description="workspace size")
+    tmp_mb: int = Field(64, alias="tmpMB", ge=1, le=16384)
+
+    def to_runtime(self, max_lifetime_s: float | None = None) -> Resources:
+        return Resources(
+            cpu=self.cpu,
+            memory_mb=self.memory_mb,
+            pids=self.pids,
+            disk_mb=self.disk_mb,
+            tmp_mb=self.tmp_mb,
+            max_lifetime_s=max_lifetime_s,
+        )
+
+
+class AffinityConfig(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    header_name: str = Field("x-fc-session-id", alias="headerName", min_length=1, max_length=64)
+    cookie_name: str = Field("x-fc-cookie-session-id", alias="cookieName", min_length=1, max_length=64)
+    session_ttl_s: int = Field(21600, alias="sessionTTLInSeconds", ge=1, le=21600)
+    session_idle_timeout_s: int = Field(1800, alias="sessionIdleTimeoutInSeconds", ge=0, le=21600)
+    disable_session_id_reuse: bool = Field(False, alias="disableSessionIdReuse")
+
+    @field_validator("header_name", "cookie_name")
+    @classmethod
+    def _token(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
+            raise ValueError("must be an HTTP header/cookie name token")
+        return value
+
+    @field_validator("header_name")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()  # header names are case-insensitive; ASGI gives them lowercased
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    name: str
+    description: str = ""
+    runtime: str = Field("bwrap", description="isolation backend")
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    env: dict[str, str] = Field(default_factory=dict, alias="environmentVariables")
+    start_command: list[str] | None = Field(
+        None, alias="startCommand", description="a user HTTP server started in every instance"
+    )
+    port: int | None = Field(None, ge=1, le=65535, description="the port of that server")
+    session_affinity: AffinityType = Field(AffinityType.HEADER_FIELD, alias="sessionAffinity")
+    affinity_config: AffinityConfig = Field(default_factory=AffinityConfig, alias="sessionAffinityConfig")
+    warm_pool_size: int = Field(0, alias="warmPoolSize", ge=0, le=64)
+    persist_workspace: bool = Field(False, alias="persistWorkspace", description="keep the workspace after the session")
+    prestart_kernel: bool = Field(False, alias="prestartKernel", description="start a Jupyter kernel at boot")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError("1-63 lowercase letters, digits and dashes, starting with a letter or digit")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", key):
+                raise ValueError(f"invalid environment variable name {key!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _server(self) -> FunctionSpec:
+        if (self.start_command is None) != (self.port is None):
+            raise ValueError("startCommand and port go together")
+        if self.runtime != "bwrap":
+            raise ValueError(f"unknown runtime {self.runtime!r} (available: bwrap)")
+        return self
+
+    def wire(self) -> dict:
+        return self.model_dump(by_alias=True, mode="json")
+
+
+BUILTIN_FUNCTIONS = [
+    FunctionSpec(
+        name="base",
+        description="A Linux sandbox with Python: commands, files, and user servers on any port.",
+        warm_pool_size=2,
+    ),
+    FunctionSpec(
+        name="code-interpreter-v1",
+        description="base plus a Jupyter kernel started ahead of the first run_code (E2B's code interpreter).",
+        resources=ResourceSpec(memoryMB=1024),
+        warm_pool_size=1,
+        prestart_kernel=True,
+    ),
+]

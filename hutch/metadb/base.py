@@ -1,0 +1,106 @@
+"""The MetaDB contract. Backends: `hutch.metadb.sqlite` (embedded default).
+
+Methods are async so that a networked backend fits the same interface; the SQLite backend
+answers in microseconds and calls sqlite3 directly on the event loop.
+
+Errors: `NotFound` for a missing record, `AlreadyExists` when a write would break a uniqueness
+rule (notably: two Active sessions with the same internal id — the rule that makes two racing
+first requests end on one instance).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from hutch.metadb.records import (
+    FunctionRecord,
+    InstanceRecord,
+    SchedulerRecord,
+    SessionRecord,
+    SessionStatus,
+    Tenant,
+)
+
+
+class MetaDB(Protocol):
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+        ...
+
+    async def close(self) -> None: ...
+
+    # settings ---------------------------------------------------------------------------------
+    async def get_setting(self, key: str) -> str | None: ...
+    async def set_setting_if_absent(self, key: str, value: str) -> str:
+        """Store `value` unless the key has one; return the stored value."""
+        ...
+
+    # tenants and API keys -----------------------------------------------------------------------
+    async def create_tenant(self, tenant: Tenant) -> None: ...
+    async def get_tenant(self, tenant_id: str) -> Tenant: ...
+    async def list_tenants(self) -> list[Tenant]: ...
+    async def update_tenant(self, tenant_id: str, **fields) -> Tenant: ...
+    async def add_api_key(self, tenant_id: str, key_hash: str, label: str) -> None: ...
+    async def tenant_for_key(self, key_hash: str) -> Tenant | None: ...
+
+    # functions --------------------------------------------------------------------------------
+    async def put_function(self, record: FunctionRecord) -> None: ...
+    async def get_function(self, tenant_id: str, name: str) -> FunctionRecord:
+        """The tenant's function, or the built-in of that name."""
+        ...
+
+    async def list_functions(self, tenant_id: str) -> list[FunctionRecord]: ...
+    async def delete_function(self, tenant_id: str, name: str) -> None: ...
+
+    # sessions ---------------------------------------------------------------------------------
+    async def insert_session(self, record: SessionRecord, max_active: int | None = None) -> None:
+        """Insert an Active session; `AlreadyExists` if its internal id is active already,
+        `QuotaExceeded` if the tenant would have more than `max_active` Active sessions."""
+        ...
+
+    async def get_session(self, row_id: str) -> SessionRecord: ...
+    async def active_session(self, internal_id: str) -> SessionRecord | None: ...
+    async def find_session(self, tenant_id: str, session_id: str, function: str | None = None) -> SessionRecord:
+        """The newest session of the tenant with that public id (Active ones first)."""
+        ...
+
+    async def active_session_by_public_id(self, session_id: str) -> SessionRecord | None:
+        """For E2B traffic, which names a sandbox but no tenant: only sessions with an access token."""
+        ...
+
+    async def internal_id_used(self, internal_id: str) -> bool:
+        """Whether any session, ended or not, ever had this internal id."""
+        ...
+
+    async def list_sessions(
+        self,
+        tenant_id: str,
+        status: SessionStatus | None = None,
+        function: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> tuple[list[SessionRecord], str | None]:
+        """A page of sessions, newest first, and the token of the next page."""
+        ...
+
+    async def update_session(self, row_id: str, **fields) -> SessionRecord: ...
+    async def end_session(self, row_id: str, reason: str, at: float) -> SessionRecord | None:
+        """Mark an Active session Expired; None if it had already ended."""
+        ...
+
+    async def active_sessions(self, scheduler_id: str | None = None) -> list[SessionRecord]: ...
+    async def count_active(self, tenant_id: str) -> int: ...
+    async def touch_sessions(self, activity: dict[str, float]) -> None:
+        """Record last-activity times (row id -> time) in one write."""
+        ...
+
+    # instances and schedulers -----------------------------------------------------------------
+    async def put_instance(self, record: InstanceRecord) -> None: ...
+    async def delete_instance(self, instance_id: str) -> None: ...
+    async def list_instances(self, scheduler_id: str) -> list[InstanceRecord]: ...
+    async def upsert_scheduler(self, record: SchedulerRecord) -> None: ...
+    async def list_schedulers(self) -> list[SchedulerRecord]: ...
+
+
+# Re-exported for backends' convenience.
+__all__ = ["MetaDB", "SessionStatus"]

@@ -1,0 +1,300 @@
+"""The scheduler of one host: its instances, its warm pools, allocation and release.
+
+- Warm pools: per function (`pool_key` = "<tenant>/<function>"), instances started ahead with the
+  function's settings and a fresh workspace; a background task keeps each pool at its size.
+- `allocate`: a new session takes a warm instance (its fresh workspace is renamed to the
+  session's key, session env is pushed with `/init`) or, if the pool is empty or the session
+  already has a workspace (recovery, reuse of a kept one), starts one with that workspace.
+- `release`: stops the instance, keeping the workspace if asked.
+- Crash tracking: the runtime reports instances that die; `is_live` is what the gateway checks
+  on every request (a dict lookup).
+
+It knows nothing of HTTP, tenants or affinity: `hutch.scheduler.sessions` drives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from hutch.errors import CapacityError, HutchError, IsolationError, Unavailable
+from hutch.functions import FunctionSpec
+from hutch.metadb.base import MetaDB
+from hutch.metadb.records import InstanceRecord, InstanceRole, SchedulerRecord
+from hutch.runtime.base import Instance, InstanceSpec
+from hutch.runtime.bwrap import BwrapRuntime
+from hutch.runtime.channel import AgentChannel
+from hutch.types import InstanceId
+
+log = logging.getLogger(__name__)
+
+USER_SERVER_TIMEOUT = 30.0
+
+
+@dataclass
+class Pool:
+    key: str
+    spec: FunctionSpec
+    warm: deque  # of InstanceId, oldest first
+    starting: int = 0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        scheduler_id: str,
+        runtime: BwrapRuntime,
+        metadb: MetaDB,
+        max_instances: int = 256,
+        fill_interval: float = 0.2,
+    ) -> None:
+        if max_instances < 1 or fill_interval <= 0:
+            raise ValueError("max_instances and fill_interval must be positive")
+        self.scheduler_id = scheduler_id
+        self.runtime = runtime
+        self.metadb = metadb
+        self.max_instances = max_instances
+        self.fill_interval = fill_interval
+        self.pools: dict[str, Pool] = {}
+        self._pool_event = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._starting = 0
+        self.on_crash = None  # callback(instance_id) for instances that die on their own
+        self.stats = {"pool_hits": 0, "pool_misses": 0, "crashes": 0}
+        runtime.on_exit = self._on_exit
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> list[Instance]:
+        """Adopt the instances that survived a restart; return them (the session layer binds them)."""
+        adopted = await self.runtime.adopt_running()
+        records = {r.instance_id: r for r in await self.metadb.list_instances(self.scheduler_id)}
+        for instance_id in set(records) - {i.instance_id for i in adopted}:
+            await self.metadb.delete_instance(instance_id)
+        await self._heartbeat()
+        return adopted
+
+    def start_pools(self) -> None:
+        """Start keeping the warm pools full (after adopted warm instances are back in them)."""
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._fill_pools(), name="pool-filler")]
+
+    async def adopt_warm(self, instance: Instance, pool_key: str) -> bool:
+        """Put an adopted, unbound instance back in its pool (if that pool still exists)."""
+        pool = self.pools.get(pool_key)
+        if pool is None or len(pool.warm) >= pool.spec.warm_pool_size:
+            return False
+        pool.warm.append(instance.instance_id)
+        return True
+
+    async def close(self, stop_instances: bool = False) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if stop_instances:
+            for instance in self.runtime.instances():
+                with contextlib.suppress(HutchError):
+                    await self.release(instance.instance_id, keep_workspace=True)
+        await self.runtime.close()
+
+    async def _heartbeat(self) -> None:
+        await self.metadb.upsert_scheduler(
+            SchedulerRecord(
+                scheduler_id=self.scheduler_id,
+                address="local",
+                heartbeat_at=time.time(),
+                capacity={"max_instances": self.max_instances, "instances": len(self.runtime.instances())},
+            )
+        )
+
+    # -- pools ---------------------------------------------------------------------------------
+
+    def set_pool(self, pool_key: str, spec: FunctionSpec) -> None:
+        """Keep `spec.warm_pool_size` warm instances of this function (0 removes the pool)."""
+        pool = self.pools.get(pool_key)
+        if pool is None:
+            self.pools[pool_key] = Pool(pool_key, spec, deque())
+        else:
+            pool.spec = spec
+        self._pool_event.set()
+
+    async def drop_pool(self, pool_key: str) -> None:
+        pool = self.pools.pop(pool_key, None)
+        if pool is not None:
+            while pool.warm:
+                await self.release(pool.warm.popleft(), keep_workspace=False)
+
+    def pool_sizes(self) -> dict[str, int]:
+        return {key: len(pool.warm) for key, pool in self.pools.items()}
+
+    async def _fill_pools(self) -> None:
+        while True:
+            try:
+                await self._fill_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("filling warm pools")
+                await asyncio.sleep(1)
+            self._pool_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pool_event.wait(), self.fill_interval)
+
+    async def _fill_once(self) -> None:
+        for pool in list(self.pools.values()):
+            excess = len(pool.warm) - pool.spec.warm_pool_size
+            while excess > 0 and pool.warm:
+                await self.release(pool.warm.pop(), keep_workspace=False)
+                excess -= 1
+            while len(pool.warm) + pool.starting < pool.spec.warm_pool_size and self._has_room():
+                pool.starting += 1
+                try:
+                    instance = await self._start(pool.spec, workspace=None)
+                except HutchError as exc:
+                    log.warning("warm instance for %s failed to start: %s", pool.key, exc)
+                    await asyncio.sleep(1)
+                    return
+                finally:
+                    pool.starting -= 1
+                if self.pools.get(pool.key) is not pool:  # dropped meanwhile
+                    await self.release(instance.instance_id, keep_workspace=False)
+                    return
+                pool.warm.append(instance.instance_id)
+                await self.metadb.put_instance(
+                    InstanceRecord(instance.instance_id, self.scheduler_id, pool.key, InstanceRole.WARM, time.time())
+                )
+
+    def _has_room(self) -> bool:
+        return len(self.runtime.instances()) + self._starting < self.max_instances
+
+    # -- allocation ----------------------------------------------------------------------------
+
+    async def allocate(
+        self,
+        pool_key: str,
+        spec: FunctionSpec,
+        workspace: str,
+        session_row_id: str,
+        env: dict[str, str] | None = None,
+        fresh_workspace: bool = True,
+    ) -> Instance:
+        """An instance for a session. `fresh_workspace`: the session has no workspace yet, so a
+        warm instance can be used (its fresh workspace becomes the session's)."""
+        instance = None
+        pool = self.pools.get(pool_key)
+        while fresh_workspace and pool is not None and pool.warm:
+            candidate = pool.warm.popleft()
+            self._pool_event.set()  # refill
+            if self.is_live(candidate):
+                instance = self.runtime.get(candidate)
+                try:
+                    await self.runtime.claim_workspace(candidate, workspace)
+                    if env:
+                        async with AgentChannel(instance.socket_path, timeout=10) as channel:
+                            await channel.init(env)
+                except HutchError:
+                    log.exception("claiming warm instance %s", candidate)
+                    await self.release(candidate, keep_workspace=False)
+                    instance = None
+                    continue
+                self.stats["pool_hits"] += 1
+                break
+        if instance is None:
+            self.stats["pool_misses"] += 1
+            if not self._has_room():
+                raise CapacityError(f"this host runs its maximum of {self.max_instances} instances")
+            instance = await self._start(spec, workspace=workspace, env=env)
+        await self.metadb.put_instance(
+            InstanceRecord(
+                instance.instance_id, self.scheduler_id, pool_key, InstanceRole.BOUND, time.time(), session_row_id
+            )
+        )
+        return instance
+
+    async def _start(self, spec: FunctionSpec, workspace: str | None, env: dict[str, str] | None = None) -> Instance:
+        instance_spec = InstanceSpec(
+            instance_id=InstanceId(f"i-{uuid.uuid4().hex[:16]}"),
+            resources=spec.resources.to_runtime(),
+            env={**spec.env, **(env or {})},
+            workspace=workspace,
+            prestart_kernel=spec.prestart_kernel,
+        )
+        self._starting += 1
+        try:
+            instance = await self.runtime.start(instance_spec)
+        finally:
+            self._starting -= 1
+        if spec.start_command:
+            try:
+                await self._start_user_server(instance, spec)
+            except BaseException:
+                await self.release(instance.instance_id, keep_workspace=workspace is not None)
+                raise
+        return instance
+
+    async def _start_user_server(self, instance: Instance, spec: FunctionSpec) -> None:
+        """Run the function's server in the background and wait until its port answers."""
+        assert spec.start_command is not None and spec.port is not None
+        async with AgentChannel(instance.socket_path, timeout=USER_SERVER_TIMEOUT) as channel:
+            await channel.spawn(spec.start_command, tag="user-server")
+            deadline = time.monotonic() + USER_SERVER_TIMEOUT
+            while True:
+                try:
+                    response = await channel.http.get("/", headers={"E2b-Sandbox-Port": str(spec.port)}, timeout=5)
+                    if response.status_code != 503 or "listening" not in response.text:
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"the function's server did not open port {spec.port} in time")
+                await asyncio.sleep(0.02)
+
+    async def release(self, instance_id: InstanceId, keep_workspace: bool) -> bool:
+        """Stop an instance; False if this host did not know it (already gone)."""
+        for pool in self.pools.values():
+            if instance_id in pool.warm:
+                pool.warm.remove(instance_id)
+        stopped = True
+        try:
+            await self.runtime.stop(instance_id, keep_workspace=keep_workspace)
+        except IsolationError:
+            log.exception("stopping instance %s", instance_id)
+        except HutchError:
+            stopped = False
+        await self.metadb.delete_instance(instance_id)
+        return stopped
+
+    async def forget_workspace(self, workspace: str) -> None:
+        """Delete a workspace whose instance is already gone."""
+        await asyncio.to_thread(self.runtime.store.delete, workspace)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def is_live(self, instance_id: str | None) -> bool:
+        return instance_id is not None and self.runtime.is_running(instance_id)
+
+    def socket_path(self, instance_id: InstanceId) -> Path:
+        return self.runtime.get(instance_id).socket_path
+
+    def _on_exit(self, instance: Instance) -> None:
+        self.stats["crashes"] += 1
+        for pool in self.pools.values():
+            if instance.instance_id in pool.warm:
+                pool.warm.remove(instance.instance_id)
+                self._pool_event.set()
+                # Nobody's session lived there: clean it up now.
+                asyncio.get_running_loop().create_task(self.release(instance.instance_id, keep_workspace=False))
+                return
+        if self.on_crash is not None:
+            self.on_crash(instance.instance_id)

@@ -1,0 +1,415 @@
+"""Sessions: create (prewarm + attach), route, recover, renew, end, and reap at TTL or idle.
+
+This is where MetaDB and the scheduler meet. Every change of a session goes through
+`SessionManager`, which keeps the Active sessions in memory too (the gateway's route cache), so
+the hot path of a request is: keyed hash -> dict lookup -> "is the instance live" (another dict
+lookup) -> forward. MetaDB is written when a session is created, re-bound or ended, and in
+batches for activity.
+
+Invariants:
+- One Active session per internal id (MetaDB enforces it; a per-id lock keeps this process from
+  even trying twice), so racing first requests with one key end on one instance.
+- An instance serves one session and is destroyed with it.
+- A session whose instance died keeps its id and workspace; the next request gets a new instance
+  and `epoch` + 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from hutch.errors import AlreadyExists, FailedPrecondition, HutchError, InvalidArgument, NotFound
+from hutch.functions import BUILTIN_TENANT, FunctionSpec
+from hutch.metadb.base import MetaDB
+from hutch.metadb.records import EndReason, InstanceRole, SessionRecord, SessionStatus, Tenant
+from hutch.scheduler.activity import ActivityTracker
+from hutch.scheduler.scheduler import Scheduler
+from hutch.storage.base import check_key
+
+log = logging.getLogger(__name__)
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
+MAX_E2B_TIMEOUT_S = 86400
+
+
+def new_session_id() -> str:
+    """20 characters, ~100 random bits: sandbox ids double as capabilities, so they must not be guessed."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return "i" + "".join(secrets.choice(alphabet) for _ in range(19))
+
+
+def check_session_id(value: str) -> str:
+    if not isinstance(value, str) or not SESSION_ID.match(value):
+        raise InvalidArgument("invalid session id: 1-64 characters from [A-Za-z0-9_-], not starting with '-'")
+    return value
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request for a session goes."""
+
+    session: SessionRecord
+    socket_path: Path
+    port: int | None  # the function's user server; None: the agent itself
+
+
+class SessionManager:
+    def __init__(
+        self,
+        metadb: MetaDB,
+        scheduler: Scheduler,
+        secret: bytes,
+        clock: Callable[[], float] = time.time,
+        reap_interval: float = 0.5,
+        flush_interval: float = 1.0,
+    ) -> None:
+        if reap_interval <= 0 or flush_interval <= 0:
+            raise ValueError("intervals must be positive")
+        self.metadb = metadb
+        self.scheduler = scheduler
+        self.secret = secret
+        self.clock = clock
+        self.reap_interval = reap_interval
+        self.flush_interval = flush_interval
+        self.activity = ActivityTracker(clock)
+        self._active: dict[str, SessionRecord] = {}  # internal id -> Active session
+        self._by_public: dict[str, str] = {}  # E2B sandbox id -> internal id (sessions with a token)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._specs: dict[str, FunctionSpec] = {}  # pool key -> spec
+        self._tasks: list[asyncio.Task] = []
+        self.on_end: list[Callable[[SessionRecord], None]] = []
+        scheduler.on_crash = self._on_crash
+
+    # -- start and stop ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load functions and Active sessions, adopt surviving instances, start the background loops."""
+        for tenant in [BUILTIN_TENANT, *[t.tenant_id for t in await self.metadb.list_tenants()]]:
+            for record in await self.metadb.list_functions(tenant):
+                spec = FunctionSpec.model_validate(record.spec)
+                key = self.pool_key(record.tenant_id, spec.name)
+                self._specs[key] = spec
+                if spec.warm_pool_size:
+                    self.scheduler.set_pool(key, spec)
+        adopted = {i.instance_id: i for i in await self.scheduler.start()}
+        for session in await self.metadb.active_sessions():
+            self._remember(session)
+        bound = {s.instance_id for s in self._active.values() if s.instance_id}
+        records = {r.instance_id: r for r in await self.metadb.list_instances(self.scheduler.scheduler_id)}
+        for instance_id, instance in adopted.items():
+            if instance_id in bound:
+                continue
+            record = records.get(instance_id)
+            if (
+                record is not None
+                and record.role == InstanceRole.WARM
+                and await self.scheduler.adopt_warm(instance, record.pool_key)
+            ):
+                continue
+            keep = not instance.workspace.startswith("_instances/")
+            await self.scheduler.release(instance_id, keep_workspace=keep)
+        log.info("sessions: %d active, %d instances adopted", len(self._active), len(adopted))
+        self.scheduler.start_pools()
+        self._tasks = [
+            asyncio.create_task(self._loop(self.reap_once, self.reap_interval), name="reaper"),
+            asyncio.create_task(self._loop(self.flush_activity, self.flush_interval), name="activity-flush"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self.flush_activity()
+
+    async def _loop(self, step, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background step %s failed", step.__name__)
+
+    # -- functions -----------------------------------------------------------------------------
+
+    @staticmethod
+    def pool_key(tenant_id: str, function: str) -> str:
+        return f"{tenant_id}/{function}"
+
+    async def function(self, tenant_id: str, name: str) -> tuple[str, FunctionSpec]:
+        """(pool key, spec) of the function a tenant means by `name`."""
+        record = await self.metadb.get_function(tenant_id, name)
+        key = self.pool_key(record.tenant_id, record.name)
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = FunctionSpec.model_validate(record.spec)
+            self._specs[key] = spec
+        return key, spec
+
+    def function_changed(self, tenant_id: str, spec: FunctionSpec | None, name: str) -> None:
+        """Called after a function is created, updated (spec) or deleted (None)."""
+        key = self.pool_key(tenant_id, name)
+        if spec is None:
+            self._specs.pop(key, None)
+            asyncio.get_running_loop().create_task(self.scheduler.drop_pool(key))
+            for session in list(self._active.values()):
+                if session.tenant_id == tenant_id and session.function == name:
+                    asyncio.get_running_loop().create_task(self.end(session, EndReason.FUNCTION_DELETED))
+            return
+        self._specs[key] = spec
+        self.scheduler.set_pool(key, spec)
+
+    # -- ids -----------------------------------------------------------------------------------
+
+    def internal_id(self, tenant_id: str, function: str, key: str) -> str:
+        message = f"{tenant_id}\x00{function}\x00{key}".encode()
+        return hmac.new(self.secret, message, hashlib.sha256).hexdigest()[:40]
+
+    def _lock(self, internal_id: str) -> asyncio.Lock:
+        lock = self._locks.get(internal_id)
+        if lock is None:
+            lock = self._locks[internal_id] = asyncio.Lock()
+        return lock
+
+    def _remember(self, session: SessionRecord) -> None:
+        self._active[session.internal_id] = session
+        if session.access_token:
+            self._by_public[session.session_id] = session.internal_id
+
+    def _forget(self, session: SessionRecord) -> None:
+        self._active.pop(session.internal_id, None)
+        self._locks.pop(session.internal_id, None)
+        if self._by_public.get(session.session_id) == session.internal_id:
+            del self._by_public[session.session_id]
+        self.activity.forget(session.row_id)
+
+    # -- create --------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        tenant: Tenant,
+        function: str,
+        *,
+        session_id: str | None = None,
+        affinity: str = "API",
+        ttl_s: int | None = None,
+        idle_timeout_s: int | None = None,
+        env: dict[str, str] | None = None,
+        metadata: dict | None = None,
+        with_token: bool = False,
+        existing_ok: bool = False,
+    ) -> tuple[SessionRecord, bool]:
+        """A new session with its instance (prewarm + attach). Returns (session, created).
+
+        Raises:
+            InvalidArgument: a malformed session id.
+            AlreadyExists: that id is live (unless `existing_ok`, which returns it instead).
+            FailedPrecondition: the id was used before and the function disables reuse.
+            QuotaExceeded: the tenant is at its live-session quota.
+        """
+        pool_key, spec = await self.function(tenant.tenant_id, function)
+        key = check_session_id(session_id) if session_id is not None else new_session_id()
+        internal = self.internal_id(tenant.tenant_id, function, key)
+        async with self._lock(internal):
+            existing = self._active.get(internal)
+            if existing is not None:
+                if existing_ok:
+                    return existing, False
+                raise AlreadyExists(f"session {key} is active already")
+            if (
+                session_id is not None
+                and spec.affinity_config.disable_session_id_reuse
+                and await self.metadb.internal_id_used(internal)
+            ):
+                raise FailedPrecondition(f"session id {key} was used before and this function disables reuse")
+            now = self.clock()
+            ttl = ttl_s if ttl_s is not None else spec.affinity_config.session_ttl_s
+            idle = idle_timeout_s if idle_timeout_s is not None else spec.affinity_config.session_idle_timeout_s
+            record = SessionRecord(
+                row_id=uuid.uuid4().hex,
+                internal_id=internal,
+                session_id=key,
+                tenant_id=tenant.tenant_id,
+                function=function,
+                affinity=affinity,
+                status=SessionStatus.ACTIVE,
+                created_at=now,
+                last_modified=now,
+                last_activity=now,
+                expires_at=now + ttl,
+                ttl_s=ttl,
+                idle_timeout_s=idle,
+                scheduler_id=self.scheduler.scheduler_id,
+                disable_reuse=spec.affinity_config.disable_session_id_reuse,
+                persist_workspace=spec.persist_workspace,
+                workspace_key=check_key(f"{tenant.tenant_id}/{internal}"),
+                cpu=spec.resources.cpu,
+                memory_mb=spec.resources.memory_mb,
+                metadata=dict(metadata or {}),
+                env=dict(env or {}),
+                access_token=secrets.token_urlsafe(24) if with_token else None,
+            )
+            await self.metadb.insert_session(record, max_active=tenant.max_sessions)
+            try:
+                fresh = not await asyncio.to_thread(self.scheduler.runtime.store.exists, record.workspace_key)
+                instance = await self.scheduler.allocate(
+                    pool_key, spec, record.workspace_key, record.row_id, env=record.env, fresh_workspace=fresh
+                )
+            except BaseException:
+                await self.metadb.end_session(record.row_id, EndReason.START_FAILED.value, self.clock())
+                raise
+            record = await self.metadb.update_session(record.row_id, instance_id=instance.instance_id)
+            self._remember(record)
+            return record, True
+
+    # -- lookup and routing --------------------------------------------------------------------
+
+    def active(self, internal_id: str) -> SessionRecord | None:
+        return self._active.get(internal_id)
+
+    def active_by_public_id(self, session_id: str) -> SessionRecord | None:
+        internal = self._by_public.get(session_id)
+        return self._active.get(internal) if internal else None
+
+    def active_sessions(self) -> list[SessionRecord]:
+        return list(self._active.values())
+
+    async def get(self, tenant_id: str, session_id: str, function: str | None = None) -> SessionRecord:
+        """The tenant's session by public id: the live record if Active, else the newest ended one."""
+        record = await self.metadb.find_session(tenant_id, session_id, function)
+        return self._active.get(record.internal_id, record) if record.active else record
+
+    async def route(self, session: SessionRecord) -> Route:
+        """Where to send a request for this session; replaces a dead instance first."""
+        if self.scheduler.is_live(session.instance_id):
+            return self._route(session)
+        async with self._lock(session.internal_id):
+            current = self._active.get(session.internal_id)
+            if current is None or current.row_id != session.row_id:
+                raise NotFound(f"session {session.session_id} has ended")
+            if not self.scheduler.is_live(current.instance_id):
+                current = await self._recover(current)
+            return self._route(current)
+
+    def _route(self, session: SessionRecord) -> Route:
+        spec = self._specs.get(self.pool_key(session.tenant_id, session.function)) or self._specs.get(
+            self.pool_key(BUILTIN_TENANT, session.function)
+        )
+        return Route(session, self.scheduler.socket_path(session.instance_id), spec.port if spec else None)
+
+    async def _recover(self, session: SessionRecord) -> SessionRecord:
+        pool_key, spec = await self.function(session.tenant_id, session.function)
+        log.warning("session %s lost its instance %s: recovering", session.session_id, session.instance_id)
+        if session.instance_id is not None:
+            await self.scheduler.release(session.instance_id, keep_workspace=True)
+        instance = await self.scheduler.allocate(
+            pool_key, spec, session.workspace_key, session.row_id, env=session.env, fresh_workspace=False
+        )
+        updated = await self.metadb.update_session(
+            session.row_id,
+            instance_id=instance.instance_id,
+            epoch=session.epoch + 1,
+            last_modified=self.clock(),
+            scheduler_id=self.scheduler.scheduler_id,
+        )
+        self._remember(updated)
+        return updated
+
+    def _on_crash(self, instance_id: str) -> None:
+        for session in self._active.values():
+            if session.instance_id == instance_id:
+                log.warning("instance %s of session %s crashed", instance_id, session.session_id)
+
+    # -- renew and end -------------------------------------------------------------------------
+
+    async def renew(
+        self, session: SessionRecord, ttl_s: int | None = None, idle_timeout_s: int | None = None
+    ) -> SessionRecord:
+        """Extend an Active session: TTL counted again from now, and/or a new idle timeout."""
+        async with self._lock(session.internal_id):
+            current = self._active.get(session.internal_id)
+            if current is None or current.row_id != session.row_id:
+                raise FailedPrecondition(f"session {session.session_id} is not active")
+            now = self.clock()
+            changes: dict = {"last_modified": now}
+            if ttl_s is not None:
+                changes.update(ttl_s=ttl_s, expires_at=now + ttl_s)
+            if idle_timeout_s is not None:
+                changes["idle_timeout_s"] = idle_timeout_s
+            updated = await self.metadb.update_session(current.row_id, **changes)
+            self._remember(updated)
+            return updated
+
+    async def end(self, session: SessionRecord, reason: EndReason | str) -> SessionRecord | None:
+        """End a session now: instance destroyed, workspace wiped unless the function keeps it."""
+        reason_value = reason.value if isinstance(reason, EndReason) else reason
+        async with self._lock(session.internal_id):
+            ended = await self.metadb.end_session(session.row_id, reason_value, self.clock())
+            if ended is None:
+                return None
+            current = self._active.get(session.internal_id)
+            if current is not None and current.row_id == session.row_id:
+                self._forget(current)
+        keep = ended.persist_workspace
+        stopped = False
+        if ended.instance_id is not None:
+            stopped = await self.scheduler.release(ended.instance_id, keep_workspace=keep)
+        if not stopped and not keep:
+            await self.scheduler.forget_workspace(ended.workspace_key)
+        for callback in self.on_end:
+            try:
+                callback(ended)
+            except Exception:
+                log.exception("session end callback")
+        return ended
+
+    async def reap_once(self) -> list[SessionRecord]:
+        """End the sessions past their TTL or idle timeout."""
+        now = self.clock()
+        ended = []
+        for session in list(self._active.values()):
+            if now >= session.expires_at:
+                reason = EndReason.TTL
+            elif (
+                session.idle_timeout_s > 0
+                and not self.activity.busy(session.row_id)
+                and now - self.activity.last(session.row_id, session.last_activity) >= session.idle_timeout_s
+            ):
+                reason = EndReason.IDLE
+            else:
+                continue
+            try:
+                record = await self.end(session, reason)
+            except HutchError:
+                log.exception("reaping session %s", session.session_id)
+                continue
+            if record is not None:
+                log.info("session %s ended: %s", session.session_id, reason.value)
+                ended.append(record)
+        return ended
+
+    async def flush_activity(self) -> None:
+        dirty = self.activity.drain()
+        if not dirty:
+            return
+        for row_id, at in dirty.items():
+            for session in self._active.values():
+                if session.row_id == row_id and at > session.last_activity:
+                    session.last_activity = at
+                    break
+        await self.metadb.touch_sessions(dirty)

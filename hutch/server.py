@@ -1,0 +1,81 @@
+"""The composition root of `hutch serve`: every component made once, wired, started, stopped.
+
+Start order (each step needs the ones before):
+1. MetaDB opened and migrated; the server secret (keyed hash of session ids) read or created.
+2. The default tenant and its key (printed once, or taken from HUTCH_API_KEY).
+3. The built-in functions written to MetaDB (with any pool sizes from the config).
+4. Workspace store, runtime, scheduler; the session manager loads Active sessions, adopts the
+   instances that survived a restart, recovers or cleans up the rest, and starts its loops.
+
+Stop: the loops stop and activity is flushed; instances keep running, so that the next start
+re-attaches them (a session outlives a restart of hutch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from pathlib import Path
+
+from hutch.config import ServerConfig
+from hutch.functions import BUILTIN_FUNCTIONS, BUILTIN_TENANT
+from hutch.metadb import open_metadb
+from hutch.metadb.records import FunctionRecord
+from hutch.runtime.bwrap import BwrapRuntime
+from hutch.runtime.userns import UidSlots
+from hutch.scheduler.scheduler import Scheduler
+from hutch.scheduler.sessions import SessionManager
+from hutch.storage.local import DirectoryStore, ImageStore
+from hutch.tenants import TenantService
+
+log = logging.getLogger(__name__)
+
+
+class Hutch:
+    def __init__(self, config: ServerConfig, default_api_key: str | None = None) -> None:
+        self.config = config
+        self.default_api_key = default_api_key
+        self.data_dir = Path(config.data_dir)
+        self.metadb = open_metadb(config.metadb_url, self.data_dir)
+        self.tenants = TenantService(self.metadb)
+        self.scheduler: Scheduler | None = None
+        self.sessions: SessionManager | None = None
+        self.started_at = 0.0
+        self.bootstrap_key: str | None = None
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o755)  # sandboxes are set up under unprivileged uids: they must reach it
+        await self.metadb.open()
+        secret = await self.metadb.set_setting_if_absent("session_secret", secrets.token_hex(32))
+        self.bootstrap_key = await self.tenants.bootstrap(self.default_api_key)
+        now = time.time()
+        for spec in BUILTIN_FUNCTIONS:
+            size = self.config.warm_pools.get(spec.name, spec.warm_pool_size)
+            spec = spec.model_copy(update={"warm_pool_size": size})
+            await self.metadb.put_function(FunctionRecord(BUILTIN_TENANT, spec.name, spec.wire(), now, now))
+        store = self._store()
+        runtime = BwrapRuntime(self.data_dir, store, UidSlots(first_uid=self.config.uid_base))
+        scheduler_id = "local-" + hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]
+        self.scheduler = Scheduler(scheduler_id, runtime, self.metadb, max_instances=self.config.max_instances)
+        self.sessions = SessionManager(
+            self.metadb, self.scheduler, bytes.fromhex(secret), reap_interval=self.config.reap_interval
+        )
+        await self.sessions.start()
+        self.started_at = time.time()
+
+    def _store(self):
+        root = self.data_dir / "workspaces"
+        kind = self.config.workspace_store
+        if kind == "image" or (kind == "auto" and ImageStore.available()):
+            return ImageStore(root)
+        return DirectoryStore(root)
+
+    async def stop(self) -> None:
+        if self.sessions is not None:
+            await self.sessions.close()
+        if self.scheduler is not None:
+            await self.scheduler.close()
+        await self.metadb.close()

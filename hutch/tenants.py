@@ -1,0 +1,98 @@
+"""Tenants and their API keys: who is calling.
+
+Keys are random (`hk_` + 43 url-safe characters) and stored as SHA-256 hashes: a stolen MetaDB
+file yields no usable key. Authentication is a hash and a dict lookup (keys cached in memory
+after their first use); one tenant never sees another's sessions because every lookup below
+the API is scoped by the tenant id this returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+import uuid
+
+from hutch.errors import NotFound, PermissionDenied, Unauthenticated
+from hutch.metadb.base import MetaDB
+from hutch.metadb.records import Tenant
+
+DEFAULT_TENANT = "default"
+
+
+def new_api_key() -> str:
+    return "hk_" + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class TenantService:
+    def __init__(self, metadb: MetaDB) -> None:
+        self.metadb = metadb
+        self._cache: dict[str, Tenant] = {}
+
+    async def bootstrap(self, default_key: str | None) -> str | None:
+        """Create the default (admin) tenant on first start. Returns a new key to print once, or
+        None when the tenant existed or `default_key` (HUTCH_API_KEY) was given."""
+        try:
+            await self.metadb.get_tenant(DEFAULT_TENANT)
+            created = False
+        except NotFound:
+            await self.metadb.create_tenant(Tenant(DEFAULT_TENANT, "default", time.time(), is_admin=True))
+            created = True
+        if default_key:
+            if await self.metadb.tenant_for_key(hash_key(default_key)) is None:
+                await self.metadb.add_api_key(DEFAULT_TENANT, hash_key(default_key), "HUTCH_API_KEY")
+            return None
+        if created:
+            key = new_api_key()
+            await self.metadb.add_api_key(DEFAULT_TENANT, hash_key(key), "bootstrap")
+            return key
+        return None
+
+    async def authenticate(self, key: str | None) -> Tenant:
+        """The tenant of an API key.
+
+        Raises:
+            Unauthenticated: no key, or a key nobody issued.
+        """
+        if not key:
+            raise Unauthenticated("an API key is required (X-API-Key or Authorization: Bearer)")
+        digest = hash_key(key)
+        tenant = self._cache.get(digest)
+        if tenant is None:
+            tenant = await self.metadb.tenant_for_key(digest)
+            if tenant is None:
+                raise Unauthenticated("invalid API key")
+            self._cache[digest] = tenant
+        return tenant
+
+    async def create(self, caller: Tenant, name: str, max_sessions: int = 50) -> tuple[Tenant, str]:
+        """A new tenant and its first key (admins only)."""
+        self.require_admin(caller)
+        tenant = Tenant(f"t-{uuid.uuid4().hex[:12]}", name, time.time(), max_sessions=max_sessions)
+        await self.metadb.create_tenant(tenant)
+        key = new_api_key()
+        await self.metadb.add_api_key(tenant.tenant_id, hash_key(key), "initial")
+        return tenant, key
+
+    async def add_key(self, caller: Tenant, tenant_id: str, label: str) -> str:
+        if caller.tenant_id != tenant_id:
+            self.require_admin(caller)
+        await self.metadb.get_tenant(tenant_id)
+        key = new_api_key()
+        await self.metadb.add_api_key(tenant_id, hash_key(key), label)
+        return key
+
+    async def update_quota(self, caller: Tenant, tenant_id: str, max_sessions: int) -> Tenant:
+        self.require_admin(caller)
+        tenant = await self.metadb.update_tenant(tenant_id, max_sessions=max_sessions)
+        self._cache = {k: (tenant if v.tenant_id == tenant_id else v) for k, v in self._cache.items()}
+        return tenant
+
+    @staticmethod
+    def require_admin(caller: Tenant) -> None:
+        if not caller.is_admin:
+            raise PermissionDenied("only an admin tenant may do this")

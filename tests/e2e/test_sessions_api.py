@@ -1,0 +1,155 @@
+"""hutch's own control plane, through `hutch serve` on a real port."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+
+def _function(client, **overrides) -> str:
+    name = f"fn-{uuid.uuid4().hex[:8]}"
+    body = {"name": name, "resources": {"memoryMB": 256, "diskMB": 64}, **overrides}
+    response = client.post("/v1/functions", json=body)
+    assert response.status_code == 201, response.text
+    return name
+
+
+def _wait_for(predicate, timeout: float = 10.0, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+def test_health_and_openapi_are_served(server):
+    import httpx
+
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert "/v1/functions/{name}/sessions" in spec["paths"]
+
+
+def test_every_request_is_authenticated(server):
+    import httpx
+
+    for headers in ({}, {"X-API-Key": "hk_wrong"}, {"Authorization": "Bearer nope"}):
+        response = httpx.get(f"{server.url}/v1/sessions", headers=headers)
+        assert response.status_code == 401
+        assert response.json()["code"] == "unauthenticated"
+
+
+def test_builtin_functions_exist_out_of_the_box(server):
+    client = server.new_tenant()
+    names = {f["name"]: f for f in client.get("/v1/functions").json()["functions"]}
+    assert names["base"]["builtin"] and names["code-interpreter-v1"]["prestartKernel"]
+
+
+def test_a_session_is_created_read_listed_renewed_and_deleted(server):
+    client = server.new_tenant()
+    name = _function(client)
+    created = client.post(f"/v1/functions/{name}/sessions", json={"sessionId": "my-key_1", "metadata": {"a": "b"}})
+    assert created.status_code == 201, created.text
+    session = created.json()
+    assert session["sessionId"] == "my-key_1" and session["sessionStatus"] == "Active"
+    assert session["containerId"] and session["epoch"] == 0 and session["metadata"] == {"a": "b"}
+
+    got = client.get(f"/v1/functions/{name}/sessions/my-key_1").json()
+    assert got["containerId"] == session["containerId"]
+    listed = client.get(f"/v1/functions/{name}/sessions", params={"status": "Active"}).json()["sessions"]
+    assert [s["sessionId"] for s in listed] == ["my-key_1"]
+
+    renewed = client.patch(
+        f"/v1/functions/{name}/sessions/my-key_1",
+        json={"sessionTTLInSeconds": 600, "sessionIdleTimeoutInSeconds": 120},
+    )
+    assert renewed.status_code == 200
+    assert renewed.json()["sessionTTLInSeconds"] == 600 and renewed.json()["sessionIdleTimeoutInSeconds"] == 120
+
+    assert client.post(f"/v1/functions/{name}/sessions", json={"sessionId": "my-key_1"}).status_code == 409
+    assert client.delete(f"/v1/functions/{name}/sessions/my-key_1").status_code == 204
+    ended = client.get(f"/v1/functions/{name}/sessions/my-key_1").json()
+    assert ended["sessionStatus"] == "Expired" and ended["endReason"] == "deleted"
+    assert client.delete(f"/v1/functions/{name}/sessions/my-key_1").status_code == 404
+    assert client.patch(f"/v1/functions/{name}/sessions/my-key_1", json={"sessionTTLInSeconds": 5}).status_code == 400
+
+
+@pytest.mark.parametrize("bad", ["-starts-with-dash", "has space", "x" * 65, "semi;colon", ""])
+def test_invalid_session_ids_are_refused_with_400(server, bad):
+    client = server.new_tenant()
+    response = client.post("/v1/functions/base/sessions", json={"sessionId": bad})
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_argument"
+
+
+def test_malformed_bodies_get_clear_errors_not_tracebacks(server):
+    client = server.new_tenant()
+    for body in (b"{not json", b"[]", b'{"sessionTTLInSeconds": -1}', b'{"unknown": 1}'):
+        response = client.post(
+            "/v1/functions/base/sessions", content=body, headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400, response.text
+        assert set(response.json()) == {"code", "message"}
+    assert client.post("/v1/functions", json={"name": "Bad Name"}).status_code == 400
+    assert client.get("/v1/functions/nope").status_code == 404
+
+
+def test_sessions_end_at_their_ttl_and_after_idling(server):
+    client = server.new_tenant()
+    short_ttl = _function(client, sessionAffinityConfig={"sessionTTLInSeconds": 2, "sessionIdleTimeoutInSeconds": 0})
+    short_idle = _function(client, sessionAffinityConfig={"sessionTTLInSeconds": 600, "sessionIdleTimeoutInSeconds": 1})
+    ttl = client.post(f"/v1/functions/{short_ttl}/sessions", json={}).json()
+    idle = client.post(f"/v1/functions/{short_idle}/sessions", json={}).json()
+
+    def ended(name, session_id):
+        body = client.get(f"/v1/functions/{name}/sessions/{session_id}").json()
+        return body if body["sessionStatus"] == "Expired" else None
+
+    assert _wait_for(lambda: ended(short_ttl, ttl["sessionId"]), timeout=8)["endReason"] == "ttl"
+    assert _wait_for(lambda: ended(short_idle, idle["sessionId"]), timeout=8)["endReason"] == "idle"
+
+
+def test_a_tenant_at_its_quota_gets_429(server):
+    client = server.new_tenant(max_sessions=2)
+    name = _function(client)
+    first = [client.post(f"/v1/functions/{name}/sessions", json={}) for _ in range(2)]
+    assert all(r.status_code == 201 for r in first)
+    refused = client.post(f"/v1/functions/{name}/sessions", json={})
+    assert refused.status_code == 429
+    assert "quota" in refused.json()["message"]
+    client.delete(f"/v1/functions/{name}/sessions/{first[0].json()['sessionId']}")
+    assert client.post(f"/v1/functions/{name}/sessions", json={}).status_code == 201
+
+
+def test_tenants_never_see_each_others_sessions(server):
+    alice, mallory = server.new_tenant("alice"), server.new_tenant("mallory")
+    name = _function(alice)
+    session = alice.post(f"/v1/functions/{name}/sessions", json={"sessionId": "secret"}).json()
+    assert mallory.get(f"/v1/functions/{name}/sessions/secret").status_code == 404
+    assert mallory.delete(f"/v1/functions/{name}/sessions/secret").status_code == 404
+    assert mallory.get("/v1/sessions").json()["sessions"] == []
+    assert mallory.get(f"/v1/functions/{name}").status_code == 404
+    # the same public id in another tenant is another session
+    mine = mallory.post("/v1/functions/base/sessions", json={"sessionId": "secret"})
+    assert mine.status_code == 201 and mine.json()["containerId"] != session["containerId"]
+    assert alice.get(f"/v1/functions/{name}/sessions/secret").json()["sessionStatus"] == "Active"
+    assert mallory.post("/v1/tenants", json={"name": "x"}).status_code == 403
+
+
+def test_listing_is_paginated(server):
+    client = server.new_tenant()
+    name = _function(client)
+    made = {client.post(f"/v1/functions/{name}/sessions", json={}).json()["sessionId"] for _ in range(3)}
+    seen, token = [], None
+    while True:
+        page = client.get("/v1/sessions", params={"limit": 2, **({"nextToken": token} if token else {})}).json()
+        seen += [s["sessionId"] for s in page["sessions"]]
+        token = page["nextToken"]
+        if not token:
+            break
+    assert set(seen) == made and len(seen) == 3
+    assert client.get("/v1/sessions", params={"nextToken": "garbage"}).status_code == 400
