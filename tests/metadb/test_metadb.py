@@ -1,0 +1,204 @@
+"""One suite for every MetaDB backend (SQLite now; each new backend joins the parametrization)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from hutch.errors import AlreadyExists, InvalidArgument, NotFound, QuotaExceeded
+from hutch.metadb.records import (
+    FunctionRecord,
+    InstanceRecord,
+    InstanceRole,
+    SchedulerRecord,
+    SessionRecord,
+    SessionStatus,
+    Tenant,
+)
+from hutch.metadb.sqlite import MIGRATIONS, SQLiteMetaDB
+
+
+class Sync:
+    """Drive an async MetaDB from plain tests."""
+
+    def __init__(self, db) -> None:
+        self._db = db
+        self._loop = asyncio.new_event_loop()
+
+    def __getattr__(self, name):
+        method = getattr(self._db, name)
+        if not asyncio.iscoroutinefunction(method):
+            return method
+        return lambda *a, **k: self._loop.run_until_complete(method(*a, **k))
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._db.close())
+        self._loop.close()
+
+
+@pytest.fixture(params=["sqlite-file", "sqlite-memory"])
+def db(request, tmp_path):
+    backend = SQLiteMetaDB(tmp_path / "meta.sqlite3" if request.param == "sqlite-file" else ":memory:")
+    sync = Sync(backend)
+    sync.open()
+    sync.create_tenant(Tenant("t1", "one", time.time(), max_sessions=3))
+    sync.create_tenant(Tenant("t2", "two", time.time()))
+    yield sync
+    sync.close()
+
+
+def session(tenant="t1", internal=None, session_id=None, **overrides) -> SessionRecord:
+    now = time.time()
+    values = dict(
+        row_id=uuid.uuid4().hex,
+        internal_id=internal or uuid.uuid4().hex,
+        session_id=session_id or uuid.uuid4().hex[:8],
+        tenant_id=tenant,
+        function="base",
+        affinity="HEADER_FIELD",
+        status=SessionStatus.ACTIVE,
+        created_at=now,
+        last_modified=now,
+        last_activity=now,
+        expires_at=now + 60,
+        ttl_s=60,
+        idle_timeout_s=30,
+        metadata={"k": "v"},
+        env={"A": "1"},
+    )
+    values.update(overrides)
+    return SessionRecord(**values)
+
+
+def test_the_schema_is_migrated_to_the_latest_version(db):
+    assert db._db.schema_version() == len(MIGRATIONS)
+
+
+def test_a_reopened_database_keeps_its_records(tmp_path):
+    path = tmp_path / "reopen.sqlite3"
+    first = Sync(SQLiteMetaDB(path))
+    first.open()
+    first.create_tenant(Tenant("t9", "nine", 1.0))
+    first.insert_session(session("t9", internal="abc"))
+    first.close()
+    second = Sync(SQLiteMetaDB(path))
+    second.open()
+    assert second.get_tenant("t9").name == "nine"
+    assert second.active_session("abc").tenant_id == "t9"
+    second.close()
+
+
+def test_settings_keep_their_first_value(db):
+    assert db.set_setting_if_absent("secret", "first") == "first"
+    assert db.set_setting_if_absent("secret", "second") == "first"
+    assert db.get_setting("missing") is None
+
+
+def test_tenants_and_keys(db):
+    assert db.get_tenant("t1").max_sessions == 3
+    with pytest.raises(AlreadyExists):
+        db.create_tenant(Tenant("t1", "again", 0.0))
+    with pytest.raises(NotFound):
+        db.get_tenant("nobody")
+    db.add_api_key("t1", "hash1", "label")
+    with pytest.raises(AlreadyExists):
+        db.add_api_key("t2", "hash1", "label")
+    assert db.tenant_for_key("hash1").tenant_id == "t1"
+    assert db.tenant_for_key("nope") is None
+    assert db.update_tenant("t1", max_sessions=9).max_sessions == 9
+    with pytest.raises(InvalidArgument):
+        db.update_tenant("t1", created_at=5.0)
+
+
+def test_a_tenants_function_shadows_the_builtin_of_the_same_name(db):
+    db.put_function(FunctionRecord("*", "base", {"name": "base", "v": "builtin"}, 1.0, 1.0))
+    assert db.get_function("t1", "base").spec["v"] == "builtin"
+    db.put_function(FunctionRecord("t1", "base", {"name": "base", "v": "mine"}, 2.0, 2.0))
+    assert db.get_function("t1", "base").spec["v"] == "mine"
+    assert db.get_function("t2", "base").spec["v"] == "builtin"
+    assert [f.spec["v"] for f in db.list_functions("t1")] == ["mine"]
+    db.delete_function("t1", "base")
+    assert db.get_function("t1", "base").spec["v"] == "builtin"
+    with pytest.raises(NotFound):
+        db.delete_function("t1", "base")
+    with pytest.raises(NotFound):
+        db.get_function("t1", "nothing")
+
+
+def test_only_one_active_session_per_internal_id(db):
+    db.insert_session(session(internal="same"))
+    with pytest.raises(AlreadyExists):
+        db.insert_session(session(internal="same"))
+    first = db.active_session("same")
+    db.end_session(first.row_id, "ttl", time.time())
+    db.insert_session(session(internal="same"))  # a reused key after expiry is a new session
+    assert db.internal_id_used("same") and not db.internal_id_used("other")
+
+
+def test_the_live_session_quota_is_checked_in_the_insert(db):
+    for _ in range(3):
+        db.insert_session(session(), max_active=3)
+    with pytest.raises(QuotaExceeded):
+        db.insert_session(session(), max_active=3)
+    assert db.count_active("t1") == 3
+    db.insert_session(session("t2"), max_active=3)  # another tenant's count is its own
+
+
+def test_session_updates_end_and_activity(db):
+    record = session(session_id="pub")
+    db.insert_session(record)
+    updated = db.update_session(record.row_id, instance_id="i-1", epoch=2)
+    assert (updated.instance_id, updated.epoch, updated.metadata) == ("i-1", 2, {"k": "v"})
+    with pytest.raises(InvalidArgument):
+        db.update_session(record.row_id, no_such_field=1)
+    db.touch_sessions({record.row_id: record.last_activity + 5})
+    assert db.get_session(record.row_id).last_activity == record.last_activity + 5
+    ended = db.end_session(record.row_id, "deleted", time.time())
+    assert ended.status == SessionStatus.EXPIRED and ended.end_reason == "deleted"
+    assert db.end_session(record.row_id, "deleted", time.time()) is None
+    assert db.find_session("t1", "pub").status == SessionStatus.EXPIRED
+    with pytest.raises(NotFound):
+        db.find_session("t2", "pub")
+
+
+def test_public_id_lookup_only_finds_sessions_with_a_token(db):
+    db.insert_session(session(session_id="sbx1", access_token="tok"))
+    db.insert_session(session(session_id="plain"))
+    assert db.active_session_by_public_id("sbx1").access_token == "tok"
+    assert db.active_session_by_public_id("plain") is None
+
+
+def test_sessions_are_listed_newest_first_in_pages(db):
+    made = []
+    for index in range(5):
+        record = session(created_at=1000.0 + index)
+        db.insert_session(record)
+        made.append(record.row_id)
+    seen, token = [], None
+    while True:
+        page, token = db.list_sessions("t1", limit=2, after=token)
+        seen += [r.row_id for r in page]
+        if token is None:
+            break
+    assert seen == list(reversed(made))
+    db.end_session(made[0], "ttl", 2000.0)
+    active, _ = db.list_sessions("t1", status=SessionStatus.ACTIVE)
+    assert made[0] not in [r.row_id for r in active]
+    assert db.list_sessions("t2")[0] == []
+    with pytest.raises(InvalidArgument):
+        db.list_sessions("t1", after="not-a-token")
+
+
+def test_instances_and_schedulers(db):
+    db.put_instance(InstanceRecord("i-1", "s1", "*/base", InstanceRole.WARM, 1.0))
+    db.put_instance(InstanceRecord("i-1", "s1", "*/base", InstanceRole.BOUND, 1.0, "row"))
+    db.put_instance(InstanceRecord("i-2", "s2", "*/base", InstanceRole.WARM, 1.0))
+    assert [(i.instance_id, i.role) for i in db.list_instances("s1")] == [("i-1", InstanceRole.BOUND)]
+    db.delete_instance("i-1")
+    assert db.list_instances("s1") == []
+    db.upsert_scheduler(SchedulerRecord("s1", "local", 5.0, {"max": 2}))
+    db.upsert_scheduler(SchedulerRecord("s1", "local", 6.0, {"max": 3}))
+    assert [(s.heartbeat_at, s.capacity) for s in db.list_schedulers()] == [(6.0, {"max": 3})]
