@@ -67,6 +67,7 @@ class Scheduler:
         self._pool_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._starting = 0
+        self._cleanups: set[asyncio.Task] = set()
         self.on_crash = None  # callback(instance_id) for instances that die on their own
         self.stats = {"pool_hits": 0, "pool_misses": 0, "crashes": 0}
         runtime.on_exit = self._on_exit
@@ -294,7 +295,9 @@ class Scheduler:
                 pool.warm.remove(instance.instance_id)
                 self._pool_event.set()
                 # Nobody's session lived there: clean it up now.
-                asyncio.get_running_loop().create_task(self.release(instance.instance_id, keep_workspace=False))
+                task = asyncio.get_running_loop().create_task(self.release(instance.instance_id, keep_workspace=False))
+                self._cleanups.add(task)
+                task.add_done_callback(self._cleanups.discard)
                 return
         if self.on_crash is not None:
             self.on_crash(instance.instance_id)

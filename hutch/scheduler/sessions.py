@@ -88,6 +88,7 @@ class SessionManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._specs: dict[str, FunctionSpec] = {}  # pool key -> spec
         self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Task] = set()  # fire-and-forget work, referenced until done
         self.on_end: list[Callable[[SessionRecord], None]] = []
         scheduler.on_crash = self._on_crash
 
@@ -166,13 +167,18 @@ class SessionManager:
         key = self.pool_key(tenant_id, name)
         if spec is None:
             self._specs.pop(key, None)
-            asyncio.get_running_loop().create_task(self.scheduler.drop_pool(key))
+            self._spawn(self.scheduler.drop_pool(key))
             for session in list(self._active.values()):
                 if session.tenant_id == tenant_id and session.function == name:
-                    asyncio.get_running_loop().create_task(self.end(session, EndReason.FUNCTION_DELETED))
+                    self._spawn(self.end(session, EndReason.FUNCTION_DELETED))
             return
         self._specs[key] = spec
         self.scheduler.set_pool(key, spec)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- ids -----------------------------------------------------------------------------------
 
