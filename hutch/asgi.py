@@ -37,6 +37,7 @@ class HutchApp:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.hutch.start()
+                    self.gateway.start()
                 except Exception as exc:
                     log.exception("hutch failed to start")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -50,6 +51,7 @@ class HutchApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 try:
+                    self.gateway.close()
                     await self.hutch.stop()
                 finally:
                     await send({"type": "lifespan.shutdown.complete"})

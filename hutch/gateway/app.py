@@ -1,14 +1,122 @@
-"""The gateway (pure ASGI). Being written: see the session-affinity issue."""
+"""The gateway: the data plane of `hutch serve`, a pure ASGI app (no middleware on the hot path).
+
+`hutch.asgi.HutchApp` asks `claims(scope)` for every HTTP and WebSocket request and hands over
+the claimed ones:
+- function invocations, `/functions/{name}/invoke[/{path}]` (`hutch.gateway.invoke`);
+- E2B in-sandbox traffic: `E2b-Sandbox-Id` + `E2b-Sandbox-Port` headers, or a host
+  `{port}-{sandboxId}.{domain}` when `domain` is configured (`hutch.gateway.e2b`).
+Everything else belongs to the control plane.
+
+Per request: resolve the target (tenant, function, session, live instance: all in memory on a
+hit), count the request as session activity from before it is forwarded until its answer (or
+stream, or WebSocket) ends or the client leaves, and proxy it (`proxy`, `websocket`) over a
+pooled keep-alive connection to the instance's socket.
+
+This module is the gateway's one error boundary: a `HutchError` raised before the answer
+started becomes `{"code": "<wire code>", "message"}` with the error's HTTP status, or E2B's
+`{"code": <status>, "message"}` for E2B traffic. Anything unexpected is logged and answered 500
+in the same shape: never a traceback on the wire.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from hutch.errors import HutchError
+from hutch.gateway import e2b, invoke
+from hutch.gateway.proxy import proxy_http
+from hutch.gateway.types import Header, Receive, Scope, Send, Target
+from hutch.gateway.upstream import UpstreamPool
+from hutch.gateway.websocket import proxy_websocket, refuse_with_error
+from hutch.metadb.records import SessionRecord
+
+if TYPE_CHECKING:
+    from hutch.server import Hutch
+
+log = logging.getLogger(__name__)
+
+JSON_HEADERS: list[Header] = [(b"content-type", b"application/json")]
+
 
 class Gateway:
-    def __init__(self, hutch) -> None:
+    def __init__(self, hutch: Hutch) -> None:
         self.hutch = hutch
+        self.domain = hutch.config.domain.strip(".").lower()
+        self.pool = UpstreamPool()
 
-    def claims(self, scope) -> bool:
+    def start(self) -> None:
+        """Called once the sessions are up: drop pooled connections of sessions that end."""
+        assert self.hutch.sessions is not None
+        self.hutch.sessions.on_end.append(self._session_ended)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def _session_ended(self, session: SessionRecord) -> None:
+        self.pool.drop_instance(session.instance_id)
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def claims(self, scope: Scope) -> bool:
+        """Whether a request is data-plane traffic (cheap: runs for every request hutch serves)."""
+        if scope["path"].startswith(invoke.PREFIX) and invoke.parse_path(scope["path"]) is not None:
+            return True
+        for name, _ in scope["headers"]:
+            if name == b"e2b-sandbox-id":
+                return True
+        if self.domain:
+            try:
+                return e2b.sandbox_address(scope, self.domain) is not None
+            except HutchError:
+                return True  # malformed E2B traffic: the gateway says what is wrong
         return False
 
-    async def __call__(self, scope, receive, send) -> None:  # pragma: no cover - not routed yet
-        raise NotImplementedError
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        parsed = invoke.parse_path(scope["path"])
+        is_e2b = parsed is None
+        try:
+            if parsed is not None:
+                target = await invoke.resolve(self.hutch, scope, *parsed)
+            else:
+                address = e2b.sandbox_address(scope, self.domain)
+                if address is None:  # claimed by a sibling check; should not happen
+                    raise e2b.SandboxNotFound("no sandbox named by this request")
+                target = await e2b.resolve(self.hutch, scope, *address)
+            await self._forward(target, scope, receive, send)
+        except HutchError as exc:
+            if exc.http_status >= 500 and not isinstance(exc, e2b.SandboxNotFound):
+                log.warning("%s %s: %s", scope.get("method", "WS"), scope["path"], exc.message)
+            await self._error(scope, send, exc, is_e2b)
+        except Exception as exc:
+            log.exception("%s %s failed", scope.get("method", "WS"), scope["path"])
+            await self._error(scope, send, HutchError(f"internal error: {exc.__class__.__name__}"), is_e2b)
+
+    async def _forward(self, target: Target, scope: Scope, receive: Receive, send: Send) -> None:
+        sessions = self.hutch.sessions
+        assert sessions is not None
+        row_id = target.session.row_id
+        sessions.activity.begin(row_id)
+        try:
+            if scope["type"] == "http":
+                await proxy_http(self.pool, target, scope, receive, send)
+            else:
+                await proxy_websocket(target, scope, receive, send)
+        finally:
+            sessions.activity.end(row_id)
+
+    # -- the error boundary --------------------------------------------------------------------
+
+    @staticmethod
+    async def _error(scope: Scope, send: Send, exc: HutchError, is_e2b: bool) -> None:
+        body = {"code": exc.http_status, "message": exc.message} if is_e2b else exc.to_dict()
+        if scope["type"] == "websocket":
+            await refuse_with_error(scope, send, exc, body)
+            return
+        data = json.dumps(body).encode()
+        try:
+            await send({"type": "http.response.start", "status": exc.http_status, "headers": JSON_HEADERS})
+            await send({"type": "http.response.body", "body": data})
+        except RuntimeError:
+            pass  # the answer had started: the ASGI server cuts the connection instead

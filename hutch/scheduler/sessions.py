@@ -50,7 +50,7 @@ def new_session_id() -> str:
 
 
 def check_session_id(value: str) -> str:
-    if not isinstance(value, str) or not SESSION_ID.match(value):
+    if not isinstance(value, str) or not SESSION_ID.fullmatch(value):
         raise InvalidArgument("invalid session id: 1-64 characters from [A-Za-z0-9_-], not starting with '-'")
     return value
 
@@ -87,6 +87,7 @@ class SessionManager:
         self._by_public: dict[str, str] = {}  # E2B sandbox id -> internal id (sessions with a token)
         self._locks: dict[str, asyncio.Lock] = {}
         self._specs: dict[str, FunctionSpec] = {}  # pool key -> spec
+        self._resolved: dict[tuple[str, str], str] = {}  # (tenant, name) -> pool key: no MetaDB per request
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()  # fire-and-forget work, referenced until done
         self.on_end: list[Callable[[SessionRecord], None]] = []
@@ -154,17 +155,24 @@ class SessionManager:
 
     async def function(self, tenant_id: str, name: str) -> tuple[str, FunctionSpec]:
         """(pool key, spec) of the function a tenant means by `name`."""
+        key = self._resolved.get((tenant_id, name))
+        if key is not None:
+            spec = self._specs.get(key)
+            if spec is not None:
+                return key, spec
         record = await self.metadb.get_function(tenant_id, name)
         key = self.pool_key(record.tenant_id, record.name)
         spec = self._specs.get(key)
         if spec is None:
             spec = FunctionSpec.model_validate(record.spec)
             self._specs[key] = spec
+        self._resolved[(tenant_id, name)] = key
         return key, spec
 
     def function_changed(self, tenant_id: str, spec: FunctionSpec | None, name: str) -> None:
         """Called after a function is created, updated (spec) or deleted (None)."""
         key = self.pool_key(tenant_id, name)
+        self._resolved.pop((tenant_id, name), None)  # a tenant's function shadows (or unshadows) a built-in
         if spec is None:
             self._specs.pop(key, None)
             self._spawn(self.scheduler.drop_pool(key))
