@@ -1,9 +1,11 @@
 """Tenants and their API keys: who is calling.
 
-Keys are random (`hk_` + 43 url-safe characters) and stored as SHA-256 hashes: a stolen MetaDB
-file yields no usable key. Authentication is a hash and a dict lookup (keys cached in memory
-after their first use); one tenant never sees another's sessions because every lookup below
-the API is scoped by the tenant id this returns.
+Keys are random and stored as SHA-256 hashes: a stolen MetaDB file yields no usable key. They
+are shaped like E2B's (`e2b_` + 40 hex digits, 160 random bits) because E2B SDKs before 2.46
+refuse any other shape on the client side, and hutch keys must work in them unchanged.
+Authentication is a hash and a dict lookup (keys cached in memory after their first use); one
+tenant never sees another's sessions because every lookup below the API is scoped by the tenant
+id this returns.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ DEFAULT_TENANT = "default"
 
 
 def new_api_key() -> str:
-    return "hk_" + secrets.token_urlsafe(32)
+    return "e2b_" + secrets.token_hex(20)
 
 
 def hash_key(key: str) -> str:

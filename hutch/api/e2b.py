@@ -1,7 +1,395 @@
-"""E2B's control-plane API (`/sandboxes`, `/v2/sandboxes`, ...): an E2B sandbox is a hutch session."""
+"""E2B's control-plane API (`/sandboxes`, `/v2/sandboxes`, ...): an E2B sandbox is a hutch session.
+
+What this module owns: the translation between E2B's REST resources and `SessionManager`.
+A sandbox is a session of the function its `templateID` names, with affinity `E2B`, an envd
+access token and no idle timeout; it shows up in `/v1/sessions` like any other session and
+ends the same ways (kill = delete, timeout = TTL). Field names, formats and status codes are
+the ones the official SDKs parse (`e2b/api/client/models/*.py`, SDK 2.31 to 2.63); errors get
+E2B's `{"code": <status>, "message"}` shape from `hutch.api.app`.
+
+Decisions (README "Use" says the same to users):
+- Token: every sandbox gets an envd access token, returned by create, connect and get; the
+  gateway requires it as `X-Access-Token`. `secure: false` is accepted (SDKs before 2.51 send
+  `secure`) but changes nothing: the SDKs send whatever token they are given.
+- Timeout: an absolute deadline, `now + timeout` seconds (1 to 86400; default 300). `POST
+  /sandboxes/{id}/timeout` sets it, shorter or longer; connect only ever extends it.
+- Internet: sandboxes have loopback only. `allow_internet_access` is accepted and ignored
+  (SDKs before 2.51 always send `true`); get reports `allowInternetAccess: false`.
+- Pause: not available. `POST .../pause` answers 501 and the sandbox keeps running; creating
+  with `autoPause`/`autoResume` is refused (400) rather than killed where a pause was asked.
+  MCP gateways and volume mounts are refused the same way.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import base64
+import time
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, unquote
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from hutch.agent.config import ENVD_VERSION
+from hutch.api.auth import caller
+from hutch.api.native import iso
+from hutch.errors import AlreadyExists, InvalidArgument, NotFound, Unimplemented
+from hutch.metadb.records import EndReason, SessionRecord, Tenant
+from hutch.scheduler.sessions import MAX_E2B_TIMEOUT_S
 
 router = APIRouter(tags=["e2b"])
+Caller = Annotated[Tenant, Depends(caller)]
+
+AFFINITY = "E2B"
+CLIENT_ID = "hutch"
+DEFAULT_TIMEOUT_S = 300
+IDEMPOTENCY_TTL_S = 3600.0
+
+
+# -- request bodies ----------------------------------------------------------------------------
+
+
+class NewSandbox(BaseModel):
+    """`POST /sandboxes` and `/v2/sandboxes`. Fields hutch does not use are allowed and ignored."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    template_id: str = Field(alias="templateID", min_length=1, max_length=256)
+    timeout: int = Field(DEFAULT_TIMEOUT_S, ge=1, le=MAX_E2B_TIMEOUT_S, description="seconds from now")
+    metadata: dict[str, str] | None = None
+    env_vars: dict[str, str] | None = Field(None, alias="envVars")
+    auto_pause: bool | None = Field(None, alias="autoPause")
+    auto_resume: dict[str, Any] | None = Field(None, alias="autoResume")
+    secure: bool | None = Field(None, description="accepted; sandboxes are always secured")
+    allow_internet_access: bool | None = Field(None, description="accepted; sandboxes have loopback only")
+    mcp: dict[str, Any] | None = None
+    volume_mounts: list[dict[str, Any]] | None = Field(None, alias="volumeMounts")
+
+
+class TimeoutBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    timeout: int = Field(ge=1, le=MAX_E2B_TIMEOUT_S, description="seconds from now")
+
+
+class ConnectBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    timeout: int = Field(DEFAULT_TIMEOUT_S, ge=1, le=MAX_E2B_TIMEOUT_S, description="seconds from now, extend only")
+
+
+class RefreshBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    duration: int = Field(60, ge=1, le=3600, description="seconds from now, extend only")
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def _domain(request: Request) -> str | None:
+    return request.app.state.hutch.config.domain or None
+
+
+def sandbox_json(request: Request, session: SessionRecord) -> dict:
+    """E2B's `Sandbox` (create and connect answers)."""
+    return {
+        "templateID": session.function,
+        "alias": session.function,
+        "sandboxID": session.session_id,
+        "clientID": CLIENT_ID,
+        "envdVersion": ENVD_VERSION,
+        "envdAccessToken": session.access_token,
+        "trafficAccessToken": None,
+        "domain": _domain(request),
+    }
+
+
+async def _disk_mb(request: Request, session: SessionRecord) -> int:
+    try:
+        _, spec = await request.app.state.hutch.sessions.function(session.tenant_id, session.function)
+    except NotFound:  # deleted under the session, which is ending
+        return 0
+    return spec.resources.disk_mb
+
+
+async def listed_json(request: Request, session: SessionRecord) -> dict:
+    """E2B's `ListedSandbox`."""
+    return {
+        "templateID": session.function,
+        "alias": session.function,
+        "sandboxID": session.session_id,
+        "clientID": CLIENT_ID,
+        "startedAt": iso(session.created_at),
+        "endAt": iso(session.expires_at),
+        "cpuCount": max(1, round(session.cpu)),
+        "memoryMB": session.memory_mb,
+        "diskSizeMB": await _disk_mb(request, session),
+        "state": "running",
+        "envdVersion": ENVD_VERSION,
+        "metadata": session.metadata,
+    }
+
+
+async def detail_json(request: Request, session: SessionRecord) -> dict:
+    """E2B's `SandboxDetail`."""
+    return {
+        **await listed_json(request, session),
+        "envdAccessToken": session.access_token,
+        "domain": _domain(request),
+        "allowInternetAccess": False,
+        "lifecycle": {"autoResume": False, "onTimeout": "kill"},
+    }
+
+
+# -- lookups -----------------------------------------------------------------------------------
+
+
+def _sandbox(request: Request, tenant: Tenant, sandbox_id: str) -> SessionRecord:
+    """The caller's running sandbox; 404 for unknown, ended or another tenant's."""
+    session = request.app.state.hutch.sessions.active_by_public_id(sandbox_id)
+    if session is None or session.tenant_id != tenant.tenant_id or session.affinity != AFFINITY:
+        raise NotFound(f"sandbox {sandbox_id} not found")
+    return session
+
+
+def _tenant_sandboxes(request: Request, tenant: Tenant) -> list[SessionRecord]:
+    return [
+        s
+        for s in request.app.state.hutch.sessions.active_sessions()
+        if s.tenant_id == tenant.tenant_id and s.affinity == AFFINITY and s.access_token
+    ]
+
+
+def _metadata_filter(value: str | None) -> dict[str, str]:
+    """The SDKs send `metadata=urlencode({quote(k): quote(v)})`."""
+    if not value:
+        return {}
+    return {unquote(k): unquote(v) for k, v in parse_qsl(value, keep_blank_values=True)}
+
+
+def _matches(session: SessionRecord, metadata: dict[str, str]) -> bool:
+    return all(session.metadata.get(k) == v for k, v in metadata.items())
+
+
+# -- create ------------------------------------------------------------------------------------
+
+
+def _refuse_unavailable(body: NewSandbox) -> None:
+    if body.auto_pause or (body.auto_resume or {}).get("enabled"):
+        raise InvalidArgument("pausing sandboxes is not available in hutch: create without autoPause/autoResume")
+    if body.mcp:
+        raise InvalidArgument("MCP gateway sandboxes are not available in hutch")
+    if body.volume_mounts:
+        raise InvalidArgument("volume mounts are not available in hutch")
+
+
+class _Idempotency:
+    """`Idempotency-Key` on create: a retried create gets the sandbox the first one made.
+
+    Keys are opt-in and rare, so one lock serializes the creates that carry one.
+    """
+
+    def __init__(self) -> None:
+        self.made: dict[tuple[str, str], tuple[str, float]] = {}  # (tenant, key) -> (sandbox id, at)
+        self.lock = asyncio.Lock()
+
+    def get(self, slot: tuple[str, str]) -> str | None:
+        now = time.monotonic()
+        for old in [k for k, (_, at) in self.made.items() if now - at > IDEMPOTENCY_TTL_S]:
+            del self.made[old]
+        made = self.made.get(slot)
+        return made[0] if made else None
+
+
+def _idempotency(request: Request) -> _Idempotency:
+    state = request.app.state
+    if not hasattr(state, "e2b_idempotency"):
+        state.e2b_idempotency = _Idempotency()
+    return state.e2b_idempotency
+
+
+async def _create(request: Request, tenant: Tenant, body: NewSandbox) -> SessionRecord:
+    _refuse_unavailable(body)
+    sessions = request.app.state.hutch.sessions
+    try:
+        await sessions.function(tenant.tenant_id, body.template_id)
+    except NotFound:
+        raise NotFound(f"template {body.template_id!r} not found") from None
+    session, _ = await sessions.create(
+        tenant,
+        body.template_id,
+        affinity=AFFINITY,
+        ttl_s=body.timeout,
+        idle_timeout_s=0,
+        env=body.env_vars or {},
+        metadata=body.metadata or {},
+        with_token=True,
+    )
+    return session
+
+
+async def _create_once(request: Request, tenant: Tenant, body: NewSandbox, key: str | None) -> SessionRecord:
+    if not key:
+        return await _create(request, tenant, body)
+    table = _idempotency(request)
+    slot = (tenant.tenant_id, key)
+    async with table.lock:
+        made = table.get(slot)
+        existing = request.app.state.hutch.sessions.active_by_public_id(made) if made else None
+        if existing is not None:
+            return existing
+        session = await _create(request, tenant, body)
+        table.made[slot] = (session.session_id, time.monotonic())
+        return session
+
+
+@router.post("/sandboxes", status_code=201, summary="Create a sandbox (E2B SDK < 2.51)")
+@router.post("/v2/sandboxes", status_code=201, summary="Create a sandbox")
+async def create_sandbox(
+    body: NewSandbox,
+    request: Request,
+    tenant: Caller,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> dict:
+    return sandbox_json(request, await _create_once(request, tenant, body, idempotency_key))
+
+
+# -- read --------------------------------------------------------------------------------------
+
+
+@router.get("/sandboxes/{sandbox_id}", summary="A running sandbox")
+async def get_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> dict:
+    return await detail_json(request, _sandbox(request, tenant, sandbox_id))
+
+
+@router.get("/sandboxes", summary="Running sandboxes (E2B SDK 1.x)")
+async def list_sandboxes_v1(request: Request, tenant: Caller, metadata: str | None = None) -> list[dict]:
+    wanted = _metadata_filter(metadata)
+    found = sorted(_tenant_sandboxes(request, tenant), key=_key, reverse=True)
+    return [await listed_json(request, s) for s in found if _matches(s, wanted)]
+
+
+def _key(session: SessionRecord) -> tuple[float, str]:
+    return session.created_at, session.row_id
+
+
+def _page_token(session: SessionRecord) -> str:
+    return base64.urlsafe_b64encode(f"{session.created_at!r}|{session.row_id}".encode()).decode()
+
+
+def _parse_page_token(token: str) -> tuple[float, str]:
+    try:
+        created, row_id = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
+        return float(created), row_id
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("invalid nextToken") from None
+
+
+def _states(value: str | None) -> set[str]:
+    states = {s.strip() for s in (value or "running,paused").split(",") if s.strip()}
+    unknown = states - {"running", "paused"}
+    if unknown:
+        raise InvalidArgument(f"invalid state {sorted(unknown)}: running or paused")
+    return states
+
+
+@router.get("/v2/sandboxes", summary="The caller's sandboxes, paginated (X-Next-Token)")
+async def list_sandboxes(
+    request: Request,
+    response: Response,
+    tenant: Caller,
+    metadata: str | None = None,
+    state: str | None = None,
+    template: str | None = None,
+    started_after: Annotated[datetime | None, Query(alias="startedAfter")] = None,
+    order: Literal["asc", "desc"] = "desc",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    next_token: Annotated[str | None, Query(alias="nextToken")] = None,
+) -> list[dict]:
+    if "running" not in _states(state):  # nothing is ever paused
+        return []
+    wanted = _metadata_filter(metadata)
+    after = started_after.timestamp() if started_after else None
+    found = [
+        s
+        for s in _tenant_sandboxes(request, tenant)
+        if _matches(s, wanted)
+        and (template is None or s.function == template)
+        and (after is None or s.created_at >= after)
+    ]
+    descending = order == "desc"
+    found.sort(key=_key, reverse=descending)
+    if next_token:
+        mark = _parse_page_token(next_token)
+        found = [s for s in found if (_key(s) < mark if descending else _key(s) > mark)]
+    page = found[:limit]
+    if len(found) > limit:
+        response.headers["X-Next-Token"] = _page_token(page[-1])
+    return [await listed_json(request, s) for s in page]
+
+
+# -- change ------------------------------------------------------------------------------------
+
+
+@router.delete("/sandboxes/{sandbox_id}", status_code=204, summary="Kill a sandbox")
+async def kill_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> Response:
+    session = _sandbox(request, tenant, sandbox_id)
+    if await request.app.state.hutch.sessions.end(session, EndReason.DELETED) is None:
+        raise NotFound(f"sandbox {sandbox_id} not found")
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/timeout", status_code=204, summary="End the sandbox `timeout` s from now")
+async def set_timeout(sandbox_id: str, body: TimeoutBody, request: Request, tenant: Caller) -> Response:
+    session = _sandbox(request, tenant, sandbox_id)
+    await request.app.state.hutch.sessions.renew(session, ttl_s=body.timeout)
+    return Response(status_code=204)
+
+
+async def _extend(request: Request, session: SessionRecord, seconds: int) -> SessionRecord:
+    """Connect and refresh never shorten a sandbox's life."""
+    if time.time() + seconds <= session.expires_at:
+        return session
+    return await request.app.state.hutch.sessions.renew(session, ttl_s=seconds)
+
+
+@router.post("/sandboxes/{sandbox_id}/connect", summary="Connect to a running sandbox (E2B SDK < 2.51)")
+@router.post("/v2/sandboxes/{sandbox_id}/connect", summary="Connect to a running sandbox; extends its timeout")
+async def connect_sandbox(sandbox_id: str, request: Request, tenant: Caller, body: ConnectBody | None = None) -> dict:
+    session = _sandbox(request, tenant, sandbox_id)
+    session = await _extend(request, session, (body or ConnectBody()).timeout)
+    return sandbox_json(request, session)
+
+
+@router.post("/sandboxes/{sandbox_id}/refreshes", status_code=204, summary="Keep a sandbox alive (extend only)")
+async def refresh_sandbox(
+    sandbox_id: str, request: Request, tenant: Caller, body: RefreshBody | None = None
+) -> Response:
+    await _extend(request, _sandbox(request, tenant, sandbox_id), (body or RefreshBody()).duration)
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/pause", summary="Not available: sandboxes keep running")
+async def pause_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> Response:
+    _sandbox(request, tenant, sandbox_id)
+    raise Unimplemented("pausing sandboxes is not available in hutch; the sandbox keeps running")
+
+
+@router.post("/sandboxes/{sandbox_id}/resume", summary="Nothing is ever paused: 409 for a running sandbox")
+async def resume_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> Response:
+    _sandbox(request, tenant, sandbox_id)
+    raise AlreadyExists(f"sandbox {sandbox_id} is already running")
+
+
+@router.api_route(
+    "/sandboxes/{sandbox_id}/{action:path}",
+    methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+    include_in_schema=False,
+)
+@router.api_route(
+    "/v2/sandboxes/{sandbox_id}/{action:path}",
+    methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+    include_in_schema=False,
+)
+async def unavailable(sandbox_id: str, action: str, tenant: Caller) -> Response:
+    """E2B features hutch does not offer (metrics, logs, snapshots, fork, network): 501, not a misleading 404."""
+    raise Unimplemented(f"the sandbox {action} API is not available in hutch")

@@ -1,6 +1,8 @@
 """`hutch`: run a sandbox platform, and talk to one.
 
-Commands stay thin: parse, call the component, render (rich tables, or `--json`).
+Commands stay thin: parse, call the component, render (rich tables, or `--json`). The client
+commands (`function`, `session`, `tenant`, `key`) talk to the server at `HUTCH_URL` with
+`HUTCH_API_KEY` (`hutch/cli/remote.py`).
 """
 
 from __future__ import annotations
@@ -8,11 +10,15 @@ from __future__ import annotations
 import typer
 
 from hutch import __version__
-from hutch.cli import sandbox
+from hutch.cli import functions, sandbox, sessions, tenants
 from hutch.cli.serve import serve
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="hutch: sandboxes for AI agents.")
 app.add_typer(sandbox.app, name="sandbox")
+app.add_typer(functions.app, name="function")
+app.add_typer(sessions.app, name="session")
+app.add_typer(tenants.app, name="tenant")
+app.add_typer(tenants.keys, name="key")
 app.command()(serve)
 
 

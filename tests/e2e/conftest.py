@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-ADMIN_KEY = "hk_test_admin_key_0123456789"
+ADMIN_KEY = "e2b_0123456789abcdef0123456789abcdef01234567"
 
 
 def free_port() -> int:

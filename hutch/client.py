@@ -1,0 +1,173 @@
+"""A small synchronous client of hutch's own control plane (`/v1/...`), used by the CLI.
+
+What it owns: one method per resource operation, and turning error answers back into the
+`hutch.errors` exceptions the server raised (`{"code": "<wire code>", "message"}` ->
+`errors.from_wire`; E2B's `{"code": <status>}` or a body without a code -> `errors.from_status`).
+A server that cannot be reached is `Unavailable`. Answers are the server's JSON, unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+from hutch.errors import HutchError, InvalidArgument, NotFound, Unavailable, from_status, from_wire
+
+DEFAULT_URL = "http://127.0.0.1:3000"
+
+
+def error_of(response: httpx.Response) -> HutchError:
+    """The exception an error answer stands for."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        code = body.get("code")
+        if isinstance(code, str):
+            return from_wire(code, body["message"])
+        return from_status(response.status_code, body["message"])
+    text = response.text.strip()[:200] or response.reason_phrase
+    return from_status(response.status_code, f"HTTP {response.status_code}: {text}")
+
+
+class HutchClient:
+    """`HutchClient()` reads `HUTCH_URL` (default http://127.0.0.1:3000) and `HUTCH_API_KEY`."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 120.0) -> None:
+        self.url = (url or os.environ.get("HUTCH_URL") or DEFAULT_URL).rstrip("/")
+        api_key = api_key or os.environ.get("HUTCH_API_KEY")
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> HutchClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs) -> Any:
+        """The decoded JSON answer (None for 204); raises the `HutchError` of an error answer."""
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unavailable(f"cannot reach hutch at {self.url}: {exc or exc.__class__.__name__}") from None
+        if response.status_code >= 400:
+            raise error_of(response)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    # -- tenants and keys ------------------------------------------------------------------------
+
+    def me(self) -> dict:
+        return self.request("GET", "/v1/tenants/me")
+
+    def list_tenants(self) -> list[dict]:
+        return self.request("GET", "/v1/tenants")["tenants"]
+
+    def create_tenant(self, name: str, max_sessions: int | None = None) -> dict:
+        body: dict = {"name": name}
+        if max_sessions is not None:
+            body["maxSessions"] = max_sessions
+        return self.request("POST", "/v1/tenants", json=body)
+
+    def create_key(self, tenant_id: str | None = None, label: str | None = None) -> dict:
+        tenant_id = tenant_id or self.me()["tenantId"]
+        return self.request("POST", f"/v1/tenants/{tenant_id}/keys", json={"label": label} if label else {})
+
+    # -- functions -------------------------------------------------------------------------------
+
+    def list_functions(self) -> list[dict]:
+        return self.request("GET", "/v1/functions")["functions"]
+
+    def get_function(self, name: str) -> dict:
+        return self.request("GET", f"/v1/functions/{name}")
+
+    def create_function(self, spec: dict) -> dict:
+        return self.request("POST", "/v1/functions", json=spec)
+
+    def update_function(self, name: str, spec: dict) -> dict:
+        return self.request("PUT", f"/v1/functions/{name}", json=spec)
+
+    def delete_function(self, name: str) -> None:
+        self.request("DELETE", f"/v1/functions/{name}")
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def create_session(
+        self,
+        function: str,
+        session_id: str | None = None,
+        ttl_s: int | None = None,
+        idle_timeout_s: int | None = None,
+        env: dict[str, str] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> dict:
+        body: dict = {}
+        if session_id is not None:
+            body["sessionId"] = session_id
+        if ttl_s is not None:
+            body["sessionTTLInSeconds"] = ttl_s
+        if idle_timeout_s is not None:
+            body["sessionIdleTimeoutInSeconds"] = idle_timeout_s
+        if env:
+            body["environmentVariables"] = env
+        if metadata:
+            body["metadata"] = metadata
+        return self.request("POST", f"/v1/functions/{function}/sessions", json=body)
+
+    def list_sessions(
+        self, function: str | None = None, status: str | None = None, limit: int = 100, next_token: str | None = None
+    ) -> tuple[list[dict], str | None]:
+        """One page of sessions, newest first, and the token of the next page."""
+        params: dict = {"limit": limit}
+        if status:
+            params["status"] = status
+        if next_token:
+            params["nextToken"] = next_token
+        path = f"/v1/functions/{function}/sessions" if function else "/v1/sessions"
+        page = self.request("GET", path, params=params)
+        return page["sessions"], page.get("nextToken")
+
+    def find_function_of(self, session_id: str) -> str:
+        """The function of the caller's session with this id (Active first, then the newest).
+
+        Raises:
+            NotFound: no session has that id.
+            InvalidArgument: sessions of several functions have it (name one).
+        """
+        for status in ("Active", None):
+            token: str | None = None
+            functions: set[str] = set()
+            while True:
+                page, token = self.list_sessions(status=status, limit=1000, next_token=token)
+                functions |= {s["functionName"] for s in page if s["sessionId"] == session_id}
+                if not token:
+                    break
+            if len(functions) == 1:
+                return functions.pop()
+            if functions:
+                raise InvalidArgument(f"sessions of {', '.join(sorted(functions))} have id {session_id}: name one")
+        raise NotFound(f"session {session_id} not found")
+
+    def get_session(self, function: str, session_id: str) -> dict:
+        return self.request("GET", f"/v1/functions/{function}/sessions/{session_id}")
+
+    def renew_session(
+        self, function: str, session_id: str, ttl_s: int | None = None, idle_timeout_s: int | None = None
+    ) -> dict:
+        body: dict = {}
+        if ttl_s is not None:
+            body["sessionTTLInSeconds"] = ttl_s
+        if idle_timeout_s is not None:
+            body["sessionIdleTimeoutInSeconds"] = idle_timeout_s
+        return self.request("PATCH", f"/v1/functions/{function}/sessions/{session_id}", json=body)
+
+    def delete_session(self, function: str, session_id: str) -> None:
+        self.request("DELETE", f"/v1/functions/{function}/sessions/{session_id}")
