@@ -128,18 +128,23 @@ class Service:
         if method in self._server_stream:
             if content_type != STREAM_TYPE:
                 return unary_error(Unimplemented(f"unsupported content type {content_type!r}"))
-            return StreamResponse(200, self._stream(method, req), [("content-type", STREAM_TYPE)])
+            # The request message is read before the response starts, as connect-go (envd) does:
+            # a client that sees the response head early may end its body before sending it.
+            try:
+                first = next(read_envelopes(req), {})
+            except HutchError as exc:
+                return StreamResponse(200, iter([end_stream(exc)]), [("content-type", STREAM_TYPE)])
+            return StreamResponse(200, self._stream(method, first, req), [("content-type", STREAM_TYPE)])
         if method in self._client_stream:
             if content_type != STREAM_TYPE:
                 return unary_error(Unimplemented(f"unsupported content type {content_type!r}"))
             return self._client(method, req)
         return unary_error(Unimplemented(f"{self.name}/{method} does not exist"))
 
-    def _stream(self, method: str, req: Request):
+    def _stream(self, method: str, first: dict, req: Request):
         error = None
         messages = None
         try:
-            first = next(read_envelopes(req), {})
             messages = self._server_stream[method](first, req)
             for message in messages:
                 yield None if message is None else envelope(message)
