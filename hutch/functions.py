@@ -12,6 +12,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hutch.runtime import BACKENDS
 from hutch.runtime.base import Resources
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -72,7 +73,7 @@ class FunctionSpec(BaseModel):
 
     name: str
     description: str = ""
-    runtime: str = Field("bwrap", description="isolation backend")
+    runtime: str = Field("bwrap", description="isolation backend: bwrap, or gvisor (stronger, slower to start)")
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     env: dict[str, str] = Field(default_factory=dict, alias="environmentVariables")
     start_command: list[str] | None = Field(
@@ -104,8 +105,8 @@ class FunctionSpec(BaseModel):
     def _server(self) -> FunctionSpec:
         if (self.start_command is None) != (self.port is None):
             raise ValueError("startCommand and port go together")
-        if self.runtime != "bwrap":
-            raise ValueError(f"unknown runtime {self.runtime!r} (available: bwrap)")
+        if self.runtime not in BACKENDS:
+            raise ValueError(f"unknown runtime {self.runtime!r} (available: {', '.join(BACKENDS)})")
         return self
 
     def wire(self) -> dict:

@@ -1,9 +1,11 @@
 """Boot of the in-sandbox agent.
 
 Order matters for start-up time and safety:
-1. If we are pid 1 of the sandbox (bwrap `--as-pid-1`), fork: the parent stays pid 1 and only
-   reaps orphans, the child becomes the agent. One process that reaps everything would steal
-   exit statuses from the agent's own `subprocess` children.
+1. If we are pid 1 of the sandbox (bwrap `--as-pid-1`, gVisor), fork: the parent stays pid 1 and
+   only reaps orphans, the child becomes the agent. One process that reaps everything would
+   steal exit statuses from the agent's own `subprocess` children. Under gVisor we start as root
+   with CAP_SETUID/CAP_SETGID only, and the child drops to the sandbox user, the reaper to
+   `nobody` (`switch_user`).
 2. Apply the rlimits the runtime asked for (hard limits: user code cannot raise them again).
 3. Close every inherited fd but stdio and the listening socket.
 4. Serve. Service modules are imported on first use, and pre-imported by a background thread
@@ -15,14 +17,33 @@ from __future__ import annotations
 import os
 import sys
 
+NOBODY = 65534
 
-def _become_reaper_or_agent() -> None:
-    """As pid 1: fork off the agent and reap every child until the agent exits."""
+
+def _switch_user(uid: int, gid: int) -> None:
+    """From root to `uid`: the kernel clears every capability with the change."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def _become_reaper_or_agent(switch_user: list[int] | None = None) -> None:
+    """As pid 1: fork off the agent and reap every child until the agent exits.
+
+    `switch_user` ([uid, gid]): we start as root inside the sandbox, holding only CAP_SETUID and
+    CAP_SETGID (gVisor, whose pid 1, unlike Linux's, the sandbox user could kill). The agent
+    becomes that user; the reaper becomes `nobody`, whom the sandbox user cannot signal."""
     if os.getpid() != 1:
+        if switch_user:
+            _switch_user(*switch_user)
         return
     agent_pid = os.fork()
     if agent_pid == 0:
+        if switch_user:
+            _switch_user(*switch_user)
         return
+    if switch_user:
+        _switch_user(NOBODY, NOBODY)
     os.closerange(3, 1 << 16)
     while True:
         try:
@@ -81,10 +102,11 @@ def _parse_args(argv: list[str], raw: dict) -> dict:
     return raw
 
 
-def _redirect_stdio(log_path: str) -> None:
-    """Point stdio away from the host: the pipe bwrap was given is for set-up errors only."""
-    null = os.open("/dev/null", os.O_RDONLY)
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def _redirect_stdio(log_path: str | None) -> None:
+    """Point stdio away from the host: the pipe bwrap was given is for set-up errors only.
+    Without `log_path`, stdout and stderr go nowhere."""
+    null = os.open("/dev/null", os.O_RDWR)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_path else os.dup(null)
     os.dup2(null, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
@@ -108,9 +130,13 @@ def decode_config(value: str) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     raw = decode_config(os.environ.pop("HUTCH_AGENT", ""))
+    switch_user = raw.get("switch_user")
     if raw.get("log_path"):
+        # As root (switch_user), the log would be root's: the agent opens it once it is the user.
+        _redirect_stdio(None if switch_user else raw["log_path"])
+    _become_reaper_or_agent(switch_user)
+    if raw.get("log_path") and switch_user:
         _redirect_stdio(raw["log_path"])
-    _become_reaper_or_agent()
 
     from hutch.agent.config import AgentConfig
 

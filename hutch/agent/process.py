@@ -1,7 +1,8 @@
 """envd's `process.Process` service: start, re-attach to, feed, signal and list processes.
 
 Each process runs in a session of its own (so a signal reaches its whole group), with pipes or a
-PTY. One pump thread per process waits on its output fds and on a pidfd, and hands events to the
+PTY. One pump thread per process waits on its output fds and on a pidfd (under gVisor, which has no
+pidfd_open, on a pipe closed by a thread blocked in `waitid(WNOWAIT)`), and hands events to the
 streams subscribed to it: the `Start` stream that created it and any number of `Connect` streams
 that re-attach later (they see output from the moment they attach). A process outlives the
 request that started it; output nobody is subscribed to is dropped, as in envd.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import binascii
 import collections
+import errno
 import os
 import select
 import signal
@@ -30,6 +32,7 @@ from hutch.errors import FailedPrecondition, InvalidArgument, NotFound, Resource
 
 TICK = 0.25  # seconds between checks that a streaming client is still there
 READ_SIZE = 64 * 1024
+EXIT_POLL = 0.05  # seconds between exit checks when no exit fd could be had
 BACKLOG_LIMIT = 16 * 1024 * 1024  # bytes a slow subscriber may fall behind before output waits
 SIGNALS = {
     "SIGNAL_SIGTERM": signal.SIGTERM,
@@ -38,6 +41,41 @@ SIGNALS = {
     9: signal.SIGKILL,
 }
 KEEPALIVE = {"event": {"keepalive": {}}}
+
+
+def _exit_fd(pid: int) -> int | None:
+    """An fd that becomes readable when child `pid` exits, without reaping it; None when neither a
+    pidfd nor a waiting thread can be had (the caller then polls `_has_exited`)."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+    # No pidfd (gVisor): a thread waits for the exit, leaving the zombie for Popen.wait.
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+
+    def wait() -> None:
+        try:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            pass  # already reaped
+        finally:
+            os.close(write_end)  # EOF: readable
+
+    try:
+        threading.Thread(target=wait, name=f"exit-{pid}", daemon=True).start()
+    except RuntimeError:  # the pids limit
+        os.close(read_end)
+        os.close(write_end)
+        return None
+    return read_end
+
+
+def _has_exited(pid: int) -> bool:
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None
+    except ChildProcessError:
+        return True
 
 
 def b64(data: bytes) -> str:
@@ -274,13 +312,17 @@ class ProcessService:
         else:
             streams[popen.stdout.fileno()] = "stdout"
             streams[popen.stderr.fileno()] = "stderr"
-        pidfd = os.pidfd_open(proc.pid)
+        exit_fd = _exit_fd(proc.pid)
         try:
             exited = False
             while streams and not exited:
-                readable, _, _ = select.select([*streams, pidfd], [], [])
+                if exit_fd is None:
+                    readable, _, _ = select.select(list(streams), [], [], EXIT_POLL)
+                    exited = _has_exited(proc.pid)
+                else:
+                    readable, _, _ = select.select([*streams, exit_fd], [], [])
                 for fd in readable:
-                    if fd == pidfd:
+                    if fd == exit_fd:
                         exited = True
                         continue
                     if not self._read_into(proc, fd, streams):
@@ -296,7 +338,8 @@ class ProcessService:
                     pass
             returncode = popen.wait()
         finally:
-            os.close(pidfd)
+            if exit_fd is not None:
+                os.close(exit_fd)
         with self.lock:
             self.processes.pop(proc.pid, None)
         event = end_event(returncode)

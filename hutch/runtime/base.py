@@ -10,9 +10,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from hutch.types import InstanceId
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from hutch.storage.base import WorkspaceStore
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class InstanceSpec:
     workspace: str | None = None
     network: bool = False  # False: loopback only
     prestart_kernel: bool = False  # start a Jupyter kernel right after boot (code interpreter)
+    backend: str = "bwrap"  # the isolation backend that runs it (`hutch.runtime.BACKENDS`)
 
 
 class InstanceState(enum.Enum):
@@ -81,9 +87,13 @@ class InstanceStats:
 
 
 class Runtime(Protocol):
-    """An isolation backend. Implementations: `hutch.runtime.bwrap.BwrapRuntime`."""
+    """An isolation backend. Implementations: `hutch.runtime.bwrap.BwrapRuntime`,
+    `hutch.runtime.gvisor.GVisorRuntime` (by name: `hutch.runtime.make_runtime`), and
+    `hutch.runtime.multi.MultiRuntime`, which holds one of each in use."""
 
     name: str
+    store: WorkspaceStore
+    on_exit: Callable[[Instance], None] | None  # called when an instance dies on its own
 
     async def start(self, spec: InstanceSpec) -> Instance:
         """Start an instance and return once its agent answers `/health`.
@@ -107,6 +117,14 @@ class Runtime(Protocol):
         ...
 
     def instances(self) -> list[Instance]: ...
+
+    def is_running(self, instance_id: str) -> bool:
+        """Whether the instance is known and its agent answered (a lookup, no system call)."""
+        ...
+
+    async def claim_workspace(self, instance_id: InstanceId, key: str) -> None:
+        """Give a running instance's fresh workspace a session's key (warm-pool claim)."""
+        ...
 
     async def adopt_running(self) -> list[Instance]:
         """After a restart of hutch: take back the instances still alive, clean up the dead."""

@@ -128,9 +128,13 @@ class Cgroup:
             _write(unified / "cpu.max", f"{quota} {CFS_PERIOD_US}")
             _write(unified / "pids.max", str(resources.pids))
 
+    def proc_files(self) -> list[Path]:
+        """The `cgroup.procs` files a process is written to to join every hierarchy."""
+        return [d / "cgroup.procs" for d in [*self.dirs.values(), *([self.kill_dir] if self.kill_dir else [])]]
+
     def add_process(self, pid: int) -> None:
-        for directory in [*self.dirs.values(), *([self.kill_dir] if self.kill_dir else [])]:
-            _write(directory / "cgroup.procs", str(pid))
+        for path in self.proc_files():
+            _write(path, str(pid))
 
     def procs(self) -> list[int]:
         directory = self._dir("pids") or next(iter(self.dirs.values()))

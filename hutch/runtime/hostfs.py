@@ -8,7 +8,11 @@
   inside as outside, so the agent, the Jupyter kernels and user code share it. hutch's own
   package is bound at `/opt/hutch/lib/hutch` for the agent.
 
-The sandbox is set up by bwrap running as the instance's unprivileged host uid, which cannot
+`HostView.entries()` is that view, independent of the backend: bwrap gets it as arguments
+(`bwrap_mounts`), gVisor as OCI mounts (`hutch.runtime.oci`).
+
+The sandbox is set up by an unprivileged host uid (bwrap runs as the instance's uid; gVisor's
+gofer, which opens every host file a gVisor sandbox sees, as the slot's base uid), which cannot
 traverse directories such as `/root` (pyenv lives in `/root/.pyenv` on these machines). Any
 source that is not traversable by others is therefore bind-mounted once, read-only, under
 `<data>/host/` (a directory of ours that is), and bound into sandboxes from there.
@@ -23,6 +27,7 @@ import site
 import stat
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import hutch
@@ -63,6 +68,16 @@ def python_roots() -> list[Path]:
 def site_packages() -> list[str]:
     paths = [p for p in site.getsitepackages() if os.path.isdir(p)]
     return paths
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    """One thing of the host in the sandbox: a read-only bind of `source` at `target`, or (symlink)
+    a symbolic link at `target` whose content is `source`."""
+
+    target: str
+    source: str
+    symlink: bool = False
 
 
 class HostView:
@@ -146,26 +161,30 @@ class HostView:
                 tmp.chmod(0o644)
                 tmp.rename(path)
 
-    def bwrap_mounts(self) -> list[str]:
-        """The bwrap arguments for everything the sandbox sees of the host, in order."""
-        args = [
-            "--ro-bind", "/usr", "/usr",
-            "--symlink", "usr/bin", "/bin",
-            "--symlink", "usr/sbin", "/sbin",
-            "--symlink", "usr/lib", "/lib",
-        ]  # fmt: skip
-        if os.path.isdir("/usr/lib64"):
-            args += ["--symlink", "usr/lib64", "/lib64"]
-        if os.path.isdir("/usr/lib32"):
-            args += ["--symlink", "usr/lib32", "/lib32"]
+    def entries(self) -> list[HostEntry]:
+        """Everything the sandbox sees of the host, in mount order: read-only binds and symlinks."""
+        entries = [HostEntry("/usr", "/usr")]
+        for name in ("bin", "sbin", "lib", "lib64", "lib32"):
+            if name in ("bin", "sbin", "lib") or os.path.isdir(f"/usr/{name}"):
+                entries.append(HostEntry(f"/{name}", f"usr/{name}", symlink=True))
         for name in ETC_FROM_HOST:
             if os.path.exists(f"/etc/{name}"):
-                args += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+                entries.append(HostEntry(f"/etc/{name}", f"/etc/{name}"))
         for path in sorted(self.etc_dir.iterdir()):
             if path.suffix != ".tmp":
-                args += ["--ro-bind", str(path), f"/etc/{path.name}"]
+                entries.append(HostEntry(f"/etc/{path.name}", str(path)))
         for source, target in self.python_binds:
             if not target.startswith("/usr/"):
-                args += ["--ro-bind", str(source), target]
-        args += ["--ro-bind", str(self.agent_package), f"{AGENT_LIB}/hutch"]
+                entries.append(HostEntry(target, str(source)))
+        entries.append(HostEntry(f"{AGENT_LIB}/hutch", str(self.agent_package)))
+        return entries
+
+    def bwrap_mounts(self) -> list[str]:
+        """The bwrap arguments for everything the sandbox sees of the host, in order."""
+        args = []
+        for entry in self.entries():
+            if entry.symlink:
+                args += ["--symlink", entry.source, entry.target]
+            else:
+                args += ["--ro-bind", entry.source, entry.target]
         return args

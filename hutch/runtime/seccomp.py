@@ -1,10 +1,15 @@
 """The seccomp filter of every sandbox: allow by default, deny the syscalls that reach the kernel's
 most dangerous surfaces or could undo the sandbox.
 
-Built once per process with libseccomp (PyPI `pyseccomp`) and handed to bwrap as BPF through a
-memfd. Denied calls fail with EPERM (clone3 with ENOSYS, so glibc falls back to clone, whose
-namespace flags are checked). Other architectures' syscall tables (x32/ia32) are killed by
-libseccomp's default bad-arch action.
+One policy, two forms:
+- bwrap: BPF built once per process with libseccomp (PyPI `pyseccomp`) and handed to bwrap
+  through a memfd. Denied calls fail with EPERM (clone3 with ENOSYS, so glibc falls back to
+  clone, whose namespace flags are checked). Other architectures' syscall tables (x32/ia32) are
+  killed by libseccomp's default bad-arch action.
+- gVisor: the OCI `linux.seccomp` section (`oci_seccomp`), which runsc (`--oci-seccomp`) applies
+  in its own kernel to the sandbox's first process. Same rules, except clone3: gVisor has no
+  clone3 at all (ENOSYS already), and this runsc ignores `errnoRet` (every denial is EPERM),
+  which would stop glibc from falling back to clone.
 """
 
 from __future__ import annotations
@@ -84,3 +89,19 @@ def filter_fd() -> int:
     os.write(fd, filter_bpf())
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
+
+
+def oci_seccomp() -> dict:
+    """The same policy as an OCI runtime-spec `linux.seccomp` section."""
+    deny = {"action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM}
+    rules: list[dict] = [{"names": list(DENIED), **deny}]
+    for bit in range(32):
+        flag = 1 << bit
+        if NAMESPACE_FLAGS & flag:
+            condition = {"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}
+            rules.append({"names": ["clone"], **deny, "args": [condition]})
+    for request in (TIOCSTI, TIOCLINUX):
+        condition = {"index": 1, "value": 0xFFFFFFFF, "valueTwo": request, "op": "SCMP_CMP_MASKED_EQ"}
+        rules.append({"names": ["ioctl"], **deny, "args": [condition]})
+    arch = {"x86_64": "SCMP_ARCH_X86_64", "aarch64": "SCMP_ARCH_AARCH64"}.get(os.uname().machine, "SCMP_ARCH_NATIVE")
+    return {"defaultAction": "SCMP_ACT_ALLOW", "architectures": [arch], "syscalls": rules}

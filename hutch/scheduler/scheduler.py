@@ -29,8 +29,7 @@ from hutch.errors import CapacityError, HutchError, IsolationError, Unavailable
 from hutch.functions import FunctionSpec
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import InstanceRecord, InstanceRole, SchedulerRecord
-from hutch.runtime.base import Instance, InstanceSpec
-from hutch.runtime.bwrap import BwrapRuntime
+from hutch.runtime.base import Instance, InstanceSpec, Runtime
 from hutch.runtime.channel import AgentChannel
 from hutch.types import InstanceId
 
@@ -51,7 +50,7 @@ class Scheduler:
     def __init__(
         self,
         scheduler_id: str,
-        runtime: BwrapRuntime,
+        runtime: Runtime,  # `hutch.runtime.multi.MultiRuntime` when functions pick backends
         metadb: MetaDB,
         max_instances: int = 256,
         fill_interval: float = 0.2,
@@ -227,6 +226,7 @@ class Scheduler:
         instance_spec = InstanceSpec(
             instance_id=InstanceId(f"i-{uuid.uuid4().hex[:16]}"),
             resources=spec.resources.to_runtime(),
+            backend=spec.runtime,
             env={**spec.env, **(env or {})},
             workspace=workspace,
             prestart_kernel=spec.prestart_kernel,

@@ -1,8 +1,11 @@
-"""Real sandboxes for tests: one bwrap runtime per test session on a throwaway data directory."""
+"""Real sandboxes for tests: one runtime per backend (bwrap, gvisor) and test session, each on a
+throwaway data directory. Every test that takes `runtime`, `make_sandbox` or `sandbox` runs once
+per backend (`test_x[bwrap]`, `test_x[gvisor]`); gVisor's are skipped where `runsc` is missing."""
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
 import uuid
@@ -10,13 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from hutch.runtime import make_runtime
 from hutch.runtime.base import InstanceSpec, Resources
-from hutch.runtime.bwrap import BwrapRuntime
 from hutch.runtime.channel import AgentChannel, CommandResult
+from hutch.runtime.local import LocalRuntime
+from hutch.runtime.userns import RANGE, UidSlots
 from hutch.storage.local import DirectoryStore, ImageStore
 from tests.loop_thread import LoopThread
 
 pytestmark = pytest.mark.sandbox
+
+BACKENDS = ["bwrap", "gvisor"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
 class Sandbox:
     """A started instance, driven synchronously from a test."""
 
-    def __init__(self, loop: LoopThread, runtime: BwrapRuntime, instance) -> None:
+    def __init__(self, loop: LoopThread, runtime: LocalRuntime, instance) -> None:
         self.loop = loop
         self.runtime = runtime
         self.instance = instance
@@ -70,12 +77,19 @@ def data_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def runtime(loop, data_dir):
-    store = ImageStore(data_dir / "workspaces") if ImageStore.available() else DirectoryStore(data_dir / "workspaces")
+@pytest.fixture(scope="session", params=BACKENDS)
+def runtime(request, loop, data_dir):
+    name = request.param
+    if name == "gvisor" and shutil.which("runsc") is None:
+        pytest.skip("gVisor (runsc) is not installed")
+    root = data_dir / name
+    root.mkdir(mode=0o755)
+    store = ImageStore(root / "workspaces") if ImageStore.available() else DirectoryStore(root / "workspaces")
+    # A uid range of its own: other hutch processes on this machine start theirs at 10^9.
+    slots = UidSlots(first_uid=2_000_000_000 + random.randrange(256) * 64 * RANGE, count=64)
 
     async def make():
-        return BwrapRuntime(data_dir, store)
+        return make_runtime(name, root, store, slots)
 
     rt = loop.run(make())
     yield rt
@@ -92,6 +106,7 @@ def make_sandbox(loop, runtime):
         spec = InstanceSpec(
             instance_id=f"t-{uuid.uuid4().hex[:10]}",
             resources=Resources(**resources),
+            backend=runtime.name,
             workspace=workspace,
             network=network,
         )

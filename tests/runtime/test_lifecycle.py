@@ -10,37 +10,29 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hutch.runtime.base import InstanceSpec, InstanceState, Resources
-from hutch.runtime.bwrap import BwrapRuntime
+from hutch.runtime import make_runtime
+from hutch.runtime.base import InstanceSpec, InstanceState, Resources, Runtime
 from hutch.runtime.cgroups import Cgroup
 from hutch.runtime.channel import AgentChannel
+from hutch.runtime.local import LocalRuntime
+from hutch.runtime.userns import UidSlots
+from tests.runtime.hostprocs import is_alive
 
 pytestmark = pytest.mark.sandbox
-
-
-def _processes_of(uid: int) -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-        if int(uid_line.split()[1]) == uid:
-            found.append(int(pid))
-    return found
 
 
 def test_stop_leaves_nothing_of_the_instance_behind(sandbox, runtime):
     sandbox.run("sleep 60 & sleep 60 & echo spawned")
     instance = sandbox.instance
-    cgroup_dirs = list(Cgroup.from_dict(instance.detail["cgroup"]).dirs.values())
+    cgroup = Cgroup.from_dict(instance.detail["cgroup"])
+    cgroup_dirs = list(cgroup.dirs.values())
     assert all(d.is_dir() for d in cgroup_dirs)
+    host_pids = cgroup.procs()
+    assert instance.pid in host_pids
     sandbox.stop()
-    assert _processes_of(instance.host_uid) == []
+    assert [pid for pid in host_pids if is_alive(pid)] == []
     assert not any(d.exists() for d in cgroup_dirs)
+    assert str(runtime.instances_dir / instance.instance_id) not in Path("/proc/self/mountinfo").read_text()
     assert not (runtime.instances_dir / instance.instance_id).exists()
     assert not runtime.store.exists(instance.workspace)
     assert instance.instance_id not in {i.instance_id for i in runtime.instances()}
@@ -94,8 +86,8 @@ def test_a_restarted_runtime_adopts_running_instances_and_cleans_up_dead_ones(lo
     loop.run(successor.close())
 
 
-async def _new_runtime(runtime: BwrapRuntime) -> BwrapRuntime:
-    return BwrapRuntime(runtime.data_dir, runtime.store)
+async def _new_runtime(runtime: LocalRuntime) -> Runtime:
+    return make_runtime(runtime.name, runtime.data_dir, runtime.store, UidSlots(runtime.uid_slots.first_uid, 64))
 
 
 def test_user_servers_inside_are_reached_through_the_agent(sandbox, loop):

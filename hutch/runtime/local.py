@@ -1,0 +1,460 @@
+"""What the backends that run instances as process trees on this host share (bwrap, gVisor).
+
+Such a backend gives every instance a uid slot, a workspace attached from the store, cgroups of
+its own, a directory `<data>/instances/<id>/` holding the agent's socket, and one host process
+whose exit is the instance's end (bwrap: the sandbox's pid 1; gVisor: the sentry). This module
+keeps the table of those instances and does everything that does not depend on how a sandbox is
+built:
+
+- start: the order around the backend's `_spawn` (readiness on the agent's socket; a start that
+  fails is stopped again);
+- watching: a pidfd per instance, so that a death is seen at once (`on_exit`), and the wall-clock
+  cap;
+- stop: kill the tree (cgroup.kill or a sweep), remove the cgroups, detach the workspace (deleting
+  it unless kept), undo the backend's own things (`_teardown_steps`), remove the directory;
+- `instance.json` records, and the adoption of live instances by a restarted hutch (each backend
+  adopts only its own records, so several can share one data directory);
+- the warm-pool claim of a workspace, stats.
+
+It does not know how a sandbox is built: `_spawn` in `bwrap.py` and `gvisor.py` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hutch.errors import HutchError, IsolationError, NotFound, Unimplemented
+from hutch.runtime.base import Instance, InstanceSpec, InstanceState, InstanceStats, Resources
+from hutch.runtime.cgroups import Cgroup, CgroupManager
+from hutch.runtime.channel import AgentChannel
+from hutch.runtime.hostfs import AGENT_LIB, SANDBOX_HOME, HostView, site_packages
+from hutch.runtime.userns import UidSlots
+from hutch.storage.base import WorkspaceStore
+from hutch.types import InstanceId
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 15.0
+INSTANCE_WORKSPACE_PREFIX = "_instances/"  # workspaces no session has claimed yet
+AGENT_LOG = "/tmp/.hutch-agent.log"  # inside the sandbox
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/<pid>/stat from field 3 (state) on."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def pid_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat: when the process started, in clock ticks since boot."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def still_running(pid: int, start_time: int) -> bool:
+    """The process that started at `start_time` still runs: not gone, not recycled, not a zombie
+    (gVisor's sentry is not our child: it stays a zombie until the host's init reaps it)."""
+    fields = _stat_fields(pid)
+    return fields is not None and int(fields[19]) == start_time and fields[0] not in (b"Z", b"X")
+
+
+def short_hash(path: Path) -> str:
+    return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+
+
+def agent_config(host: HostView, spec: InstanceSpec) -> dict:
+    """The part of the agent's boot configuration (`HUTCH_AGENT`) that every backend gives."""
+    return {
+        "home": SANDBOX_HOME,
+        "user": "user",
+        "env": {"PATH": host.path_env, **spec.env},
+        "python_path": site_packages(),
+        "kernel_python": host.python,
+        "prestart_kernel": spec.prestart_kernel,
+        "log_path": AGENT_LOG,
+    }
+
+
+def agent_command(host: HostView) -> list[str]:
+    """The command line of the agent, on hutch's own interpreter, from its read-only package."""
+    return [
+        host.python, "-I", "-S", "-B", "-c",
+        f"import sys; sys.path.insert(0, {AGENT_LIB!r}); from hutch.agent.main import main; main([])",
+    ]  # fmt: skip
+
+
+def read_error(fd: int) -> str:
+    """What a failed set-up wrote to `fd`, a pipe or a file (non-blocking; empty when nothing)."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 65536).decode(errors="replace").strip()
+    except BlockingIOError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `LocalRuntime._prepare` made for a starting instance."""
+
+    slot: int
+    host_uid: int  # the sandbox user's host uid
+    instance_dir: Path
+    workspace: str
+    workspace_path: Path
+
+
+def undo_all(undo: list[Callable[[], object]]) -> None:
+    """Undo the steps of a start that failed, last first, carrying on past failures."""
+    for step in reversed(undo):
+        try:
+            step()
+        except Exception:
+            log.exception("cleanup after a failed start")
+
+
+class _Watch:
+    """Host-side state of a running instance that is not persisted."""
+
+    def __init__(self, pidfd: int, popen: subprocess.Popen | None) -> None:
+        self.pidfd = pidfd
+        self.popen = popen  # the launcher when we started it and it lives on (to reap it)
+        self.exited = asyncio.Event()
+        self.stopping = False
+        self.lifetime_timer: asyncio.TimerHandle | None = None
+
+
+class LocalRuntime:
+    """The shared part of `BwrapRuntime` and `GVisorRuntime` (see the module docstring)."""
+
+    name = ""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        store: WorkspaceStore,
+        uid_slots: UidSlots | None = None,
+        cgroups: CgroupManager | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.instances_dir = self.data_dir / "instances"
+        self.instances_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.instances_dir, 0o755)
+        self.store = store
+        self.uid_slots = uid_slots or UidSlots()
+        self.cgroups = cgroups or CgroupManager(group_name=f"hutch-{short_hash(self.data_dir)}")
+        self.host = HostView(self.data_dir)
+        self._instances: dict[InstanceId, Instance] = {}
+        self._watches: dict[InstanceId, _Watch] = {}
+        self.on_exit: Callable[[Instance], None] | None = None  # an instance died on its own
+
+    # -- what a backend provides ----------------------------------------------------------------
+
+    def _spawn(self, spec: InstanceSpec) -> tuple[Instance, subprocess.Popen | None, int]:
+        """Build and launch the sandbox (in a worker thread): the instance, recorded with its
+        host pid; the launcher to reap when the instance ends, if it lives that long; and the
+        read end of a pipe where a failed start leaves its reason. Undoes itself on failure."""
+        raise NotImplementedError
+
+    def _teardown_steps(self, instance: Instance) -> list[Callable[[], None]]:
+        """What to undo at stop besides cgroups, workspace and the instance's directory."""
+        return []
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def get(self, instance_id: InstanceId) -> Instance:
+        try:
+            return self._instances[instance_id]
+        except KeyError:
+            raise NotFound(f"instance {instance_id} not found") from None
+
+    def instances(self) -> list[Instance]:
+        return list(self._instances.values())
+
+    def is_running(self, instance_id: str) -> bool:
+        """On every proxied request: a dict lookup, no system call."""
+        instance = self._instances.get(instance_id)  # type: ignore[call-overload]
+        return instance is not None and instance.state == InstanceState.RUNNING
+
+    def channel(self, instance_id: InstanceId) -> AgentChannel:
+        return AgentChannel(self.get(instance_id).socket_path)
+
+    async def status(self, instance_id: InstanceId) -> InstanceState:
+        return self.get(instance_id).state
+
+    async def stats(self, instance_id: InstanceId) -> InstanceStats:
+        instance = self.get(instance_id)
+        cgroup = Cgroup.from_dict(instance.detail["cgroup"])
+        cpu_s, memory, peak, pids = cgroup.stats()
+        disk = await asyncio.to_thread(self.store.usage_bytes, instance.workspace, instance.workspace_path)
+        return InstanceStats(cpu_s, memory, peak, pids, disk)
+
+    # -- start ---------------------------------------------------------------------------------
+
+    async def start(self, spec: InstanceSpec) -> Instance:
+        if spec.backend != self.name:
+            raise IsolationError(f"the {self.name} runtime cannot start a {spec.backend} instance")
+        if spec.network:
+            # Sharing the host's network namespace would expose its loopback services: egress
+            # needs a namespace of its own with a policy (veth + nftables), not built yet.
+            raise Unimplemented("network access for sandboxes is not available yet; instances have loopback only")
+        if spec.instance_id in self._instances:
+            raise IsolationError(f"instance {spec.instance_id} already exists")
+        instance, popen, stderr_r = await asyncio.to_thread(self._spawn, spec)
+        self._instances[spec.instance_id] = instance
+        self._watch(instance, popen)
+        try:
+            await self._wait_ready(instance, stderr_r)
+        except BaseException:
+            await self.stop(spec.instance_id)
+            raise
+        finally:
+            os.close(stderr_r)
+        instance.state = InstanceState.RUNNING
+        self._save(instance)
+        return instance
+
+    def _prepare(self, spec: InstanceSpec, undo: list[Callable[[], object]]) -> Prepared:
+        """The first steps of every start: a uid slot, the instance's directory (with `run/` for
+        the agent's socket) and the workspace, owned by the slot's sandbox uid. Each step pushes
+        its undo on `undo`."""
+        workspace = spec.workspace or f"{INSTANCE_WORKSPACE_PREFIX}{spec.instance_id}"
+        slot = self.uid_slots.acquire(self._preferred_slot(workspace))
+        undo.append(lambda: self.uid_slots.release(slot))
+        host_uid = self.uid_slots.sandbox_uid(slot)
+        instance_dir = self.instances_dir / spec.instance_id
+        instance_dir.mkdir(mode=0o755)
+        undo.append(lambda: shutil.rmtree(instance_dir, ignore_errors=True))
+        (instance_dir / "run").mkdir(mode=0o755)
+        workspace_path = self.store.attach(workspace, host_uid, spec.resources.disk_mb)
+        undo.append(lambda: self.store.detach(workspace, workspace_path))
+        if workspace.startswith(INSTANCE_WORKSPACE_PREFIX):
+            undo.append(lambda: self.store.delete(workspace))
+        return Prepared(slot, host_uid, instance_dir, workspace, workspace_path)
+
+    def _record(self, spec: InstanceSpec, prepared: Prepared, pid: int, detail: dict) -> Instance:
+        """The new instance, saved to its `instance.json` (`detail` needs "cgroup")."""
+        instance = Instance(
+            instance_id=spec.instance_id,
+            backend=self.name,
+            socket_path=prepared.instance_dir / "run" / "agent.sock",
+            workspace=prepared.workspace,
+            workspace_path=prepared.workspace_path,
+            host_uid=prepared.host_uid,
+            pid=pid,
+            pid_start_time=pid_start_time(pid) or 0,
+            started_at=time.time(),
+            spec=spec,
+            detail={"slot": prepared.slot, **detail},
+        )
+        self._save(instance)
+        return instance
+
+    def _preferred_slot(self, workspace: str) -> int | None:
+        """Re-use the uid the workspace already belongs to, to spare a chown of the whole tree."""
+        uid = self.store_owner(workspace)
+        return self.uid_slots.slot_of_uid(uid) if uid is not None else None
+
+    def store_owner(self, workspace: str) -> int | None:
+        owner = getattr(self.store, "owner_uid", None)
+        return owner(workspace) if owner else None
+
+    async def _wait_ready(self, instance: Instance, stderr_r: int) -> None:
+        channel = AgentChannel(instance.socket_path)
+        watch = self._watches[instance.instance_id]
+        try:
+            health = asyncio.ensure_future(channel.wait_healthy(READY_TIMEOUT))
+            exited = asyncio.ensure_future(watch.exited.wait())
+            done, _ = await asyncio.wait({health, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if health in done:
+                exited.cancel()
+                health.result()
+                return
+            health.cancel()
+            message = read_error(stderr_r)
+            raise IsolationError(f"instance {instance.instance_id} died while starting: {message or 'no output'}")
+        finally:
+            await channel.aclose()
+
+    # -- watching ------------------------------------------------------------------------------
+
+    def _watch(self, instance: Instance, popen: subprocess.Popen | None) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(instance.pid)
+        except ProcessLookupError:
+            pidfd = -1
+        watch = _Watch(pidfd, popen)
+        self._watches[instance.instance_id] = watch
+        if pidfd < 0:
+            watch.exited.set()
+            return
+        loop.add_reader(pidfd, self._on_exit, instance.instance_id)
+        lifetime = instance.spec.resources.max_lifetime_s
+        if lifetime is not None:
+            remaining = max(0.0, instance.started_at + lifetime - time.time())
+            watch.lifetime_timer = loop.call_later(remaining, self._kill_for_lifetime, instance.instance_id)
+
+    def _on_exit(self, instance_id: InstanceId) -> None:
+        watch = self._watches.get(instance_id)
+        if watch is None:
+            return
+        asyncio.get_running_loop().remove_reader(watch.pidfd)
+        os.close(watch.pidfd)
+        watch.pidfd = -1
+        if watch.popen is not None:
+            # The launcher exits with the instance; reap it so it does not linger as a zombie.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                watch.popen.wait(timeout=1)
+        if watch.lifetime_timer is not None:
+            watch.lifetime_timer.cancel()
+        watch.exited.set()
+        instance = self._instances.get(instance_id)
+        if instance is not None and not watch.stopping:
+            instance.state = InstanceState.CRASHED
+            log.warning("instance %s exited on its own", instance_id)
+            if self.on_exit is not None:
+                self.on_exit(instance)
+
+    def _kill_for_lifetime(self, instance_id: InstanceId) -> None:
+        instance = self._instances.get(instance_id)
+        if instance is not None:
+            log.info("instance %s reached its wall-clock cap", instance_id)
+            Cgroup.from_dict(instance.detail["cgroup"]).kill_all()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(instance.pid, signal.SIGKILL)
+
+    # -- stop ----------------------------------------------------------------------------------
+
+    async def stop(self, instance_id: InstanceId, keep_workspace: bool = False) -> None:
+        instance = self.get(instance_id)
+        watch = self._watches.get(instance_id)
+        if watch is not None:
+            watch.stopping = True
+        cgroup = Cgroup.from_dict(instance.detail["cgroup"])
+        await asyncio.to_thread(self._kill, instance, cgroup)
+        if watch is not None:
+            try:
+                await asyncio.wait_for(watch.exited.wait(), 5)
+            except TimeoutError:
+                log.error("instance %s did not exit after SIGKILL", instance_id)
+        await asyncio.to_thread(self._cleanup, instance, cgroup, keep_workspace)
+        instance.state = InstanceState.STOPPED
+        self._instances.pop(instance_id, None)
+        self._watches.pop(instance_id, None)
+
+    @staticmethod
+    def _kill(instance: Instance, cgroup: Cgroup) -> None:
+        if still_running(instance.pid, instance.pid_start_time):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(instance.pid, signal.SIGKILL)  # bwrap: pid 1 of its namespace takes all with it
+        cgroup.kill_all()
+
+    def _cleanup(self, instance: Instance, cgroup: Cgroup, keep_workspace: bool) -> None:
+        errors = []
+        for step in (
+            cgroup.remove,
+            lambda: self.store.detach(instance.workspace, instance.workspace_path),
+            lambda: None if keep_workspace else self.store.delete(instance.workspace),
+            *self._teardown_steps(instance),
+            lambda: shutil.rmtree(self.instances_dir / instance.instance_id, ignore_errors=True),
+        ):
+            try:
+                step()
+            except HutchError as exc:
+                errors.append(str(exc))
+        self.uid_slots.release(instance.detail["slot"])
+        if errors:
+            raise IsolationError("; ".join(errors))
+
+    async def claim_workspace(self, instance_id: InstanceId, key: str) -> None:
+        """Give a running instance's fresh workspace a session's key (warm-pool claim)."""
+        instance = self.get(instance_id)
+        if instance.workspace == key:
+            return
+        moved = await asyncio.to_thread(self.store.rename, instance.workspace, key, instance.workspace_path)
+        instance.workspace = key
+        instance.workspace_path = moved or instance.workspace_path
+        self._save(instance)
+
+    # -- persistence and adoption --------------------------------------------------------------
+
+    def _save(self, instance: Instance) -> None:
+        record = asdict(instance)
+        record["socket_path"] = str(instance.socket_path)
+        record["workspace_path"] = str(instance.workspace_path)
+        record["state"] = instance.state.value
+        path = self.instances_dir / instance.instance_id / "instance.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.rename(path)
+
+    @staticmethod
+    def _load(path: Path) -> Instance:
+        record = json.loads(path.read_text())
+        spec = record["spec"]
+        spec["resources"] = Resources(**spec["resources"])
+        record["spec"] = InstanceSpec(**spec)
+        record["socket_path"] = Path(record["socket_path"])
+        record["workspace_path"] = Path(record["workspace_path"])
+        record["state"] = InstanceState(record["state"])
+        return Instance(**record)
+
+    async def adopt_running(self) -> list[Instance]:
+        adopted = []
+        for record_path in sorted(self.instances_dir.glob("*/instance.json")):
+            try:
+                instance = self._load(record_path)
+            except (OSError, ValueError, TypeError, KeyError):
+                log.warning("unreadable instance record %s: removing the directory", record_path)
+                shutil.rmtree(record_path.parent, ignore_errors=True)
+                continue
+            if instance.backend != self.name or instance.instance_id in self._instances:
+                continue  # another backend's, or ours already
+            self.uid_slots.claim(instance.detail["slot"])
+            if still_running(instance.pid, instance.pid_start_time) and instance.state == InstanceState.RUNNING:
+                self._instances[instance.instance_id] = instance
+                self._watch(instance, None)
+                adopted.append(instance)
+                continue
+            # Dead while hutch was away: clean up, keeping any workspace a session claimed.
+            cgroup = Cgroup.from_dict(instance.detail["cgroup"])
+            await asyncio.to_thread(self._kill, instance, cgroup)
+            keep = not instance.workspace.startswith(INSTANCE_WORKSPACE_PREFIX)
+            try:
+                await asyncio.to_thread(self._cleanup, instance, cgroup, keep)
+            except IsolationError as exc:
+                log.error("cleanup of dead instance %s: %s", instance.instance_id, exc)
+        return adopted
+
+    async def close(self, unstage: bool = False) -> None:
+        """Stop watching; instances keep running. `unstage`: also unmount the staged host binds and
+        remove hutch's (empty) cgroup parents, for a runtime that is going away for good."""
+        loop = asyncio.get_running_loop()
+        for watch in self._watches.values():
+            if watch.pidfd >= 0:
+                loop.remove_reader(watch.pidfd)
+                os.close(watch.pidfd)
+                watch.pidfd = -1
+            if watch.lifetime_timer is not None:
+                watch.lifetime_timer.cancel()
+        self._watches.clear()
+        self._instances.clear()
+        if unstage:
+            self.host.unstage()
+            self.cgroups.remove_parents()

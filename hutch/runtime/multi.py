@@ -1,0 +1,124 @@
+"""Several backends behind one `Runtime`: what a scheduler holds when functions pick their own.
+
+`MultiRuntime` makes the runtime of a backend the first time it is needed (gVisor's only when a
+function asks for it, or when instances of it survived a restart), starts each instance on the
+backend its spec names, and sends every call about an existing instance to the runtime that owns
+it. All its runtimes share the data directory, the workspace store and the uid slots (so that no
+two instances get the same host uids), and report deaths to the same `on_exit`.
+
+It knows backends only by name (`hutch.runtime.make_runtime`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hutch.errors import NotFound
+from hutch.runtime import DEFAULT_BACKEND, make_runtime
+from hutch.runtime.base import Instance, InstanceSpec, InstanceState, InstanceStats, Runtime
+from hutch.runtime.userns import UidSlots
+from hutch.storage.base import WorkspaceStore
+from hutch.types import InstanceId
+
+log = logging.getLogger(__name__)
+
+
+class MultiRuntime:
+    name = "multi"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        store: WorkspaceStore,
+        uid_slots: UidSlots | None = None,
+        options: dict[str, dict[str, Any]] | None = None,
+        default: str = DEFAULT_BACKEND,
+    ) -> None:
+        """`options`: per backend name, the keyword arguments of its runtime."""
+        self.data_dir = Path(data_dir)
+        self.store = store
+        self.uid_slots = uid_slots or UidSlots()
+        self.options = options or {}
+        self.runtimes: dict[str, Runtime] = {}
+        self._on_exit: Callable[[Instance], None] | None = None
+        self.runtime(default)  # fail early if the default backend cannot run here
+
+    def runtime(self, backend: str) -> Runtime:
+        """The runtime of `backend`, made on first use."""
+        runtime = self.runtimes.get(backend)
+        if runtime is None:
+            runtime = make_runtime(backend, self.data_dir, self.store, self.uid_slots, **self.options.get(backend, {}))
+            runtime.on_exit = self._on_exit
+            self.runtimes[backend] = runtime
+        return runtime
+
+    @property
+    def on_exit(self) -> Callable[[Instance], None] | None:
+        return self._on_exit
+
+    @on_exit.setter
+    def on_exit(self, callback: Callable[[Instance], None] | None) -> None:
+        self._on_exit = callback
+        for runtime in self.runtimes.values():
+            runtime.on_exit = callback
+
+    def _owner(self, instance_id: str) -> Runtime:
+        for runtime in self.runtimes.values():
+            if any(i.instance_id == instance_id for i in runtime.instances()):
+                return runtime
+        raise NotFound(f"instance {instance_id} not found")
+
+    # -- the Runtime interface -----------------------------------------------------------------
+
+    async def start(self, spec: InstanceSpec) -> Instance:
+        return await self.runtime(spec.backend).start(spec)
+
+    async def stop(self, instance_id: InstanceId, keep_workspace: bool = False) -> None:
+        await self._owner(instance_id).stop(instance_id, keep_workspace=keep_workspace)
+
+    async def status(self, instance_id: InstanceId) -> InstanceState:
+        return await self._owner(instance_id).status(instance_id)
+
+    async def stats(self, instance_id: InstanceId) -> InstanceStats:
+        return await self._owner(instance_id).stats(instance_id)
+
+    def get(self, instance_id: InstanceId) -> Instance:
+        return self._owner(instance_id).get(instance_id)
+
+    def instances(self) -> list[Instance]:
+        return [i for runtime in self.runtimes.values() for i in runtime.instances()]
+
+    def is_running(self, instance_id: str) -> bool:
+        return any(runtime.is_running(instance_id) for runtime in self.runtimes.values())
+
+    async def claim_workspace(self, instance_id: InstanceId, key: str) -> None:
+        await self._owner(instance_id).claim_workspace(instance_id, key)
+
+    async def adopt_running(self) -> list[Instance]:
+        """Adopt with every backend that has instance records here (making its runtime)."""
+        for backend in sorted(self._recorded_backends()):
+            try:
+                self.runtime(backend)
+            except Exception as exc:  # a backend gone from this host: its records stay for later
+                log.error("cannot adopt %s instances: %s", backend, exc)
+        adopted = []
+        for runtime in list(self.runtimes.values()):
+            adopted += await runtime.adopt_running()
+        return adopted
+
+    def _recorded_backends(self) -> set[str]:
+        backends = set()
+        for record in (self.data_dir / "instances").glob("*/instance.json"):
+            try:
+                backends.add(json.loads(record.read_text())["backend"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # the owning runtime removes unreadable records
+        return backends
+
+    async def close(self) -> None:
+        for runtime in self.runtimes.values():
+            await runtime.close()
