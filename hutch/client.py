@@ -71,11 +71,25 @@ class HutchClient:
     def list_tenants(self) -> list[dict]:
         return self.request("GET", "/v1/tenants")["tenants"]
 
-    def create_tenant(self, name: str, max_sessions: int | None = None) -> dict:
+    def create_tenant(
+        self,
+        name: str,
+        max_sessions: int | None = None,
+        max_vcpu: float | None = None,
+        max_memory_mb: int | None = None,
+    ) -> dict:
         body: dict = {"name": name}
         if max_sessions is not None:
             body["maxSessions"] = max_sessions
+        if max_vcpu is not None:
+            body["maxVcpu"] = max_vcpu
+        if max_memory_mb is not None:
+            body["maxMemoryMB"] = max_memory_mb
         return self.request("POST", "/v1/tenants", json=body)
+
+    def update_tenant(self, tenant_id: str, quotas: dict) -> dict:
+        """Change quotas (wire names: maxSessions, maxVcpu, maxMemoryMB; None lifts the last two)."""
+        return self.request("PATCH", f"/v1/tenants/{tenant_id}", json=quotas)
 
     def create_key(self, tenant_id: str | None = None, label: str | None = None) -> dict:
         tenant_id = tenant_id or self.me()["tenantId"]
@@ -171,3 +185,57 @@ class HutchClient:
 
     def delete_session(self, function: str, session_id: str) -> None:
         self.request("DELETE", f"/v1/functions/{function}/sessions/{session_id}")
+
+    # -- usage -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _range(start: float | str | None, end: float | str | None, **more) -> dict:
+        params = {"from": start, "to": end, **more}
+        return {k: v for k, v in params.items() if v is not None}
+
+    def usage(self, start: float | str | None = None, end: float | str | None = None, function: str | None = None):
+        """The caller's totals and cost over `[start, end)` (unix seconds or ISO 8601), per function."""
+        return self.request("GET", "/v1/usage", params=self._range(start, end, function=function))
+
+    def usage_series(
+        self, start: float | str | None = None, end: float | str | None = None, step: int | None = None
+    ) -> dict:
+        return self.request("GET", "/v1/usage/series", params=self._range(start, end, step=step))
+
+    def usage_sessions(
+        self,
+        start: float | str | None = None,
+        end: float | str | None = None,
+        function: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        next_token: str | None = None,
+    ) -> tuple[list[dict], str | None]:
+        """One page of session usage records, newest first, and the token of the next page."""
+        params = self._range(start, end, function=function, status=status, limit=limit, nextToken=next_token)
+        page = self.request("GET", "/v1/usage/sessions", params=params)
+        return page["sessions"], page.get("nextToken")
+
+    def usage_csv(
+        self,
+        start: float | str | None = None,
+        end: float | str | None = None,
+        function: str | None = None,
+        status: str | None = None,
+    ) -> str:
+        """Every matching session's usage record as CSV."""
+        params = self._range(start, end, function=function, status=status, format="csv")
+        try:
+            response = self.http.get("/v1/usage/sessions", params=params)
+        except httpx.TransportError as exc:
+            raise Unavailable(f"cannot reach hutch at {self.url}: {exc or exc.__class__.__name__}") from None
+        if response.status_code >= 400:
+            raise error_of(response)
+        return response.text
+
+    def session_usage(self, function: str, session_id: str) -> dict:
+        return self.request("GET", f"/v1/functions/{function}/sessions/{session_id}/usage")
+
+    def usage_tenants(self, start: float | str | None = None, end: float | str | None = None) -> list[dict]:
+        """Every tenant's totals (admin keys only)."""
+        return self.request("GET", "/v1/usage/tenants", params=self._range(start, end))["tenants"]

@@ -8,9 +8,22 @@ metadb_url = "sqlite://"          # sqlite:///path, or the data dir's metadb.sql
 workspace_store = "auto"          # image | directory | auto (image where loop devices exist)
 max_instances = 256
 domain = ""                       # E2B host routing: {port}-{sandboxId}.{domain}
+metrics_public = false            # true: GET /metrics without an admin key (it holds no tenant data)
 [warm_pools]                      # override the built-in functions' pool sizes
 base = 2
 "code-interpreter-v1" = 1
+[metering]
+sample_interval = 5.0             # seconds between cgroup samples of every live session
+bucket_seconds = 60               # time resolution of per-tenant usage (ranges, charts)
+busy_cpu_fraction = 0.05          # an instance using more CPU than this (of one vCPU) is active
+[pricing]                         # the cost formula: hutch/pricing.py
+currency = "USD"
+vcpu_second = 0.000014            # per vCPU-second
+memory_gib_second = 0.0000045     # per GiB-second of memory
+disk_gib_second = 0.00000004      # per GiB-second of workspace disk
+idle_cpu_factor = 0.0             # while idle, CPU is free...
+idle_memory_factor = 0.1          # ...and memory costs a tenth
+basis = "allocated"               # allocated (vCPUs/GiB of the session) | used (cgroup-measured)
 """
 
 from __future__ import annotations
@@ -21,6 +34,17 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from hutch.errors import InvalidArgument
+from hutch.pricing import Pricing
+
+
+class MeteringConfig(BaseModel):
+    """How sessions are measured (`hutch.scheduler.metering`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sample_interval: float = Field(5.0, gt=0, le=3600)
+    bucket_seconds: int = Field(60, ge=1, le=86400)
+    busy_cpu_fraction: float = Field(0.05, ge=0, le=64)
 
 
 class ServerConfig(BaseModel):
@@ -36,6 +60,9 @@ class ServerConfig(BaseModel):
     domain: str = ""
     warm_pools: dict[str, int] = Field(default_factory=dict)
     reap_interval: float = Field(0.5, gt=0)
+    metrics_public: bool = False
+    metering: MeteringConfig = Field(default_factory=MeteringConfig)
+    pricing: Pricing = Field(default_factory=Pricing)
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides) -> ServerConfig:

@@ -5,10 +5,13 @@ Start order (each step needs the ones before):
 2. The default tenant and its key (printed once, or taken from HUTCH_API_KEY).
 3. The built-in functions written to MetaDB (with any pool sizes from the config).
 4. Workspace store, runtime, scheduler; the session manager loads Active sessions, adopts the
-   instances that survived a restart, recovers or cleans up the rest, and starts its loops.
+   instances that survived a restart, recovers or cleans up the rest, resumes their metering
+   and starts its loops (reaper, activity flush, metering samples).
+5. The Prometheus metrics start observing the session manager and the scheduler.
 
-Stop: the loops stop and activity is flushed; instances keep running, so that the next start
-re-attaches them (a session outlives a restart of hutch).
+Stop: the loops stop, activity is flushed and every session is sampled and its usage written;
+instances keep running, so that the next start re-attaches them (a session outlives a restart
+of hutch).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from hutch.config import ServerConfig
 from hutch.functions import BUILTIN_FUNCTIONS, BUILTIN_TENANT
 from hutch.metadb import open_metadb
 from hutch.metadb.records import FunctionRecord
-from hutch.runtime.bwrap import BwrapRuntime
+from hutch.metrics import Metrics
+from hutch.runtime.multi import MultiRuntime
 from hutch.runtime.userns import UidSlots
+from hutch.scheduler.metering import Meter
 from hutch.scheduler.scheduler import Scheduler
 from hutch.scheduler.sessions import SessionManager
 from hutch.storage.local import DirectoryStore, ImageStore
@@ -40,6 +45,7 @@ class Hutch:
         self.data_dir = Path(config.data_dir)
         self.metadb = open_metadb(config.metadb_url, self.data_dir)
         self.tenants = TenantService(self.metadb)
+        self.metrics = Metrics()
         self.scheduler: Scheduler | None = None
         self.sessions: SessionManager | None = None
         self.started_at = 0.0
@@ -57,13 +63,23 @@ class Hutch:
             spec = spec.model_copy(update={"warm_pool_size": size})
             await self.metadb.put_function(FunctionRecord(BUILTIN_TENANT, spec.name, spec.wire(), now, now))
         store = self._store()
-        runtime = BwrapRuntime(self.data_dir, store, UidSlots(first_uid=self.config.uid_base))
+        # One runtime per backend the functions use (gVisor's made on first use); shared uid slots.
+        runtime = MultiRuntime(self.data_dir, store, UidSlots(first_uid=self.config.uid_base))
         scheduler_id = "local-" + hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]
         self.scheduler = Scheduler(scheduler_id, runtime, self.metadb, max_instances=self.config.max_instances)
+        metering = self.config.metering
+        meter = Meter(
+            self.metadb,
+            self.scheduler,
+            sample_interval=metering.sample_interval,
+            bucket_seconds=metering.bucket_seconds,
+            busy_cpu_fraction=metering.busy_cpu_fraction,
+        )
         self.sessions = SessionManager(
-            self.metadb, self.scheduler, bytes.fromhex(secret), reap_interval=self.config.reap_interval
+            self.metadb, self.scheduler, bytes.fromhex(secret), reap_interval=self.config.reap_interval, meter=meter
         )
         await self.sessions.start()
+        self.metrics.attach(self.sessions, self.scheduler)
         self.started_at = time.time()
 
     def _store(self):

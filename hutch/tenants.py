@@ -15,7 +15,7 @@ import secrets
 import time
 import uuid
 
-from hutch.errors import NotFound, PermissionDenied, Unauthenticated
+from hutch.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import Tenant
 
@@ -71,10 +71,25 @@ class TenantService:
             self._cache[digest] = tenant
         return tenant
 
-    async def create(self, caller: Tenant, name: str, max_sessions: int = 50) -> tuple[Tenant, str]:
-        """A new tenant and its first key (admins only)."""
+    async def create(
+        self,
+        caller: Tenant,
+        name: str,
+        max_sessions: int = 50,
+        max_vcpu: float | None = None,
+        max_memory_mb: int | None = None,
+    ) -> tuple[Tenant, str]:
+        """A new tenant and its first key (admins only). Quotas: live sessions at once, and the
+        vCPUs and memory of all its live sessions together (None: no limit)."""
         self.require_admin(caller)
-        tenant = Tenant(f"t-{uuid.uuid4().hex[:12]}", name, time.time(), max_sessions=max_sessions)
+        tenant = Tenant(
+            f"t-{uuid.uuid4().hex[:12]}",
+            name,
+            time.time(),
+            max_sessions=max_sessions,
+            max_vcpu=max_vcpu,
+            max_memory_mb=max_memory_mb,
+        )
         await self.metadb.create_tenant(tenant)
         key = new_api_key()
         await self.metadb.add_api_key(tenant.tenant_id, hash_key(key), "initial")
@@ -88,9 +103,20 @@ class TenantService:
         await self.metadb.add_api_key(tenant_id, hash_key(key), label)
         return key
 
-    async def update_quota(self, caller: Tenant, tenant_id: str, max_sessions: int) -> Tenant:
+    async def update_quota(self, caller: Tenant, tenant_id: str, **quotas: float | int | None) -> Tenant:
+        """Change quotas (admins only): `max_sessions`, `max_vcpu`, `max_memory_mb` (None: no limit
+        for the last two). Sessions already live stay; new ones are checked against the new values.
+
+        Raises:
+            InvalidArgument: no quota given, an unknown one, or None for `max_sessions`.
+        """
         self.require_admin(caller)
-        tenant = await self.metadb.update_tenant(tenant_id, max_sessions=max_sessions)
+        allowed = {"max_sessions", "max_vcpu", "max_memory_mb"}
+        if not quotas or not set(quotas) <= allowed:
+            raise InvalidArgument(f"quotas are {sorted(allowed)}")
+        if quotas.get("max_sessions", 0) is None:
+            raise InvalidArgument("the live-session quota cannot be lifted: give a number")
+        tenant = await self.metadb.update_tenant(tenant_id, **quotas)
         self._cache = {k: (tenant if v.tenant_id == tenant_id else v) for k, v in self._cache.items()}
         return tenant
 

@@ -1,4 +1,5 @@
-"""The control plane: a FastAPI app (its OpenAPI document is served at `/openapi.json`).
+"""The control plane: a FastAPI app (its OpenAPI document is served at `/openapi.json`), and the
+static usage page (`hutch/ui/`) at `/ui/`.
 
 This module is the single place where errors become HTTP answers on the control plane:
 - hutch's own API: `{"code": "<wire code>", "message": ...}` with the error's HTTP status;
@@ -10,11 +11,13 @@ Malformed requests (FastAPI validation) are 400s, never tracebacks.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
 from hutch import __version__
 from hutch.errors import HutchError, InvalidArgument
@@ -44,7 +47,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def create_app(hutch) -> FastAPI:
     """The control-plane app for a started `hutch.server.Hutch`."""
-    from hutch.api import e2b, native
+    from hutch.api import e2b, native, usage
 
     app = FastAPI(
         title="hutch",
@@ -87,5 +90,8 @@ def create_app(hutch) -> FastAPI:
         }
 
     app.include_router(native.router)
+    app.include_router(usage.router)
     app.include_router(e2b.router)
+    # The web page (static; it reads the usage API with a key the user types in).
+    app.mount("/ui", StaticFiles(directory=Path(__file__).parent.parent / "ui", html=True), name="ui")
     return app

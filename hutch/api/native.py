@@ -37,11 +37,17 @@ class TenantIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=128)
     max_sessions: int = Field(50, alias="maxSessions", ge=0, le=100000)
+    max_vcpu: float | None = Field(None, alias="maxVcpu", ge=0, le=1e6, description="vCPUs of live sessions")
+    max_memory_mb: int | None = Field(None, alias="maxMemoryMB", ge=0, le=1 << 40, description="their memory")
 
 
 class TenantPatch(BaseModel):
+    """Only the quotas given change; `null` lifts the vCPU or memory quota."""
+
     model_config = ConfigDict(extra="forbid")
-    max_sessions: int = Field(alias="maxSessions", ge=0, le=100000)
+    max_sessions: int | None = Field(None, alias="maxSessions", ge=0, le=100000)
+    max_vcpu: float | None = Field(None, alias="maxVcpu", ge=0, le=1e6)
+    max_memory_mb: int | None = Field(None, alias="maxMemoryMB", ge=0, le=1 << 40)
 
 
 class KeyIn(BaseModel):
@@ -55,13 +61,17 @@ def tenant_json(tenant: Tenant) -> dict:
         "name": tenant.name,
         "admin": tenant.is_admin,
         "maxSessions": tenant.max_sessions,
+        "maxVcpu": tenant.max_vcpu,
+        "maxMemoryMB": tenant.max_memory_mb,
         "createdTime": iso(tenant.created_at),
     }
 
 
 @router.post("/tenants", status_code=201, tags=["tenants"], summary="Create a tenant (admin); returns its first key")
 async def create_tenant(body: TenantIn, request: Request, tenant: Caller) -> dict:
-    made, key = await request.app.state.hutch.tenants.create(tenant, body.name, body.max_sessions)
+    made, key = await request.app.state.hutch.tenants.create(
+        tenant, body.name, body.max_sessions, body.max_vcpu, body.max_memory_mb
+    )
     return {**tenant_json(made), "apiKey": key}
 
 
@@ -76,9 +86,10 @@ async def me(tenant: Caller) -> dict:
     return tenant_json(tenant)
 
 
-@router.patch("/tenants/{tenant_id}", tags=["tenants"], summary="Change a tenant's quota (admin)")
+@router.patch("/tenants/{tenant_id}", tags=["tenants"], summary="Change a tenant's quotas (admin)")
 async def patch_tenant(tenant_id: str, body: TenantPatch, request: Request, tenant: Caller) -> dict:
-    return tenant_json(await request.app.state.hutch.tenants.update_quota(tenant, tenant_id, body.max_sessions))
+    quotas = {name: getattr(body, name) for name in body.model_fields_set}
+    return tenant_json(await request.app.state.hutch.tenants.update_quota(tenant, tenant_id, **quotas))
 
 
 @router.post("/tenants/{tenant_id}/keys", status_code=201, tags=["tenants"], summary="Issue another API key")

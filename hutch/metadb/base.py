@@ -18,8 +18,14 @@ from hutch.metadb.records import (
     SchedulerRecord,
     SessionRecord,
     SessionStatus,
+    SessionUsage,
     Tenant,
+    UsageAmounts,
+    UsageBucket,
 )
+
+# (tenant id, function, time) of a usage sum; None where that key was not grouped by.
+UsageKey = tuple[str | None, str | None, float | None]
 
 
 class MetaDB(Protocol):
@@ -53,9 +59,17 @@ class MetaDB(Protocol):
     async def delete_function(self, tenant_id: str, name: str) -> None: ...
 
     # sessions ---------------------------------------------------------------------------------
-    async def insert_session(self, record: SessionRecord, max_active: int | None = None) -> None:
+    async def insert_session(
+        self,
+        record: SessionRecord,
+        max_active: int | None = None,
+        max_vcpu: float | None = None,
+        max_memory_mb: int | None = None,
+    ) -> None:
         """Insert an Active session; `AlreadyExists` if its internal id is active already,
-        `QuotaExceeded` if the tenant would have more than `max_active` Active sessions."""
+        `QuotaExceeded` (naming every quota broken) if the tenant's Active sessions, this one
+        included, would be more than `max_active`, or use more than `max_vcpu` vCPUs or
+        `max_memory_mb` of memory. Checked and inserted in one transaction."""
         ...
 
     async def get_session(self, row_id: str) -> SessionRecord: ...
@@ -94,6 +108,48 @@ class MetaDB(Protocol):
         """Record last-activity times (row id -> time) in one write."""
         ...
 
+    # usage ------------------------------------------------------------------------------------
+    async def save_usage(self, records: list[SessionUsage], buckets: list[UsageBucket]) -> None:
+        """In one transaction: write these session usage records (insert or replace) and add
+        these amounts to their buckets (a bucket's amounts are sums, never replaced)."""
+        ...
+
+    async def get_usage(self, row_id: str) -> SessionUsage:
+        """The usage record of a session row, or `NotFound`."""
+        ...
+
+    async def usage_of(self, row_ids: list[str]) -> dict[str, SessionUsage]:
+        """The usage records of these session rows (rows without one are left out)."""
+        ...
+
+    async def list_usage(
+        self,
+        tenant_id: str,
+        start: float | None = None,
+        end: float | None = None,
+        function: str | None = None,
+        active: bool | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> tuple[list[SessionUsage], str | None]:
+        """A page of the tenant's session usage records whose lifetime overlaps `[start, end)`,
+        newest first, and the token of the next page. `active`: only live (True) or ended (False)."""
+        ...
+
+    async def usage_totals(
+        self,
+        start: float,
+        end: float,
+        tenant_id: str | None = None,
+        function: str | None = None,
+        by_tenant: bool = False,
+        by_function: bool = False,
+        step: float | None = None,
+    ) -> list[tuple[UsageKey, UsageAmounts]]:
+        """Sums of the buckets starting in `[start, end)`, grouped by tenant, function and/or time
+        (`step` seconds, counted from the epoch), sorted by key."""
+        ...
+
     # instances and schedulers -----------------------------------------------------------------
     async def put_instance(self, record: InstanceRecord) -> None: ...
     async def delete_instance(self, instance_id: str) -> None: ...
@@ -103,4 +159,4 @@ class MetaDB(Protocol):
 
 
 # Re-exported for backends' convenience.
-__all__ = ["MetaDB", "SessionStatus"]
+__all__ = ["MetaDB", "SessionStatus", "UsageKey"]

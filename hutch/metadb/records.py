@@ -1,4 +1,4 @@
-"""The records MetaDB holds: the source of truth for tenants, functions, sessions and instances.
+"""The records MetaDB holds: the source of truth for tenants, functions, sessions, instances and usage.
 
 Plain dataclasses, shared by every MetaDB backend and by the components that read them.
 Times are unix seconds (floats).
@@ -30,6 +30,8 @@ class Tenant:
     created_at: float
     is_admin: bool = False  # may manage other tenants
     max_sessions: int = 50  # live sessions at once
+    max_vcpu: float | None = None  # vCPUs of all live sessions together; None: no limit
+    max_memory_mb: int | None = None  # memory of all live sessions together; None: no limit
 
 
 @dataclass
@@ -96,3 +98,79 @@ class SchedulerRecord:
     address: str  # how gateways reach it ("local" inside `hutch serve`)
     heartbeat_at: float
     capacity: dict = field(default_factory=dict)
+
+
+@dataclass
+class UsageAmounts:
+    """Additive amounts of usage: one session's, one time bucket's, or any sum of them.
+
+    Time is split three ways: active (a request or stream in flight, or the instance busy on the
+    CPU), idle (alive, nothing happening), down (the instance was dead, between a crash and the
+    recovery: nothing is held, nothing is billed). `cpu_s` and `memory_gib_s` are measured from
+    the instance's cgroup; the `vcpu_*` and `memory_alloc_*` amounts are the session's allocation
+    times active or idle time. Every amount is linear, so the cost of a sum is the sum of costs
+    (`hutch.pricing.cost`).
+    """
+
+    active_s: float = 0.0
+    idle_s: float = 0.0
+    down_s: float = 0.0
+    cpu_s: float = 0.0  # measured CPU seconds
+    cpu_active_s: float = 0.0  # the part of cpu_s that fell in active time
+    memory_gib_s: float = 0.0  # measured memory, integrated over time
+    memory_active_gib_s: float = 0.0  # the part of memory_gib_s that fell in active time
+    vcpu_active_s: float = 0.0  # allocated vCPUs x active seconds
+    vcpu_idle_s: float = 0.0  # allocated vCPUs x idle seconds
+    memory_alloc_active_gib_s: float = 0.0  # allocated GiB x active seconds
+    memory_alloc_idle_gib_s: float = 0.0  # allocated GiB x idle seconds
+    disk_gib_s: float = 0.0  # workspace bytes, integrated over time
+
+    def add(self, other: UsageAmounts, factor: float = 1.0) -> UsageAmounts:
+        """Add `other` (times `factor`) to these amounts in place; returns self."""
+        for name in USAGE_AMOUNT_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name) * factor)
+        return self
+
+    def copy(self) -> UsageAmounts:
+        return UsageAmounts().add(self)
+
+
+USAGE_AMOUNT_FIELDS = tuple(UsageAmounts.__dataclass_fields__)
+
+
+@dataclass
+class SessionUsage:
+    """The usage record of one session (one per session row), kept after the session ends."""
+
+    row_id: str  # the session's row id
+    tenant_id: str
+    function: str
+    session_id: str
+    vcpu: float  # the session's allocation
+    memory_mb: int
+    started_at: float
+    accounted_to: float  # amounts cover [started_at, accounted_to]; resumed from here after a restart
+    amounts: UsageAmounts = field(default_factory=UsageAmounts)
+    ended_at: float | None = None
+    end_reason: str | None = None
+    memory_bytes: int = 0  # at the last sample
+    memory_peak_bytes: int = 0  # the highest the instance's cgroup reported
+    disk_bytes: int = 0  # workspace bytes at the last sample
+    disk_peak_bytes: int = 0
+    samples: int = 0
+    instance_id: str | None = None  # the instance `cpu_base` was read from
+    cpu_base: float | None = None  # its cgroup CPU counter at the last sample; None: not read yet
+
+    @property
+    def active(self) -> bool:
+        return self.ended_at is None
+
+
+@dataclass
+class UsageBucket:
+    """Usage of a tenant's function in one time bucket `[start, start + bucket seconds)`."""
+
+    tenant_id: str
+    function: str
+    start: float
+    amounts: UsageAmounts = field(default_factory=UsageAmounts)

@@ -5,6 +5,7 @@ less than a thread hop (aiosqlite adds ~175 µs per call; DESIGN.md §5). `synch
 WAL mode survives a crash of hutch (not a power cut of the host) without an fsync per commit.
 
 The schema is versioned: `MIGRATIONS[n]` takes version n to n+1, applied in one transaction each.
+A released migration is never edited: a change of schema is a new entry.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from pathlib import Path
 
 from hutch.errors import AlreadyExists, InvalidArgument, NotFound, QuotaExceeded
 from hutch.metadb.records import (
+    USAGE_AMOUNT_FIELDS,
     FunctionRecord,
     InstanceRecord,
     InstanceRole,
     SchedulerRecord,
     SessionRecord,
     SessionStatus,
+    SessionUsage,
     Tenant,
+    UsageAmounts,
+    UsageBucket,
 )
 
 MIGRATIONS = [
@@ -66,6 +71,32 @@ MIGRATIONS = [
         capacity TEXT NOT NULL
     );
     """,
+    # 1 -> 2: metering (usage per session, usage per tenant/function/time bucket) and resource quotas
+    """
+    ALTER TABLE tenants ADD COLUMN max_vcpu REAL;
+    ALTER TABLE tenants ADD COLUMN max_memory_mb INTEGER;
+    CREATE TABLE usage (
+        row_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, function TEXT NOT NULL, session_id TEXT NOT NULL,
+        vcpu REAL NOT NULL, memory_mb INTEGER NOT NULL, started_at REAL NOT NULL, accounted_to REAL NOT NULL,
+        ended_at REAL, end_reason TEXT, memory_bytes INTEGER NOT NULL, memory_peak_bytes INTEGER NOT NULL,
+        disk_bytes INTEGER NOT NULL, disk_peak_bytes INTEGER NOT NULL, samples INTEGER NOT NULL,
+        instance_id TEXT, cpu_base REAL,
+        active_s REAL NOT NULL, idle_s REAL NOT NULL, down_s REAL NOT NULL, cpu_s REAL NOT NULL,
+        cpu_active_s REAL NOT NULL, memory_gib_s REAL NOT NULL, memory_active_gib_s REAL NOT NULL,
+        vcpu_active_s REAL NOT NULL, vcpu_idle_s REAL NOT NULL, memory_alloc_active_gib_s REAL NOT NULL,
+        memory_alloc_idle_gib_s REAL NOT NULL, disk_gib_s REAL NOT NULL
+    );
+    CREATE INDEX usage_tenant ON usage(tenant_id, started_at);
+    CREATE TABLE usage_buckets (
+        tenant_id TEXT NOT NULL, function TEXT NOT NULL, start REAL NOT NULL,
+        active_s REAL NOT NULL, idle_s REAL NOT NULL, down_s REAL NOT NULL, cpu_s REAL NOT NULL,
+        cpu_active_s REAL NOT NULL, memory_gib_s REAL NOT NULL, memory_active_gib_s REAL NOT NULL,
+        vcpu_active_s REAL NOT NULL, vcpu_idle_s REAL NOT NULL, memory_alloc_active_gib_s REAL NOT NULL,
+        memory_alloc_idle_gib_s REAL NOT NULL, disk_gib_s REAL NOT NULL,
+        PRIMARY KEY (tenant_id, function, start)
+    );
+    CREATE INDEX usage_buckets_start ON usage_buckets(start)
+    """,
 ]
 
 SESSION_COLUMNS = [f.name for f in fields(SessionRecord)]
@@ -93,6 +124,21 @@ def _session_values(record: SessionRecord) -> dict:
     return values
 
 
+USAGE_COLUMNS = [f for f in SessionUsage.__dataclass_fields__ if f != "amounts"] + list(USAGE_AMOUNT_FIELDS)
+
+
+def _usage_from_row(row: sqlite3.Row) -> SessionUsage:
+    values = dict(row)
+    amounts = UsageAmounts(**{name: values.pop(name) for name in USAGE_AMOUNT_FIELDS})
+    return SessionUsage(**values, amounts=amounts)
+
+
+def _usage_values(record: SessionUsage) -> dict:
+    values = {name: getattr(record, name) for name in USAGE_COLUMNS if name not in USAGE_AMOUNT_FIELDS}
+    values.update({name: getattr(record.amounts, name) for name in USAGE_AMOUNT_FIELDS})
+    return values
+
+
 def _page_token(record: SessionRecord) -> str:
     return base64.urlsafe_b64encode(f"{record.created_at!r}|{record.row_id}".encode()).decode()
 
@@ -103,6 +149,29 @@ def _parse_page_token(token: str) -> tuple[float, str]:
         return float(created), row_id
     except (ValueError, UnicodeDecodeError):
         raise InvalidArgument("invalid page token") from None
+
+
+def _check_quota(
+    record: SessionRecord,
+    count: int,
+    vcpu: float,
+    memory_mb: int,
+    max_active: int | None,
+    max_vcpu: float | None,
+    max_memory_mb: int | None,
+) -> None:
+    """`QuotaExceeded` naming every quota the new session would break (its live totals included)."""
+    over = []
+    if max_active is not None and count + 1 > max_active:
+        over.append(f"maxSessions {max_active} (it has {count} live sessions)")
+    if max_vcpu is not None and vcpu + record.cpu > max_vcpu + 1e-9:
+        over.append(f"maxVcpu {max_vcpu:g} (live sessions use {vcpu:g} vCPUs, this one asks {record.cpu:g})")
+    if max_memory_mb is not None and memory_mb + record.memory_mb > max_memory_mb:
+        over.append(
+            f"maxMemoryMB {max_memory_mb} (live sessions use {memory_mb} MB, this one asks {record.memory_mb} MB)"
+        )
+    if over:
+        raise QuotaExceeded(f"tenant {record.tenant_id} is at its quota: " + "; ".join(over))
 
 
 class SQLiteMetaDB:
@@ -166,8 +235,17 @@ class SQLiteMetaDB:
     async def create_tenant(self, tenant: Tenant) -> None:
         try:
             self.db.execute(
-                "INSERT INTO tenants (tenant_id, name, created_at, is_admin, max_sessions) VALUES (?, ?, ?, ?, ?)",
-                (tenant.tenant_id, tenant.name, tenant.created_at, int(tenant.is_admin), tenant.max_sessions),
+                "INSERT INTO tenants (tenant_id, name, created_at, is_admin, max_sessions, max_vcpu, max_memory_mb) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    tenant.tenant_id,
+                    tenant.name,
+                    tenant.created_at,
+                    int(tenant.is_admin),
+                    tenant.max_sessions,
+                    tenant.max_vcpu,
+                    tenant.max_memory_mb,
+                ),
             )
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"tenant {tenant.tenant_id} already exists") from None
@@ -188,7 +266,7 @@ class SQLiteMetaDB:
         return [self._tenant(r) for r in self.db.execute("SELECT * FROM tenants ORDER BY created_at")]
 
     async def update_tenant(self, tenant_id: str, **changes) -> Tenant:
-        allowed = {"name", "max_sessions", "is_admin"}
+        allowed = {"name", "max_sessions", "is_admin", "max_vcpu", "max_memory_mb"}
         if not changes or not set(changes) <= allowed:
             raise InvalidArgument(f"can only change {sorted(allowed)}")
         assignments = ", ".join(f"{k} = ?" for k in changes)
@@ -257,20 +335,25 @@ class SQLiteMetaDB:
 
     # sessions ---------------------------------------------------------------------------------
 
-    async def insert_session(self, record: SessionRecord, max_active: int | None = None) -> None:
+    async def insert_session(
+        self,
+        record: SessionRecord,
+        max_active: int | None = None,
+        max_vcpu: float | None = None,
+        max_memory_mb: int | None = None,
+    ) -> None:
         values = _session_values(record)
         columns = ", ".join(SESSION_COLUMNS)
         placeholders = ", ".join(f":{c}" for c in SESSION_COLUMNS)
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            if max_active is not None:
-                (count,) = self.db.execute(
-                    "SELECT COUNT(*) FROM sessions WHERE tenant_id = ? AND status = 'Active'", (record.tenant_id,)
+            if max_active is not None or max_vcpu is not None or max_memory_mb is not None:
+                count, vcpu, memory_mb = self.db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(cpu), 0), COALESCE(SUM(memory_mb), 0) FROM sessions "
+                    "WHERE tenant_id = ? AND status = 'Active'",
+                    (record.tenant_id,),
                 ).fetchone()
-                if count >= max_active:
-                    raise QuotaExceeded(
-                        f"tenant {record.tenant_id} has {count} live sessions, its quota is {max_active}"
-                    )
+                _check_quota(record, count, vcpu, memory_mb, max_active, max_vcpu, max_memory_mb)
             self.db.execute(f"INSERT INTO sessions ({columns}) VALUES ({placeholders})", values)
             self.db.execute("COMMIT")
         except sqlite3.IntegrityError:
@@ -421,4 +504,123 @@ class SQLiteMetaDB:
             values = dict(row)
             values["capacity"] = json.loads(values["capacity"])
             out.append(SchedulerRecord(**values))
+        return out
+
+    # usage ------------------------------------------------------------------------------------
+
+    async def save_usage(self, records: list[SessionUsage], buckets: list[UsageBucket]) -> None:
+        if not records and not buckets:
+            return
+        columns = ", ".join(USAGE_COLUMNS)
+        placeholders = ", ".join(f":{c}" for c in USAGE_COLUMNS)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in USAGE_COLUMNS if c != "row_id")
+        amounts = ", ".join(USAGE_AMOUNT_FIELDS)
+        additions = ", ".join(f"{c} = {c} + excluded.{c}" for c in USAGE_AMOUNT_FIELDS)
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany(
+                f"INSERT INTO usage ({columns}) VALUES ({placeholders}) ON CONFLICT (row_id) DO UPDATE SET {updates}",
+                [_usage_values(r) for r in records],
+            )
+            self.db.executemany(
+                f"INSERT INTO usage_buckets (tenant_id, function, start, {amounts}) "
+                f"VALUES (?, ?, ?, {', '.join('?' for _ in USAGE_AMOUNT_FIELDS)}) "
+                f"ON CONFLICT (tenant_id, function, start) DO UPDATE SET {additions}",
+                [
+                    (b.tenant_id, b.function, b.start, *(getattr(b.amounts, n) for n in USAGE_AMOUNT_FIELDS))
+                    for b in buckets
+                ],
+            )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    async def get_usage(self, row_id: str) -> SessionUsage:
+        row = self.db.execute("SELECT * FROM usage WHERE row_id = ?", (row_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no usage recorded for session {row_id}")
+        return _usage_from_row(row)
+
+    async def usage_of(self, row_ids: list[str]) -> dict[str, SessionUsage]:
+        out: dict[str, SessionUsage] = {}
+        for start in range(0, len(row_ids), 500):
+            chunk = row_ids[start : start + 500]
+            query = f"SELECT * FROM usage WHERE row_id IN ({', '.join('?' for _ in chunk)})"
+            for row in self.db.execute(query, chunk):
+                record = _usage_from_row(row)
+                out[record.row_id] = record
+        return out
+
+    async def list_usage(
+        self,
+        tenant_id: str,
+        start: float | None = None,
+        end: float | None = None,
+        function: str | None = None,
+        active: bool | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> tuple[list[SessionUsage], str | None]:
+        query = "SELECT * FROM usage WHERE tenant_id = ?"
+        params: list = [tenant_id]
+        if start is not None:
+            query += " AND (ended_at IS NULL OR ended_at >= ?)"
+            params.append(start)
+        if end is not None:
+            query += " AND started_at < ?"
+            params.append(end)
+        if function is not None:
+            query += " AND function = ?"
+            params.append(function)
+        if active is not None:
+            query += " AND ended_at IS NULL" if active else " AND ended_at IS NOT NULL"
+        if after:
+            started, row_id = _parse_page_token(after)
+            query += " AND (started_at < ? OR (started_at = ? AND row_id < ?))"
+            params += [started, started, row_id]
+        query += " ORDER BY started_at DESC, row_id DESC LIMIT ?"
+        params.append(limit + 1)
+        records = [_usage_from_row(r) for r in self.db.execute(query, params)]
+        token = None
+        if len(records) > limit:
+            last = records[limit - 1]
+            token = base64.urlsafe_b64encode(f"{last.started_at!r}|{last.row_id}".encode()).decode()
+        return records[:limit], token
+
+    async def usage_totals(
+        self,
+        start: float,
+        end: float,
+        tenant_id: str | None = None,
+        function: str | None = None,
+        by_tenant: bool = False,
+        by_function: bool = False,
+        step: float | None = None,
+    ) -> list[tuple[tuple[str | None, str | None, float | None], UsageAmounts]]:
+        if step is not None and step <= 0:
+            raise InvalidArgument("step must be positive")
+        keys = [
+            "tenant_id" if by_tenant else "NULL",
+            "function" if by_function else "NULL",
+            "CAST(start / :step AS INTEGER) * :step" if step else "NULL",
+        ]
+        sums = ", ".join(f"SUM({n})" for n in USAGE_AMOUNT_FIELDS)
+        query = (
+            f"SELECT {keys[0]} AS k0, {keys[1]} AS k1, {keys[2]} AS k2, {sums} FROM usage_buckets "
+            "WHERE start >= :start AND start < :end"
+        )
+        params: dict = {"start": start, "end": end, "step": step}
+        if tenant_id is not None:
+            query += " AND tenant_id = :tenant"
+            params["tenant"] = tenant_id
+        if function is not None:
+            query += " AND function = :function"
+            params["function"] = function
+        query += " GROUP BY k0, k1, k2 ORDER BY k0, k1, k2"
+        out = []
+        for row in self.db.execute(query, params):
+            values = tuple(row)
+            amounts = UsageAmounts(**dict(zip(USAGE_AMOUNT_FIELDS, values[3:], strict=True)))
+            out.append(((values[0], values[1], None if values[2] is None else float(values[2])), amounts))
         return out

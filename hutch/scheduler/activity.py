@@ -1,8 +1,9 @@
-"""Request activity per session: what the idle timeout and (later) metering are computed from.
+"""Request activity per session: what the idle timeout and metering are computed from.
 
 The gateway calls `begin`/`end` around every forwarded request, so an open stream keeps a session
 busy for as long as it is open. Times are kept in memory and written to MetaDB in batches
-(`drain`), never on the request path.
+(`drain`), never on the request path. `on_change(row_id, busy, at)` is told the exact moment a
+session goes from no request in flight to one (busy) and back (`hutch.scheduler.metering`).
 """
 
 from __future__ import annotations
@@ -12,25 +13,31 @@ from collections.abc import Callable
 
 
 class ActivityTracker:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, on_change: Callable[[str, bool, float], None] | None = None
+    ) -> None:
         self.clock = clock
+        self.on_change = on_change
         self._inflight: dict[str, int] = {}
         self._last: dict[str, float] = {}
         self._dirty: dict[str, float] = {}
 
     def begin(self, row_id: str) -> None:
         now = self.clock()
-        self._inflight[row_id] = self._inflight.get(row_id, 0) + 1
+        count = self._inflight.get(row_id, 0)
+        self._inflight[row_id] = count + 1
         self._last[row_id] = now
         self._dirty[row_id] = now
+        if count == 0 and self.on_change is not None:
+            self.on_change(row_id, True, now)
 
     def end(self, row_id: str) -> None:
         now = self.clock()
         count = self._inflight.get(row_id, 0) - 1
         if count > 0:
             self._inflight[row_id] = count
-        else:
-            self._inflight.pop(row_id, None)
+        elif self._inflight.pop(row_id, None) is not None and self.on_change is not None:
+            self.on_change(row_id, False, now)
         self._last[row_id] = now
         self._dirty[row_id] = now
 

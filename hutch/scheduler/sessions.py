@@ -12,6 +12,8 @@ Invariants:
 - An instance serves one session and is destroyed with it.
 - A session whose instance died keeps its id and workspace; the next request gets a new instance
   and `epoch` + 1.
+- Every Active session is metered (`self.meter`, `hutch.scheduler.metering`) from its creation to
+  its end; the meter is told of each bind, crash, recovery and end before the instance goes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from hutch.functions import BUILTIN_TENANT, FunctionSpec
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import EndReason, InstanceRole, SessionRecord, SessionStatus, Tenant
 from hutch.scheduler.activity import ActivityTracker
+from hutch.scheduler.metering import Meter
 from hutch.scheduler.scheduler import Scheduler
 from hutch.storage.base import check_key
 
@@ -73,6 +76,7 @@ class SessionManager:
         clock: Callable[[], float] = time.time,
         reap_interval: float = 0.5,
         flush_interval: float = 1.0,
+        meter: Meter | None = None,
     ) -> None:
         if reap_interval <= 0 or flush_interval <= 0:
             raise ValueError("intervals must be positive")
@@ -82,7 +86,8 @@ class SessionManager:
         self.clock = clock
         self.reap_interval = reap_interval
         self.flush_interval = flush_interval
-        self.activity = ActivityTracker(clock)
+        self.meter = meter or Meter(metadb, scheduler, clock)
+        self.activity = ActivityTracker(clock, on_change=self.meter.request_state)
         self._active: dict[str, SessionRecord] = {}  # internal id -> Active session
         self._by_public: dict[str, str] = {}  # E2B sandbox id -> internal id (sessions with a token)
         self._locks: dict[str, asyncio.Lock] = {}
@@ -91,6 +96,7 @@ class SessionManager:
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()  # fire-and-forget work, referenced until done
         self.on_end: list[Callable[[SessionRecord], None]] = []
+        self.on_created: list[Callable[[SessionRecord, float], None]] = []  # (session, seconds it took)
         scheduler.on_crash = self._on_crash
 
     # -- start and stop ------------------------------------------------------------------------
@@ -122,10 +128,12 @@ class SessionManager:
             keep = not instance.workspace.startswith("_instances/")
             await self.scheduler.release(instance_id, keep_workspace=keep)
         log.info("sessions: %d active, %d instances adopted", len(self._active), len(adopted))
+        await self.meter.restore(self._active.values())
         self.scheduler.start_pools()
         self._tasks = [
             asyncio.create_task(self._loop(self.reap_once, self.reap_interval), name="reaper"),
             asyncio.create_task(self._loop(self.flush_activity, self.flush_interval), name="activity-flush"),
+            asyncio.create_task(self._loop(self.meter.sample_once, self.meter.sample_interval), name="metering"),
         ]
 
     async def close(self) -> None:
@@ -136,6 +144,7 @@ class SessionManager:
                 await task
         self._tasks = []
         await self.flush_activity()
+        await self.meter.sample_once()
 
     async def _loop(self, step, interval: float) -> None:
         while True:
@@ -234,8 +243,9 @@ class SessionManager:
             InvalidArgument: a malformed session id.
             AlreadyExists: that id is live (unless `existing_ok`, which returns it instead).
             FailedPrecondition: the id was used before and the function disables reuse.
-            QuotaExceeded: the tenant is at its live-session quota.
+            QuotaExceeded: the tenant is at its quota of live sessions, vCPUs or memory.
         """
+        started = time.perf_counter()
         pool_key, spec = await self.function(tenant.tenant_id, function)
         key = check_session_id(session_id) if session_id is not None else new_session_id()
         internal = self.internal_id(tenant.tenant_id, function, key)
@@ -278,7 +288,12 @@ class SessionManager:
                 env=dict(env or {}),
                 access_token=secrets.token_urlsafe(24) if with_token else None,
             )
-            await self.metadb.insert_session(record, max_active=tenant.max_sessions)
+            await self.metadb.insert_session(
+                record,
+                max_active=tenant.max_sessions,
+                max_vcpu=tenant.max_vcpu,
+                max_memory_mb=tenant.max_memory_mb,
+            )
             try:
                 fresh = not await asyncio.to_thread(self.scheduler.runtime.store.exists, record.workspace_key)
                 instance = await self.scheduler.allocate(
@@ -289,7 +304,11 @@ class SessionManager:
                 raise
             record = await self.metadb.update_session(record.row_id, instance_id=instance.instance_id)
             self._remember(record)
-            return record, True
+            await self.meter.open(record)
+        elapsed = time.perf_counter() - started
+        for callback in self.on_created:
+            callback(record, elapsed)
+        return record, True
 
     # -- lookup and routing --------------------------------------------------------------------
 
@@ -330,6 +349,7 @@ class SessionManager:
         pool_key, spec = await self.function(session.tenant_id, session.function)
         log.warning("session %s lost its instance %s: recovering", session.session_id, session.instance_id)
         if session.instance_id is not None:
+            await self.meter.instance_down(session.row_id, session.instance_id)
             await self.scheduler.release(session.instance_id, keep_workspace=True)
         instance = await self.scheduler.allocate(
             pool_key, spec, session.workspace_key, session.row_id, env=session.env, fresh_workspace=False
@@ -342,12 +362,14 @@ class SessionManager:
             scheduler_id=self.scheduler.scheduler_id,
         )
         self._remember(updated)
+        await self.meter.instance_up(updated)
         return updated
 
     def _on_crash(self, instance_id: str) -> None:
         for session in self._active.values():
             if session.instance_id == instance_id:
                 log.warning("instance %s of session %s crashed", instance_id, session.session_id)
+                self._spawn(self.meter.instance_down(session.row_id, instance_id))
 
     # -- renew and end -------------------------------------------------------------------------
 
@@ -379,6 +401,7 @@ class SessionManager:
             current = self._active.get(session.internal_id)
             if current is not None and current.row_id == session.row_id:
                 self._forget(current)
+        await self.meter.finish(ended)
         keep = ended.persist_workspace
         stopped = False
         if ended.instance_id is not None:

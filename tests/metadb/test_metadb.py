@@ -16,7 +16,10 @@ from hutch.metadb.records import (
     SchedulerRecord,
     SessionRecord,
     SessionStatus,
+    SessionUsage,
     Tenant,
+    UsageAmounts,
+    UsageBucket,
 )
 from hutch.metadb.sqlite import MIGRATIONS, SQLiteMetaDB
 
@@ -147,6 +150,27 @@ def test_the_live_session_quota_is_checked_in_the_insert(db):
     db.insert_session(session("t2"), max_active=3)  # another tenant's count is its own
 
 
+def test_vcpu_and_memory_quotas_are_checked_in_the_insert_and_name_what_was_exceeded(db):
+    db.insert_session(session(cpu=2.0, memory_mb=1024), max_vcpu=3, max_memory_mb=2048)
+    db.insert_session(session(cpu=1.0, memory_mb=512), max_vcpu=3, max_memory_mb=2048)  # exactly at the quota
+    with pytest.raises(QuotaExceeded, match=r"maxVcpu 3 \(live sessions use 3 vCPUs, this one asks 0.5\)"):
+        db.insert_session(session(cpu=0.5, memory_mb=64), max_vcpu=3, max_memory_mb=2048)
+    with pytest.raises(QuotaExceeded, match="maxMemoryMB 2048") as refused:
+        db.insert_session(session(cpu=1.0, memory_mb=1024), max_vcpu=3.5, max_memory_mb=2048)
+    assert "maxVcpu" in str(refused.value)  # both are named
+    assert db.count_active("t1") == 2
+    db.end_session(db.list_sessions("t1")[0][0].row_id, "deleted", time.time())
+    db.insert_session(session(cpu=1.0, memory_mb=512), max_vcpu=3, max_memory_mb=2048)  # ended ones free it
+
+
+def test_tenant_resource_quotas_are_stored_and_changed(db):
+    db.create_tenant(Tenant("t3", "three", 1.0, max_vcpu=4.0, max_memory_mb=8192))
+    assert (db.get_tenant("t3").max_vcpu, db.get_tenant("t3").max_memory_mb) == (4.0, 8192)
+    assert db.get_tenant("t1").max_vcpu is None
+    updated = db.update_tenant("t3", max_vcpu=None, max_memory_mb=1024)
+    assert (updated.max_vcpu, updated.max_memory_mb) == (None, 1024)
+
+
 def test_session_updates_end_and_activity(db):
     record = session(session_id="pub")
     db.insert_session(record)
@@ -202,3 +226,85 @@ def test_instances_and_schedulers(db):
     db.upsert_scheduler(SchedulerRecord("s1", "local", 5.0, {"max": 2}))
     db.upsert_scheduler(SchedulerRecord("s1", "local", 6.0, {"max": 3}))
     assert [(s.heartbeat_at, s.capacity) for s in db.list_schedulers()] == [(6.0, {"max": 3})]
+
+
+def usage(tenant="t1", function="base", started_at=1000.0, **overrides) -> SessionUsage:
+    values = dict(
+        row_id=uuid.uuid4().hex,
+        tenant_id=tenant,
+        function=function,
+        session_id=uuid.uuid4().hex[:8],
+        vcpu=1.0,
+        memory_mb=512,
+        started_at=started_at,
+        accounted_to=started_at,
+    )
+    values.update(overrides)
+    return SessionUsage(**values)
+
+
+def test_usage_records_are_written_replaced_and_read_back(db):
+    record = usage(amounts=UsageAmounts(active_s=3.0, idle_s=7.0, cpu_s=2.5), instance_id="i-1", cpu_base=12.5)
+    db.save_usage([record], [])
+    assert db.get_usage(record.row_id) == record
+    record.amounts.add(UsageAmounts(idle_s=5.0))
+    record.accounted_to, record.ended_at, record.end_reason, record.memory_peak_bytes = 1015.0, 1015.0, "idle", 1 << 20
+    db.save_usage([record], [])
+    again = db.get_usage(record.row_id)
+    assert again.amounts.idle_s == 12.0 and again.ended_at == 1015.0 and again.memory_peak_bytes == 1 << 20
+    assert db.usage_of([record.row_id, "missing"]) == {record.row_id: again}
+    with pytest.raises(NotFound):
+        db.get_usage("missing")
+
+
+def test_usage_records_are_listed_by_overlap_with_a_range_newest_first_in_pages(db):
+    early = usage(started_at=100.0, ended_at=200.0)
+    middle = usage(started_at=300.0, ended_at=400.0, function="other")
+    live = usage(started_at=500.0)
+    elsewhere = usage("t2", started_at=500.0)
+    db.save_usage([early, middle, live, elsewhere], [])
+
+    def ids(**query):
+        return [r.row_id for r in db.list_usage("t1", **query)[0]]
+
+    assert ids() == [live.row_id, middle.row_id, early.row_id]
+    assert ids(start=350.0) == [live.row_id, middle.row_id]  # still alive at 350
+    assert ids(start=150.0, end=300.0) == [early.row_id]  # started before 300
+    assert ids(function="other") == [middle.row_id]
+    assert ids(active=True) == [live.row_id] and ids(active=False) == [middle.row_id, early.row_id]
+    first, token = db.list_usage("t1", limit=2)
+    rest, last = db.list_usage("t1", limit=2, after=token)
+    assert [r.row_id for r in first + rest] == [live.row_id, middle.row_id, early.row_id] and last is None
+
+
+def test_bucket_amounts_add_up_and_are_summed_by_tenant_function_and_time(db):
+    db.save_usage(
+        [],
+        [
+            UsageBucket("t1", "base", 0.0, UsageAmounts(active_s=1.0, cpu_s=0.5)),
+            UsageBucket("t1", "base", 60.0, UsageAmounts(idle_s=60.0)),
+            UsageBucket("t1", "web", 60.0, UsageAmounts(active_s=10.0)),
+            UsageBucket("t2", "base", 60.0, UsageAmounts(active_s=100.0)),
+        ],
+    )
+    db.save_usage([], [UsageBucket("t1", "base", 0.0, UsageAmounts(active_s=2.0))])  # adds, never replaces
+
+    def sums(**query):
+        return {key: (a.active_s, a.idle_s) for key, a in db.usage_totals(**query)}
+
+    assert sums(start=0, end=120, tenant_id="t1") == {(None, None, None): (13.0, 60.0)}
+    assert sums(start=0, end=120, tenant_id="t1", by_function=True) == {
+        (None, "base", None): (3.0, 60.0),
+        (None, "web", None): (10.0, 0.0),
+    }
+    assert sums(start=0, end=120, by_tenant=True) == {
+        ("t1", None, None): (13.0, 60.0),
+        ("t2", None, None): (100.0, 0.0),
+    }
+    assert sums(start=0, end=120, tenant_id="t1", step=60) == {
+        (None, None, 0.0): (3.0, 0.0),
+        (None, None, 60.0): (10.0, 60.0),
+    }
+    assert sums(start=60, end=120, tenant_id="t1", function="base") == {(None, None, None): (0.0, 60.0)}
+    assert sums(start=0, end=60, tenant_id="t1")[(None, None, None)] == (3.0, 0.0)  # buckets starting in the range
+    assert db.usage_totals(start=500, end=600, tenant_id="t1") == []
