@@ -1,4 +1,5 @@
-"""The one ASGI app `hutch serve` runs: data-plane traffic to the gateway, the rest to the API.
+"""The one ASGI app `hutch serve` runs: data-plane traffic to the gateway, `/mcp` to hutch's own
+MCP server (`hutch.mcp.endpoint`), the rest to the API.
 
 It also owns the ASGI lifespan: the server answers requests only once `Hutch.start` has
 finished (so `GET /health` answering 200 means ready), and `Hutch.stop` runs on shutdown.
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import AsyncExitStack
 
 from hutch.api.app import create_app
 from hutch.gateway.app import Gateway
+from hutch.mcp.endpoint import McpEndpoint
 from hutch.server import Hutch
 
 log = logging.getLogger(__name__)
@@ -21,6 +24,8 @@ class HutchApp:
         self.hutch = hutch
         self.api = create_app(hutch)
         self.gateway = Gateway(hutch)
+        self.mcp = McpEndpoint(hutch, self)
+        self._running = AsyncExitStack()
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
@@ -28,6 +33,8 @@ class HutchApp:
             await self._lifespan(receive, send)
         elif self.gateway.claims(scope):
             await self.gateway(scope, receive, send)
+        elif self.mcp.claims(scope):
+            await self.mcp(scope, receive, send)
         else:
             await self.api(scope, receive, send)
 
@@ -38,6 +45,7 @@ class HutchApp:
                 try:
                     await self.hutch.start()
                     self.gateway.start()
+                    await self._running.enter_async_context(self.mcp.run())
                 except Exception as exc:
                     log.exception("hutch failed to start")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -51,6 +59,7 @@ class HutchApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 try:
+                    await self._running.aclose()
                     self.gateway.close()
                     await self.hutch.stop()
                 finally:

@@ -5,24 +5,29 @@ answer tells the client back (DESIGN.md §1, "Affinity modes").
   Without it the request starts a new session, whose generated id comes back in that header.
 - `GENERATED_COOKIE`: the key is a cookie (`x-fc-cookie-session-id` by default) that the gateway
   sets on the answer that created the session: `<name>=<id>; Path=/; Max-Age=<ttl>; HttpOnly`.
+- `MCP_STREAMABLE`, `MCP_SSE`: MCP session ids are `hutch.gateway.mcp`'s. A request without one
+  (a client of spec 2026-07-28) may still name a session: by `Mcp-Param-Sandbox-Id` (a tool
+  argument the client mirrors into a header), the function's header, or its cookie, in that order.
 
 A key a client sends must be 1-64 characters of `[A-Za-z0-9_-]`, not starting with `-`; any
-other value is rejected (400), never hashed into a session. The MCP modes are answered 501 by the
-gateway until the MCP issue lands. This module only reads and writes headers; sessions are the
-session manager's.
+other value is rejected (400), never hashed into a session. This module only reads and writes
+headers; sessions are the session manager's.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Sequence
 
-from hutch.errors import InvalidArgument, Unimplemented
+from hutch.errors import InvalidArgument
 from hutch.functions import AffinityType, FunctionSpec
 from hutch.scheduler.sessions import SESSION_ID
 
 Header = tuple[bytes, bytes]
 
 ID_RULE = "1-64 characters from [A-Za-z0-9_-], not starting with '-'"
+MCP_PARAM_SANDBOX_ID = b"mcp-param-sandbox-id"
 
 
 def header_value(headers: Sequence[Header], name: bytes) -> bytes | None:
@@ -50,10 +55,42 @@ def cookie_value(headers: Sequence[Header], name: str) -> str | None:
     return None
 
 
-def _checked(value: str, where: str) -> str:
+def checked_key(value: str, where: str) -> str:
+    """`value` if it is a well-formed session key.
+
+    Raises:
+        InvalidArgument: it is not.
+    """
     if not SESSION_ID.fullmatch(value):
         raise InvalidArgument(f"invalid session id in {where}: {ID_RULE}")
     return value
+
+
+def header_key(spec: FunctionSpec, headers: Sequence[Header]) -> str | None:
+    name = spec.affinity_config.header_name  # lowercased by AffinityConfig
+    raw = header_value(headers, name.encode("latin-1"))
+    return None if raw is None else checked_key(raw.decode("latin-1"), f"header {name}")
+
+
+def cookie_key(spec: FunctionSpec, headers: Sequence[Header]) -> str | None:
+    name = spec.affinity_config.cookie_name
+    value = cookie_value(headers, name)
+    return None if value is None else checked_key(value, f"cookie {name}")
+
+
+def mcp_param_key(headers: Sequence[Header]) -> str | None:
+    """The session a 2026-07-28 `tools/call` names with `Mcp-Param-Sandbox-Id` (spec: a value that is
+    not a plain token travels as `=?base64?...?=`)."""
+    raw = header_value(headers, MCP_PARAM_SANDBOX_ID)
+    if raw is None:
+        return None
+    value = raw.strip()
+    if value.startswith(b"=?base64?") and value.endswith(b"?="):
+        try:
+            value = base64.b64decode(value[9:-2], validate=True)
+        except binascii.Error:
+            raise InvalidArgument("invalid base64 in header Mcp-Param-Sandbox-Id") from None
+    return checked_key(value.decode("latin-1"), "header Mcp-Param-Sandbox-Id")
 
 
 def session_key(spec: FunctionSpec, headers: Sequence[Header]) -> str | None:
@@ -61,20 +98,13 @@ def session_key(spec: FunctionSpec, headers: Sequence[Header]) -> str | None:
 
     Raises:
         InvalidArgument: the key is malformed.
-        Unimplemented: the function uses an MCP affinity mode (not routed by the gateway yet).
     """
     mode = spec.session_affinity
     if mode == AffinityType.HEADER_FIELD:
-        name = spec.affinity_config.header_name  # lowercased by AffinityConfig
-        raw = header_value(headers, name.encode("latin-1"))
-        return None if raw is None else _checked(raw.decode("latin-1"), f"header {name}")
+        return header_key(spec, headers)
     if mode == AffinityType.GENERATED_COOKIE:
-        name = spec.affinity_config.cookie_name
-        value = cookie_value(headers, name)
-        return None if value is None else _checked(value, f"cookie {name}")
-    raise Unimplemented(
-        f"function {spec.name} uses {mode.value} session affinity, which the gateway does not route yet"
-    )
+        return cookie_key(spec, headers)
+    return mcp_param_key(headers) or header_key(spec, headers) or cookie_key(spec, headers)
 
 
 def response_headers(spec: FunctionSpec, session_id: str, ttl_s: int, created: bool) -> list[Header]:

@@ -2,7 +2,9 @@
 
 `hutch.asgi.HutchApp` asks `claims(scope)` for every HTTP and WebSocket request and hands over
 the claimed ones:
-- function invocations, `/functions/{name}/invoke[/{path}]` (`hutch.gateway.invoke`);
+- function invocations, `/functions/{name}/invoke[/{path}]` and
+  `/functions/{name}/sessions/{id}[/{path}]` (`hutch.gateway.invoke`; MCP session affinity in
+  `hutch.gateway.mcp`, whose bindings of MCP session ids live here);
 - E2B in-sandbox traffic: `E2b-Sandbox-Id` + `E2b-Sandbox-Port` headers, or a host
   `{port}-{sandboxId}.{domain}` when `domain` is configured (`hutch.gateway.e2b`).
 Everything else belongs to the control plane.
@@ -10,22 +12,24 @@ Everything else belongs to the control plane.
 Per request: resolve the target (tenant, function, session, live instance: all in memory on a
 hit), count the request as session activity from before it is forwarded until its answer (or
 stream, or WebSocket) ends or the client leaves, and proxy it (`proxy`, `websocket`) over a
-pooled keep-alive connection to the instance's socket.
+pooled keep-alive connection to the instance's socket. Its latency, from arrival to the end of
+the exchange, goes to a histogram by affinity mode (`hutch.metrics`, about a microsecond).
 
 This module is the gateway's one error boundary: a `HutchError` raised before the answer
-started becomes `{"code": "<wire code>", "message"}` with the error's HTTP status, or E2B's
-`{"code": <status>, "message"}` for E2B traffic. Anything unexpected is logged and answered 500
-in the same shape: never a traceback on the wire.
+started becomes `{"code": "<wire code>", "message"}` with the error's HTTP status, E2B's
+`{"code": <status>, "message"}` for E2B traffic, or a JSON-RPC error body for an MCP function's.
+Anything unexpected is logged and answered 500 in the same shape: never a traceback on the wire.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from hutch.errors import HutchError
-from hutch.gateway import e2b, invoke
+from hutch.gateway import e2b, invoke, mcp
 from hutch.gateway.proxy import proxy_http
 from hutch.gateway.types import Header, Receive, Scope, Send, Target
 from hutch.gateway.upstream import UpstreamPool
@@ -45,10 +49,13 @@ class Gateway:
         self.hutch = hutch
         self.domain = hutch.config.domain.strip(".").lower()
         self.pool = UpstreamPool()
+        self.mcp = mcp.McpBindings()
 
     def start(self) -> None:
-        """Called once the sessions are up: drop pooled connections of sessions that end."""
+        """Called once the sessions are up: bind again the MCP sessions that survived a restart, and
+        drop pooled connections and MCP bindings of sessions that end."""
         assert self.hutch.sessions is not None
+        self.mcp.restore(self.hutch.sessions.active_sessions())
         self.hutch.sessions.on_end.append(self._session_ended)
 
     def close(self) -> None:
@@ -56,6 +63,7 @@ class Gateway:
 
     def _session_ended(self, session: SessionRecord) -> None:
         self.pool.drop_instance(session.instance_id)
+        self.mcp.forget(session.row_id)
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -74,17 +82,18 @@ class Gateway:
         return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         parsed = invoke.parse_path(scope["path"])
         is_e2b = parsed is None
         try:
             if parsed is not None:
-                target = await invoke.resolve(self.hutch, scope, *parsed)
+                target = await invoke.resolve(self.hutch, scope, parsed, self.mcp)
             else:
                 address = e2b.sandbox_address(scope, self.domain)
                 if address is None:  # claimed by a sibling check; should not happen
                     raise e2b.SandboxNotFound("no sandbox named by this request")
                 target = await e2b.resolve(self.hutch, scope, *address)
-            await self._forward(target, scope, receive, send)
+            await self._forward(target, scope, receive, send, started)
         except HutchError as exc:
             if exc.http_status >= 500 and not isinstance(exc, e2b.SandboxNotFound):
                 log.warning("%s %s: %s", scope.get("method", "WS"), scope["path"], exc.message)
@@ -93,7 +102,7 @@ class Gateway:
             log.exception("%s %s failed", scope.get("method", "WS"), scope["path"])
             await self._error(scope, send, HutchError(f"internal error: {exc.__class__.__name__}"), is_e2b)
 
-    async def _forward(self, target: Target, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _forward(self, target: Target, scope: Scope, receive: Receive, send: Send, started: float) -> None:
         sessions = self.hutch.sessions
         assert sessions is not None
         row_id = target.session.row_id
@@ -105,6 +114,12 @@ class Gateway:
                 await proxy_websocket(target, scope, receive, send)
         finally:
             sessions.activity.end(row_id)
+            self.hutch.metrics.observe_request(target.session.affinity, time.perf_counter() - started)
+            if target.observer is not None:
+                try:
+                    await target.observer.finish()  # may end the session (MCP DELETE, SSE stream closed)
+                except Exception:
+                    log.exception("%s %s: ending the MCP exchange", scope.get("method", "WS"), scope["path"])
 
     # -- the error boundary --------------------------------------------------------------------
 
@@ -114,7 +129,7 @@ class Gateway:
         if scope["type"] == "websocket":
             await refuse_with_error(scope, send, exc, body)
             return
-        data = json.dumps(body).encode()
+        data = exc.body() if isinstance(exc, mcp.JsonRpcError) else json.dumps(body).encode()
         try:
             await send({"type": "http.response.start", "status": exc.http_status, "headers": JSON_HEADERS})
             await send({"type": "http.response.body", "body": data})

@@ -16,6 +16,9 @@
 - A pooled connection that turns out closed (a user server's keep-alive ended just then) is
   retried once on a new one, for idempotent methods whose body was sent whole and when nothing
   was answered; anything else is a 502 rather than a request the instance might see twice.
+- A target's `observer` (MCP session affinity) sees the answer's head before the client does,
+  and may add headers to it; it sees every chunk before the client does too, and may hold back
+  the bytes of an SSE event that is not complete yet.
 """
 
 from __future__ import annotations
@@ -122,6 +125,9 @@ async def proxy_http(pool: UpstreamPool, target: Target, scope: Scope, receive: 
 
         answer, sized = hop.response_headers(upstream_headers, target.answer_drop)
         answer += target.answer
+        observer = target.observer
+        if observer is not None:
+            answer += observer.head(status, upstream_headers)
         if not sized and not head_only and status not in (204, 304):
             answer.append(NO_BUFFERING)
         await send({"type": "http.response.start", "status": status, "headers": answer})
@@ -137,10 +143,16 @@ async def proxy_http(pool: UpstreamPool, target: Target, scope: Scope, receive: 
                 exchange.finished = True
                 watcher.cancel()
                 conn.finish(exchange.body_sent)
+                if observer is not None:
+                    data = observer.body(data or b"", True)
                 await send({"type": "http.response.body", "body": data or b"", "more_body": False})
                 return
             if exchange.client_gone:
                 return
+            if observer is not None:
+                data = observer.body(data, False)
+                if not data:
+                    continue  # held back: part of an SSE event still arriving
             await send({"type": "http.response.body", "body": data, "more_body": True})
     finally:
         if not exchange.finished:

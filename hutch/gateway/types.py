@@ -1,18 +1,36 @@
-"""The contracts inside the gateway: where a request goes (`Target`) and the ASGI callables."""
+"""The contracts inside the gateway: where a request goes (`Target`), what watches its answer
+(`Observer`), and the ASGI callables."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from starlette.types import Message, Receive, Scope, Send
 
 from hutch.gateway.upstream import PoolKey
 from hutch.metadb.records import SessionRecord
 
-__all__ = ["Header", "Message", "Receive", "Scope", "Send", "Target"]
+__all__ = ["Header", "Message", "Observer", "Receive", "Scope", "Send", "Target"]
 
 Header = tuple[bytes, bytes]
+
+
+class Observer(Protocol):
+    """Watches one proxied exchange (MCP session affinity): the proxy calls `head` before the
+    client sees the answer's head, `body` on every chunk before the client sees it, and the
+    gateway calls `finish` once the exchange is over, however it ended."""
+
+    def head(self, status: int, headers: list[Header]) -> list[Header]:
+        """The instance's answer head; returns headers to add to the client's answer."""
+        ...
+
+    def body(self, data: bytes, last: bool) -> bytes:
+        """A chunk of the answer; returns what the client gets (it may hold bytes back)."""
+        ...
+
+    async def finish(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -27,3 +45,4 @@ class Target:
     add: list[Header] = field(default_factory=list)  # request headers the gateway sets
     answer: list[Header] = field(default_factory=list)  # headers added to the answer (affinity)
     answer_drop: frozenset[bytes] = frozenset()  # instance answer headers the gateway's replace
+    observer: Observer | None = None  # MCP functions: learns session ids from the answer

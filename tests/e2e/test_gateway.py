@@ -330,10 +330,12 @@ def test_a_bearer_token_works_too_and_credentials_never_reach_the_instance(gw, t
         assert lowered["x-fc-session-id"] == "creds" and lowered["x-forwarded-prefix"] == f"/functions/{web}/invoke"
 
 
-def test_mcp_affinity_modes_are_not_routed_yet(tenant):
+def test_mcp_affinity_modes_answer_unknown_mcp_sessions_with_json_rpc_404s(tenant):
+    # The MCP modes themselves are tested with real MCP clients in test_mcp.py.
     name = _function(tenant, sessionAffinity="MCP_STREAMABLE")
-    response = tenant.post(f"/functions/{name}/invoke/mcp", json={})
-    assert response.status_code == 501 and response.json()["code"] == "unimplemented"
+    response = tenant.post(f"/functions/{name}/invoke/mcp", json={}, headers={"mcp-session-id": "unknown"})
+    assert response.status_code == 404
+    assert response.json() == {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": "Session not found"}}
 
 
 # -- user servers: streaming, large bodies, SSE, WebSocket ---------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hutch.errors import InvalidArgument, Unimplemented
+from hutch.errors import InvalidArgument
 from hutch.functions import FunctionSpec
 from hutch.gateway import affinity
 
@@ -58,9 +58,23 @@ def test_a_cookie_with_a_longer_name_is_not_mistaken_for_the_session_cookie():
 
 
 @pytest.mark.parametrize("mode", ["MCP_STREAMABLE", "MCP_SSE"])
-def test_mcp_modes_are_not_routed_yet(mode):
-    with pytest.raises(Unimplemented):
-        affinity.session_key(_spec(mode), [])
+def test_mcp_requests_without_an_mcp_session_name_one_by_param_header_or_cookie_in_that_order(mode):
+    spec = _spec(mode)
+    param = (b"mcp-param-sandbox-id", b"by-param")
+    header = (b"x-fc-session-id", b"by-header")
+    cookie = (b"cookie", b"x-fc-cookie-session-id=by-cookie")
+    assert affinity.session_key(spec, [cookie, header, param]) == "by-param"
+    assert affinity.session_key(spec, [cookie, header]) == "by-header"
+    assert affinity.session_key(spec, [cookie]) == "by-cookie"
+    assert affinity.session_key(spec, []) is None
+
+
+def test_a_base64_wrapped_mcp_param_header_is_decoded_before_the_id_rule_applies():
+    assert affinity.mcp_param_key([(b"mcp-param-sandbox-id", b"=?base64?c2FuZGJveC0x?=")]) == "sandbox-1"
+    with pytest.raises(InvalidArgument):
+        affinity.mcp_param_key([(b"mcp-param-sandbox-id", b"=?base64?L2V0Yy9wYXNzd2Q=?=")])  # "/etc/passwd"
+    with pytest.raises(InvalidArgument):
+        affinity.mcp_param_key([(b"mcp-param-sandbox-id", b"=?base64?!!?=")])
 
 
 def test_header_mode_echoes_the_session_id_in_the_same_header():

@@ -28,19 +28,37 @@ def _scope(path: str = "/", method: str = "GET", headers=(), query: bytes = b"",
 @pytest.mark.parametrize(
     ("path", "parsed"),
     [
-        ("/functions/base/invoke", ("base", "/")),
-        ("/functions/base/invoke/", ("base", "/")),
-        ("/functions/base/invoke/execute", ("base", "/execute")),
-        ("/functions/my-fn/invoke/a/b/c", ("my-fn", "/a/b/c")),
+        ("/functions/base/invoke", ("base", "/", None)),
+        ("/functions/base/invoke/", ("base", "/", None)),
+        ("/functions/base/invoke/execute", ("base", "/execute", None)),
+        ("/functions/my-fn/invoke/a/b/c", ("my-fn", "/a/b/c", None)),
         ("/functions/base/invoker", None),
         ("/functions/base/sessions", None),
+        ("/functions/base/sessions/", None),
         ("/functions//invoke/x", None),
         ("/v1/functions/base/invoke/x", None),
         ("/functions/base", None),
     ],
 )
 def test_invoke_paths_name_the_function_and_the_path_on_the_instance(path, parsed):
-    assert invoke.parse_path(path) == parsed
+    invocation = invoke.parse_path(path)
+    found = None if invocation is None else (invocation.function, invocation.rest, invocation.session_key)
+    assert found == parsed
+
+
+@pytest.mark.parametrize(
+    ("path", "parsed"),
+    [
+        ("/functions/mcp/sessions/s-1/mcp", ("mcp", "/mcp", "s-1", "/functions/mcp/sessions/s-1")),
+        ("/functions/mcp/sessions/s-1", ("mcp", "/", "s-1", "/functions/mcp/sessions/s-1")),
+        ("/functions/mcp/sessions/s-1/", ("mcp", "/", "s-1", "/functions/mcp/sessions/s-1")),
+        ("/functions/web/sessions/k/a/b", ("web", "/a/b", "k", "/functions/web/sessions/k")),
+    ],
+)
+def test_session_paths_name_the_session_as_well(path, parsed):
+    invocation = invoke.parse_path(path)
+    assert invocation is not None
+    assert (invocation.function, invocation.rest, invocation.session_key, invocation.prefix) == parsed
 
 
 def test_the_instance_gets_the_raw_path_and_the_query_unchanged():
@@ -49,8 +67,11 @@ def test_the_instance_gets_the_raw_path_and_the_query_unchanged():
         raw_path=b"/functions/fn/invoke/a%20b/%252F",
         query=b"x=1&y=%20",
     )
-    assert invoke._target(scope, "fn", "/a b/%2F") == b"/a%20b/%252F?x=1&y=%20"
-    assert invoke._target(_scope("/functions/fn/invoke", raw_path=b"/functions/fn/invoke"), "fn", "/") == b"/"
+    assert invoke._target(scope, "/functions/fn/invoke", "/a b/%2F") == b"/a%20b/%252F?x=1&y=%20"
+    bare = _scope("/functions/fn/invoke", raw_path=b"/functions/fn/invoke")
+    assert invoke._target(bare, "/functions/fn/invoke", "/") == b"/"
+    by_session = _scope("/functions/fn/sessions/s1/mcp", raw_path=b"/functions/fn/sessions/s1/mcp", query=b"a=1")
+    assert invoke._target(by_session, "/functions/fn/sessions/s1", "/mcp") == b"/mcp?a=1"
 
 
 def test_e2b_headers_name_the_sandbox_and_port():
