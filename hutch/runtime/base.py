@@ -122,12 +122,20 @@ class Runtime(Protocol):
         """Whether the instance is known and its agent answered (a lookup, no system call)."""
         ...
 
+    def has(self, instance_id: str) -> bool:
+        """Whether this runtime knows the instance, in any state (a lookup)."""
+        ...
+
     async def claim_workspace(self, instance_id: InstanceId, key: str) -> None:
         """Give a running instance's fresh workspace a session's key (warm-pool claim)."""
         ...
 
     async def adopt_running(self) -> list[Instance]:
         """After a restart of hutch: take back the instances still alive, clean up the dead."""
+        ...
+
+    def sweep_orphans(self, live: set[str]) -> list[str]:
+        """Remove leftovers of a crash (directories, cgroups, mounts) no instance in `live` owns."""
         ...
 
     async def close(self) -> None:

@@ -27,6 +27,7 @@ import logging
 import marshal
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -103,7 +104,7 @@ class BwrapRuntime(LocalRuntime):
             info_r, info_w = os.pipe()
             block_r, block_w = os.pipe()
             stderr_r, stderr_w = os.pipe()
-            fds += [info_w, block_r, stderr_w]
+            fds += [info_r, info_w, block_r, block_w, stderr_r, stderr_w]
 
             argv = self._argv(
                 spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, prepared.instance_dir, prepared.workspace_path
@@ -120,23 +121,29 @@ class BwrapRuntime(LocalRuntime):
                 )
             except OSError as exc:
                 raise IsolationError(f"cannot run bwrap: {exc}") from None
-            for fd in fds:
+            given = {userns_fd, seccomp_fd, info_w, block_r, stderr_w, listen_fd}  # bwrap has them now
+            for fd in given:
                 os.close(fd)
-            fds.clear()
-            undo.append(lambda: (popen.kill(), popen.wait()))
+            fds = [fd for fd in fds if fd not in given]
+            # Until it is released, bwrap's child waits on the block fd in bwrap's process group:
+            # killing the group ends both, so a failed start can never leave a sandbox running.
+            undo.append(lambda: (_kill_group(popen.pid), popen.wait()))
+            fds.remove(info_r)  # closed by _read_info, whatever happens
             info = self._read_info(info_r, popen, stderr_r)
             pid = int(info["child-pid"])
             cgroup.add_process(pid)
-            os.write(block_w, b"1")
-            os.close(block_w)
             detail = {"cgroup": cgroup.to_dict(), "bwrap_pid": popen.pid}
-            return self._record(spec, prepared, pid, detail), popen, stderr_r
+            # Recorded before it runs: a crash of hutch from here on leaves a record to clean up.
+            instance = self._record(spec, prepared, pid, detail)
+            os.write(block_w, b"1")
+            return instance, popen, fds.pop(fds.index(stderr_r))
         except BaseException:
+            undo_all(undo)
+            raise
+        finally:
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            undo_all(undo)
-            raise
 
     def _argv(self, spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, instance_dir, workspace_path):
         resources: Resources = spec.resources
@@ -192,3 +199,8 @@ class BwrapRuntime(LocalRuntime):
             message = read_error(stderr_r)
             raise IsolationError(f"bwrap failed to set up the sandbox: {message or popen.returncode}")
         return json.loads(data)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)

@@ -281,6 +281,21 @@ class CgroupManager:
         _write(parent / "cgroup.subtree_control", enable)
         return parent
 
+    def children(self) -> list[str]:
+        """Names of the instance cgroups under our parents (any hierarchy)."""
+        names: set[str] = set()
+        for parent in [*self.parents.values(), *([self.kill_parent] if self.kill_parent else [])]:
+            try:
+                names.update(entry.name for entry in parent.iterdir() if entry.is_dir())
+            except OSError:
+                continue
+        return sorted(names)
+
+    def open(self, name: str) -> Cgroup:
+        """The cgroups of an instance by name (what `create` made), without touching them."""
+        dirs = {key: parent / name for key, parent in self.parents.items()}
+        return Cgroup(self.version, dirs, self.kill_parent / name if self.kill_parent else None)
+
     def remove_parents(self) -> None:
         """Remove hutch's group directories if no instance is left in them."""
         for parent in [*self.parents.values(), *([self.kill_parent] if self.kill_parent else [])]:

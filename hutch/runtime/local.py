@@ -161,6 +161,8 @@ class LocalRuntime:
         self.host = HostView(self.data_dir)
         self._instances: dict[InstanceId, Instance] = {}
         self._watches: dict[InstanceId, _Watch] = {}
+        self._spawning: set[asyncio.Future] = set()  # spawns running in worker threads
+        self._discarding: set[asyncio.Task] = set()  # stops of instances whose start was cancelled
         self.on_exit: Callable[[Instance], None] | None = None  # an instance died on its own
 
     # -- what a backend provides ----------------------------------------------------------------
@@ -215,7 +217,17 @@ class LocalRuntime:
             raise Unimplemented("network access for sandboxes is not available yet; instances have loopback only")
         if spec.instance_id in self._instances:
             raise IsolationError(f"instance {spec.instance_id} already exists")
-        instance, popen, stderr_r = await asyncio.to_thread(self._spawn, spec)
+        loop = asyncio.get_running_loop()
+        spawning = loop.run_in_executor(None, self._spawn, spec)
+        self._spawning.add(spawning)
+        spawning.add_done_callback(self._spawning.discard)
+        try:
+            instance, popen, stderr_r = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            # The caller gave up (shutdown), but the spawn goes on in its thread: stop what it
+            # makes as soon as it is made, or the sandbox would run on with nobody knowing it.
+            spawning.add_done_callback(lambda done: self._discard(loop, done))
+            raise
         self._instances[spec.instance_id] = instance
         self._watch(instance, popen)
         try:
@@ -228,6 +240,21 @@ class LocalRuntime:
         instance.state = InstanceState.RUNNING
         self._save(instance)
         return instance
+
+    def _discard(self, loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> None:
+        """Stop an instance whose start was cancelled while its spawn was running."""
+        if done.cancelled() or done.exception() is not None:
+            return  # the spawn undid itself
+        instance, popen, stderr_r = done.result()
+        os.close(stderr_r)
+        self._instances[instance.instance_id] = instance
+        self._watch(instance, popen)
+        task = loop.create_task(self.stop(instance.instance_id))
+        self._discarding.add(task)
+        task.add_done_callback(self._discarding.discard)
+
+    def has(self, instance_id: str) -> bool:
+        return instance_id in self._instances
 
     def _prepare(self, spec: InstanceSpec, undo: list[Callable[[], object]]) -> Prepared:
         """The first steps of every start: a uid slot, the instance's directory (with `run/` for
@@ -442,9 +469,42 @@ class LocalRuntime:
                 log.error("cleanup of dead instance %s: %s", instance.instance_id, exc)
         return adopted
 
+    def sweep_orphans(self, live: set[str]) -> list[str]:
+        """Remove what a crash of hutch in the middle of a start or stop can leave behind: instance
+        directories without a record, cgroups, workspace mounts and unclaimed workspaces that no
+        live instance (`live`: ids of every backend on this data directory) owns. Returns what
+        was removed."""
+        removed = []
+        for directory in self.instances_dir.iterdir():
+            if directory.name in live or (directory / "instance.json").exists():
+                continue
+            for mount in _mounts_below(directory):
+                subprocess.run(["umount", "--lazy", mount], capture_output=True)
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(f"instance directory {directory.name}")
+        for name in self.cgroups.children():
+            if name not in live:
+                cgroup = self.cgroups.open(name)
+                cgroup.kill_all()
+                try:
+                    cgroup.remove()
+                    removed.append(f"cgroups of {name}")
+                except IsolationError as exc:
+                    log.error("stray cgroups of %s: %s", name, exc)
+        live_paths = {str(i.workspace_path) for i in self._instances.values()}
+        sweep = getattr(self.store, "sweep", None)
+        if sweep is not None:
+            removed += sweep(live_paths, {f"{INSTANCE_WORKSPACE_PREFIX}{i}" for i in live})
+        if removed:
+            log.warning("removed leftovers of an earlier crash: %s", ", ".join(removed))
+        return removed
+
     async def close(self, unstage: bool = False) -> None:
         """Stop watching; instances keep running. `unstage`: also unmount the staged host binds and
         remove hutch's (empty) cgroup parents, for a runtime that is going away for good."""
+        # Starts cancelled by a shutdown finish their spawn and then stop what they made.
+        await asyncio.gather(*self._spawning, return_exceptions=True)
+        await asyncio.gather(*self._discarding, return_exceptions=True)
         loop = asyncio.get_running_loop()
         for watch in self._watches.values():
             if watch.pidfd >= 0:
@@ -458,3 +518,10 @@ class LocalRuntime:
         if unstage:
             self.host.unstage()
             self.cgroups.remove_parents()
+
+
+def _mounts_below(directory: Path) -> list[str]:
+    prefix = str(directory.resolve()) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4].encode().decode("unicode_escape") for line in f]
+    return sorted((p for p in points if p.startswith(prefix)), reverse=True)  # deepest first

@@ -11,6 +11,7 @@ It knows backends only by name (`hutch.runtime.make_runtime`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -68,7 +69,7 @@ class MultiRuntime:
 
     def _owner(self, instance_id: str) -> Runtime:
         for runtime in self.runtimes.values():
-            if any(i.instance_id == instance_id for i in runtime.instances()):
+            if runtime.has(instance_id):  # a dict lookup: this is on the request path
                 return runtime
         raise NotFound(f"instance {instance_id} not found")
 
@@ -92,6 +93,12 @@ class MultiRuntime:
     def instances(self) -> list[Instance]:
         return [i for runtime in self.runtimes.values() for i in runtime.instances()]
 
+    def has(self, instance_id: str) -> bool:
+        return any(runtime.has(instance_id) for runtime in self.runtimes.values())
+
+    def sweep_orphans(self, live: set[str]) -> list[str]:
+        return [item for runtime in self.runtimes.values() for item in runtime.sweep_orphans(live)]
+
     def is_running(self, instance_id: str) -> bool:
         return any(runtime.is_running(instance_id) for runtime in self.runtimes.values())
 
@@ -108,6 +115,10 @@ class MultiRuntime:
         adopted = []
         for runtime in list(self.runtimes.values()):
             adopted += await runtime.adopt_running()
+        # Only now is every live instance on this data directory known, whatever its backend.
+        live = {i.instance_id for i in self.instances()}
+        for runtime in self.runtimes.values():
+            await asyncio.to_thread(runtime.sweep_orphans, live)
         return adopted
 
     def _recorded_backends(self) -> set[str]:

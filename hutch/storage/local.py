@@ -50,6 +50,18 @@ class DirectoryStore:
     def detach(self, key: str, path: Path) -> None:
         pass
 
+    def sweep(self, attached: set[str], claimed_keys: set[str]) -> list[str]:
+        """Delete unclaimed instance workspaces (`_instances/<id>`) whose instance is gone."""
+        removed = []
+        unclaimed = self.root / "_instances"
+        if unclaimed.is_dir():
+            for directory in unclaimed.iterdir():
+                key = f"_instances/{directory.name}"
+                if key not in claimed_keys and str(directory) not in attached:
+                    shutil.rmtree(directory, ignore_errors=True)
+                    removed.append(f"workspace {key}")
+        return removed
+
     def delete(self, key: str) -> None:
         shutil.rmtree(self._path(key), ignore_errors=True)
 
@@ -151,6 +163,29 @@ class ImageStore:
             path.rmdir()
         except OSError:
             pass
+
+    def sweep(self, attached: set[str], claimed_keys: set[str]) -> list[str]:
+        """Unmount what no live instance has attached, and delete unclaimed instance workspaces
+        (`_instances/<id>`) whose instance is gone (`claimed_keys`: those still live)."""
+        removed = []
+        for mount_point in sorted(self.mounts.iterdir()):
+            if str(mount_point) in attached or mount_point.name.startswith("template-"):
+                continue
+            if is_mount_point(mount_point):
+                subprocess.run(["umount", "--lazy", str(mount_point)], capture_output=True)
+            try:
+                mount_point.rmdir()
+                removed.append(f"workspace mount {mount_point.name}")
+            except OSError:
+                pass
+        unclaimed = self.root / "_instances"
+        if unclaimed.is_dir():
+            for image in unclaimed.glob("*.img"):
+                key = f"_instances/{image.stem}"
+                if key not in claimed_keys:
+                    image.unlink(missing_ok=True)
+                    removed.append(f"workspace {key}")
+        return removed
 
     def delete(self, key: str) -> None:
         try:

@@ -5,20 +5,21 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from hutch.runtime.bwrap import BwrapRuntime
+from hutch.runtime.multi import MultiRuntime
 from hutch.storage.local import DirectoryStore, ImageStore
 
 
 def stop_leftover_instances(data_dir: Path) -> None:
-    if not (data_dir / "instances").exists():
+    if not data_dir.exists():
         return
 
     async def run() -> None:
         root = data_dir / "workspaces"
         store = ImageStore(root) if ImageStore.available() else DirectoryStore(root)
-        runtime = BwrapRuntime(data_dir, store)
+        runtime = MultiRuntime(data_dir, store)  # adopts every backend's instances, sweeps leftovers
         for instance in await runtime.adopt_running():
             await runtime.stop(instance.instance_id)
-        await runtime.close(unstage=True)
+        for backend in runtime.runtimes.values():
+            await backend.close(unstage=True)
 
     asyncio.run(run())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -115,3 +116,56 @@ def test_an_invalid_spec_is_refused_before_anything_starts():
         Resources(memory_mb=1)
     with pytest.raises(ValueError):
         InstanceSpec(instance_id="x", resources=Resources(cpu=0))
+
+
+def test_a_start_cancelled_mid_spawn_leaves_no_instance_behind(loop, runtime):
+    import asyncio
+
+    async def start_then_cancel():
+        spec = InstanceSpec(
+            instance_id=f"cancel-{uuid.uuid4().hex[:8]}", resources=Resources(disk_mb=64), backend=runtime.name
+        )
+        task = asyncio.ensure_future(runtime.start(spec))
+        await asyncio.sleep(0.01)  # the spawn is running in its worker thread by now
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        # what close() does first: let the spawn finish and the cancelled instance be stopped
+        await asyncio.gather(*runtime._spawning, return_exceptions=True)
+        await asyncio.gather(*runtime._discarding, return_exceptions=True)
+        return spec.instance_id
+
+    instance_id = loop.run(start_then_cancel())
+    assert not runtime.has(instance_id)
+    assert not (runtime.instances_dir / instance_id).exists()
+    assert instance_id not in runtime.cgroups.children()
+
+
+def test_leftovers_of_a_crash_mid_start_are_swept_at_the_next_start(loop, runtime, make_sandbox):
+    from hutch.runtime.multi import MultiRuntime
+
+    victim = make_sandbox()
+    instance = victim.instance
+    loop.run(victim.channel.aclose())
+    # hutch died after the sandbox was made but before its record was written
+    (runtime.instances_dir / instance.instance_id / "instance.json").unlink()
+    os.kill(instance.pid, 9)
+    time.sleep(0.2)
+
+    async def restart():
+        successor = MultiRuntime(runtime.data_dir, runtime.store, runtime.uid_slots)
+        adopted = await successor.adopt_running()
+        for backend in successor.runtimes.values():
+            await backend.close()
+        return adopted
+
+    adopted = loop.run(restart())
+    assert instance.instance_id not in {i.instance_id for i in adopted}
+    assert not (runtime.instances_dir / instance.instance_id).exists()
+    assert instance.instance_id not in runtime.cgroups.children()
+    assert not runtime.store.exists(instance.workspace)
+    assert not any(
+        str(instance.workspace_path) in line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+    )
+    runtime._instances.pop(instance.instance_id, None)  # the first runtime's view of it is stale
+    runtime._watches.pop(instance.instance_id, None)
