@@ -16,6 +16,9 @@ base = 2
 sample_interval = 5.0             # seconds between cgroup samples of every live session
 bucket_seconds = 60               # time resolution of per-tenant usage (ranges, charts)
 busy_cpu_fraction = 0.05          # an instance using more CPU than this (of one vCPU) is active
+[network]                         # sandboxes with a network policy (functions' `network`)
+subnet = ""                       # their addresses; "" derives a /16 of 10.64.0.0/10 from data_dir
+hosts = {}                        # names pinned to addresses for sandboxes, e.g. {"mirror.internal" = "10.1.2.3"}
 [pricing]                         # the cost formula: hutch/pricing.py
 currency = "USD"
 vcpu_second = 0.000014            # per vCPU-second
@@ -35,6 +38,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hutch.errors import InvalidArgument
 from hutch.pricing import Pricing
+
+
+class NetworkConfig(BaseModel):
+    """Instance networks (`hutch.runtime.network`) and the egress proxy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subnet: str = ""
+    hosts: dict[str, str] = Field(default_factory=dict)
 
 
 class MeteringConfig(BaseModel):
@@ -62,6 +74,7 @@ class ServerConfig(BaseModel):
     reap_interval: float = Field(0.5, gt=0)
     metrics_public: bool = False
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
     pricing: Pricing = Field(default_factory=Pricing)
 
     @classmethod

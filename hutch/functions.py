@@ -46,6 +46,33 @@ class ResourceSpec(BaseModel):
         )
 
 
+class NetworkSpec(BaseModel):
+    """What an instance may reach (E2B's semantics): `allowOut` entries (CIDRs, addresses,
+    domains, `*.domain`) take precedence over `denyOut` (CIDRs, addresses); what neither names is
+    reachable only with `allowInternetAccess`. The host, its loopback, link-local addresses and
+    other sessions are never reachable. A function without a `network` has loopback only."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    allow_internet_access: bool = Field(False, alias="allowInternetAccess")
+    allow_out: list[str] = Field(default_factory=list, alias="allowOut", max_length=256)
+    deny_out: list[str] = Field(default_factory=list, alias="denyOut", max_length=256)
+
+    @model_validator(mode="after")
+    def _entries(self) -> NetworkSpec:
+        from hutch.errors import HutchError
+        from hutch.runtime.network import egress_policy
+
+        try:
+            egress_policy(self.to_runtime())
+        except (HutchError, ValueError) as exc:
+            raise ValueError(getattr(exc, "message", str(exc))) from None
+        return self
+
+    def to_runtime(self) -> dict:
+        return {"internet": self.allow_internet_access, "allow": list(self.allow_out), "deny": list(self.deny_out)}
+
+
 class AffinityConfig(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
@@ -85,6 +112,9 @@ class FunctionSpec(BaseModel):
     warm_pool_size: int = Field(0, alias="warmPoolSize", ge=0, le=64)
     persist_workspace: bool = Field(False, alias="persistWorkspace", description="keep the workspace after the session")
     prestart_kernel: bool = Field(False, alias="prestartKernel", description="start a Jupyter kernel at boot")
+    network: NetworkSpec | None = Field(
+        None, description="egress policy; null: loopback only (a namespace of its own with no way out)"
+    )
 
     @field_validator("name")
     @classmethod
@@ -107,6 +137,8 @@ class FunctionSpec(BaseModel):
             raise ValueError("startCommand and port go together")
         if self.runtime not in BACKENDS:
             raise ValueError(f"unknown runtime {self.runtime!r} (available: {', '.join(BACKENDS)})")
+        if self.network is not None and self.runtime != "bwrap":
+            raise ValueError(f"a network policy needs the bwrap runtime; {self.runtime} instances have loopback only")
         return self
 
     def wire(self) -> dict:
@@ -118,6 +150,9 @@ BUILTIN_FUNCTIONS = [
         name="base",
         description="A Linux sandbox with Python: commands, files, and user servers on any port.",
         warm_pool_size=2,
+        # A network that reaches nothing until a session asks for more (E2B sandboxes do), so
+        # that warm instances can serve those sessions and policies can change live.
+        network=NetworkSpec(),
     ),
     FunctionSpec(
         name="code-interpreter-v1",
@@ -125,5 +160,6 @@ BUILTIN_FUNCTIONS = [
         resources=ResourceSpec(memoryMB=1024),
         warm_pool_size=1,
         prestart_kernel=True,
+        network=NetworkSpec(),
     ),
 ]

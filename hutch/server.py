@@ -28,6 +28,7 @@ from hutch.metadb import open_metadb
 from hutch.metadb.records import FunctionRecord
 from hutch.metrics import Metrics
 from hutch.runtime.multi import MultiRuntime
+from hutch.runtime.network import Networking, layout_for
 from hutch.runtime.userns import UidSlots
 from hutch.scheduler.metering import Meter
 from hutch.scheduler.scheduler import Scheduler
@@ -64,7 +65,9 @@ class Hutch:
             await self.metadb.put_function(FunctionRecord(BUILTIN_TENANT, spec.name, spec.wire(), now, now))
         store = self._store()
         # One runtime per backend the functions use (gVisor's made on first use); shared uid slots.
-        runtime = MultiRuntime(self.data_dir, store, UidSlots(first_uid=self.config.uid_base))
+        runtime = MultiRuntime(
+            self.data_dir, store, UidSlots(first_uid=self.config.uid_base), networking=self._networking()
+        )
         scheduler_id = "local-" + hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]
         self.scheduler = Scheduler(scheduler_id, runtime, self.metadb, max_instances=self.config.max_instances)
         metering = self.config.metering
@@ -81,6 +84,11 @@ class Hutch:
         await self.sessions.start()
         self.metrics.attach(self.sessions, self.scheduler)
         self.started_at = time.time()
+
+    def _networking(self) -> Networking:
+        """Instance networks with the configured subnet (or one derived from the data dir)."""
+        settings = self.config.network
+        return Networking(layout_for(self.data_dir, settings.subnet), static_hosts=settings.hosts)
 
     def _store(self):
         root = self.data_dir / "workspaces"

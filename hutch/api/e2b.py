@@ -13,8 +13,10 @@ Decisions (README "Use" says the same to users):
   `secure`) but changes nothing: the SDKs send whatever token they are given.
 - Timeout: an absolute deadline, `now + timeout` seconds (1 to 86400; default 300). `POST
   /sandboxes/{id}/timeout` sets it, shorter or longer; connect only ever extends it.
-- Internet: sandboxes have loopback only. `allow_internet_access` is accepted and ignored
-  (SDKs before 2.51 always send `true`); get reports `allowInternetAccess: false`.
+- Internet: as E2B, `allow_internet_access` (default true) and `network.allowOut`/`denyOut`
+  make the sandbox's egress policy, enforced by hutch's egress proxy; `PUT .../network`
+  replaces the allow and deny lists at once. A sandbox of a template without a network that
+  asks for no egress at all gets loopback only (then it cannot be given a network later).
 - Pause: not available. `POST .../pause` answers 501 and the sandbox keeps running; creating
   with `autoPause`/`autoResume` is refused (400) rather than killed where a pause was asked.
   MCP gateways and volume mounts are refused the same way.
@@ -30,12 +32,13 @@ from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hutch.agent.config import ENVD_VERSION
 from hutch.api.auth import caller
 from hutch.api.native import iso
 from hutch.errors import AlreadyExists, InvalidArgument, NotFound, Unimplemented
+from hutch.functions import NetworkSpec
 from hutch.metadb.records import EndReason, SessionRecord, Tenant
 from hutch.scheduler.sessions import MAX_E2B_TIMEOUT_S
 
@@ -51,6 +54,14 @@ IDEMPOTENCY_TTL_S = 3600.0
 # -- request bodies ----------------------------------------------------------------------------
 
 
+class NetworkBody(BaseModel):
+    """E2B's `SandboxNetworkConfig` / `SandboxNetworkUpdateConfig`: the parts hutch enforces."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    allow_out: list[str] = Field(default_factory=list, alias="allowOut", max_length=256)
+    deny_out: list[str] = Field(default_factory=list, alias="denyOut", max_length=256)
+
+
 class NewSandbox(BaseModel):
     """`POST /sandboxes` and `/v2/sandboxes`. Fields hutch does not use are allowed and ignored."""
 
@@ -62,7 +73,8 @@ class NewSandbox(BaseModel):
     auto_pause: bool | None = Field(None, alias="autoPause")
     auto_resume: dict[str, Any] | None = Field(None, alias="autoResume")
     secure: bool | None = Field(None, description="accepted; sandboxes are always secured")
-    allow_internet_access: bool | None = Field(None, description="accepted; sandboxes have loopback only")
+    allow_internet_access: bool | None = Field(None, description="egress beyond allowOut (E2B's default: true)")
+    network: NetworkBody | None = None
     mcp: dict[str, Any] | None = None
     volume_mounts: list[dict[str, Any]] | None = Field(None, alias="volumeMounts")
 
@@ -135,9 +147,38 @@ async def detail_json(request: Request, session: SessionRecord) -> dict:
         **await listed_json(request, session),
         "envdAccessToken": session.access_token,
         "domain": _domain(request),
-        "allowInternetAccess": False,
+        **_network_fields(request, session),
         "lifecycle": {"autoResume": False, "onTimeout": "kill"},
     }
+
+
+def _network_fields(request: Request, session: SessionRecord) -> dict:
+    policy = session.network
+    if policy is None:
+        return {"allowInternetAccess": False}
+    return {
+        "allowInternetAccess": policy["internet"],
+        "network": {"allowOut": policy["allow"], "denyOut": policy["deny"]},
+    }
+
+
+def _policy(body: NewSandbox, template_has_network: bool) -> dict | None:
+    """The sandbox's egress policy from E2B's create fields (None: loopback only)."""
+    internet = body.allow_internet_access if body.allow_internet_access is not None else True
+    allow = list(body.network.allow_out) if body.network else []
+    deny = list(body.network.deny_out) if body.network else []
+    if not template_has_network and not internet and not allow:
+        return None
+    return _checked({"internet": internet, "allow": allow, "deny": deny})
+
+
+def _checked(policy: dict) -> dict:
+    """The policy, or a 400 naming what is wrong with it."""
+    try:
+        NetworkSpec(allowInternetAccess=policy["internet"], allowOut=policy["allow"], denyOut=policy["deny"])
+    except ValidationError as exc:
+        raise InvalidArgument(f"invalid network: {exc.errors()[0]['msg']}") from None
+    return policy
 
 
 # -- lookups -----------------------------------------------------------------------------------
@@ -211,12 +252,13 @@ async def _create(request: Request, tenant: Tenant, body: NewSandbox) -> Session
     _refuse_unavailable(body)
     sessions = request.app.state.hutch.sessions
     try:
-        await sessions.function(tenant.tenant_id, body.template_id)
+        _, spec = await sessions.function(tenant.tenant_id, body.template_id)
     except NotFound:
         raise NotFound(f"template {body.template_id!r} not found") from None
     session, _ = await sessions.create(
         tenant,
         body.template_id,
+        network=_policy(body, spec.network is not None),
         affinity=AFFINITY,
         ttl_s=body.timeout,
         idle_timeout_s=0,
@@ -365,6 +407,15 @@ async def refresh_sandbox(
     sandbox_id: str, request: Request, tenant: Caller, body: RefreshBody | None = None
 ) -> Response:
     await _extend(request, _sandbox(request, tenant, sandbox_id), (body or RefreshBody()).duration)
+    return Response(status_code=204)
+
+
+@router.put("/sandboxes/{sandbox_id}/network", status_code=204, summary="Replace the sandbox's egress rules")
+async def update_network(sandbox_id: str, body: NetworkBody, request: Request, tenant: Caller) -> Response:
+    session = _sandbox(request, tenant, sandbox_id)
+    internet = session.network["internet"] if session.network is not None else False
+    policy = _checked({"internet": internet, "allow": list(body.allow_out), "deny": list(body.deny_out)})
+    await request.app.state.hutch.sessions.set_network(session, policy)
     return Response(status_code=204)
 
 

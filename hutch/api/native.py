@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hutch.api.auth import caller
 from hutch.errors import InvalidArgument, NotFound, PermissionDenied
-from hutch.functions import BUILTIN_TENANT, AffinityType, FunctionSpec
+from hutch.functions import BUILTIN_TENANT, AffinityType, FunctionSpec, NetworkSpec
 from hutch.metadb.records import EndReason, FunctionRecord, SessionRecord, SessionStatus, Tenant
 
 router = APIRouter(prefix="/v1")
@@ -170,6 +170,7 @@ async def delete_function(name: str, request: Request, tenant: Caller) -> Respon
 class SessionIn(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     session_id: str | None = Field(None, alias="sessionId", description="HEADER_FIELD functions only")
+    network: NetworkSpec | None = Field(None, description="this session's egress policy instead of its function's")
     ttl_s: int | None = Field(None, alias="sessionTTLInSeconds", ge=1, le=21600)
     idle_timeout_s: int | None = Field(None, alias="sessionIdleTimeoutInSeconds", ge=0, le=21600)
     env: dict[str, str] = Field(default_factory=dict, alias="environmentVariables")
@@ -180,6 +181,14 @@ class SessionPatch(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     ttl_s: int | None = Field(None, alias="sessionTTLInSeconds", ge=1, le=21600)
     idle_timeout_s: int | None = Field(None, alias="sessionIdleTimeoutInSeconds", ge=0, le=21600)
+    network: NetworkSpec | None = Field(None, description="a new egress policy, in force at once")
+
+
+def _network_json(policy: dict | None) -> dict | None:
+    """A session's own policy in wire names (None: its function's applies)."""
+    if policy is None:
+        return None
+    return {"allowInternetAccess": policy["internet"], "allowOut": policy["allow"], "denyOut": policy["deny"]}
 
 
 def session_json(session: SessionRecord) -> dict:
@@ -198,6 +207,7 @@ def session_json(session: SessionRecord) -> dict:
         "expireTime": iso(session.expires_at),
         "epoch": session.epoch,
         "metadata": session.metadata,
+        "network": _network_json(session.network),
         **({"endTime": iso(session.ended_at), "endReason": session.end_reason} if not session.active else {}),
     }
 
@@ -217,6 +227,7 @@ async def create_session(name: str, body: SessionIn, request: Request, tenant: C
         idle_timeout_s=body.idle_timeout_s,
         env=body.env,
         metadata=body.metadata,
+        network=body.network.to_runtime() if body.network is not None else None,
     )
     return session_json(session)
 
@@ -267,11 +278,15 @@ async def get_session(name: str, session_id: str, request: Request, tenant: Call
 
 @router.patch("/functions/{name}/sessions/{session_id}", tags=["sessions"], summary="Renew TTL / idle timeout")
 async def update_session(name: str, session_id: str, body: SessionPatch, request: Request, tenant: Caller) -> dict:
-    if body.ttl_s is None and body.idle_timeout_s is None:
-        raise InvalidArgument("give sessionTTLInSeconds and/or sessionIdleTimeoutInSeconds")
+    if body.ttl_s is None and body.idle_timeout_s is None and body.network is None:
+        raise InvalidArgument("give sessionTTLInSeconds, sessionIdleTimeoutInSeconds and/or network")
+    sessions = request.app.state.hutch.sessions
     session = await _session(request, tenant, name, session_id)
-    renewed = await request.app.state.hutch.sessions.renew(session, body.ttl_s, body.idle_timeout_s)
-    return session_json(renewed)
+    if body.network is not None:
+        session = await sessions.set_network(session, body.network.to_runtime())
+    if body.ttl_s is not None or body.idle_timeout_s is not None:
+        session = await sessions.renew(session, body.ttl_s, body.idle_timeout_s)
+    return session_json(session)
 
 
 @router.delete(

@@ -71,6 +71,8 @@ class SessionRecord:
     access_token: str | None = None  # envd access token (E2B traffic must carry it)
     ended_at: float | None = None
     end_reason: str | None = None
+    # The session's own egress policy ({"internet", "allow", "deny"}); None: its function's.
+    network: dict | None = None
 
     @property
     def active(self) -> bool:

@@ -97,17 +97,21 @@ MIGRATIONS = [
     );
     CREATE INDEX usage_buckets_start ON usage_buckets(start)
     """,
+    # 2 -> 3: a session's own network policy (NULL: its function's)
+    """
+    ALTER TABLE sessions ADD COLUMN network TEXT
+    """,
 ]
 
 SESSION_COLUMNS = [f.name for f in fields(SessionRecord)]
-JSON_COLUMNS = {"metadata", "env"}
+JSON_COLUMNS = {"metadata", "env", "network"}
 BOOL_COLUMNS = {"disable_reuse", "persist_workspace"}
 
 
 def _session_from_row(row: sqlite3.Row) -> SessionRecord:
     values = dict(row)
     for name in JSON_COLUMNS:
-        values[name] = json.loads(values[name])
+        values[name] = json.loads(values[name]) if values[name] is not None else None
     for name in BOOL_COLUMNS:
         values[name] = bool(values[name])
     values["status"] = SessionStatus(values["status"])

@@ -47,7 +47,9 @@ class InstanceSpec:
     # Key of the persistent workspace in the workspace store (see hutch.storage); None: a fresh one
     # named after the instance.
     workspace: str | None = None
-    network: bool = False  # False: loopback only
+    # None: loopback only. Otherwise a namespace with a veth whose every connection goes through
+    # the egress proxy under this policy: {"internet": bool, "allow": [...], "deny": [...]}.
+    network: dict | None = None
     prestart_kernel: bool = False  # start a Jupyter kernel right after boot (code interpreter)
     backend: str = "bwrap"  # the isolation backend that runs it (`hutch.runtime.BACKENDS`)
 
@@ -132,6 +134,11 @@ class Runtime(Protocol):
 
     async def adopt_running(self) -> list[Instance]:
         """After a restart of hutch: take back the instances still alive, clean up the dead."""
+        ...
+
+    async def set_network(self, instance_id: InstanceId, policy: dict) -> None:
+        """Change a networked instance's egress policy; it applies to new connections at once
+        and ends open ones it no longer allows."""
         ...
 
     def sweep_orphans(self, live: set[str]) -> list[str]:

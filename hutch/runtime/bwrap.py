@@ -47,6 +47,7 @@ from hutch.runtime.local import (
     read_error,
     undo_all,
 )
+from hutch.runtime.network import Networking
 from hutch.runtime.userns import SANDBOX_UID, UidSlots, create_userns
 from hutch.storage.base import WorkspaceStore
 
@@ -69,6 +70,7 @@ def bwrap_binary() -> str:
 
 class BwrapRuntime(LocalRuntime):
     name = "bwrap"
+    supports_network = True
 
     def __init__(
         self,
@@ -76,8 +78,9 @@ class BwrapRuntime(LocalRuntime):
         store: WorkspaceStore,
         uid_slots: UidSlots | None = None,
         cgroups: CgroupManager | None = None,
+        networking: Networking | None = None,
     ) -> None:
-        super().__init__(data_dir, store, uid_slots, cgroups)
+        super().__init__(data_dir, store, uid_slots, cgroups, networking)
         self.bwrap = bwrap_binary()
 
     def _spawn(self, spec: InstanceSpec) -> tuple[Instance, subprocess.Popen, int]:
@@ -96,6 +99,7 @@ class BwrapRuntime(LocalRuntime):
             cgroup = self.cgroups.create(spec.instance_id, spec.resources)
             undo.append(cgroup.remove)
             undo.append(cgroup.kill_all)
+            netns = self._attach_network(spec, prepared, undo)
 
             userns_fd = create_userns(self.uid_slots.base(prepared.slot))
             fds.append(userns_fd)
@@ -109,6 +113,10 @@ class BwrapRuntime(LocalRuntime):
             argv = self._argv(
                 spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, prepared.instance_dir, prepared.workspace_path
             )
+            if netns is not None:
+                # bwrap enters no network namespace by itself: it starts in the instance's, and
+                # the sandbox, owned by its own user namespace, has no capability in it.
+                argv = ["nsenter", f"--net={netns}", "--", *argv]
             try:
                 popen = subprocess.Popen(
                     argv,
@@ -173,6 +181,7 @@ class BwrapRuntime(LocalRuntime):
             "--perms", "0755", "--dir", "/home",
             "--bind", str(workspace_path), SANDBOX_HOME,
             "--ro-bind", str(instance_dir / "run"), RUN_DIR,
+            *(["--ro-bind", str(instance_dir / "resolv.conf"), "/etc/resolv.conf"] if spec.network else []),
             "--remount-ro", "/",  # the skeleton root bwrap built is owned by the sandbox user otherwise
             "--chdir", SANDBOX_HOME,
             "--clearenv",
@@ -181,7 +190,8 @@ class BwrapRuntime(LocalRuntime):
             "--setenv", "USER", "user",
             "--setenv", "HUTCH_AGENT", "marshal:" + marshal.dumps(config).hex(),
         ]  # fmt: skip
-        argv.append("--unshare-net")  # loopback only
+        if spec.network is None:
+            argv.append("--unshare-net")  # loopback only
         argv += agent_command(self.host)
         return argv
 

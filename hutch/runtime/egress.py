@@ -326,6 +326,21 @@ def _refused(packet: bytes) -> bytes:
     return packet[:2] + struct.pack(">HHHHH", flags, 1 if len(packet) > 12 else 0, 0, 0, 0) + packet[12:]
 
 
+def _answer(packet: bytes, address: str) -> bytes:
+    """The query answered with one A record (the operator's pinned address for the name)."""
+    question_end = 12
+    while packet[question_end] != 0:
+        question_end += 1 + packet[question_end]
+    question_end += 5  # the root label, QTYPE, QCLASS
+    qtype = struct.unpack(">H", packet[question_end - 4 : question_end - 2])[0]
+    flags = 0x8000 | (struct.unpack(">H", packet[2:4])[0] & 0x0100) | 0x0080
+    if qtype != 1:  # only an IPv4 address is pinned: other types get an empty answer
+        return packet[:2] + struct.pack(">HHHHH", flags, 1, 0, 0, 0) + packet[12:question_end]
+    header = packet[:2] + struct.pack(">HHHHH", flags, 1, 1, 0, 0)
+    record = struct.pack(">HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(address)
+    return header + packet[12:question_end] + record
+
+
 class _DNSForwarder(asyncio.DatagramProtocol):
     def __init__(self, proxy: EgressProxy) -> None:
         self.proxy = proxy
@@ -339,7 +354,14 @@ class _DNSForwarder(asyncio.DatagramProtocol):
             return
         policy = self.proxy.policy(addr[0])
         name = _qname(data)
-        if policy is None or name is None or not policy.resolves(name) or not self.proxy.upstream_dns:
+        if policy is None or name is None or not policy.resolves(name):
+            self.transport.sendto(_refused(data), addr)
+            return
+        pinned = self.proxy.static_hosts.get(name.lower().rstrip("."))
+        if pinned is not None:
+            self.transport.sendto(_answer(data, pinned), addr)
+            return
+        if not self.proxy.upstream_dns:
             self.transport.sendto(_refused(data), addr)
             return
         asyncio.get_running_loop().create_task(self._forward(data, addr))

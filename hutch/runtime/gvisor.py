@@ -85,6 +85,7 @@ from hutch.runtime.base import Instance, InstanceSpec
 from hutch.runtime.cgroups import CgroupManager
 from hutch.runtime.hostfs import AGENT_LIB, RUN_DIR, SANDBOX_HOME
 from hutch.runtime.local import READY_TIMEOUT, LocalRuntime, agent_command, agent_config, undo_all
+from hutch.runtime.network import Networking
 from hutch.runtime.userns import SANDBOX_UID, UidSlots
 from hutch.storage.base import WorkspaceStore
 
@@ -187,9 +188,10 @@ class GVisorRuntime(LocalRuntime):
         platform: str = "ptrace",
         runsc: str | None = None,
         runsc_flags: Sequence[str] = (),
+        networking: Networking | None = None,
     ) -> None:
         self.runsc = runsc or runsc_binary()
-        super().__init__(data_dir, store, uid_slots, cgroups)
+        super().__init__(data_dir, store, uid_slots, cgroups, networking)
         self.platform = platform
         self.runsc_flags = tuple(runsc_flags)
         gvisor_dir = self.data_dir / "gvisor"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,11 +36,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hutch.errors import HutchError, IsolationError, NotFound, Unimplemented
+from hutch.errors import FailedPrecondition, HutchError, IsolationError, NotFound, Unimplemented
 from hutch.runtime.base import Instance, InstanceSpec, InstanceState, InstanceStats, Resources
 from hutch.runtime.cgroups import Cgroup, CgroupManager
 from hutch.runtime.channel import AgentChannel
 from hutch.runtime.hostfs import AGENT_LIB, SANDBOX_HOME, HostView, site_packages
+from hutch.runtime.network import NETNS_DIR, Networking, NetworkLayout, egress_policy, layout_for
 from hutch.runtime.userns import UidSlots
 from hutch.storage.base import WorkspaceStore
 from hutch.types import InstanceId
@@ -143,6 +145,7 @@ class LocalRuntime:
     """The shared part of `BwrapRuntime` and `GVisorRuntime` (see the module docstring)."""
 
     name = ""
+    supports_network = False  # whether instances can get a namespace of their own behind the egress proxy
 
     def __init__(
         self,
@@ -150,6 +153,7 @@ class LocalRuntime:
         store: WorkspaceStore,
         uid_slots: UidSlots | None = None,
         cgroups: CgroupManager | None = None,
+        networking: Networking | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.instances_dir = self.data_dir / "instances"
@@ -164,6 +168,9 @@ class LocalRuntime:
         self._spawning: set[asyncio.Future] = set()  # spawns running in worker threads
         self._discarding: set[asyncio.Task] = set()  # stops of instances whose start was cancelled
         self.on_exit: Callable[[Instance], None] | None = None  # an instance died on its own
+        # Instances with a network (a namespace, a veth, the egress proxy); shared by the backends
+        # of one server, made on first use when not given.
+        self.networking = networking
 
     # -- what a backend provides ----------------------------------------------------------------
 
@@ -211,10 +218,11 @@ class LocalRuntime:
     async def start(self, spec: InstanceSpec) -> Instance:
         if spec.backend != self.name:
             raise IsolationError(f"the {self.name} runtime cannot start a {spec.backend} instance")
-        if spec.network:
-            # Sharing the host's network namespace would expose its loopback services: egress
-            # needs a namespace of its own with a policy (veth + nftables), not built yet.
-            raise Unimplemented("network access for sandboxes is not available yet; instances have loopback only")
+        if spec.network is not None:
+            if not self.supports_network:
+                raise Unimplemented(f"the {self.name} backend runs instances with loopback only (no network policy)")
+            egress_policy(spec.network)  # a malformed policy fails here, before anything is made
+            await self.ensure_networking()
         if spec.instance_id in self._instances:
             raise IsolationError(f"instance {spec.instance_id} already exists")
         loop = asyncio.get_running_loop()
@@ -255,6 +263,38 @@ class LocalRuntime:
 
     def has(self, instance_id: str) -> bool:
         return instance_id in self._instances
+
+    def default_layout(self) -> NetworkLayout:
+        return layout_for(self.data_dir)
+
+    async def ensure_networking(self) -> Networking:
+        if self.networking is None:
+            self.networking = Networking(self.default_layout())
+        await self.networking.start()
+        return self.networking
+
+    def _attach_network(self, spec: InstanceSpec, prepared: Prepared, undo: list) -> Path | None:
+        """For an instance with a network: its namespace (returned) and a resolv.conf pointing at
+        the egress DNS forwarder, written into its directory (bound over /etc/resolv.conf)."""
+        if spec.network is None:
+            return None
+        assert self.networking is not None
+        addresses = self.networking.attach(prepared.slot, spec.network)
+        undo.append(lambda: self.networking.detach(prepared.slot))
+        (prepared.instance_dir / "resolv.conf").write_text(f"nameserver {self.networking.layout.dns_address}\n")
+        return NETNS_DIR / addresses.netns
+
+    async def set_network(self, instance_id: InstanceId, policy: dict) -> None:
+        instance = self.get(instance_id)
+        if instance.spec.network is None:
+            raise FailedPrecondition(
+                f"instance {instance_id} was started without a network; its policy cannot be changed"
+            )
+        egress_policy(policy)
+        instance.spec = dataclasses.replace(instance.spec, network=dict(policy))
+        self._save(instance)
+        await self.ensure_networking()
+        self.networking.set_policy(instance.detail["slot"], instance.spec.network)
 
     def _prepare(self, spec: InstanceSpec, undo: list[Callable[[], object]]) -> Prepared:
         """The first steps of every start: a uid slot, the instance's directory (with `run/` for
@@ -392,6 +432,12 @@ class LocalRuntime:
                 os.kill(instance.pid, signal.SIGKILL)  # bwrap: pid 1 of its namespace takes all with it
         cgroup.kill_all()
 
+    def _detach_network(self, instance: Instance) -> None:
+        if instance.spec.network is None:
+            return
+        networking = self.networking or Networking(self.default_layout())
+        networking.detach(instance.detail["slot"])
+
     def _cleanup(self, instance: Instance, cgroup: Cgroup, keep_workspace: bool) -> None:
         errors = []
         for step in (
@@ -399,6 +445,7 @@ class LocalRuntime:
             lambda: self.store.detach(instance.workspace, instance.workspace_path),
             lambda: None if keep_workspace else self.store.delete(instance.workspace),
             *self._teardown_steps(instance),
+            lambda: self._detach_network(instance),
             lambda: shutil.rmtree(self.instances_dir / instance.instance_id, ignore_errors=True),
         ):
             try:
@@ -436,6 +483,8 @@ class LocalRuntime:
         record = json.loads(path.read_text())
         spec = record["spec"]
         spec["resources"] = Resources(**spec["resources"])
+        if not isinstance(spec.get("network"), dict):
+            spec["network"] = None  # records from before networks were policies
         record["spec"] = InstanceSpec(**spec)
         record["socket_path"] = Path(record["socket_path"])
         record["workspace_path"] = Path(record["workspace_path"])
@@ -457,6 +506,9 @@ class LocalRuntime:
             if still_running(instance.pid, instance.pid_start_time) and instance.state == InstanceState.RUNNING:
                 self._instances[instance.instance_id] = instance
                 self._watch(instance, None)
+                if instance.spec.network is not None:
+                    networking = await self.ensure_networking()  # the proxy died with the old hutch
+                    networking.set_policy(instance.detail["slot"], instance.spec.network)
                 adopted.append(instance)
                 continue
             # Dead while hutch was away: clean up, keeping any workspace a session claimed.
@@ -491,6 +543,13 @@ class LocalRuntime:
                     removed.append(f"cgroups of {name}")
                 except IsolationError as exc:
                     log.error("stray cgroups of %s: %s", name, exc)
+        live_slots = set()
+        for record in self.instances_dir.glob("*/instance.json"):
+            if record.parent.name in live:
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    live_slots.add(json.loads(record.read_text())["detail"]["slot"])
+        networking = self.networking or Networking(self.default_layout())
+        removed += networking.sweep(live_slots)
         live_paths = {str(i.workspace_path) for i in self._instances.values()}
         sweep = getattr(self.store, "sweep", None)
         if sweep is not None:
@@ -515,6 +574,10 @@ class LocalRuntime:
                 watch.lifetime_timer.cancel()
         self._watches.clear()
         self._instances.clear()
+        if self.networking is not None:
+            # The proxy goes with hutch (sandboxes' connections fail until it is back); the host
+            # rules stay for a restart unless the runtime goes away for good.
+            await self.networking.close(remove_rules=unstage)
         if unstage:
             self.host.unstage()
             self.cgroups.remove_parents()

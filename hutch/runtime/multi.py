@@ -21,6 +21,7 @@ from typing import Any
 from hutch.errors import NotFound
 from hutch.runtime import DEFAULT_BACKEND, make_runtime
 from hutch.runtime.base import Instance, InstanceSpec, InstanceState, InstanceStats, Runtime
+from hutch.runtime.network import Networking
 from hutch.runtime.userns import UidSlots
 from hutch.storage.base import WorkspaceStore
 from hutch.types import InstanceId
@@ -38,9 +39,12 @@ class MultiRuntime:
         uid_slots: UidSlots | None = None,
         options: dict[str, dict[str, Any]] | None = None,
         default: str = DEFAULT_BACKEND,
+        networking: Networking | None = None,
     ) -> None:
-        """`options`: per backend name, the keyword arguments of its runtime."""
+        """`options`: per backend name, the keyword arguments of its runtime. `networking`: the
+        instance networks all backends share (made by the first backend that needs one)."""
         self.data_dir = Path(data_dir)
+        self.networking = networking
         self.store = store
         self.uid_slots = uid_slots or UidSlots()
         self.options = options or {}
@@ -52,7 +56,16 @@ class MultiRuntime:
         """The runtime of `backend`, made on first use."""
         runtime = self.runtimes.get(backend)
         if runtime is None:
-            runtime = make_runtime(backend, self.data_dir, self.store, self.uid_slots, **self.options.get(backend, {}))
+            runtime = make_runtime(
+                backend,
+                self.data_dir,
+                self.store,
+                self.uid_slots,
+                networking=self.networking,
+                **self.options.get(backend, {}),
+            )
+            if self.networking is None:
+                self.networking = runtime.networking = runtime.networking or Networking(runtime.default_layout())
             runtime.on_exit = self._on_exit
             self.runtimes[backend] = runtime
         return runtime
@@ -101,6 +114,9 @@ class MultiRuntime:
 
     def is_running(self, instance_id: str) -> bool:
         return any(runtime.is_running(instance_id) for runtime in self.runtimes.values())
+
+    async def set_network(self, instance_id: InstanceId, policy: dict) -> None:
+        await self._owner(instance_id).set_network(instance_id, policy)
 
     async def claim_workspace(self, instance_id: InstanceId, key: str) -> None:
         await self._owner(instance_id).claim_workspace(instance_id, key)

@@ -20,6 +20,8 @@ any of this.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import ipaddress
 import subprocess
 from dataclasses import dataclass
@@ -101,6 +103,14 @@ class NetworkLayout:
             for entry in NETNS_DIR.iterdir()
             if entry.name.startswith(prefix) and entry.name[len(prefix) :].isdigit()
         )
+
+
+def layout_for(data_dir: Path, subnet: str = "") -> NetworkLayout:
+    """The layout of the server on `data_dir`: a tag from its path and, unless given, a /16 of
+    10.64.0.0/10 derived from it too, so that several servers on one host (tests do that) get
+    namespaces, interfaces and subnets of their own."""
+    tag = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:4]
+    return NetworkLayout.make(tag, subnet or f"10.{64 + int(tag, 16) % 64}.0.0/16")
 
 
 @dataclass(frozen=True)
@@ -210,3 +220,71 @@ route add default via {a.host_ip}
 
     def exists(self) -> bool:
         return self.netns_path.exists()
+
+
+class Networking:
+    """One server's instance networks: the host table, the egress proxy, and a namespace per
+    networked instance (the instance's uid slot is its network slot). Shared by every backend of
+    a server; created when the first instance with a network starts."""
+
+    def __init__(self, layout: NetworkLayout, static_hosts: dict[str, str] | None = None) -> None:
+        from hutch.runtime.egress import EgressProxy
+
+        self.layout = layout
+        self.proxy = EgressProxy(layout.subnet, static_hosts=static_hosts)
+        self.host: HostNetwork | None = None
+        self._starting: asyncio.Lock | None = None
+
+    async def start(self) -> None:
+        """Start the proxy and (re)install the host table with its ports; idempotent."""
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self.host is not None:
+                return
+            await self.proxy.start()
+            host = HostNetwork(self.layout, self.proxy.proxy_port, self.proxy.dns_port)
+            await asyncio.to_thread(host.install)
+            self.host = host
+
+    def attach(self, slot: int, policy: dict) -> Addresses:
+        """Create the slot's namespace and veth, and give its address the policy."""
+        addresses = self.layout.addresses(slot)
+        InstanceNetwork(addresses).create()
+        self.proxy.set_policy(addresses.sandbox_ip, egress_policy(policy))
+        return addresses
+
+    def set_policy(self, slot: int, policy: dict) -> None:
+        self.proxy.set_policy(self.layout.addresses(slot).sandbox_ip, egress_policy(policy))
+
+    def detach(self, slot: int) -> None:
+        addresses = self.layout.addresses(slot)
+        self.proxy.remove(addresses.sandbox_ip)
+        InstanceNetwork(addresses).destroy()
+
+    def sweep(self, live_slots: set[int]) -> list[str]:
+        """Destroy namespaces a crash left behind (their slot has no live instance)."""
+        removed = []
+        for slot in self.layout.leftover_slots():
+            if slot not in live_slots:
+                InstanceNetwork(self.layout.addresses(slot)).destroy()
+                removed.append(f"network namespace of slot {slot}")
+        return removed
+
+    async def close(self, remove_rules: bool = False) -> None:
+        """Stop the proxy; `remove_rules`: also delete the host table (which a restart would
+        reinstall), for a server going away for good. The table is found by name, so one left by
+        an earlier process is removed too."""
+        await self.proxy.close()
+        if remove_rules:
+            await asyncio.to_thread(HostNetwork(self.layout, 0, 0).remove)
+        self.host = None
+
+
+def egress_policy(policy: dict):
+    """An `EgressPolicy` from an instance's network spec (`internet`, `allow`, `deny`)."""
+    from hutch.runtime.egress import EgressPolicy
+
+    return EgressPolicy.make(
+        internet=bool(policy.get("internet")), allow=policy.get("allow") or (), deny=policy.get("deny") or ()
+    )

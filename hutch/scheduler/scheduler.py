@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 USER_SERVER_TIMEOUT = 30.0
 
 
+class Default:
+    """The type of DEFAULT: "not given" (the function's), where None means "no network"."""
+
+
+DEFAULT = Default()
+
+
 @dataclass
 class Pool:
     key: str
@@ -188,18 +195,24 @@ class Scheduler:
         session_row_id: str,
         env: dict[str, str] | None = None,
         fresh_workspace: bool = True,
+        network: dict | None = None,
     ) -> Instance:
         """An instance for a session. `fresh_workspace`: the session has no workspace yet, so a
-        warm instance can be used (its fresh workspace becomes the session's)."""
+        warm instance can be used (its fresh workspace becomes the session's). `network`: the
+        session's egress policy, None for loopback only; a warm instance serves only if it has a
+        network exactly when the session needs one (its policy is then set at claim)."""
         instance = None
         pool = self.pools.get(pool_key)
-        while fresh_workspace and pool is not None and pool.warm:
+        usable = pool is not None and (pool.spec.network is None) == (network is None)
+        while fresh_workspace and usable and pool.warm:
             candidate = pool.warm.popleft()
             self._pool_event.set()  # refill
             if self.is_live(candidate):
                 instance = self.runtime.get(candidate)
                 try:
                     await self.runtime.claim_workspace(candidate, workspace)
+                    if network is not None and instance.spec.network != network:
+                        await self.runtime.set_network(candidate, network)
                     if env:
                         async with AgentChannel(instance.socket_path, timeout=10) as channel:
                             await channel.init(env)
@@ -214,7 +227,7 @@ class Scheduler:
             self.stats["pool_misses"] += 1
             if not self._has_room():
                 raise CapacityError(f"this host runs its maximum of {self.max_instances} instances")
-            instance = await self._start(spec, workspace=workspace, env=env)
+            instance = await self._start(spec, workspace=workspace, env=env, network=network)
         await self.metadb.put_instance(
             InstanceRecord(
                 instance.instance_id, self.scheduler_id, pool_key, InstanceRole.BOUND, time.time(), session_row_id
@@ -222,7 +235,13 @@ class Scheduler:
         )
         return instance
 
-    async def _start(self, spec: FunctionSpec, workspace: str | None, env: dict[str, str] | None = None) -> Instance:
+    async def _start(
+        self,
+        spec: FunctionSpec,
+        workspace: str | None,
+        env: dict[str, str] | None = None,
+        network: dict | Default | None = DEFAULT,
+    ) -> Instance:
         instance_spec = InstanceSpec(
             instance_id=InstanceId(f"i-{uuid.uuid4().hex[:16]}"),
             resources=spec.resources.to_runtime(),
@@ -230,6 +249,7 @@ class Scheduler:
             env={**spec.env, **(env or {})},
             workspace=workspace,
             prestart_kernel=spec.prestart_kernel,
+            network=(spec.network.to_runtime() if spec.network else None) if network is DEFAULT else network,
         )
         self._starting += 1
         try:

@@ -236,8 +236,11 @@ class SessionManager:
         metadata: dict | None = None,
         with_token: bool = False,
         existing_ok: bool = False,
+        network: dict | None = None,
     ) -> tuple[SessionRecord, bool]:
         """A new session with its instance (prewarm + attach). Returns (session, created).
+        `network`: the session's own egress policy (`NetworkSpec.to_runtime()`), instead of the
+        function's.
 
         Raises:
             InvalidArgument: a malformed session id.
@@ -287,6 +290,7 @@ class SessionManager:
                 metadata=dict(metadata or {}),
                 env=dict(env or {}),
                 access_token=secrets.token_urlsafe(24) if with_token else None,
+                network=dict(network) if network is not None else None,
             )
             await self.metadb.insert_session(
                 record,
@@ -297,7 +301,13 @@ class SessionManager:
             try:
                 fresh = not await asyncio.to_thread(self.scheduler.runtime.store.exists, record.workspace_key)
                 instance = await self.scheduler.allocate(
-                    pool_key, spec, record.workspace_key, record.row_id, env=record.env, fresh_workspace=fresh
+                    pool_key,
+                    spec,
+                    record.workspace_key,
+                    record.row_id,
+                    env=record.env,
+                    fresh_workspace=fresh,
+                    network=self.network_of(record, spec),
                 )
             except BaseException:
                 await self.metadb.end_session(record.row_id, EndReason.START_FAILED.value, self.clock())
@@ -352,7 +362,13 @@ class SessionManager:
             await self.meter.instance_down(session.row_id, session.instance_id)
             await self.scheduler.release(session.instance_id, keep_workspace=True)
         instance = await self.scheduler.allocate(
-            pool_key, spec, session.workspace_key, session.row_id, env=session.env, fresh_workspace=False
+            pool_key,
+            spec,
+            session.workspace_key,
+            session.row_id,
+            env=session.env,
+            fresh_workspace=False,
+            network=self.network_of(session, spec),
         )
         updated = await self.metadb.update_session(
             session.row_id,
@@ -370,6 +386,31 @@ class SessionManager:
             if session.instance_id == instance_id:
                 log.warning("instance %s of session %s crashed", instance_id, session.session_id)
                 self._spawn(self.meter.instance_down(session.row_id, instance_id))
+
+    # -- network -------------------------------------------------------------------------------
+
+    @staticmethod
+    def network_of(session: SessionRecord, spec: FunctionSpec) -> dict | None:
+        """The egress policy a session's instance runs with: its own, or its function's."""
+        if session.network is not None:
+            return session.network
+        return spec.network.to_runtime() if spec.network is not None else None
+
+    async def set_network(self, session: SessionRecord, policy: dict) -> SessionRecord:
+        """Change a live session's egress policy now (and for any instance that replaces it).
+
+        Raises:
+            FailedPrecondition: the session has ended, or its instance has no network at all.
+        """
+        async with self._lock(session.internal_id):
+            current = self._active.get(session.internal_id)
+            if current is None or current.row_id != session.row_id:
+                raise FailedPrecondition(f"session {session.session_id} is not active")
+            if self.scheduler.is_live(current.instance_id):
+                await self.scheduler.runtime.set_network(current.instance_id, policy)
+            updated = await self.metadb.update_session(current.row_id, network=dict(policy), last_modified=self.clock())
+            self._remember(updated)
+            return updated
 
     # -- renew and end -------------------------------------------------------------------------
 

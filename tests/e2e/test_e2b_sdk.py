@@ -71,7 +71,7 @@ def test_create_returns_a_running_sandbox_the_sdk_can_describe(tenant):
     assert info.state == SandboxState.RUNNING and info.metadata == {"owner": "alice"}
     assert abs(info.end_at - info.started_at - timedelta(seconds=120)) < timedelta(milliseconds=10)
     assert info.envd_version == "0.6.4" and info.cpu_count == 1 and info.memory_mb == 512
-    assert info.allow_internet_access is False
+    assert info.allow_internet_access is True  # E2B's default: egress through hutch's proxy
     assert box.connection_config.sandbox_headers["X-Access-Token"]
 
 

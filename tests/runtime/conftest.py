@@ -102,7 +102,7 @@ def runtime(request, loop, data_dir):
 def make_sandbox(loop, runtime):
     started: list[Sandbox] = []
 
-    def make(workspace: str | None = None, network: bool = False, **resources) -> Sandbox:
+    def make(workspace: str | None = None, network: dict | None = None, **resources) -> Sandbox:
         spec = InstanceSpec(
             instance_id=f"t-{uuid.uuid4().hex[:10]}",
             resources=Resources(**resources),

@@ -18,19 +18,9 @@ import pytest
 from hutch.runtime.egress import EgressPolicy, EgressProxy, server_name
 from hutch.runtime.network import HostNetwork, InstanceNetwork, NetworkLayout
 from tests.loop_thread import LoopThread
+from tests.runtime.internet import INTERNET
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
-
-INTERNET = "10.250.0.2"
-DNS_SERVER = r"""
-import socket, struct
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", 53))
-while True:
-    q, a = s.recvfrom(512)
-    header = struct.pack(">HHHHH", 0x8180, 1, 1, 0, 0)
-    record = bytes.fromhex("c00c000100010000003c0004") + socket.inet_aton("10.250.0.2")
-    s.sendto(q[:2] + header + q[12:] + record, a)
-"""
 
 
 def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -59,37 +49,6 @@ def fetch(ip, port, host=None):
     except OSError as exc:
         return type(exc).__name__
 """
-
-
-@pytest.fixture(scope="module")
-def internet():
-    """A namespace with web servers on 10.250.0.2:8080 and :8081 and a DNS server on :53."""
-    sh("ip", "netns", "add", "hutch-test-inet")
-    sh("ip", "link", "add", "hvtestinet", "type", "veth", "peer", "name", "eth0", "netns", "hutch-test-inet")
-    sh("ip", "addr", "add", "10.250.0.1/30", "dev", "hvtestinet")
-    sh("ip", "link", "set", "hvtestinet", "up")
-    for cmd in (
-        ["addr", "add", f"{INTERNET}/30", "dev", "eth0"],
-        ["link", "set", "eth0", "up"],
-        ["link", "set", "lo", "up"],
-    ):
-        sh("ip", "-n", "hutch-test-inet", *cmd)
-    servers = [
-        subprocess.Popen(
-            ["ip", "netns", "exec", "hutch-test-inet", "python3", "-m", "http.server", str(port), "--bind", INTERNET],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for port in (8080, 8081)
-    ]
-    servers.append(subprocess.Popen(["ip", "netns", "exec", "hutch-test-inet", "python3", "-c", DNS_SERVER]))
-    time.sleep(0.5)
-    yield INTERNET
-    for server in servers:
-        server.kill()
-        server.wait()
-    sh("ip", "link", "delete", "hvtestinet", check=False)
-    sh("ip", "netns", "delete", "hutch-test-inet", check=False)
 
 
 @pytest.fixture(scope="module")
