@@ -62,7 +62,12 @@ Where gVisor differs, and what is done about it:
 - Speed. The ptrace platform (the only one that works here; `--platform=kvm` hangs on this
   kernel, and this runsc has no systrap) makes every system call dearer: a cold start takes ~7x
   bwrap's (~310 ms, two thirds of it in `runsc run`), a process spawn ~10x (bench/sandbox.py).
-- No network but gVisor's own loopback (`--network=none`), as under bwrap.
+- No network but gVisor's own loopback (`--network=none`), as under bwrap, and no network policy
+  either (starting one raises `Unimplemented`; functions refuse the combination): this runsc
+  (2022-12-19) takes every network namespace for the root one on kernels whose namespaces all
+  have `/proc/sys/net/core/rmem_default` (6.x), so `--network=sandbox` fails, and host network
+  mode inside the instance's namespace fails its chroot set-up with EPERM. A newer runsc would
+  take the instance's namespace (`--network=sandbox`) like bwrap does.
 """
 
 from __future__ import annotations
