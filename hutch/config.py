@@ -4,7 +4,7 @@
 host = "0.0.0.0"
 port = 3000
 data_dir = "/var/lib/hutch"
-metadb_url = "sqlite://"          # sqlite:///path, or the data dir's metadb.sqlite3
+metadb_url = "sqlite://"          # sqlite:///path, the data dir's metadb.sqlite3, or postgresql://user@host/db
 workspace_store = "auto"          # image | directory | auto (image where loop devices exist)
 max_instances = 256
 domain = ""                       # E2B host routing: {port}-{sandboxId}.{domain}

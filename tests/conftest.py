@@ -18,3 +18,20 @@ def internet():
     world.start()
     yield INTERNET
     world.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server URL (tests/postgres.py): HUTCH_TEST_POSTGRES_URL, or one started here."""
+    if os.environ.get("HUTCH_TEST_POSTGRES_URL"):
+        yield os.environ["HUTCH_TEST_POSTGRES_URL"]
+        return
+    from tests.postgres import PostgresServer, postgres_bindir
+
+    if postgres_bindir() is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+    server = PostgresServer()
+    server.init()
+    server.start()
+    yield server.url
+    server.remove()

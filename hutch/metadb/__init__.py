@@ -8,7 +8,8 @@ from hutch.metadb.base import MetaDB
 
 
 def open_metadb(url: str, data_dir: Path) -> MetaDB:
-    """A MetaDB for a URL: `sqlite:///path`, `sqlite://` (in the data dir) or `:memory:`."""
+    """A MetaDB for a URL: `sqlite:///path`, `sqlite://` (in the data dir), `:memory:`, or
+    `postgresql://user:password@host:port/database` (shared by many gateways and nodes)."""
     from hutch.errors import InvalidArgument
     from hutch.metadb.sqlite import SQLiteMetaDB
 
@@ -18,4 +19,8 @@ def open_metadb(url: str, data_dir: Path) -> MetaDB:
         return SQLiteMetaDB(":memory:")
     if url.startswith("sqlite:///"):
         return SQLiteMetaDB(url[len("sqlite://") :])
-    raise InvalidArgument(f"unsupported MetaDB URL {url!r} (use sqlite:///PATH)")
+    if url.startswith(("postgresql://", "postgres://")):
+        from hutch.metadb.postgres import PostgresMetaDB
+
+        return PostgresMetaDB(url)
+    raise InvalidArgument(f"unsupported MetaDB URL {url!r} (use sqlite:///PATH or postgresql://HOST/DB)")

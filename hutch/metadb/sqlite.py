@@ -10,18 +10,17 @@ A released migration is never edited: a change of schema is a new entry.
 
 from __future__ import annotations
 
-import base64
 import json
 import sqlite3
-from dataclasses import asdict, fields
+import time
+from dataclasses import asdict
 from pathlib import Path
 
-from hutch.errors import AlreadyExists, InvalidArgument, NotFound, QuotaExceeded
+from hutch.errors import AlreadyExists, InvalidArgument, NotFound
 from hutch.metadb.records import (
     USAGE_AMOUNT_FIELDS,
     FunctionRecord,
     InstanceRecord,
-    InstanceRole,
     SchedulerRecord,
     SessionRecord,
     SessionStatus,
@@ -29,6 +28,24 @@ from hutch.metadb.records import (
     Tenant,
     UsageAmounts,
     UsageBucket,
+)
+from hutch.metadb.rows import (
+    SESSION_COLUMNS,
+    USAGE_COLUMNS,
+    check_quota,
+    check_session_changes,
+    check_tenant_changes,
+    function_from_row,
+    instance_from_row,
+    page_token,
+    parse_page_token,
+    quota_checked,
+    scheduler_from_row,
+    session_from_row,
+    session_values,
+    tenant_from_row,
+    usage_from_row,
+    usage_values,
 )
 
 MIGRATIONS = [
@@ -103,80 +120,6 @@ MIGRATIONS = [
     """,
 ]
 
-SESSION_COLUMNS = [f.name for f in fields(SessionRecord)]
-JSON_COLUMNS = {"metadata", "env", "network"}
-BOOL_COLUMNS = {"disable_reuse", "persist_workspace"}
-
-
-def _session_from_row(row: sqlite3.Row) -> SessionRecord:
-    values = dict(row)
-    for name in JSON_COLUMNS:
-        values[name] = json.loads(values[name]) if values[name] is not None else None
-    for name in BOOL_COLUMNS:
-        values[name] = bool(values[name])
-    values["status"] = SessionStatus(values["status"])
-    return SessionRecord(**values)
-
-
-def _session_values(record: SessionRecord) -> dict:
-    values = asdict(record)
-    for name in JSON_COLUMNS:
-        values[name] = json.dumps(values[name])
-    for name in BOOL_COLUMNS:
-        values[name] = int(values[name])
-    values["status"] = record.status.value
-    return values
-
-
-USAGE_COLUMNS = [f for f in SessionUsage.__dataclass_fields__ if f != "amounts"] + list(USAGE_AMOUNT_FIELDS)
-
-
-def _usage_from_row(row: sqlite3.Row) -> SessionUsage:
-    values = dict(row)
-    amounts = UsageAmounts(**{name: values.pop(name) for name in USAGE_AMOUNT_FIELDS})
-    return SessionUsage(**values, amounts=amounts)
-
-
-def _usage_values(record: SessionUsage) -> dict:
-    values = {name: getattr(record, name) for name in USAGE_COLUMNS if name not in USAGE_AMOUNT_FIELDS}
-    values.update({name: getattr(record.amounts, name) for name in USAGE_AMOUNT_FIELDS})
-    return values
-
-
-def _page_token(record: SessionRecord) -> str:
-    return base64.urlsafe_b64encode(f"{record.created_at!r}|{record.row_id}".encode()).decode()
-
-
-def _parse_page_token(token: str) -> tuple[float, str]:
-    try:
-        created, row_id = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
-        return float(created), row_id
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("invalid page token") from None
-
-
-def _check_quota(
-    record: SessionRecord,
-    count: int,
-    vcpu: float,
-    memory_mb: int,
-    max_active: int | None,
-    max_vcpu: float | None,
-    max_memory_mb: int | None,
-) -> None:
-    """`QuotaExceeded` naming every quota the new session would break (its live totals included)."""
-    over = []
-    if max_active is not None and count + 1 > max_active:
-        over.append(f"maxSessions {max_active} (it has {count} live sessions)")
-    if max_vcpu is not None and vcpu + record.cpu > max_vcpu + 1e-9:
-        over.append(f"maxVcpu {max_vcpu:g} (live sessions use {vcpu:g} vCPUs, this one asks {record.cpu:g})")
-    if max_memory_mb is not None and memory_mb + record.memory_mb > max_memory_mb:
-        over.append(
-            f"maxMemoryMB {max_memory_mb} (live sessions use {memory_mb} MB, this one asks {record.memory_mb} MB)"
-        )
-    if over:
-        raise QuotaExceeded(f"tenant {record.tenant_id} is at its quota: " + "; ".join(over))
-
 
 class SQLiteMetaDB:
     def __init__(self, path: Path | str) -> None:
@@ -221,7 +164,7 @@ class SQLiteMetaDB:
             self._db.close()
             self._db = None
 
-    def schema_version(self) -> int:
+    async def schema_version(self) -> int:
         return self.db.execute("PRAGMA user_version").fetchone()[0]
 
     # settings ---------------------------------------------------------------------------------
@@ -254,25 +197,17 @@ class SQLiteMetaDB:
         except sqlite3.IntegrityError:
             raise AlreadyExists(f"tenant {tenant.tenant_id} already exists") from None
 
-    @staticmethod
-    def _tenant(row: sqlite3.Row) -> Tenant:
-        values = dict(row)
-        values["is_admin"] = bool(values["is_admin"])
-        return Tenant(**values)
-
     async def get_tenant(self, tenant_id: str) -> Tenant:
         row = self.db.execute("SELECT * FROM tenants WHERE tenant_id = ?", (tenant_id,)).fetchone()
         if row is None:
             raise NotFound(f"tenant {tenant_id} not found")
-        return self._tenant(row)
+        return tenant_from_row(row)
 
     async def list_tenants(self) -> list[Tenant]:
-        return [self._tenant(r) for r in self.db.execute("SELECT * FROM tenants ORDER BY created_at")]
+        return [tenant_from_row(r) for r in self.db.execute("SELECT * FROM tenants ORDER BY created_at")]
 
     async def update_tenant(self, tenant_id: str, **changes) -> Tenant:
-        allowed = {"name", "max_sessions", "is_admin", "max_vcpu", "max_memory_mb"}
-        if not changes or not set(changes) <= allowed:
-            raise InvalidArgument(f"can only change {sorted(allowed)}")
+        check_tenant_changes(changes)
         assignments = ", ".join(f"{k} = ?" for k in changes)
         cursor = self.db.execute(
             f"UPDATE tenants SET {assignments} WHERE tenant_id = ?", (*changes.values(), tenant_id)
@@ -282,8 +217,6 @@ class SQLiteMetaDB:
         return await self.get_tenant(tenant_id)
 
     async def add_api_key(self, tenant_id: str, key_hash: str, label: str) -> None:
-        import time
-
         try:
             self.db.execute(
                 "INSERT INTO api_keys (key_hash, tenant_id, label, created_at) VALUES (?, ?, ?, ?)",
@@ -297,7 +230,7 @@ class SQLiteMetaDB:
             "SELECT t.* FROM api_keys k JOIN tenants t ON t.tenant_id = k.tenant_id WHERE k.key_hash = ?",
             (key_hash,),
         ).fetchone()
-        return self._tenant(row) if row else None
+        return tenant_from_row(row) if row else None
 
     # functions --------------------------------------------------------------------------------
 
@@ -308,12 +241,6 @@ class SQLiteMetaDB:
             (record.tenant_id, record.name, json.dumps(record.spec), record.created_at, record.updated_at),
         )
 
-    @staticmethod
-    def _function(row: sqlite3.Row) -> FunctionRecord:
-        values = dict(row)
-        values["spec"] = json.loads(values["spec"])
-        return FunctionRecord(**values)
-
     async def get_function(self, tenant_id: str, name: str) -> FunctionRecord:
         row = self.db.execute(
             "SELECT * FROM functions WHERE name = ? AND tenant_id IN (?, '*') ORDER BY tenant_id = '*' LIMIT 1",
@@ -321,7 +248,7 @@ class SQLiteMetaDB:
         ).fetchone()
         if row is None:
             raise NotFound(f"function {name} not found")
-        return self._function(row)
+        return function_from_row(row)
 
     async def list_functions(self, tenant_id: str) -> list[FunctionRecord]:
         rows = self.db.execute(
@@ -329,7 +256,7 @@ class SQLiteMetaDB:
         ).fetchall()
         seen: dict[str, FunctionRecord] = {}
         for row in rows:
-            seen.setdefault(row["name"], self._function(row))  # the tenant's own shadows a built-in
+            seen.setdefault(row["name"], function_from_row(row))  # the tenant's own shadows a built-in
         return list(seen.values())
 
     async def delete_function(self, tenant_id: str, name: str) -> None:
@@ -346,18 +273,18 @@ class SQLiteMetaDB:
         max_vcpu: float | None = None,
         max_memory_mb: int | None = None,
     ) -> None:
-        values = _session_values(record)
+        values = session_values(record, bools_as_int=True)
         columns = ", ".join(SESSION_COLUMNS)
         placeholders = ", ".join(f":{c}" for c in SESSION_COLUMNS)
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            if max_active is not None or max_vcpu is not None or max_memory_mb is not None:
+            if quota_checked(max_active, max_vcpu, max_memory_mb):
                 count, vcpu, memory_mb = self.db.execute(
                     "SELECT COUNT(*), COALESCE(SUM(cpu), 0), COALESCE(SUM(memory_mb), 0) FROM sessions "
                     "WHERE tenant_id = ? AND status = 'Active'",
                     (record.tenant_id,),
                 ).fetchone()
-                _check_quota(record, count, vcpu, memory_mb, max_active, max_vcpu, max_memory_mb)
+                check_quota(record, count, vcpu, memory_mb, max_active, max_vcpu, max_memory_mb)
             self.db.execute(f"INSERT INTO sessions ({columns}) VALUES ({placeholders})", values)
             self.db.execute("COMMIT")
         except sqlite3.IntegrityError:
@@ -371,13 +298,13 @@ class SQLiteMetaDB:
         row = self.db.execute("SELECT * FROM sessions WHERE row_id = ?", (row_id,)).fetchone()
         if row is None:
             raise NotFound(f"session {row_id} not found")
-        return _session_from_row(row)
+        return session_from_row(row)
 
     async def active_session(self, internal_id: str) -> SessionRecord | None:
         row = self.db.execute(
             "SELECT * FROM sessions WHERE internal_id = ? AND status = 'Active'", (internal_id,)
         ).fetchone()
-        return _session_from_row(row) if row else None
+        return session_from_row(row) if row else None
 
     async def find_session(self, tenant_id: str, session_id: str, function: str | None = None) -> SessionRecord:
         query = "SELECT * FROM sessions WHERE tenant_id = ? AND session_id = ?"
@@ -389,14 +316,14 @@ class SQLiteMetaDB:
         row = self.db.execute(query, params).fetchone()
         if row is None:
             raise NotFound(f"session {session_id} not found")
-        return _session_from_row(row)
+        return session_from_row(row)
 
     async def active_session_by_public_id(self, session_id: str) -> SessionRecord | None:
         row = self.db.execute(
             "SELECT * FROM sessions WHERE session_id = ? AND status = 'Active' AND access_token IS NOT NULL",
             (session_id,),
         ).fetchone()
-        return _session_from_row(row) if row else None
+        return session_from_row(row) if row else None
 
     async def internal_id_used(self, internal_id: str) -> bool:
         return (
@@ -414,20 +341,22 @@ class SQLiteMetaDB:
             query += " AND function = ?"
             params.append(function)
         if after:
-            created, row_id = _parse_page_token(after)
+            created, row_id = parse_page_token(after)
             query += " AND (created_at < ? OR (created_at = ? AND row_id < ?))"
             params += [created, created, row_id]
         query += " ORDER BY created_at DESC, row_id DESC LIMIT ?"
         params.append(limit + 1)
-        records = [_session_from_row(r) for r in self.db.execute(query, params)]
-        next_token = _page_token(records[limit - 1]) if len(records) > limit else None
+        records = [session_from_row(r) for r in self.db.execute(query, params)]
+        next_token = (
+            page_token(records[limit - 1].created_at, records[limit - 1].row_id) if len(records) > limit else None
+        )
         return records[:limit], next_token
 
     async def update_session(self, row_id: str, **changes) -> SessionRecord:
-        unknown = set(changes) - set(SESSION_COLUMNS) | ({"row_id"} & set(changes))
-        if unknown:
-            raise InvalidArgument(f"unknown session fields {sorted(unknown)}")
-        values = _session_values(SessionRecord(**{**asdict(await self.get_session(row_id)), **changes}))
+        check_session_changes(changes)
+        values = session_values(
+            SessionRecord(**{**asdict(await self.get_session(row_id)), **changes}), bools_as_int=True
+        )
         assignments = ", ".join(f"{k} = :{k}" for k in changes)
         self.db.execute(f"UPDATE sessions SET {assignments} WHERE row_id = :row_id", values)
         return await self.get_session(row_id)
@@ -449,7 +378,7 @@ class SQLiteMetaDB:
             rows = self.db.execute(
                 "SELECT * FROM sessions WHERE status = 'Active' AND scheduler_id = ?", (scheduler_id,)
             )
-        return [_session_from_row(r) for r in rows]
+        return [session_from_row(r) for r in rows]
 
     async def count_active(self, tenant_id: str) -> int:
         return self.db.execute(
@@ -487,12 +416,7 @@ class SQLiteMetaDB:
 
     async def list_instances(self, scheduler_id: str) -> list[InstanceRecord]:
         rows = self.db.execute("SELECT * FROM instances WHERE scheduler_id = ?", (scheduler_id,))
-        out = []
-        for row in rows:
-            values = dict(row)
-            values["role"] = InstanceRole(values["role"])
-            out.append(InstanceRecord(**values))
-        return out
+        return [instance_from_row(row) for row in rows]
 
     async def upsert_scheduler(self, record: SchedulerRecord) -> None:
         self.db.execute(
@@ -503,12 +427,7 @@ class SQLiteMetaDB:
         )
 
     async def list_schedulers(self) -> list[SchedulerRecord]:
-        out = []
-        for row in self.db.execute("SELECT * FROM schedulers"):
-            values = dict(row)
-            values["capacity"] = json.loads(values["capacity"])
-            out.append(SchedulerRecord(**values))
-        return out
+        return [scheduler_from_row(row) for row in self.db.execute("SELECT * FROM schedulers")]
 
     # usage ------------------------------------------------------------------------------------
 
@@ -524,7 +443,7 @@ class SQLiteMetaDB:
         try:
             self.db.executemany(
                 f"INSERT INTO usage ({columns}) VALUES ({placeholders}) ON CONFLICT (row_id) DO UPDATE SET {updates}",
-                [_usage_values(r) for r in records],
+                [usage_values(r) for r in records],
             )
             self.db.executemany(
                 f"INSERT INTO usage_buckets (tenant_id, function, start, {amounts}) "
@@ -544,7 +463,7 @@ class SQLiteMetaDB:
         row = self.db.execute("SELECT * FROM usage WHERE row_id = ?", (row_id,)).fetchone()
         if row is None:
             raise NotFound(f"no usage recorded for session {row_id}")
-        return _usage_from_row(row)
+        return usage_from_row(row)
 
     async def usage_of(self, row_ids: list[str]) -> dict[str, SessionUsage]:
         out: dict[str, SessionUsage] = {}
@@ -552,7 +471,7 @@ class SQLiteMetaDB:
             chunk = row_ids[start : start + 500]
             query = f"SELECT * FROM usage WHERE row_id IN ({', '.join('?' for _ in chunk)})"
             for row in self.db.execute(query, chunk):
-                record = _usage_from_row(row)
+                record = usage_from_row(row)
                 out[record.row_id] = record
         return out
 
@@ -580,17 +499,15 @@ class SQLiteMetaDB:
         if active is not None:
             query += " AND ended_at IS NULL" if active else " AND ended_at IS NOT NULL"
         if after:
-            started, row_id = _parse_page_token(after)
+            started, row_id = parse_page_token(after)
             query += " AND (started_at < ? OR (started_at = ? AND row_id < ?))"
             params += [started, started, row_id]
         query += " ORDER BY started_at DESC, row_id DESC LIMIT ?"
         params.append(limit + 1)
-        records = [_usage_from_row(r) for r in self.db.execute(query, params)]
-        token = None
-        if len(records) > limit:
-            last = records[limit - 1]
-            token = base64.urlsafe_b64encode(f"{last.started_at!r}|{last.row_id}".encode()).decode()
-        return records[:limit], token
+        records = [usage_from_row(r) for r in self.db.execute(query, params)]
+        if len(records) <= limit:
+            return records, None
+        return records[:limit], page_token(records[limit - 1].started_at, records[limit - 1].row_id)
 
     async def usage_totals(
         self,

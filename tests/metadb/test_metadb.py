@@ -1,4 +1,4 @@
-"""One suite for every MetaDB backend (SQLite now; each new backend joins the parametrization)."""
+"""One suite for every MetaDB backend: SQLite (a file and in memory) and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import uuid
 import pytest
 
 from hutch.errors import AlreadyExists, InvalidArgument, NotFound, QuotaExceeded
+from hutch.metadb import postgres, sqlite
+from hutch.metadb.postgres import PostgresMetaDB
 from hutch.metadb.records import (
     FunctionRecord,
     InstanceRecord,
@@ -21,7 +23,8 @@ from hutch.metadb.records import (
     UsageAmounts,
     UsageBucket,
 )
-from hutch.metadb.sqlite import MIGRATIONS, SQLiteMetaDB
+from hutch.metadb.sqlite import SQLiteMetaDB
+from tests.postgres import create_database
 
 
 class Sync:
@@ -42,11 +45,22 @@ class Sync:
         self._loop.close()
 
 
-@pytest.fixture(params=["sqlite-file", "sqlite-memory"])
-def db(request, tmp_path):
-    backend = SQLiteMetaDB(tmp_path / "meta.sqlite3" if request.param == "sqlite-file" else ":memory:")
-    sync = Sync(backend)
+def open_backend(kind: str, request, tmp_path) -> Sync:
+    if kind == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        loop = asyncio.new_event_loop()
+        url = loop.run_until_complete(create_database(server))
+        loop.close()
+        sync = Sync(PostgresMetaDB(url))
+    else:
+        sync = Sync(SQLiteMetaDB(tmp_path / "meta.sqlite3" if kind == "sqlite-file" else ":memory:"))
     sync.open()
+    return sync
+
+
+@pytest.fixture(params=["sqlite-file", "sqlite-memory", "postgres"])
+def db(request, tmp_path):
+    sync = open_backend(request.param, request, tmp_path)
     sync.create_tenant(Tenant("t1", "one", time.time(), max_sessions=3))
     sync.create_tenant(Tenant("t2", "two", time.time()))
     yield sync
@@ -77,18 +91,19 @@ def session(tenant="t1", internal=None, session_id=None, **overrides) -> Session
 
 
 def test_the_schema_is_migrated_to_the_latest_version(db):
-    assert db._db.schema_version() == len(MIGRATIONS)
+    assert db.schema_version() == len(sqlite.MIGRATIONS) == len(postgres.MIGRATIONS)
 
 
-def test_a_reopened_database_keeps_its_records(tmp_path):
-    path = tmp_path / "reopen.sqlite3"
-    first = Sync(SQLiteMetaDB(path))
-    first.open()
+@pytest.mark.parametrize("kind", ["sqlite-file", "postgres"])
+def test_a_reopened_database_keeps_its_records(kind, request, tmp_path):
+    first = open_backend(kind, request, tmp_path)
     first.create_tenant(Tenant("t9", "nine", 1.0))
     first.insert_session(session("t9", internal="abc"))
     first.close()
-    second = Sync(SQLiteMetaDB(path))
+    reopen = PostgresMetaDB(first._db.url) if kind == "postgres" else SQLiteMetaDB(first._db.path)
+    second = Sync(reopen)
     second.open()
+    assert second.schema_version() == len(sqlite.MIGRATIONS)  # nothing applied twice
     assert second.get_tenant("t9").name == "nine"
     assert second.active_session("abc").tenant_id == "t9"
     second.close()
