@@ -1,4 +1,5 @@
-"""The MetaDB contract. Backends: `hutch.metadb.sqlite` (embedded default).
+"""The MetaDB contract. Backends: `hutch.metadb.sqlite` (embedded default, one process) and
+`hutch.metadb.postgres` (shared by many gateways and nodes).
 
 Methods are async so that a networked backend fits the same interface; the SQLite backend
 answers in microseconds and calls sqlite3 directly on the event loop.
@@ -10,6 +11,7 @@ first requests end on one instance).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from hutch.metadb.records import (
@@ -102,6 +104,14 @@ class MetaDB(Protocol):
         """Mark an Active session Expired; None if it had already ended."""
         ...
 
+    async def rehome_session(
+        self, row_id: str, from_scheduler: str, to_scheduler: str, at: float
+    ) -> SessionRecord | None:
+        """Move an Active session from one scheduler (a dead node) to another, in one compare-and-set:
+        its instance is cleared and its epoch goes up by one. None if the session has ended or is
+        no longer on `from_scheduler` (another node took it first)."""
+        ...
+
     async def active_sessions(self, scheduler_id: str | None = None) -> list[SessionRecord]: ...
     async def count_active(self, tenant_id: str) -> int: ...
     async def touch_sessions(self, activity: dict[str, float]) -> None:
@@ -156,6 +166,16 @@ class MetaDB(Protocol):
     async def list_instances(self, scheduler_id: str) -> list[InstanceRecord]: ...
     async def upsert_scheduler(self, record: SchedulerRecord) -> None: ...
     async def list_schedulers(self) -> list[SchedulerRecord]: ...
+
+    # change notices between processes ---------------------------------------------------------
+    async def announce(self, internal_id: str) -> None:
+        """Tell every process watching that this session changed (ended, moved, renewed)."""
+        ...
+
+    async def watch(self, callback: Callable[[str | None], None]) -> None:
+        """Call `callback(internal_id)` for every announcement, from any process, until `close`;
+        `callback(None)` when some may have been missed (a lost connection): drop every cache."""
+        ...
 
 
 # Re-exported for backends' convenience.

@@ -16,6 +16,8 @@ replaces broken connections, so the next call after PostgreSQL is back succeeds.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -138,6 +140,9 @@ MIGRATIONS = [
     """,
 ]
 
+# Where sessions' change notices go (`announce`, `watch`).
+NOTICE_CHANNEL = "hutch_sessions"
+
 # Any number that identifies hutch's migration lock among other users of the same database.
 MIGRATION_LOCK = 0x68757463  # "hutc"
 
@@ -197,6 +202,8 @@ class PostgresMetaDB:
         self.min_connections = min_connections
         self.max_connections = max_connections
         self._pool: asyncpg.Pool | None = None
+        self._watchers: list[Callable[[str | None], None]] = []
+        self._listener_task: asyncio.Task | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -228,6 +235,11 @@ class PostgresMetaDB:
             await db.execute("UPDATE hutch_schema SET version = $1", len(MIGRATIONS))
 
     async def close(self) -> None:
+        if self._listener_task is not None:
+            self._listener_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener_task
+            self._listener_task = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -464,6 +476,19 @@ class PostgresMetaDB:
         )
         return session_from_row(row) if row else None
 
+    async def rehome_session(
+        self, row_id: str, from_scheduler: str, to_scheduler: str, at: float
+    ) -> SessionRecord | None:
+        row = await self._fetchrow(
+            "UPDATE sessions SET scheduler_id = $3, instance_id = NULL, epoch = epoch + 1, last_modified = $4 "
+            "WHERE row_id = $1 AND status = 'Active' AND scheduler_id = $2 RETURNING *",
+            row_id,
+            from_scheduler,
+            to_scheduler,
+            float(at),
+        )
+        return session_from_row(row) if row else None
+
     async def active_sessions(self, scheduler_id: str | None = None) -> list[SessionRecord]:
         if scheduler_id is None:
             rows = await self._fetch("SELECT * FROM sessions WHERE status = 'Active'")
@@ -527,6 +552,50 @@ class PostgresMetaDB:
 
     async def list_schedulers(self) -> list[SchedulerRecord]:
         return [scheduler_from_row(row) for row in await self._fetch("SELECT * FROM schedulers")]
+
+    # change notices: LISTEN/NOTIFY on one channel ----------------------------------------------
+
+    async def announce(self, internal_id: str) -> None:
+        await self._execute("SELECT pg_notify($1, $2)", NOTICE_CHANNEL, internal_id)
+
+    async def watch(self, callback: Callable[[str | None], None]) -> None:
+        self._watchers.append(callback)
+        if self._listener_task is None:
+            connected = asyncio.get_running_loop().create_future()
+            self._listener_task = asyncio.create_task(self._listen(connected), name="metadb-listen")
+            await connected  # notices announced from now on reach the callback
+
+    async def _listen(self, connected: asyncio.Future) -> None:
+        """Hold a LISTEN connection; after losing it, reconnect and tell watchers they missed notices."""
+
+        def deliver(_connection, _pid, _channel, payload: str) -> None:
+            for callback in self._watchers:
+                callback(payload)
+
+        first = True
+        while True:
+            lost = asyncio.Event()
+            try:
+                connection = await asyncpg.connect(self.url)
+                connection.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await connection.add_listener(NOTICE_CHANNEL, deliver)
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
+                if first and not connected.done():
+                    connected.set_exception(Unavailable(f"cannot listen for MetaDB notices: {error}"))
+                    return
+                await asyncio.sleep(1.0)
+                continue
+            if first:
+                connected.set_result(None)
+                first = False
+            else:
+                for callback in self._watchers:
+                    callback(None)  # notices sent while we were away are lost
+            try:
+                await lost.wait()
+            finally:
+                if not connection.is_closed():
+                    connection.terminate()
 
     # usage ------------------------------------------------------------------------------------
 

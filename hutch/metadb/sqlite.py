@@ -4,19 +4,32 @@ sqlite3 is called directly on the event loop: a point read costs ~4 µs and a wr
 less than a thread hop (aiosqlite adds ~175 µs per call; DESIGN.md §5). `synchronous=NORMAL` in
 WAL mode survives a crash of hutch (not a power cut of the host) without an fsync per commit.
 
+So SQLite must never wait for a lock itself (`busy_timeout` 0): that would stop the event loop,
+every session's traffic with it, for as long as another process holds the database. A call that
+finds it locked is undone and tried again after an asynchronous sleep, for up to `busy_wait`
+seconds, then fails with `Unavailable` (503). A full disk or an I/O error is `Unavailable` too,
+with its cause named; a failed transaction is always rolled back, so the connection never stays
+inside one.
+
 The schema is versioned: `MIGRATIONS[n]` takes version n to n+1, applied in one transaction each.
 A released migration is never edited: a change of schema is a new entry.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import inspect
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from hutch.errors import AlreadyExists, InvalidArgument, NotFound
+from hutch.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from hutch.metadb.records import (
     USAGE_AMOUNT_FIELDS,
     FunctionRecord,
@@ -121,10 +134,69 @@ MIGRATIONS = [
 ]
 
 
+BUSY_WAIT_S = 5.0  # how long a call waits for a lock another process holds
+# SQLite's primary result codes (the low byte of an extended code) that are not the caller's fault.
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 5, 6, 8, 10, 13, 14
+UNAVAILABLE_BECAUSE = {
+    SQLITE_FULL: "the disk of its data directory is full",
+    SQLITE_IOERR: "an I/O error on its file",
+    SQLITE_READONLY: "its file is read-only",
+    SQLITE_CANTOPEN: "its file cannot be opened",
+}
+
+
+def _unavailable(exc: sqlite3.OperationalError) -> Unavailable | None:
+    """The error a caller sees for a failure of the database itself (None: a bug, raised as is)."""
+    reason = UNAVAILABLE_BECAUSE.get(getattr(exc, "sqlite_errorcode", 0) & 0xFF)
+    if reason is None:
+        return None
+    return Unavailable(f"MetaDB cannot answer: {reason} ({exc})")
+
+
+def _retried_when_busy(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a MetaDB call again, after an asynchronous sleep, while another process holds the lock."""
+
+    @functools.wraps(method)
+    async def call(self: SQLiteMetaDB, *args: Any, **kwargs: Any) -> Any:
+        deadline = 0.0
+        delay = 0.001
+        while True:
+            try:
+                return await method(self, *args, **kwargs)
+            except sqlite3.OperationalError as exc:
+                self._rollback()
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in (SQLITE_BUSY, SQLITE_LOCKED):
+                    translated = _unavailable(exc)
+                    if translated is None:
+                        raise
+                    raise translated from exc
+                now = time.monotonic()
+                deadline = deadline or now + self.busy_wait
+                if now >= deadline:
+                    raise Unavailable(
+                        f"MetaDB is locked by another process (waited {self.busy_wait:g} s); try again"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    return call
+
+
+def _retrying(cls: type) -> type:
+    """Every public coroutine method of the class but `open` and `close`, `_retried_when_busy`."""
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and name not in ("open", "close") and inspect.iscoroutinefunction(member):
+            setattr(cls, name, _retried_when_busy(member))
+    return cls
+
+
+@_retrying
 class SQLiteMetaDB:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, busy_wait: float = BUSY_WAIT_S) -> None:
         self.path = str(path)
+        self.busy_wait = busy_wait
         self._db: sqlite3.Connection | None = None
+        self._watchers: list[Callable[[str | None], None]] = []
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -139,10 +211,11 @@ class SQLiteMetaDB:
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=5000")
+        db.execute("PRAGMA busy_timeout=5000")  # at start-up nothing else waits on the event loop
         db.execute("PRAGMA foreign_keys=ON")
         self._db = db
         self._migrate()
+        db.execute("PRAGMA busy_timeout=0")  # from now on never block the loop: see the module docstring
 
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -156,8 +229,14 @@ class SQLiteMetaDB:
                 self.db.execute(f"PRAGMA user_version = {number + 1}")
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
+
+    def _rollback(self) -> None:
+        """End a failed transaction (SQLite may have rolled it back already, e.g. on a full disk)."""
+        if self._db is not None and self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     async def close(self) -> None:
         if self._db is not None:
@@ -288,10 +367,10 @@ class SQLiteMetaDB:
             self.db.execute(f"INSERT INTO sessions ({columns}) VALUES ({placeholders})", values)
             self.db.execute("COMMIT")
         except sqlite3.IntegrityError:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise AlreadyExists(f"an active session with internal id {record.internal_id} exists") from None
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
 
     async def get_session(self, row_id: str) -> SessionRecord:
@@ -371,6 +450,16 @@ class SQLiteMetaDB:
             return None
         return await self.get_session(row_id)
 
+    async def rehome_session(self, row_id: str, from_scheduler: str, to_scheduler: str, at: float):
+        cursor = self.db.execute(
+            "UPDATE sessions SET scheduler_id = ?, instance_id = NULL, epoch = epoch + 1, last_modified = ? "
+            "WHERE row_id = ? AND status = 'Active' AND scheduler_id = ?",
+            (to_scheduler, at, row_id, from_scheduler),
+        )
+        if cursor.rowcount == 0:
+            return None
+        return await self.get_session(row_id)
+
     async def active_sessions(self, scheduler_id: str | None = None) -> list[SessionRecord]:
         if scheduler_id is None:
             rows = self.db.execute("SELECT * FROM sessions WHERE status = 'Active'")
@@ -389,11 +478,15 @@ class SQLiteMetaDB:
         if not activity:
             return
         self.db.execute("BEGIN")
-        self.db.executemany(
-            "UPDATE sessions SET last_activity = MAX(last_activity, ?) WHERE row_id = ? AND status = 'Active'",
-            [(at, row_id) for row_id, at in activity.items()],
-        )
-        self.db.execute("COMMIT")
+        try:
+            self.db.executemany(
+                "UPDATE sessions SET last_activity = MAX(last_activity, ?) WHERE row_id = ? AND status = 'Active'",
+                [(at, row_id) for row_id, at in activity.items()],
+            )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
 
     # instances and schedulers -----------------------------------------------------------------
 
@@ -429,6 +522,15 @@ class SQLiteMetaDB:
     async def list_schedulers(self) -> list[SchedulerRecord]:
         return [scheduler_from_row(row) for row in self.db.execute("SELECT * FROM schedulers")]
 
+    # change notices: one process owns an SQLite MetaDB, so they stay in it ----------------------
+
+    async def announce(self, internal_id: str) -> None:
+        for callback in self._watchers:
+            callback(internal_id)
+
+    async def watch(self, callback: Callable[[str | None], None]) -> None:
+        self._watchers.append(callback)
+
     # usage ------------------------------------------------------------------------------------
 
     async def save_usage(self, records: list[SessionUsage], buckets: list[UsageBucket]) -> None:
@@ -456,7 +558,7 @@ class SQLiteMetaDB:
             )
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
 
     async def get_usage(self, row_id: str) -> SessionUsage:

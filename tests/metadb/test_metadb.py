@@ -323,3 +323,25 @@ def test_bucket_amounts_add_up_and_are_summed_by_tenant_function_and_time(db):
     assert sums(start=60, end=120, tenant_id="t1", function="base") == {(None, None, None): (0.0, 60.0)}
     assert sums(start=0, end=60, tenant_id="t1")[(None, None, None)] == (3.0, 0.0)  # buckets starting in the range
     assert db.usage_totals(start=500, end=600, tenant_id="t1") == []
+
+
+def test_a_session_moves_to_another_scheduler_once(db):
+    record = session(scheduler_id="node-a", instance_id="i-1", epoch=3)
+    db.insert_session(record)
+    moved = db.rehome_session(record.row_id, "node-a", "node-b", 2000.0)
+    assert (moved.scheduler_id, moved.instance_id, moved.epoch, moved.last_modified) == ("node-b", None, 4, 2000.0)
+    assert db.rehome_session(record.row_id, "node-a", "node-c", 2001.0) is None  # the loser of a race
+    assert db.get_session(record.row_id).scheduler_id == "node-b"
+    db.end_session(record.row_id, "ttl", 2002.0)
+    assert db.rehome_session(record.row_id, "node-b", "node-c", 2003.0) is None  # ended: stays ended
+    assert [s.row_id for s in db.active_sessions("node-b")] == []
+
+
+def test_announcements_reach_watchers(db):
+    seen: list = []
+    db.watch(seen.append)
+    db.announce("abc")
+    deadline = time.monotonic() + 5
+    while "abc" not in seen and time.monotonic() < deadline:
+        db._loop.run_until_complete(asyncio.sleep(0.01))  # PostgreSQL delivers on the loop
+    assert seen == ["abc"]

@@ -85,6 +85,13 @@ def test_the_url_selects_the_backend_and_bad_urls_are_clear_errors(database, tmp
         asyncio.run(PostgresMetaDB(missing).open())
 
 
+async def _until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
 @pytest.mark.skipif(postgres_bindir() is None, reason="PostgreSQL is not installed")
 def test_a_postgres_restart_is_unavailable_in_between_and_then_works_again():
     server = PostgresServer()
@@ -95,6 +102,8 @@ def test_a_postgres_restart_is_unavailable_in_between_and_then_works_again():
         db = PostgresMetaDB(await create_database(server.url), min_connections=2)
         await db.open()
         await db.create_tenant(Tenant("t1", "one", time.time()))
+        notices: list = []
+        await db.watch(notices.append)
         server.stop()
         with pytest.raises(Unavailable, match="MetaDB is unreachable"):
             await db.get_tenant("t1")
@@ -106,6 +115,10 @@ def test_a_postgres_restart_is_unavailable_in_between_and_then_works_again():
             assert (await db.get_tenant("t1")).name == "one"
         await db.insert_session(session(internal="after"))
         assert (await db.active_session("after")) is not None
+        # The notice listener came back by itself and said that it may have missed some.
+        await _until(lambda: None in notices)
+        await db.announce("after")
+        await _until(lambda: "after" in notices)
         await db.close()
 
     try:
