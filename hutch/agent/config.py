@@ -19,6 +19,7 @@ class AgentConfig:
         "env",
         "home",
         "kernel_python",
+        "listen",
         "listen_fd",
         "prestart_kernel",
         "python_path",
@@ -34,6 +35,9 @@ class AgentConfig:
         self.env: dict[str, str] = dict(raw.get("env") or {})
         self.listen_fd: int | None = raw.get("listen_fd")
         self.socket_path: str | None = raw.get("socket_path")
+        # "HOST:PORT" ("[::]:PORT" for IPv6): serve TCP instead of a Unix socket, for a sandbox the
+        # host cannot share a socket file with (a Kubernetes pod, reached at its pod IP).
+        self.listen: str | None = raw.get("listen")
         # name -> [soft, hard]; applied once at boot, so user code can only lower them further.
         self.rlimits: dict[str, list[int]] = raw.get("rlimits") or {}
         # Extra import roots for the agent's lazily imported parts (jupyter_client).

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, tuple[str, str]] = {
     "bwrap": ("hutch.runtime.bwrap", "BwrapRuntime"),
     "gvisor": ("hutch.runtime.gvisor", "GVisorRuntime"),
+    "kubernetes": ("hutch.runtime.kubernetes", "KubernetesRuntime"),  # needs the `kubernetes` extra
 }
 DEFAULT_BACKEND = "bwrap"
 
@@ -35,7 +36,8 @@ def make_runtime(
 ) -> Runtime:
     """A new runtime of backend `name`. Runtimes that share a data directory must share
     `uid_slots` too, or two instances could get the same host uids. `options` are the backend's
-    own keyword arguments (gVisor: `platform`, `runsc`, `runsc_flags`).
+    own keyword arguments (gVisor: `platform`, `runsc`, `runsc_flags`; Kubernetes: the
+    `[kubernetes]` config table, `hutch.config.KubernetesConfig`).
 
     Raises:
         ValueError: no backend has that name.

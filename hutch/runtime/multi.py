@@ -94,6 +94,18 @@ class MultiRuntime:
     async def stop(self, instance_id: InstanceId, keep_workspace: bool = False) -> None:
         await self._owner(instance_id).stop(instance_id, keep_workspace=keep_workspace)
 
+    async def kill(self, instance_id: InstanceId) -> None:
+        await self._owner(instance_id).kill(instance_id)
+
+    def broken(self, instance_id: InstanceId) -> str | None:
+        for runtime in self.runtimes.values():
+            if runtime.has(instance_id):
+                return runtime.broken(instance_id)
+        return None
+
+    def disk_room(self) -> bool:
+        return all(runtime.disk_room() for runtime in self.runtimes.values())
+
     async def status(self, instance_id: InstanceId) -> InstanceState:
         return await self._owner(instance_id).status(instance_id)
 
