@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import enum
 import re
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hutch.runtime import BACKENDS
 from hutch.runtime.base import Resources
+
+if TYPE_CHECKING:
+    from hutch.metadb.records import Tenant
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 BUILTIN_TENANT = "*"
@@ -163,3 +167,28 @@ BUILTIN_FUNCTIONS = [
         network=NetworkSpec(),
     ),
 ]
+
+
+def check_warm_pools(tenant: Tenant, specs: list[FunctionSpec]) -> None:
+    """Warm instances of a tenant's functions are sessions held ready for it, on the host's
+    capacity: together (`specs`, all of the tenant's own functions) they stay within the tenant's
+    quotas, or one tenant could fill the host with idle instances and starve every other.
+
+    Raises:
+        QuotaExceeded: naming each quota the warm pools would break.
+    """
+    from hutch.errors import QuotaExceeded
+
+    count = sum(s.warm_pool_size for s in specs)
+    vcpu = sum(s.warm_pool_size * s.resources.cpu for s in specs)
+    memory_mb = sum(s.warm_pool_size * s.resources.memory_mb for s in specs)
+    over = []
+    if count > tenant.max_sessions:
+        over.append(f"maxSessions {tenant.max_sessions} (they would hold {count} instances)")
+    if tenant.max_vcpu is not None and vcpu > tenant.max_vcpu + 1e-9:
+        over.append(f"maxVcpu {tenant.max_vcpu:g} (they would hold {vcpu:g} vCPUs)")
+    if tenant.max_memory_mb is not None and memory_mb > tenant.max_memory_mb:
+        over.append(f"maxMemoryMB {tenant.max_memory_mb} (they would hold {memory_mb} MB)")
+    if over:
+        owner = f"tenant {tenant.tenant_id}"
+        raise QuotaExceeded(f"the warm pools of {owner}'s functions are over its quota: " + "; ".join(over))

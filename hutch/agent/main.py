@@ -5,7 +5,9 @@ Order matters for start-up time and safety:
    only reaps orphans, the child becomes the agent. One process that reaps everything would
    steal exit statuses from the agent's own `subprocess` children. Under gVisor we start as root
    with CAP_SETUID/CAP_SETGID only, and the child drops to the sandbox user, the reaper to
-   `nobody` (`switch_user`).
+   `nobody` (`switch_user`). With a `go_fd` (bwrap), the agent then reads the byte the runtime
+   writes there once it has recorded the instance, and exits on end of file: a sandbox whose
+   start hutch did not live to record must not run unknown to anyone.
 2. Apply the rlimits the runtime asked for (hard limits: user code cannot raise them again).
 3. Close every inherited fd but stdio and the listening socket.
 4. Serve. Service modules are imported on first use, and pre-imported by a background thread
@@ -74,9 +76,11 @@ def _listener(config):
 
     if config.listen_fd is not None:
         return socket.socket(fileno=config.listen_fd)
+    if config.listen:
+        return _tcp_listener(config.listen)
     path = config.socket_path
     if not path:
-        raise SystemExit("hutch-agent: no listening fd and no --socket path")
+        raise SystemExit("hutch-agent: no listening fd, no --socket path and no --listen address")
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -87,12 +91,28 @@ def _listener(config):
     return sock
 
 
+def _tcp_listener(address: str):
+    import socket
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise SystemExit(f"hutch-agent: --listen wants HOST:PORT, not {address!r}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, int(port)), family=family, backlog=128)
+    # Accepted sockets inherit it (Linux): small answers go out at once, not after Nagle's 40 ms.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def _parse_args(argv: list[str], raw: dict) -> dict:
-    # argparse costs milliseconds to import; two flags do not need it.
+    # argparse costs milliseconds to import; a few flags do not need it.
     args = iter(argv)
     for arg in args:
         if arg == "--socket":
             raw["socket_path"] = next(args)
+        elif arg == "--listen":
+            raw["listen"] = next(args)
         elif arg == "--home":
             raw["home"] = next(args)
         elif arg == "--prestart-kernel":
@@ -137,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     _become_reaper_or_agent(switch_user)
     if raw.get("log_path") and switch_user:
         _redirect_stdio(raw["log_path"])
+    go_fd = raw.pop("go_fd", None)
+    if go_fd is not None and os.read(go_fd, 1) != b"1":
+        # The runtime writes this byte once it has recorded the instance. End of file instead: hutch
+        # died while starting us, and nobody would ever know this sandbox runs.
+        os._exit(1)
 
     from hutch.agent.config import AgentConfig
 

@@ -5,11 +5,16 @@ This module is the single place where errors become HTTP answers on the control 
 - hutch's own API: `{"code": "<wire code>", "message": ...}` with the error's HTTP status;
 - E2B's API (`/sandboxes`, `/v2/sandboxes`, ...): `{"code": <http status>, "message": ...}`,
   the shape the E2B SDKs parse.
-Malformed requests (FastAPI validation) are 400s, never tracebacks.
+Malformed requests (FastAPI validation) are 400s, never tracebacks. Bodies are bounded before any
+route reads them (`BodyLimit`): at most `MAX_BODY_BYTES` (413), received within the config's
+`request_timeout` (408), so that no client can make hutch hold a huge body in memory or a
+connection forever.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from pathlib import Path
 
@@ -25,16 +30,79 @@ from hutch.errors import HutchError, InvalidArgument
 log = logging.getLogger(__name__)
 
 E2B_PREFIXES = ("/sandboxes", "/v2/sandboxes", "/templates", "/v2/templates", "/v3/templates")
+MAX_BODY_BYTES = 1024 * 1024  # the control plane takes JSON documents only (specs, settings)
+BODY_TIMEOUT_S = 30.0
 
 
 def _is_e2b(request: Request) -> bool:
     return request.url.path.startswith(E2B_PREFIXES)
 
 
+def _error_body(path: str, status: int, code: str, message: str) -> dict:
+    if path.startswith(E2B_PREFIXES):
+        return {"code": status, "message": message}
+    return {"code": code, "message": message}
+
+
 def error_response(request: Request, status: int, code: str, message: str) -> JSONResponse:
-    if _is_e2b(request):
-        return JSONResponse({"code": status, "message": message}, status_code=status)
-    return JSONResponse({"code": code, "message": message}, status_code=status)
+    return JSONResponse(_error_body(request.url.path, status, code, message), status_code=status)
+
+
+class BodyLimit:
+    """Pure ASGI: read a request's whole body (at most `limit` bytes, within `timeout` seconds)
+    before the app runs, then hand it over from memory; refuse it otherwise."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES, timeout: float = BODY_TIMEOUT_S) -> None:
+        self.app = app
+        self.limit = limit
+        self.timeout = timeout
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await self._refuse(scope, send, 413, f"request body larger than {self.limit} bytes")
+                return
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.limit:
+                        await self._refuse(scope, send, 413, f"request body larger than {self.limit} bytes")
+                        return
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            await self._refuse(scope, send, 408, f"request body not received within {self.timeout:.0f} s")
+            return
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: only a disconnect can come
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(scope, send, status: int, message: str) -> None:
+        code = "deadline_exceeded" if status == 408 else "resource_exhausted"
+        data = json.dumps(_error_body(scope["path"], status, code, message)).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -58,6 +126,7 @@ def create_app(hutch) -> FastAPI:
         redoc_url=None,
     )
     app.state.hutch = hutch
+    app.add_middleware(BodyLimit, timeout=hutch.config.request_timeout)
 
     @app.exception_handler(HutchError)
     async def hutch_error(request: Request, exc: HutchError) -> JSONResponse:

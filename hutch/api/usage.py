@@ -35,6 +35,7 @@ router = APIRouter()
 Caller = Annotated[Tenant, Depends(caller)]
 GIB = float(1 << 30)
 MAX_POINTS = 2000
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: times (and steps) beyond any calendar are refused
 CSV_COLUMNS = [
     "sessionId",
     "functionName",
@@ -67,16 +68,19 @@ def parse_time(value: str | None, default: float) -> float:
     if value is None or value == "":
         return default
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidArgument(f"invalid time {value!r}: give unix seconds or ISO 8601") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidArgument(f"invalid time {value!r}: give unix seconds or ISO 8601") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        seconds = moment.timestamp()
+    # Not a number, infinite, or out of any calendar: MetaDB's integers and datetime cannot hold it.
+    if not 0 <= seconds <= MAX_TIME:
+        raise InvalidArgument(f"invalid time {value!r}: between 1970 and 9999, please")
+    return seconds
 
 
 def _range(start: str | None, end: str | None, default_span: float | None = None) -> tuple[float, float]:
@@ -214,7 +218,9 @@ async def usage_series(
     tenant: Caller,
     start: str | None = Query(None, alias="from", description="[default: an hour before `to`]"),
     end: str | None = Query(None, alias="to", description="[default: now]"),
-    step: int | None = Query(None, ge=1, description="seconds, a multiple of the bucket size [default: one bucket]"),
+    step: int | None = Query(
+        None, ge=1, le=int(MAX_TIME), description="seconds, a multiple of the bucket size [default: one bucket]"
+    ),
     function: str | None = None,
 ) -> dict:
     hutch = request.app.state.hutch

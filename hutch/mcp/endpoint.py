@@ -3,8 +3,9 @@
 - Who: the caller's API key (`X-API-Key`, or `Authorization: Bearer <key>`), checked before the
   MCP SDK sees the request; without a valid one the answer is 401 with a JSON-RPC error body
   (this module is that wire's error boundary; tool errors are `hutch.mcp.server`'s). The tools
-  act as that tenant: they call hutch's own API and gateway in-process (an httpx ASGI transport
-  to the whole app) with the same key, so what a key may do is decided where it always is.
+  act as that tenant: they call hutch's own API and gateway in-process (a streaming httpx ASGI
+  transport to the whole app, `hutch.mcp.transport`) with the same key, so what a key may do is
+  decided where it always is.
 - Stateless: every request stands alone and no `Mcp-Session-Id` is issued; the tools carry
   sandbox ids instead. Clients of every era work: 2026-07-28 ones (`server/discover`) and
   session-era ones (`initialize`).
@@ -29,6 +30,7 @@ from hutch.errors import HutchError
 from hutch.gateway.types import Receive, Scope, Send
 from hutch.mcp.sandboxes import Sandboxes
 from hutch.mcp.server import build_server
+from hutch.mcp.transport import StreamingASGITransport
 
 if TYPE_CHECKING:
     from hutch.server import Hutch
@@ -93,6 +95,6 @@ class McpEndpoint:
         key = api_key_of(ctx.headers or {})
         if not key:
             raise ToolError("this request carries no API key")  # authenticated above: only a broken transport
-        transport = httpx.ASGITransport(app=self.app)
+        transport = StreamingASGITransport(self.app)  # answers stream: a tool holds what it keeps
         async with httpx.AsyncClient(transport=transport, base_url=LOOPBACK, headers={"X-API-Key": key}) as http:
             yield Sandboxes(http)

@@ -9,15 +9,19 @@ interpreter, one persistent context per sandbox), envd's `process.Process/Start`
 enveloped JSON) and `filesystem.Filesystem/ListDir`, and `/files`.
 
 The same class serves `hutch mcp` (an `httpx.AsyncClient` to `HUTCH_URL`) and the MCP endpoint of
-`hutch serve` (an in-process ASGI transport to the server itself). It raises `hutch.errors`; the
-MCP server turns them into tool errors.
+`hutch serve` (an in-process ASGI transport to the server itself). Answers are read as they come
+and what a call keeps of a sandbox's output is capped (`OUTPUT_CAP`, `RESULTS_CAP`, `FILE_CAP`):
+a sandbox writing gigabytes must not make hutch hold them. It raises `hutch.errors`; the MCP
+server turns them into tool errors.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import struct
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -26,6 +30,12 @@ from hutch.client import error_of
 from hutch.errors import DeadlineExceeded, FailedPrecondition, HutchError, InvalidArgument, NotFound, Unavailable
 
 CONNECT_STREAM = "application/connect+json"
+# What one tool call keeps of a sandbox's output (bytes), so that no sandbox can make hutch (or
+# `hutch mcp`) hold more: per stream of a command or a cell, rich results of a cell, one file.
+OUTPUT_CAP = 1024 * 1024
+RESULTS_CAP = 16 * 1024 * 1024
+MAX_LINE = RESULTS_CAP + 1024 * 1024
+FILE_CAP = 16 * 1024 * 1024
 KILL_GRACE_S = 2  # after a command's timeout, SIGTERM, then SIGKILL this much later
 EXTRA_WAIT_S = 15  # the HTTP call may take this much longer than the command itself
 
@@ -35,14 +45,16 @@ def _envelope(message: dict) -> bytes:
     return struct.pack(">BI", 0, len(data)) + data
 
 
-def _messages(body: bytes) -> list[tuple[int, dict]]:
-    """The (flags, message) envelopes of a Connect stream."""
+def _take_envelopes(data: bytes) -> tuple[list[tuple[int, dict]], bytes]:
+    """The whole (flags, message) envelopes at the start of a Connect stream, and the rest."""
     out = []
-    while len(body) >= 5:
-        flags, length = struct.unpack(">BI", body[:5])
-        out.append((flags, json.loads(body[5 : 5 + length])))
-        body = body[5 + length :]
-    return out
+    while len(data) >= 5:
+        flags, length = struct.unpack(">BI", data[:5])
+        if len(data) < 5 + length:
+            break
+        out.append((flags, json.loads(data[5 : 5 + length])))
+        data = data[5 + length :]
+    return out, data
 
 
 class Sandboxes:
@@ -61,6 +73,20 @@ class Sandboxes:
         if response.status_code >= 400:
             raise error_of(response)
         return response
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        """An answer read as it comes (`_call`'s errors); closing it early is a disconnect."""
+        try:
+            async with self.http.stream(method, path, **kwargs) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise error_of(response)
+                yield response
+        except httpx.TimeoutException:
+            raise DeadlineExceeded("hutch did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise Unavailable(f"cannot reach hutch: {exc or exc.__class__.__name__}") from None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -126,65 +152,133 @@ class Sandboxes:
     # -- inside the sandbox ----------------------------------------------------------------------
 
     async def run_code(self, sandbox_id: str, code: str, language: str, timeout_s: float) -> dict:
-        """Run code in the sandbox's default interpreter context, whose state persists across calls."""
+        """Run code in the sandbox's default interpreter context, whose state persists across calls.
+        Output past the caps is dropped and the cell interrupted (`truncated`)."""
         base = await self._base(sandbox_id)
         body = {"code": code, "language": language}
-        response = await self._call("POST", f"{base}/execute", json=body, timeout=timeout_s + EXTRA_WAIT_S)
         out: dict[str, Any] = {"text": None, "stdout": "", "stderr": "", "results": [], "error": None}
-        for line in response.text.splitlines():
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            kind = item.get("type")
-            if kind in ("stdout", "stderr"):
-                out[kind] += item.get("text", "")
-            elif kind == "result":
-                result = {k: v for k, v in item.items() if k != "type" and v not in (None, False)}
-                out["results"].append(result)
-                if item.get("is_main_result"):
-                    out["text"] = item.get("text")
-            elif kind == "error":
-                out["error"] = {k: item.get(k) for k in ("name", "value", "traceback")}
+        kept = {"stdout": 0, "stderr": 0, "results": 0}
+        truncated = False
+        async with self._stream("POST", f"{base}/execute", json=body, timeout=timeout_s + EXTRA_WAIT_S) as response:
+            pending = bytearray()
+            async for chunk in response.aiter_bytes():
+                pending += chunk
+                end = pending.rfind(b"\n")
+                if end < 0:
+                    if len(pending) > MAX_LINE:
+                        truncated = True  # one output item larger than the caps: stop (the cell is interrupted)
+                        break
+                    continue
+                lines = bytes(pending[:end]).split(b"\n")
+                del pending[: end + 1]
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    item = json.loads(line)
+                    kind = item.get("type")
+                    if kind in ("stdout", "stderr"):
+                        text = item.get("text", "")
+                        room = OUTPUT_CAP - kept[kind]
+                        out[kind] += text[:room]
+                        kept[kind] += min(len(text), room)
+                        truncated |= len(text) > room
+                    elif kind == "result":
+                        result = {k: v for k, v in item.items() if k != "type" and v not in (None, False)}
+                        size = len(line)
+                        if kept["results"] + size > RESULTS_CAP:
+                            truncated = True
+                            continue
+                        kept["results"] += size
+                        out["results"].append(result)
+                        if item.get("is_main_result"):
+                            out["text"] = item.get("text")
+                    elif kind == "error":
+                        out["error"] = {k: item.get(k) for k in ("name", "value", "traceback")}
+                if truncated and max(kept["stdout"], kept["stderr"]) >= OUTPUT_CAP:
+                    break  # closing the answer interrupts the cell
+        if truncated:
+            out["truncated"] = True
         return out
 
     async def run_command(self, sandbox_id: str, command: str, cwd: str | None, timeout_s: int) -> dict:
-        """Run a shell command (`bash -l -c`) to its end, or until `timeout_s` (then it is killed)."""
+        """Run a shell command (`bash -l -c`) to its end, or until `timeout_s` (then it is killed).
+        stdout and stderr are kept up to `OUTPUT_CAP` each: a command that writes more is killed
+        (`truncated`), so that no command can make hutch hold its output."""
         base = await self._base(sandbox_id)
         # coreutils `timeout` ends the command in the sandbox itself, whatever happens to this call.
         args = [f"--kill-after={KILL_GRACE_S}", str(timeout_s), "/bin/bash", "-l", "-c", command]
         process: dict[str, Any] = {"cmd": "/usr/bin/timeout", "args": args}
         if cwd:
             process["cwd"] = cwd
-        response = await self._call(
+        output = {"stdout": b"", "stderr": b""}
+        exit_code = None
+        pid = None
+        truncated = False
+        async with self._stream(
             "POST",
             f"{base}/process.Process/Start",
             content=_envelope({"process": process}),
             headers={"content-type": CONNECT_STREAM},
             timeout=timeout_s + KILL_GRACE_S + EXTRA_WAIT_S,
-        )
-        stdout, stderr, exit_code = b"", b"", None
-        for flags, message in _messages(response.content):
-            if flags & 0x02:
-                if "error" in message:
-                    error = message["error"]
-                    raise HutchError(f"the command failed to run: {error.get('message', error)}")
-                continue
-            event = message.get("event", {})
-            data = event.get("data", {})
-            stdout += base64.b64decode(data.get("stdout", ""))
-            stderr += base64.b64decode(data.get("stderr", ""))
-            if "end" in event:
-                exit_code = event["end"].get("exitCode", 0)
-        return {
+        ) as response:
+            pending = b""
+            async for chunk in response.aiter_bytes():
+                pending += chunk
+                messages, pending = _take_envelopes(pending)
+                for flags, message in messages:
+                    if flags & 0x02:
+                        if "error" in message:
+                            error = message["error"]
+                            raise HutchError(f"the command failed to run: {error.get('message', error)}")
+                        continue
+                    event = message.get("event", {})
+                    pid = event.get("start", {}).get("pid", pid)
+                    for stream, data in event.get("data", {}).items():
+                        if stream in output:
+                            data = base64.b64decode(data)
+                            room = OUTPUT_CAP - len(output[stream])
+                            output[stream] += data[:room]
+                            if len(data) > room and not truncated:
+                                truncated = True
+                                if pid is not None:
+                                    await self._kill(base, pid)
+                    if "end" in event:
+                        exit_code = event["end"].get("exitCode", 0)
+        result = {
             "exitCode": exit_code,
-            "stdout": stdout.decode(errors="replace"),
-            "stderr": stderr.decode(errors="replace"),
+            "stdout": output["stdout"].decode(errors="replace"),
+            "stderr": output["stderr"].decode(errors="replace"),
             "timedOut": exit_code in (124, 137),
         }
+        if truncated:
+            result["truncated"] = True
+            result["stderr"] += f"\n[hutch: more than {OUTPUT_CAP} bytes of output: the command was stopped]"
+        return result
+
+    async def _kill(self, base: str, pid: int) -> None:
+        """SIGKILL a process started in the sandbox (and its process group)."""
+        message = {"process": {"pid": pid}, "signal": "SIGNAL_SIGKILL"}
+        with contextlib.suppress(HutchError):
+            await self._call("POST", f"{base}/process.Process/SendSignal", json=message)
 
     async def read_file(self, sandbox_id: str, path: str) -> bytes:
+        """A file's bytes, up to `FILE_CAP` (a bigger one is an error that says so)."""
         base = await self._base(sandbox_id)
-        return (await self._call("GET", f"{base}/files", params={"path": path})).content
+        too_big = FailedPrecondition(
+            f"'{path}' is larger than {FILE_CAP} bytes, the most read_file returns: read it in parts "
+            "(run_command with head/tail/split) or download it with the files API"
+        )
+        identity = {"accept-encoding": "identity"}  # sizes as they are; the cap applies to what is kept anyway
+        async with self._stream("GET", f"{base}/files", params={"path": path}, headers=identity) as response:
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > FILE_CAP:
+                raise too_big
+            data = bytearray()
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > FILE_CAP:
+                    raise too_big
+        return bytes(data)
 
     async def write_file(self, sandbox_id: str, path: str, data: bytes) -> None:
         base = await self._base(sandbox_id)

@@ -138,7 +138,7 @@ BUSY_WAIT_S = 5.0  # how long a call waits for a lock another process holds
 # SQLite's primary result codes (the low byte of an extended code) that are not the caller's fault.
 SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN = 5, 6, 8, 10, 13, 14
 UNAVAILABLE_BECAUSE = {
-    SQLITE_FULL: "the disk of its data directory is full",
+    SQLITE_FULL: "its disk is full",
     SQLITE_IOERR: "an I/O error on its file",
     SQLITE_READONLY: "its file is read-only",
     SQLITE_CANTOPEN: "its file cannot be opened",

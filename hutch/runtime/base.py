@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from hutch.errors import NotFound
 from hutch.types import InstanceId
 
 if TYPE_CHECKING:
@@ -88,6 +89,33 @@ class InstanceStats:
     workspace_bytes: int
 
 
+class InstanceTable:
+    """The queries every backend answers from its table of instances (the one source of which
+    instances a backend holds); backends fill `_instances`."""
+
+    _instances: dict[InstanceId, Instance]
+
+    def get(self, instance_id: InstanceId) -> Instance:
+        try:
+            return self._instances[instance_id]
+        except KeyError:
+            raise NotFound(f"instance {instance_id} not found") from None
+
+    def instances(self) -> list[Instance]:
+        return list(self._instances.values())
+
+    def has(self, instance_id: str) -> bool:
+        return instance_id in self._instances
+
+    def is_running(self, instance_id: str) -> bool:
+        """On every proxied request: a dict lookup, no system call."""
+        instance = self._instances.get(instance_id)  # type: ignore[call-overload]
+        return instance is not None and instance.state == InstanceState.RUNNING
+
+    async def status(self, instance_id: InstanceId) -> InstanceState:
+        return self.get(instance_id).state
+
+
 class Runtime(Protocol):
     """An isolation backend. Implementations: `hutch.runtime.bwrap.BwrapRuntime`,
     `hutch.runtime.gvisor.GVisorRuntime` (by name: `hutch.runtime.make_runtime`), and
@@ -108,6 +136,19 @@ class Runtime(Protocol):
 
     async def stop(self, instance_id: InstanceId, keep_workspace: bool = False) -> None:
         """Kill the whole tree, remove its cgroups and private files; keep the workspace if asked."""
+        ...
+
+    async def kill(self, instance_id: InstanceId) -> None:
+        """End an instance that stopped working as if it had crashed (its death is reported through
+        `on_exit`, its workspace and records stay for `stop`); returns once its exit was seen."""
+        ...
+
+    def broken(self, instance_id: InstanceId) -> str | None:
+        """Why a running instance can no longer work (e.g. its workspace failed), or None; cheap."""
+        ...
+
+    def disk_room(self) -> bool:
+        """Whether the host has the disk a new instance needs (else `start` raises Unavailable)."""
         ...
 
     async def status(self, instance_id: InstanceId) -> InstanceState: ...

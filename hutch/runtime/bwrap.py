@@ -107,12 +107,14 @@ class BwrapRuntime(LocalRuntime):
             fds.append(seccomp_fd)
             info_r, info_w = os.pipe()
             block_r, block_w = os.pipe()
+            go_r, go_w = os.pipe()
             stderr_r, stderr_w = os.pipe()
-            fds += [info_r, info_w, block_r, block_w, stderr_r, stderr_w]
+            fds += [info_r, info_w, block_r, block_w, go_r, go_w, stderr_r, stderr_w]
 
             argv = self._argv(
-                spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, prepared.instance_dir, prepared.workspace_path
-            )
+                spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, prepared.instance_dir, prepared.workspace_path,
+                go_fd=go_r,
+            )  # fmt: skip
             if netns is not None:
                 # bwrap enters no network namespace by itself: it starts in the instance's, and
                 # the sandbox, owned by its own user namespace, has no capability in it.
@@ -120,7 +122,7 @@ class BwrapRuntime(LocalRuntime):
             try:
                 popen = subprocess.Popen(
                     argv,
-                    pass_fds=(userns_fd, seccomp_fd, info_w, block_r, listen_fd),
+                    pass_fds=(userns_fd, seccomp_fd, info_w, block_r, listen_fd, go_r),
                     stdin=subprocess.DEVNULL,
                     stdout=stderr_w,
                     stderr=stderr_w,
@@ -129,7 +131,7 @@ class BwrapRuntime(LocalRuntime):
                 )
             except OSError as exc:
                 raise IsolationError(f"cannot run bwrap: {exc}") from None
-            given = {userns_fd, seccomp_fd, info_w, block_r, stderr_w, listen_fd}  # bwrap has them now
+            given = {userns_fd, seccomp_fd, info_w, block_r, stderr_w, listen_fd, go_r}  # bwrap has them now
             for fd in given:
                 os.close(fd)
             fds = [fd for fd in fds if fd not in given]
@@ -142,7 +144,9 @@ class BwrapRuntime(LocalRuntime):
             cgroup.add_process(pid)
             detail = {"cgroup": cgroup.to_dict(), "bwrap_pid": popen.pid}
             # Recorded before it runs: a crash of hutch from here on leaves a record to clean up.
+            # Before that, a crash closes `go_w` unwritten, and the agent exits at once.
             instance = self._record(spec, prepared, pid, detail)
+            os.write(go_w, b"1")
             os.write(block_w, b"1")
             return instance, popen, fds.pop(fds.index(stderr_r))
         except BaseException:
@@ -153,13 +157,19 @@ class BwrapRuntime(LocalRuntime):
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    def _argv(self, spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, instance_dir, workspace_path):
+    def _agent_env(self, spec: InstanceSpec, listen_fd: int, go_fd: int | None = None) -> str:
+        """`HUTCH_AGENT`: the agent's boot configuration (`hutch.agent.config`)."""
         resources: Resources = spec.resources
         config = {
             **agent_config(self.host, spec),
             "listen_fd": listen_fd,
             "rlimits": {"nofile": [resources.nofile, resources.nofile], "core": [0, 0]},
+            **({"go_fd": go_fd} if go_fd is not None else {}),
         }
+        return "marshal:" + marshal.dumps(config).hex()
+
+    def _argv(self, spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, instance_dir, workspace_path, go_fd=None):
+        resources: Resources = spec.resources
         argv = [
             self.bwrap,
             "--userns", str(userns_fd),
@@ -188,7 +198,7 @@ class BwrapRuntime(LocalRuntime):
             "--setenv", "PATH", self.host.path_env,
             "--setenv", "HOME", SANDBOX_HOME,
             "--setenv", "USER", "user",
-            "--setenv", "HUTCH_AGENT", "marshal:" + marshal.dumps(config).hex(),
+            "--setenv", "HUTCH_AGENT", self._agent_env(spec, listen_fd, go_fd),
         ]  # fmt: skip
         if spec.network is None:
             argv.append("--unshare-net")  # loopback only

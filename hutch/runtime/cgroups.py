@@ -188,9 +188,13 @@ class Cgroup:
         if kill_dir is not None and (kill_dir / "cgroup.kill").exists():
             try:
                 _write(kill_dir / "cgroup.kill", "1")
-                return
+                if self.version == 2:
+                    return
             except OSError:
                 pass
+        # v1: cgroup.kill reached the processes in the hybrid hierarchy only. One that joined the
+        # controllers' cgroups but not that one (hutch died between the writes of add_process)
+        # is found by the sweep.
         for _ in range(100):
             pids = self.procs()
             if not pids:

@@ -80,6 +80,7 @@ import logging
 import marshal
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -301,3 +302,15 @@ class GVisorRuntime(LocalRuntime):
     def _teardown_steps(self, instance: Instance) -> list[Callable[[], None]]:
         run_dir = self.instances_dir / instance.instance_id / "run"
         return [lambda: _unmount_run_dir(run_dir)]
+
+    def _ready(self, instance: Instance) -> None:
+        """Seal the run directory: the agent has bound its socket there, and from now on hutch
+        connects to that path for every request. Left the sandbox user's, user code could put a
+        symlink there to another instance's socket, and hutch would follow it (a session reaching
+        another tenant's sandbox). Root's, and mapped to no uid of the sandbox, it cannot change."""
+        run_dir = self.instances_dir / instance.instance_id / "run"
+        os.chown(run_dir, 0, 0)
+        os.chmod(run_dir, 0o755)
+        mode = os.lstat(instance.socket_path).st_mode
+        if not stat.S_ISSOCK(mode):
+            raise IsolationError(f"instance {instance.instance_id}: {instance.socket_path} is not the agent's socket")

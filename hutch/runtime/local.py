@@ -14,7 +14,11 @@ built:
   it unless kept), undo the backend's own things (`_teardown_steps`), remove the directory;
 - `instance.json` records, and the adoption of live instances by a restarted hutch (each backend
   adopts only its own records, so several can share one data directory);
-- the warm-pool claim of a workspace, stats.
+- the warm-pool claim of a workspace, stats;
+- the host's disk: no instance starts while the data directory has less than
+  `min_free_disk_mb` free (sparse workspaces grow into that room: filling it would make the
+  running sandboxes' writes fail), and `broken` names an instance whose workspace failed
+  (ext4 turned it read-only after a lost write), which the scheduler then replaces.
 
 It does not know how a sandbox is built: `_spawn` in `bwrap.py` and `gvisor.py` does.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -36,8 +41,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hutch.errors import FailedPrecondition, HutchError, IsolationError, NotFound, Unimplemented
-from hutch.runtime.base import Instance, InstanceSpec, InstanceState, InstanceStats, Resources
+from hutch.errors import FailedPrecondition, HutchError, IsolationError, Unavailable, Unimplemented
+from hutch.runtime.base import Instance, InstanceSpec, InstanceState, InstanceStats, InstanceTable, Resources
 from hutch.runtime.cgroups import Cgroup, CgroupManager
 from hutch.runtime.channel import AgentChannel
 from hutch.runtime.hostfs import AGENT_LIB, SANDBOX_HOME, HostView, site_packages
@@ -49,6 +54,7 @@ from hutch.types import InstanceId
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 15.0
+MIN_FREE_DISK_MB = 128  # kept free on the data directory's disk for the workspaces of running instances
 INSTANCE_WORKSPACE_PREFIX = "_instances/"  # workspaces no session has claimed yet
 AGENT_LOG = "/tmp/.hutch-agent.log"  # inside the sandbox
 
@@ -141,11 +147,12 @@ class _Watch:
         self.lifetime_timer: asyncio.TimerHandle | None = None
 
 
-class LocalRuntime:
+class LocalRuntime(InstanceTable):
     """The shared part of `BwrapRuntime` and `GVisorRuntime` (see the module docstring)."""
 
     name = ""
     supports_network = False  # whether instances can get a namespace of their own behind the egress proxy
+    min_free_disk_mb = MIN_FREE_DISK_MB
 
     def __init__(
         self,
@@ -184,27 +191,33 @@ class LocalRuntime:
         """What to undo at stop besides cgroups, workspace and the instance's directory."""
         return []
 
+    def _ready(self, instance: Instance) -> None:
+        """The agent answered, and no user code has run yet: the last moment to lock the sandbox
+        out of anything the host will go on trusting (gVisor: the run directory)."""
+
     # -- queries -------------------------------------------------------------------------------
-
-    def get(self, instance_id: InstanceId) -> Instance:
-        try:
-            return self._instances[instance_id]
-        except KeyError:
-            raise NotFound(f"instance {instance_id} not found") from None
-
-    def instances(self) -> list[Instance]:
-        return list(self._instances.values())
-
-    def is_running(self, instance_id: str) -> bool:
-        """On every proxied request: a dict lookup, no system call."""
-        instance = self._instances.get(instance_id)  # type: ignore[call-overload]
-        return instance is not None and instance.state == InstanceState.RUNNING
 
     def channel(self, instance_id: InstanceId) -> AgentChannel:
         return AgentChannel(self.get(instance_id).socket_path)
 
-    async def status(self, instance_id: InstanceId) -> InstanceState:
-        return self.get(instance_id).state
+    def free_disk_mb(self) -> int:
+        """Free space on the data directory's disk (what root may use)."""
+        st = os.statvfs(self.data_dir)
+        return st.f_bfree * st.f_frsize // (1024 * 1024)
+
+    def disk_room(self) -> bool:
+        """Whether the data directory's disk has the room a new instance may start with."""
+        return self.free_disk_mb() >= self.min_free_disk_mb
+
+    def broken(self, instance_id: InstanceId) -> str | None:
+        """Why a running instance can no longer work, or None (cheap: a few system calls)."""
+        instance = self._instances.get(instance_id)
+        if instance is None or instance.state != InstanceState.RUNNING:
+            return None
+        failed = getattr(self.store, "failed", None)
+        if failed is not None and failed(instance.workspace_path):
+            return "its workspace's file system failed (a write to it was lost: was the host's disk full?)"
+        return None
 
     async def stats(self, instance_id: InstanceId) -> InstanceStats:
         instance = self.get(instance_id)
@@ -225,6 +238,12 @@ class LocalRuntime:
             await self.ensure_networking()
         if spec.instance_id in self._instances:
             raise IsolationError(f"instance {spec.instance_id} already exists")
+        free = self.free_disk_mb()
+        if free < self.min_free_disk_mb:
+            raise Unavailable(
+                f"the disk of hutch's data directory has {free} MB free, less than the "
+                f"{self.min_free_disk_mb} MB kept for running sandboxes: no new instance until space is freed"
+            )
         loop = asyncio.get_running_loop()
         spawning = loop.run_in_executor(None, self._spawn, spec)
         self._spawning.add(spawning)
@@ -236,10 +255,15 @@ class LocalRuntime:
             # makes as soon as it is made, or the sandbox would run on with nobody knowing it.
             spawning.add_done_callback(lambda done: self._discard(loop, done))
             raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise Unavailable(f"the disk of hutch's data directory is full: {exc}") from exc
+            raise
         self._instances[spec.instance_id] = instance
         self._watch(instance, popen)
         try:
             await self._wait_ready(instance, stderr_r)
+            self._ready(instance)
         except BaseException:
             await self.stop(spec.instance_id)
             raise
@@ -260,9 +284,6 @@ class LocalRuntime:
         task = loop.create_task(self.stop(instance.instance_id))
         self._discarding.add(task)
         task.add_done_callback(self._discarding.discard)
-
-    def has(self, instance_id: str) -> bool:
-        return instance_id in self._instances
 
     def default_layout(self) -> NetworkLayout:
         return layout_for(self.data_dir)
@@ -397,6 +418,20 @@ class LocalRuntime:
             log.warning("instance %s exited on its own", instance_id)
             if self.on_exit is not None:
                 self.on_exit(instance)
+
+    async def kill(self, instance_id: InstanceId) -> None:
+        """End an instance that stopped working as if it had crashed (e.g. its agent died and its
+        pid 1 lives on): `on_exit` reports it, and `stop` cleans up later. Returns once the exit
+        was seen (at most 5 s)."""
+        instance = self.get(instance_id)
+        watch = self._watches.get(instance_id)
+        log.warning("instance %s stopped working: killing it", instance_id)
+        await asyncio.to_thread(self._kill, instance, Cgroup.from_dict(instance.detail["cgroup"]))
+        if watch is not None:
+            try:
+                await asyncio.wait_for(watch.exited.wait(), 5)
+            except TimeoutError:
+                log.error("instance %s did not exit after SIGKILL", instance_id)
 
     def _kill_for_lifetime(self, instance_id: InstanceId) -> None:
         instance = self._instances.get(instance_id)
@@ -543,14 +578,17 @@ class LocalRuntime:
                     removed.append(f"cgroups of {name}")
                 except IsolationError as exc:
                     log.error("stray cgroups of %s: %s", name, exc)
+        # Every backend's live instances, not only ours: they share the store and the networks.
         live_slots = set()
+        live_paths = {str(i.workspace_path) for i in self._instances.values()}
         for record in self.instances_dir.glob("*/instance.json"):
             if record.parent.name in live:
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    live_slots.add(json.loads(record.read_text())["detail"]["slot"])
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    saved = json.loads(record.read_text())
+                    live_paths.add(str(saved["workspace_path"]))
+                    live_slots.add(saved["detail"]["slot"])
         networking = self.networking or Networking(self.default_layout())
         removed += networking.sweep(live_slots)
-        live_paths = {str(i.workspace_path) for i in self._instances.values()}
         sweep = getattr(self.store, "sweep", None)
         if sweep is not None:
             removed += sweep(live_paths, {f"{INSTANCE_WORKSPACE_PREFIX}{i}" for i in live})

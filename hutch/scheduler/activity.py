@@ -60,3 +60,9 @@ class ActivityTracker:
     def drain(self) -> dict[str, float]:
         dirty, self._dirty = self._dirty, {}
         return dirty
+
+    def requeue(self, dirty: dict[str, float]) -> None:
+        """Activity `drain` gave out that could not be written: drained again next time."""
+        for row_id, at in dirty.items():
+            if row_id in self._last and at > self._dirty.get(row_id, 0.0):
+                self._dirty[row_id] = at

@@ -7,12 +7,15 @@ the runtime can bind into a sandbox.
 
 Implementations: `DirectoryStore` (plain directories; no size limit), `ImageStore` (a sparse
 ext4 image per workspace, loop-mounted: the size limit and the inode limit are the
-filesystem's). Shared stores for several hosts come later behind the same interface.
+filesystem's), `SharedStore` (directories on a file system every node mounts, JuiceFS or the
+operator's: another node can attach a session's workspace when its node dies).
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -66,16 +69,68 @@ def is_mount_point(path: Path) -> bool:
     return False
 
 
-def chown_tree(root: Path, uid: int, gid: int) -> None:
-    """Give a whole tree to another owner (a workspace re-attached under a different host uid)."""
-    import os
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
-    if root.stat().st_uid == uid:
+
+def walk_no_follow(root: Path) -> Iterator[tuple[int, list[os.DirEntry]]]:
+    """Every directory of a workspace tree as (its fd, its entries), never leaving the tree.
+
+    A workspace is written by a sandbox, possibly while the host walks it: any component may be
+    swapped for a symlink (to `/`, to another workspace) or a FIFO between two steps. So each
+    directory is opened relative to its parent's fd with O_DIRECTORY|O_NOFOLLOW|O_NONBLOCK: a
+    symlink fails (ELOOP), anything else than a directory fails (ENOTDIR) without being opened
+    (a FIFO would block, a device could act), and no path is ever resolved twice. os.walk
+    follows a directory swapped for a symlink between its listing and its descent; os.fwalk
+    opens it without O_DIRECTORY first. Entries that vanish or change meanwhile are skipped."""
+    try:
+        top = os.open(root, DIR_FLAGS)
+    except OSError:
         return
-    os.chown(root, uid, gid)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
+    stack = [top]
+    try:
+        while stack:
+            fd = stack.pop()
             try:
-                os.lchown(os.path.join(dirpath, name), uid, gid)
+                with os.scandir(fd) as listing:
+                    entries = list(listing)
+                yield fd, entries
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(os.open(entry.name, DIR_FLAGS, dir_fd=fd))
+                    except OSError:
+                        pass  # gone, or no longer a directory
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
+def chown_tree(root: Path, uid: int, gid: int) -> None:
+    """Give a whole tree to another owner (a workspace re-attached under a different host uid),
+    links included and never followed (`walk_no_follow`)."""
+    if os.lstat(root).st_uid == uid:
+        return
+    os.chown(root, uid, gid, follow_symlinks=False)
+    for fd, entries in walk_no_follow(root):
+        for entry in entries:
+            try:
+                os.chown(entry.name, uid, gid, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 pass
+
+
+def tree_bytes(root: Path) -> int:
+    """Bytes allocated to the files of a tree (`walk_no_follow`: never outside it)."""
+    total = 0
+    for fd, entries in walk_no_follow(root):
+        for entry in entries:
+            try:
+                if not entry.is_dir(follow_symlinks=False):
+                    total += os.stat(entry.name, dir_fd=fd, follow_symlinks=False).st_blocks * 512
+            except OSError:
+                pass
+    return total

@@ -317,3 +317,28 @@ def test_the_wall_clock_cap_ends_the_instance(make_sandbox, loop, runtime):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert not is_alive(sandbox.instance.pid)
+
+
+def test_a_sandbox_cannot_point_hutch_at_another_instances_socket(make_sandbox, loop):
+    """hutch reaches an instance by the path of its agent's socket: if the sandbox could put a
+    symlink there, hutch would carry one session's requests to another's instance."""
+    victim, attacker = make_sandbox(), make_sandbox()
+    loop.run(victim.channel.write_file("/home/user/secret.txt", b"victim-secret"))
+    result = attacker.run(
+        f"rm -f /run/hutch/agent.sock; ln -s {victim.instance.socket_path} /run/hutch/agent.sock;"
+        "mv /run/hutch/agent.sock /run/hutch/moved"
+    )
+    errors = result.stderr.decode()
+    assert "rm: cannot remove '/run/hutch/agent.sock'" in errors, errors
+    assert "ln: failed to create symbolic link '/run/hutch/agent.sock" in errors, errors
+    # bwrap: a read-only bind; gVisor: a directory of host root's, after the agent bound its socket
+    assert errors.count("Read-only file system") + errors.count("Permission denied") == 2, errors
+    socket_path = attacker.instance.socket_path
+    assert socket_path.is_socket() and not socket_path.is_symlink()
+    assert sorted(p.name for p in socket_path.parent.iterdir()) == ["agent.sock"]
+    fresh = attacker.runtime.channel(attacker.id)  # a new connection, by path, as the gateway makes
+    try:
+        with pytest.raises(HutchError, match="does not exist"):
+            loop.run(fresh.read_file("/home/user/secret.txt"))
+    finally:
+        loop.run(fresh.aclose())

@@ -1,0 +1,67 @@
+"""`hutch selftest`: the escape-and-abuse battery against this host, for an operator (needs root).
+
+It starts a throwaway `hutch serve` on a temporary data directory (its own port and uid range),
+plays every attack of `hutch.selftest` against it on each isolation backend installed here,
+prints one line per attack as it goes and a table at the end, optionally writes the Markdown
+report, removes everything it made, and exits 1 if any attack was not contained.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+
+def selftest(
+    backends: str = typer.Option("bwrap,gvisor", help="Isolation backends to attack (gvisor: skipped without runsc)."),
+    only: str = typer.Option("", help="Comma-separated attack ids to run (default: all)."),
+    report: Path = typer.Option(None, "--report", help="Also write the Markdown report here."),
+    log_level: str = typer.Option("warning", help="Log level of the throwaway server."),
+) -> None:
+    """Attack a throwaway hutch on this host from inside its sandboxes; exit 1 if anything escaped."""
+    from hutch.selftest.battery import plan, run_all
+    from hutch.selftest.report import markdown, table
+    from hutch.selftest.stage import Stage
+    from hutch.selftest.target import Target
+
+    if os.geteuid() != 0:
+        typer.echo("error: the battery starts sandboxes: run it as root", err=True)
+        raise typer.Exit(2)
+    chosen = tuple(b for b in backends.split(",") if b)
+    if "gvisor" in chosen and shutil.which("runsc") is None:
+        typer.echo("note: gVisor (runsc) is not installed here: its attacks are skipped", err=True)
+        chosen = tuple(b for b in chosen if b != "gvisor")
+    wanted = {a for a in only.split(",") if a} or None
+    known = {attack.id for attack in plan(chosen)}
+    if wanted and wanted - known:
+        typer.echo(f"error: unknown attacks {sorted(wanted - known)}; known: {', '.join(sorted(known))}", err=True)
+        raise typer.Exit(2)
+    began = time.monotonic()
+    target = Target(log_level=log_level)
+    stage = Stage(target)
+    outcomes = []
+    try:
+        target.start()
+        stage.setup(backends=chosen, network="bwrap" in chosen)
+        for outcome in run_all(stage, chosen, wanted):
+            outcomes.append(outcome)
+            typer.echo(f"{outcome.verdict:<20} {outcome.attack} [{outcome.backend}] ({outcome.seconds:.1f} s)")
+            sys.stdout.flush()
+    finally:
+        stage.close()
+        target.close()
+    duration = time.monotonic() - began
+    typer.echo("")
+    typer.echo(table(outcomes))
+    failed = [o for o in outcomes if not o.passed]
+    typer.echo(f"\n{len(outcomes) - len(failed)} of {len(outcomes)} attacks contained in {duration:.0f} s")
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(markdown(outcomes, duration))
+        typer.echo(f"report written to {report}")
+    raise typer.Exit(1 if failed or not outcomes else 0)
