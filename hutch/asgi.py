@@ -12,6 +12,7 @@ import sys
 from contextlib import AsyncExitStack
 
 from hutch.api.app import create_app
+from hutch.errors import BackendUnavailable, InvalidArgument
 from hutch.gateway.app import Gateway
 from hutch.mcp.endpoint import McpEndpoint
 from hutch.server import Hutch
@@ -47,7 +48,10 @@ class HutchApp:
                     self.gateway.start()
                     await self._running.enter_async_context(self.mcp.run())
                 except Exception as exc:
-                    log.exception("hutch failed to start")
+                    if isinstance(exc, InvalidArgument | BackendUnavailable):  # a setting or the host: said in full
+                        log.error("hutch failed to start: %s", exc)
+                    else:
+                        log.exception("hutch failed to start")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 if self.hutch.bootstrap_key:

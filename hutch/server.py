@@ -1,5 +1,10 @@
 """The composition root of `hutch serve`: every component made once, wired, started, stopped.
 
+One class for the three roles (`Role`): `hutch serve` is all of them in one process;
+`hutch gateway` stops after step 3 with `ClusterSessions` (sessions live on nodes), and
+`hutch node` skips step 2 and runs steps 4-5 for this host only, behind
+`hutch.scheduler.node.NodeApp`. The two split roles need PostgreSQL as MetaDB.
+
 Start order (each step needs the ones before):
 1. MetaDB opened and migrated; the server secret (keyed hash of session ids) read or created.
 2. The default tenant and its key (printed once, or taken from HUTCH_API_KEY).
@@ -16,15 +21,21 @@ of hutch).
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
+import re
 import secrets
+import socket
 import time
 from pathlib import Path
 
 from hutch.config import ServerConfig
+from hutch.errors import InvalidArgument
 from hutch.functions import BUILTIN_FUNCTIONS, BUILTIN_TENANT
+from hutch.gateway.cluster import ClusterSessions
 from hutch.metadb import open_metadb
+from hutch.metadb.postgres import PostgresMetaDB
 from hutch.metadb.records import FunctionRecord
 from hutch.metrics import Metrics
 from hutch.runtime.multi import MultiRuntime
@@ -34,21 +45,35 @@ from hutch.scheduler.metering import Meter
 from hutch.scheduler.scheduler import Scheduler
 from hutch.scheduler.sessions import SessionManager
 from hutch.storage.local import DirectoryStore, ImageStore
+from hutch.storage.shared import default_node_id, open_shared_store
 from hutch.tenants import TenantService
 
 log = logging.getLogger(__name__)
 
 
+class Role(enum.StrEnum):
+    ALL = "all"  # `hutch serve`: gateway, API and node in one process, on any MetaDB
+    GATEWAY = "gateway"  # `hutch gateway`: gateway and API; sessions live on nodes
+    NODE = "node"  # `hutch node`: the scheduler and instances of this host
+
+
 class Hutch:
-    def __init__(self, config: ServerConfig, default_api_key: str | None = None) -> None:
+    def __init__(self, config: ServerConfig, default_api_key: str | None = None, role: Role = Role.ALL) -> None:
         self.config = config
+        self.role = role
         self.default_api_key = default_api_key
         self.data_dir = Path(config.data_dir)
         self.metadb = open_metadb(config.metadb_url, self.data_dir)
+        if role != Role.ALL and not isinstance(self.metadb, PostgresMetaDB):
+            raise InvalidArgument(
+                f"`hutch {role.value}` shares its MetaDB with the rest of the cluster: "
+                'set metadb_url = "postgresql://…" (SQLite serves one `hutch serve` only)'
+            )
         self.tenants = TenantService(self.metadb)
         self.metrics = Metrics()
         self.scheduler: Scheduler | None = None
-        self.sessions: SessionManager | None = None
+        self.sessions: SessionManager | ClusterSessions | None = None
+        self.secret = b""  # the cluster's secret: keyed hashes of session ids, the node key
         self.started_at = 0.0
         self.bootstrap_key: str | None = None
 
@@ -57,19 +82,37 @@ class Hutch:
         self.data_dir.chmod(0o755)  # sandboxes are set up under unprivileged uids: they must reach it
         await self.metadb.open()
         secret = await self.metadb.set_setting_if_absent("session_secret", secrets.token_hex(32))
-        self.bootstrap_key = await self.tenants.bootstrap(self.default_api_key)
+        self.secret = bytes.fromhex(secret)
+        if self.role != Role.NODE:
+            self.bootstrap_key = await self.tenants.bootstrap(self.default_api_key)
         now = time.time()
         for spec in BUILTIN_FUNCTIONS:
             size = self.config.warm_pools.get(spec.name, spec.warm_pool_size)
             spec = spec.model_copy(update={"warm_pool_size": size})
             await self.metadb.put_function(FunctionRecord(BUILTIN_TENANT, spec.name, spec.wire(), now, now))
-        store = self._store()
+        if self.role == Role.GATEWAY:
+            cluster = self.config.cluster
+            self.sessions = ClusterSessions(self.metadb, self.secret, cluster.lease_seconds, cluster.directory_refresh)
+            await self.sessions.start()
+            self.started_at = time.time()
+            return
+        scheduler_id = self.node_id()
+        store = self._store(scheduler_id)
         # One runtime per backend the functions use (gVisor's made on first use); shared uid slots.
         runtime = MultiRuntime(
-            self.data_dir, store, UidSlots(first_uid=self.config.uid_base), networking=self._networking()
+            self.data_dir,
+            store,
+            UidSlots(first_uid=self.config.uid_base),
+            options={"kubernetes": self.config.kubernetes.model_dump()},
+            networking=self._networking(),
         )
-        scheduler_id = "local-" + hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]
-        self.scheduler = Scheduler(scheduler_id, runtime, self.metadb, max_instances=self.config.max_instances)
+        self.scheduler = Scheduler(
+            scheduler_id,
+            runtime,
+            self.metadb,
+            max_instances=self.config.max_instances,
+            address=self.config.cluster.advertise if self.role == Role.NODE else "local",
+        )
         metering = self.config.metering
         meter = Meter(
             self.metadb,
@@ -79,20 +122,47 @@ class Hutch:
             busy_cpu_fraction=metering.busy_cpu_fraction,
         )
         self.sessions = SessionManager(
-            self.metadb, self.scheduler, bytes.fromhex(secret), reap_interval=self.config.reap_interval, meter=meter
+            self.metadb,
+            self.scheduler,
+            self.secret,
+            reap_interval=self.config.reap_interval,
+            meter=meter,
+            cluster=self.role == Role.NODE,
         )
         await self.sessions.start()
         self.metrics.attach(self.sessions, self.scheduler)
         self.started_at = time.time()
+
+    def node_id(self) -> str:
+        """The scheduler id of this host in MetaDB. `hutch serve`'s derives from the data dir alone
+        (one per host); a cluster node's is configured, or made unique with the host name."""
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:8]
+        if self.role == Role.ALL:
+            return "local-" + digest
+        if self.config.cluster.node_id:
+            return self.config.cluster.node_id
+        host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname()).lstrip(".-") or "host"
+        return f"{host}-{digest}"[:128]
 
     def _networking(self) -> Networking:
         """Instance networks with the configured subnet (or one derived from the data dir)."""
         settings = self.config.network
         return Networking(layout_for(self.data_dir, settings.subnet), static_hosts=settings.hosts)
 
-    def _store(self):
+    def _store(self, scheduler_id: str):
         root = self.data_dir / "workspaces"
         kind = self.config.workspace_store
+        if kind == "shared":
+            shared = self.config.shared_storage
+            assert shared.path is not None  # the config's validator says so
+            return open_shared_store(
+                shared.path,
+                shared.node_id or default_node_id(scheduler_id),
+                self.data_dir,
+                juicefs_meta_url=shared.juicefs_meta_url,
+                juicefs_cache_dir=shared.juicefs_cache_dir,
+                juicefs_mount_options=shared.juicefs_mount_options,
+            )
         if kind == "image" or (kind == "auto" and ImageStore.available()):
             return ImageStore(root)
         return DirectoryStore(root)

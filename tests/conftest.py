@@ -35,3 +35,21 @@ def postgres_server():
     server.start()
     yield server.url
     server.remove()
+
+
+@pytest.fixture(scope="session")
+def shared_volume(postgres_server):
+    """A JuiceFS volume (data in SeaweedFS, metadata in PostgreSQL) mounted twice on this host, as
+    two nodes mount it (tests/sharedfs.py); unmounted and stopped at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a FUSE file system needs root")
+    from tests.sharedfs import SharedVolume, missing
+
+    if reason := missing():
+        pytest.skip(reason)
+    volume = SharedVolume(postgres_server)
+    try:
+        volume.start()
+        yield volume
+    finally:
+        volume.stop()

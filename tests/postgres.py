@@ -34,8 +34,9 @@ def postgres_bindir() -> str | None:
 class PostgresServer:
     """One server; `new_database()` gives each test a database of its own."""
 
-    def __init__(self, listen: str = "127.0.0.1") -> None:
+    def __init__(self, listen: str = "127.0.0.1", trusted_networks: tuple[str, ...] = ()) -> None:
         self.listen = listen
+        self.trusted_networks = trusted_networks  # beyond loopback, e.g. a test cluster's subnet
         self.port = _free_port()
         self.bindir = postgres_bindir()
         self.dir = tempfile.mkdtemp(prefix="hutch-pg-")
@@ -67,6 +68,9 @@ class PostgresServer:
         _, err = process.communicate(timeout=120)
         if process.returncode != 0:
             raise RuntimeError(f"initdb failed: {err.decode(errors='replace')}")
+        with open(f"{self.dir}/data/pg_hba.conf", "a") as hba:
+            for network in self.trusted_networks:
+                hba.write(f"host all all {network} trust\n")
 
     def start(self) -> None:
         with open(f"{self.dir}/log", "ab") as log:

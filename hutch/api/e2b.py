@@ -184,19 +184,19 @@ def _checked(policy: dict) -> dict:
 # -- lookups -----------------------------------------------------------------------------------
 
 
-def _sandbox(request: Request, tenant: Tenant, sandbox_id: str) -> SessionRecord:
+async def _sandbox(request: Request, tenant: Tenant, sandbox_id: str) -> SessionRecord:
     """The caller's running sandbox; 404 for unknown, ended or another tenant's."""
-    session = request.app.state.hutch.sessions.active_by_public_id(sandbox_id)
+    session = await request.app.state.hutch.sessions.find_by_public_id(sandbox_id)
     if session is None or session.tenant_id != tenant.tenant_id or session.affinity != AFFINITY:
         raise NotFound(f"sandbox {sandbox_id} not found")
     return session
 
 
-def _tenant_sandboxes(request: Request, tenant: Tenant) -> list[SessionRecord]:
+async def _tenant_sandboxes(request: Request, tenant: Tenant) -> list[SessionRecord]:
     return [
         s
-        for s in request.app.state.hutch.sessions.active_sessions()
-        if s.tenant_id == tenant.tenant_id and s.affinity == AFFINITY and s.access_token
+        for s in await request.app.state.hutch.sessions.tenant_sessions(tenant.tenant_id)
+        if s.affinity == AFFINITY and s.access_token
     ]
 
 
@@ -276,7 +276,7 @@ async def _create_once(request: Request, tenant: Tenant, body: NewSandbox, key: 
     slot = (tenant.tenant_id, key)
     async with table.lock:
         made = table.get(slot)
-        existing = request.app.state.hutch.sessions.active_by_public_id(made) if made else None
+        existing = await request.app.state.hutch.sessions.find_by_public_id(made) if made else None
         if existing is not None:
             return existing
         session = await _create(request, tenant, body)
@@ -300,13 +300,13 @@ async def create_sandbox(
 
 @router.get("/sandboxes/{sandbox_id}", summary="A running sandbox")
 async def get_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> dict:
-    return await detail_json(request, _sandbox(request, tenant, sandbox_id))
+    return await detail_json(request, await _sandbox(request, tenant, sandbox_id))
 
 
 @router.get("/sandboxes", summary="Running sandboxes (E2B SDK 1.x)")
 async def list_sandboxes_v1(request: Request, tenant: Caller, metadata: str | None = None) -> list[dict]:
     wanted = _metadata_filter(metadata)
-    found = sorted(_tenant_sandboxes(request, tenant), key=_key, reverse=True)
+    found = sorted(await _tenant_sandboxes(request, tenant), key=_key, reverse=True)
     return [await listed_json(request, s) for s in found if _matches(s, wanted)]
 
 
@@ -353,7 +353,7 @@ async def list_sandboxes(
     after = started_after.timestamp() if started_after else None
     found = [
         s
-        for s in _tenant_sandboxes(request, tenant)
+        for s in await _tenant_sandboxes(request, tenant)
         if _matches(s, wanted)
         and (template is None or s.function == template)
         and (after is None or s.created_at >= after)
@@ -374,7 +374,7 @@ async def list_sandboxes(
 
 @router.delete("/sandboxes/{sandbox_id}", status_code=204, summary="Kill a sandbox")
 async def kill_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> Response:
-    session = _sandbox(request, tenant, sandbox_id)
+    session = await _sandbox(request, tenant, sandbox_id)
     if await request.app.state.hutch.sessions.end(session, EndReason.DELETED) is None:
         raise NotFound(f"sandbox {sandbox_id} not found")
     return Response(status_code=204)
@@ -382,7 +382,7 @@ async def kill_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> Res
 
 @router.post("/sandboxes/{sandbox_id}/timeout", status_code=204, summary="End the sandbox `timeout` s from now")
 async def set_timeout(sandbox_id: str, body: TimeoutBody, request: Request, tenant: Caller) -> Response:
-    session = _sandbox(request, tenant, sandbox_id)
+    session = await _sandbox(request, tenant, sandbox_id)
     await request.app.state.hutch.sessions.renew(session, ttl_s=body.timeout)
     return Response(status_code=204)
 
@@ -397,7 +397,7 @@ async def _extend(request: Request, session: SessionRecord, seconds: int) -> Ses
 @router.post("/sandboxes/{sandbox_id}/connect", summary="Connect to a running sandbox (E2B SDK < 2.51)")
 @router.post("/v2/sandboxes/{sandbox_id}/connect", summary="Connect to a running sandbox; extends its timeout")
 async def connect_sandbox(sandbox_id: str, request: Request, tenant: Caller, body: ConnectBody | None = None) -> dict:
-    session = _sandbox(request, tenant, sandbox_id)
+    session = await _sandbox(request, tenant, sandbox_id)
     session = await _extend(request, session, (body or ConnectBody()).timeout)
     return sandbox_json(request, session)
 
@@ -406,13 +406,13 @@ async def connect_sandbox(sandbox_id: str, request: Request, tenant: Caller, bod
 async def refresh_sandbox(
     sandbox_id: str, request: Request, tenant: Caller, body: RefreshBody | None = None
 ) -> Response:
-    await _extend(request, _sandbox(request, tenant, sandbox_id), (body or RefreshBody()).duration)
+    await _extend(request, await _sandbox(request, tenant, sandbox_id), (body or RefreshBody()).duration)
     return Response(status_code=204)
 
 
 @router.put("/sandboxes/{sandbox_id}/network", status_code=204, summary="Replace the sandbox's egress rules")
 async def update_network(sandbox_id: str, body: NetworkBody, request: Request, tenant: Caller) -> Response:
-    session = _sandbox(request, tenant, sandbox_id)
+    session = await _sandbox(request, tenant, sandbox_id)
     internet = session.network["internet"] if session.network is not None else False
     policy = _checked({"internet": internet, "allow": list(body.allow_out), "deny": list(body.deny_out)})
     await request.app.state.hutch.sessions.set_network(session, policy)
@@ -421,13 +421,13 @@ async def update_network(sandbox_id: str, body: NetworkBody, request: Request, t
 
 @router.post("/sandboxes/{sandbox_id}/pause", summary="Not available: sandboxes keep running")
 async def pause_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> Response:
-    _sandbox(request, tenant, sandbox_id)
+    await _sandbox(request, tenant, sandbox_id)
     raise Unimplemented("pausing sandboxes is not available in hutch; the sandbox keeps running")
 
 
 @router.post("/sandboxes/{sandbox_id}/resume", summary="Nothing is ever paused: 409 for a running sandbox")
 async def resume_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> Response:
-    _sandbox(request, tenant, sandbox_id)
+    await _sandbox(request, tenant, sandbox_id)
     raise AlreadyExists(f"sandbox {sandbox_id} is already running")
 
 

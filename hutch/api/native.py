@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hutch.api.auth import caller
 from hutch.errors import InvalidArgument, NotFound, PermissionDenied
-from hutch.functions import BUILTIN_TENANT, AffinityType, FunctionSpec, NetworkSpec
+from hutch.functions import BUILTIN_TENANT, AffinityType, FunctionSpec, NetworkSpec, check_warm_pools
 from hutch.metadb.records import EndReason, FunctionRecord, SessionRecord, SessionStatus, Tenant
 
 router = APIRouter(prefix="/v1")
@@ -98,6 +98,26 @@ async def add_key(tenant_id: str, body: KeyIn, request: Request, tenant: Caller)
     return {"tenantId": tenant_id, "apiKey": key}
 
 
+@router.get("/nodes", tags=["nodes"], summary="The nodes (schedulers) and whether they are live (admin)")
+async def list_nodes(request: Request, tenant: Caller) -> dict:
+    hutch = request.app.state.hutch
+    hutch.tenants.require_admin(tenant)
+    lease = hutch.config.cluster.lease_seconds
+    now = time.time()
+    return {
+        "nodes": [
+            {
+                "nodeId": record.scheduler_id,
+                "address": record.address,
+                "live": now - record.heartbeat_at < lease,
+                "heartbeatTime": iso(record.heartbeat_at),
+                "capacity": record.capacity,
+            }
+            for record in sorted(await hutch.metadb.list_schedulers(), key=lambda r: r.scheduler_id)
+        ]
+    }
+
+
 # -- functions ---------------------------------------------------------------------------------
 
 
@@ -128,6 +148,10 @@ async def create_function(spec: FunctionSpec, request: Request, tenant: Caller) 
 
 
 async def _store_function(hutch, tenant: Tenant, spec: FunctionSpec, created_at: float | None = None) -> dict:
+    if spec.warm_pool_size:
+        records = await hutch.metadb.list_functions(tenant.tenant_id)
+        own = [FunctionSpec.model_validate(r.spec) for r in records if r.tenant_id == tenant.tenant_id]
+        check_warm_pools(tenant, [s for s in own if s.name != spec.name] + [spec])
     now = time.time()
     record = FunctionRecord(tenant.tenant_id, spec.name, spec.wire(), created_at or now, now)
     await hutch.metadb.put_function(record)
@@ -198,6 +222,7 @@ def session_json(session: SessionRecord) -> dict:
         "sessionAffinityType": session.affinity,
         "sessionStatus": session.status.value,
         "containerId": session.instance_id,
+        "nodeId": session.scheduler_id,
         "sessionTTLInSeconds": session.ttl_s,
         "sessionIdleTimeoutInSeconds": session.idle_timeout_s,
         "disableSessionIdReuse": session.disable_reuse,

@@ -13,7 +13,8 @@ import typer
 from hutch import __version__
 from hutch.cli import functions, sandbox, sessions, tenants, usage
 from hutch.cli.mcp import mcp
-from hutch.cli.serve import serve
+from hutch.cli.selftest import selftest
+from hutch.cli.serve import gateway, node, serve
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="hutch: sandboxes for AI agents.")
 app.add_typer(sandbox.app, name="sandbox")
@@ -23,7 +24,10 @@ app.add_typer(tenants.app, name="tenant")
 app.add_typer(tenants.keys, name="key")
 app.add_typer(usage.app, name="usage")
 app.command()(serve)
+app.command()(gateway)
+app.command()(node)
 app.command()(mcp)
+app.command()(selftest)
 
 
 @app.command()

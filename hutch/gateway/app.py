@@ -26,15 +26,18 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from hutch.errors import HutchError
+from hutch.errors import HutchError, Unavailable
 from hutch.gateway import e2b, invoke, mcp
+from hutch.gateway.cluster import ClusterSessions
 from hutch.gateway.proxy import proxy_http
-from hutch.gateway.types import Header, Receive, Scope, Send, Target
-from hutch.gateway.upstream import UpstreamPool
+from hutch.gateway.types import Header, Message, Receive, Scope, Send, Target
+from hutch.gateway.upstream import Misdirected, UpstreamPool
 from hutch.gateway.websocket import proxy_websocket, refuse_with_error
 from hutch.metadb.records import SessionRecord
+from hutch.scheduler.node import HOP_HEADERS, MISDIRECTED_HEADER, NODE_KEY_HEADER, SESSION_HEADER
 
 if TYPE_CHECKING:
     from hutch.server import Hutch
@@ -48,6 +51,7 @@ class Gateway:
     def __init__(self, hutch: Hutch) -> None:
         self.hutch = hutch
         self.domain = hutch.config.domain.strip(".").lower()
+        self.head_timeout = hutch.config.gateway.head_timeout
         self.pool = UpstreamPool()
         self.mcp = mcp.McpBindings()
 
@@ -85,15 +89,25 @@ class Gateway:
         started = time.perf_counter()
         parsed = invoke.parse_path(scope["path"])
         is_e2b = parsed is None
+        replay = _Replay(receive)
         try:
-            if parsed is not None:
-                target = await invoke.resolve(self.hutch, scope, parsed, self.mcp)
-            else:
-                address = e2b.sandbox_address(scope, self.domain)
-                if address is None:  # claimed by a sibling check; should not happen
-                    raise e2b.SandboxNotFound("no sandbox named by this request")
-                target = await e2b.resolve(self.hutch, scope, *address)
-            await self._forward(target, scope, receive, send, started)
+            for attempt in (1, 2):
+                if parsed is not None:
+                    target = await invoke.resolve(self.hutch, scope, parsed, self.mcp)
+                else:
+                    address = e2b.sandbox_address(scope, self.domain)
+                    if address is None:  # claimed by a sibling check; should not happen
+                        raise e2b.SandboxNotFound("no sandbox named by this request")
+                    target = await e2b.resolve(self.hutch, scope, *address)
+                try:
+                    await self._forward(target, scope, replay, send, started)
+                    return
+                except Misdirected:
+                    # A cluster's node does not hold the session (it moved or ended a moment ago):
+                    # the cached route is gone; the request goes again if its body can be replayed.
+                    await self.hutch.sessions.misdirected(target.session)  # type: ignore[union-attr]
+                    if attempt == 2 or not replay.rewind():
+                        raise Unavailable("the session moved to another node just now; retry") from None
         except HutchError as exc:
             if exc.http_status >= 500 and not isinstance(exc, e2b.SandboxNotFound):
                 log.warning("%s %s: %s", scope.get("method", "WS"), scope["path"], exc.message)
@@ -103,13 +117,27 @@ class Gateway:
             await self._error(scope, send, HutchError(f"internal error: {exc.__class__.__name__}"), is_e2b)
 
     async def _forward(self, target: Target, scope: Scope, receive: Receive, send: Send, started: float) -> None:
+        """Proxy the request to its target. Raises `Misdirected` when the target's node answered
+        that it does not hold the session (nothing has reached the client then)."""
         sessions = self.hutch.sessions
         assert sessions is not None
         row_id = target.session.row_id
+        target = self._via_node(target)
+        watch = _MisdirectWatch(send) if target.node is not None else None
         sessions.activity.begin(row_id)
         try:
             if scope["type"] == "http":
-                await proxy_http(self.pool, target, scope, receive, send)
+                await proxy_http(
+                    self.pool,
+                    target,
+                    scope,
+                    receive,
+                    watch.send if watch is not None else send,
+                    head_timeout=self.head_timeout,
+                    reroute=self._reroute,
+                )
+                if watch is not None and watch.misdirected:
+                    raise Misdirected()
             else:
                 await proxy_websocket(target, scope, receive, send)
         finally:
@@ -120,6 +148,35 @@ class Gateway:
                     await target.observer.finish()  # may end the session (MCP DELETE, SSE stream closed)
                 except Exception:
                     log.exception("%s %s: ending the MCP exchange", scope.get("method", "WS"), scope["path"])
+
+    async def _reroute(self, target: Target) -> Target:
+        """The target's instance took no connection (its agent is dead): the same request, to the
+        instance that replaces it."""
+        sessions = self.hutch.sessions
+        assert sessions is not None
+        self.pool.drop_instance(target.pool_key[0])
+        route = await sessions.reroute(target.session)
+        return self._via_node(
+            replace(
+                target,
+                session=route.session,
+                address=route.socket_path,
+                pool_key=(route.session.instance_id or "", target.pool_key[1]),
+                node=route.node,
+            )
+        )
+
+    def _via_node(self, target: Target) -> Target:
+        """A target on a cluster's node: the connection goes to the node, which serves gateways
+        that hold the cluster's key and finds the instance by the session's row id."""
+        node = target.node
+        if node is None:
+            return target
+        sessions = self.hutch.sessions
+        assert isinstance(sessions, ClusterSessions)
+        hop = [(NODE_KEY_HEADER, sessions.client.key.encode()), (SESSION_HEADER, target.session.row_id.encode())]
+        add = [h for h in target.add if h[0] not in HOP_HEADERS] + hop
+        return replace(target, address=(node.host, node.port), pool_key=(f"node:{node.node_id}", None), add=add)
 
     # -- the error boundary --------------------------------------------------------------------
 
@@ -135,3 +192,52 @@ class Gateway:
             await send({"type": "http.response.body", "body": data})
         except RuntimeError:
             pass  # the answer had started: the ASGI server cuts the connection instead
+
+
+class _MisdirectWatch:
+    """Between the proxy and the client for a request sent to a node: a 421 answer marked
+    `x-hutch-misdirected` (the node does not hold the session) is kept from the client."""
+
+    __slots__ = ("misdirected", "send_to_client")
+
+    def __init__(self, send: Send) -> None:
+        self.send_to_client = send
+        self.misdirected = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 421:
+            self.misdirected = any(name == MISDIRECTED_HEADER for name, _ in message.get("headers", ()))
+        if not self.misdirected:
+            await self.send_to_client(message)
+
+
+class _Replay:
+    """The client's request messages, kept so that a request whose body came in one message
+    (most do: small JSON, no body at all) can be sent a second time."""
+
+    __slots__ = ("first", "receive", "replaying", "taken")
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.first: Message | None = None
+        self.taken = 0
+        self.replaying = False
+
+    async def __call__(self) -> Message:
+        if self.replaying:
+            self.replaying = False
+            assert self.first is not None
+            return self.first
+        message = await self.receive()
+        self.taken += 1
+        if self.taken == 1:
+            self.first = message
+        return message
+
+    def rewind(self) -> bool:
+        """Whether the request can be read again from its start (then the next read does)."""
+        first = self.first
+        if first is None or self.taken != 1 or first["type"] != "http.request" or first.get("more_body"):
+            return first is None
+        self.replaying = True
+        return True

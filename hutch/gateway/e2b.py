@@ -154,7 +154,7 @@ async def resolve(hutch: Hutch, scope: Scope, sandbox_id: str, port: int) -> Tar
     """
     sessions = hutch.sessions
     assert sessions is not None
-    session = sessions.active_by_public_id(sandbox_id)
+    session = await sessions.find_by_public_id(sandbox_id)
     if session is None or not session.access_token:
         raise SandboxNotFound(f"The sandbox {sandbox_id} was not found")
     check_access(scope, port, session.access_token)
@@ -168,7 +168,8 @@ async def resolve(hutch: Hutch, scope: Scope, sandbox_id: str, port: int) -> Tar
     query: bytes = scope.get("query_string", b"")
     return Target(
         session=session,
-        socket_path=route.socket_path,
+        address=route.socket_path,
+        node=route.node,
         pool_key=(session.instance_id or "", None if agent else port),
         path=raw + b"?" + query if query else raw,
         drop=AGENT_DROPPED if agent else USER_DROPPED,

@@ -176,7 +176,8 @@ async def resolve(hutch: Hutch, scope: Scope, invocation: Invocation, bindings: 
         observer = None
     return Target(
         session=session,
-        socket_path=route.socket_path,
+        address=route.socket_path,
+        node=route.node,
         pool_key=(session.instance_id or "", route.port),
         path=_target(scope, invocation.prefix, invocation.rest),
         drop=drop,

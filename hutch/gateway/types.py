@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from starlette.types import Message, Receive, Scope, Send
 
 from hutch.gateway.upstream import PoolKey
 from hutch.metadb.records import SessionRecord
+
+if TYPE_CHECKING:
+    from hutch.gateway.cluster import NodeAddress
 
 __all__ = ["Header", "Message", "Observer", "Receive", "Scope", "Send", "Target"]
 
@@ -38,7 +41,7 @@ class Target:
     """A resolved request: the session's instance and how to rewrite the request for it."""
 
     session: SessionRecord  # its row id counts activity for the idle timeout
-    socket_path: Path  # the instance's agent socket
+    address: Path | tuple[str, int] | None  # the instance's agent socket, or (host, port) of its node
     pool_key: PoolKey  # (instance id, user-server port or None)
     path: bytes  # request-target on the instance (path and query, still percent-encoded)
     drop: frozenset[bytes] = frozenset()  # request headers that must not reach the instance
@@ -46,3 +49,4 @@ class Target:
     answer: list[Header] = field(default_factory=list)  # headers added to the answer (affinity)
     answer_drop: frozenset[bytes] = frozenset()  # instance answer headers the gateway's replace
     observer: Observer | None = None  # MCP functions: learns session ids from the answer
+    node: NodeAddress | None = None  # a cluster's gateway: the node that holds the session

@@ -10,7 +10,9 @@ Connections are pooled per `(instance id, port)`: the instance id, never the soc
 replaced or reassigned instance can never be handed a connection meant for another; the port,
 because the agent splices a connection that asked for a user-server port to that port for the
 rest of its life. Idle connections leave the pool when the instance closes them (its agent
-died, a user server's keep-alive ran out) or when the gateway drops the instance's pool.
+died, a user server's keep-alive ran out) or when the gateway drops the instance's pool; and an
+idle connection is polled before it is reused (one system call), so that one the instance closed
+a moment ago, before the event loop saw it, never carries a request into the void.
 
 It knows nothing of sessions, affinity or ASGI: `hutch.gateway.proxy` drives it.
 """
@@ -18,6 +20,8 @@ It knows nothing of sessions, affinity or ASGI: `hutch.gateway.proxy` drives it.
 from __future__ import annotations
 
 import asyncio
+import errno
+import select
 import time
 from collections import deque
 from pathlib import Path
@@ -41,6 +45,21 @@ class UpstreamError(InstanceCrashed):
     """
 
     http_status = 502
+
+
+class InstanceGone(UpstreamError):
+    """Nothing listens on the instance's socket any more (refused, or the socket is gone): its
+    agent is dead, and nothing of the request reached it, so sending it to a replacement is safe
+    whatever its method."""
+
+
+class Misdirected(InstanceCrashed):
+    """A cluster's node answered that it does not hold the session (421 `x-hutch-misdirected`):
+    the gateway's cached route is stale."""
+
+
+GONE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.EHOSTUNREACH, errno.ENETUNREACH})
+NODE_CONNECT_TIMEOUT_S = 3.0
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -238,6 +257,11 @@ class UpstreamConnection(asyncio.Protocol):
         return data
 
     @property
+    def answered(self) -> bool:
+        """The head of the current exchange's answer has arrived."""
+        return self._head_done
+
+    @property
     def complete(self) -> bool:
         return self._complete and not self._chunks
 
@@ -248,6 +272,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.release(self)
         else:
             self.abort()
+
+    def stale(self) -> bool:
+        """An idle connection with something to read (the instance closed it, or sent bytes nobody
+        asked for), which the event loop may not have seen yet."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return True
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
 
     def abort(self) -> None:
         """Drop the connection now (the instance sees the peer go away)."""
@@ -267,12 +301,14 @@ class UpstreamPool:
         self.opened = 0  # connections made, for tests and the benchmark
 
     async def acquire(
-        self, key: PoolKey, socket_path: Path | str, fresh: bool = False
+        self, key: PoolKey, address: Path | str | tuple[str, int], fresh: bool = False
     ) -> tuple[UpstreamConnection, bool]:
         """A connection for one exchange; (connection, reused). `fresh`: never a pooled one.
+        `address`: an instance's Unix socket, or (host, port) of a cluster's node.
 
         Raises:
-            UpstreamError: the instance's socket cannot be connected to.
+            InstanceGone: no agent listens on the instance's socket any more.
+            UpstreamError: the instance's socket cannot be connected to for another reason.
         """
         if not fresh:
             idle = self._idle.get(key)
@@ -282,15 +318,25 @@ class UpstreamPool:
                     conn = idle.pop()
                     if conn.closed:
                         continue
-                    if now - conn.idle_since > self.idle_timeout:
+                    if now - conn.idle_since > self.idle_timeout or conn.stale():
                         conn.abort()
                         continue
                     return conn, True
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await loop.create_unix_connection(lambda: UpstreamConnection(self, key), str(socket_path))
+            if isinstance(address, tuple):
+                # A node across a network: one that does not accept in time is as good as gone (a
+                # connection never made carried no request, so the caller may go elsewhere).
+                made = loop.create_connection(lambda: UpstreamConnection(self, key), *address)
+                try:
+                    _, conn = await asyncio.wait_for(made, NODE_CONNECT_TIMEOUT_S)
+                except TimeoutError:
+                    raise InstanceGone(f"node {address[0]}:{address[1]} did not accept a connection") from None
+            else:
+                _, conn = await loop.create_unix_connection(lambda: UpstreamConnection(self, key), str(address))
         except OSError as exc:
-            raise UpstreamError(f"the instance is not reachable ({exc.strerror or exc})") from None
+            error = InstanceGone if exc.errno in GONE_ERRNOS else UpstreamError
+            raise error(f"the instance is not reachable ({exc.strerror or exc})") from None
         self.opened += 1
         return conn, False
 

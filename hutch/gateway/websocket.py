@@ -17,13 +17,13 @@ import contextlib
 import json
 import logging
 
-from websockets.asyncio.client import ClientConnection, unix_connect
+from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from hutch.errors import HutchError
 from hutch.gateway import headers as hop
 from hutch.gateway.types import Receive, Scope, Send, Target
-from hutch.gateway.upstream import UpstreamError
+from hutch.gateway.upstream import Misdirected, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,19 @@ async def _refuse(scope: Scope, send: Send, status: int, headers: list[tuple[byt
         await send({"type": "websocket.close", "code": 1008})
 
 
-async def refuse_with_error(scope: Scope, send: Send, exc: HutchError, body: dict) -> None:
-    """The gateway's error answer to an upgrade request, before any accept."""
+async def refuse_with_error(
+    scope: Scope,
+    send: Send,
+    exc: HutchError,
+    body: dict,
+    status: int | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """The gateway's error answer to an upgrade request, before any accept (`status`, `headers`:
+    other than the error's own status; more headers)."""
     data = json.dumps(body).encode()
-    await _refuse(scope, send, exc.http_status, [(b"content-type", b"application/json")], data)
+    head = [(b"content-type", b"application/json"), *(headers or [])]
+    await _refuse(scope, send, status or exc.http_status, head, data)
 
 
 async def proxy_websocket(target: Target, scope: Scope, receive: Receive, send: Send) -> None:
@@ -56,21 +65,27 @@ async def proxy_websocket(target: Target, scope: Scope, receive: Receive, send: 
     if message["type"] != "websocket.connect":
         return
     forwarded = hop.websocket_headers(scope["headers"], target.drop) + target.add
+    options = dict(
+        additional_headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in forwarded],
+        subprotocols=scope.get("subprotocols") or None,
+        compression=None,  # each leg negotiates its own; no need to inflate and deflate twice
+        max_size=MAX_MESSAGE,
+        ping_interval=None,  # a busy user server is not a dead one; the agent socket is local
+        open_timeout=OPEN_TIMEOUT_S,
+        user_agent_header=None,
+        proxy=None,
+    )
+    path = target.path.decode("latin-1")
     try:
-        upstream = await unix_connect(
-            str(target.socket_path),
-            uri="ws://localhost" + target.path.decode("latin-1"),
-            additional_headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in forwarded],
-            subprotocols=scope.get("subprotocols") or None,
-            compression=None,  # each leg negotiates its own; no need to inflate and deflate twice
-            max_size=MAX_MESSAGE,
-            ping_interval=None,  # a busy user server is not a dead one; the agent socket is local
-            open_timeout=OPEN_TIMEOUT_S,
-            user_agent_header=None,
-            proxy=None,
-        )
+        if isinstance(target.address, tuple):  # a cluster's node, which relays to the instance
+            host, port = target.address
+            upstream = await connect(f"ws://{host}:{port}{path}", **options)
+        else:
+            upstream = await unix_connect(str(target.address), uri="ws://localhost" + path, **options)
     except InvalidStatus as exc:
         response = exc.response
+        if response.status_code == 421 and response.headers.get("x-hutch-misdirected"):
+            raise Misdirected("the node does not hold this session") from None
         passed = [
             (name.lower().encode("latin-1"), value.encode("latin-1"))
             for name, value in response.headers.raw_items()

@@ -217,6 +217,10 @@ class Meter:
         await self._flush_quietly()
         return live.usage
 
+    def drop(self, row_id: str) -> None:
+        """Stop metering a session that moved to another node (which meters it from now on)."""
+        self._live.pop(row_id, None)
+
     # -- sampling and writing -------------------------------------------------------------------
 
     async def sample_once(self) -> None:

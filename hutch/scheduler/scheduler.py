@@ -7,7 +7,9 @@
   already has a workspace (recovery, reuse of a kept one), starts one with that workspace.
 - `release`: stops the instance, keeping the workspace if asked.
 - Crash tracking: the runtime reports instances that die; `is_live` is what the gateway checks
-  on every request (a dict lookup).
+  on every request (a dict lookup). Every `health_interval` the runtime is asked which live
+  instances can no longer work (`Runtime.broken`: a workspace that failed when the host's disk
+  filled up); once the host has room again each is killed, and so replaced like a crashed one.
 
 It knows nothing of HTTP, tenants or affinity: `hutch.scheduler.sessions` drives it.
 """
@@ -61,14 +63,19 @@ class Scheduler:
         metadb: MetaDB,
         max_instances: int = 256,
         fill_interval: float = 0.2,
+        health_interval: float = 2.0,
+        address: str = "local",
     ) -> None:
-        if max_instances < 1 or fill_interval <= 0:
-            raise ValueError("max_instances and fill_interval must be positive")
+        """`address`: how gateways reach this scheduler ("local": in the same process)."""
+        if max_instances < 1 or fill_interval <= 0 or health_interval <= 0:
+            raise ValueError("max_instances, fill_interval and health_interval must be positive")
         self.scheduler_id = scheduler_id
+        self.address = address
         self.runtime = runtime
         self.metadb = metadb
         self.max_instances = max_instances
         self.fill_interval = fill_interval
+        self.health_interval = health_interval
         self.pools: dict[str, Pool] = {}
         self._pool_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -92,7 +99,10 @@ class Scheduler:
     def start_pools(self) -> None:
         """Start keeping the warm pools full (after adopted warm instances are back in them)."""
         if not self._tasks:
-            self._tasks = [asyncio.create_task(self._fill_pools(), name="pool-filler")]
+            self._tasks = [
+                asyncio.create_task(self._fill_pools(), name="pool-filler"),
+                asyncio.create_task(self._check_health(), name="instance-health"),
+            ]
 
     async def adopt_warm(self, instance: Instance, pool_key: str) -> bool:
         """Put an adopted, unbound instance back in its pool (if that pool still exists)."""
@@ -119,7 +129,7 @@ class Scheduler:
         await self.metadb.upsert_scheduler(
             SchedulerRecord(
                 scheduler_id=self.scheduler_id,
-                address="local",
+                address=self.address,
                 heartbeat_at=time.time(),
                 capacity={"max_instances": self.max_instances, "instances": len(self.runtime.instances())},
             )
@@ -182,6 +192,30 @@ class Scheduler:
                     InstanceRecord(instance.instance_id, self.scheduler_id, pool.key, InstanceRole.WARM, time.time())
                 )
 
+    async def _check_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            try:
+                await self.replace_broken()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("checking instances")
+
+    async def replace_broken(self) -> list[str]:
+        """Kill the live instances that can no longer work, once a replacement could start (the
+        host has the disk): each then ends as a crash does. Returns their ids."""
+        live = [i.instance_id for i in self.runtime.instances() if self.is_live(i.instance_id)]
+        broken = await asyncio.to_thread(lambda: {i: self.runtime.broken(i) for i in live})
+        broken = {i: why for i, why in broken.items() if why}
+        if not broken or not await asyncio.to_thread(self.runtime.disk_room):
+            return []
+        for instance_id, why in broken.items():
+            log.warning("instance %s is replaced: %s", instance_id, why)
+            with contextlib.suppress(HutchError):
+                await self.runtime.kill(instance_id)
+        return list(broken)
+
     def _has_room(self) -> bool:
         return len(self.runtime.instances()) + self._starting < self.max_instances
 
@@ -228,11 +262,15 @@ class Scheduler:
             if not self._has_room():
                 raise CapacityError(f"this host runs its maximum of {self.max_instances} instances")
             instance = await self._start(spec, workspace=workspace, env=env, network=network)
-        await self.metadb.put_instance(
-            InstanceRecord(
-                instance.instance_id, self.scheduler_id, pool_key, InstanceRole.BOUND, time.time(), session_row_id
+        try:
+            await self.metadb.put_instance(
+                InstanceRecord(
+                    instance.instance_id, self.scheduler_id, pool_key, InstanceRole.BOUND, time.time(), session_row_id
+                )
             )
-        )
+        except BaseException:
+            await self.release(instance.instance_id, keep_workspace=not fresh_workspace)
+            raise
         return instance
 
     async def _start(
@@ -293,8 +331,17 @@ class Scheduler:
             log.exception("stopping instance %s", instance_id)
         except HutchError:
             stopped = False
-        await self.metadb.delete_instance(instance_id)
+        try:
+            await self.metadb.delete_instance(instance_id)
+        except HutchError as exc:  # a stale record is dropped at the next start (`start`)
+            log.warning("instance %s: its record stays in MetaDB for now: %s", instance_id, exc.message)
         return stopped
+
+    async def instance_gone(self, instance_id: str | None) -> None:
+        """Nothing answers on an instance's socket although its process was not seen to exit (its
+        agent died a moment ago, or alone): end it as a crash, so that `is_live` says so."""
+        if instance_id is not None and self.is_live(instance_id):
+            await self.runtime.kill(InstanceId(instance_id))
 
     async def forget_workspace(self, workspace: str) -> None:
         """Delete a workspace whose instance is already gone."""

@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hutch.errors import AlreadyExists, FailedPrecondition, HutchError, InvalidArgument, NotFound
 from hutch.functions import BUILTIN_TENANT, FunctionSpec
@@ -39,6 +40,9 @@ from hutch.scheduler.activity import ActivityTracker
 from hutch.scheduler.metering import Meter
 from hutch.scheduler.scheduler import Scheduler
 from hutch.storage.base import check_key
+
+if TYPE_CHECKING:
+    from hutch.gateway.cluster import NodeAddress
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +64,13 @@ def check_session_id(value: str) -> str:
 
 @dataclass(frozen=True)
 class Route:
-    """Where a request for a session goes."""
+    """Where a request for a session goes: an instance's socket on this host, or (through a
+    gateway of a cluster) the node that holds the session."""
 
     session: SessionRecord
-    socket_path: Path
+    socket_path: Path | None
     port: int | None  # the function's user server; None: the agent itself
+    node: NodeAddress | None = None
 
 
 class SessionManager:
@@ -77,7 +83,11 @@ class SessionManager:
         reap_interval: float = 0.5,
         flush_interval: float = 1.0,
         meter: Meter | None = None,
+        cluster: bool = False,
     ) -> None:
+        """`cluster`: this is one node of a cluster (`hutch node`): it holds only the sessions
+        MetaDB binds to its scheduler, and tells the gateways' route caches of every end, move
+        and renewal through MetaDB's change notices."""
         if reap_interval <= 0 or flush_interval <= 0:
             raise ValueError("intervals must be positive")
         self.metadb = metadb
@@ -88,7 +98,9 @@ class SessionManager:
         self.flush_interval = flush_interval
         self.meter = meter or Meter(metadb, scheduler, clock)
         self.activity = ActivityTracker(clock, on_change=self.meter.request_state)
+        self.cluster = cluster
         self._active: dict[str, SessionRecord] = {}  # internal id -> Active session
+        self._by_row: dict[str, str] = {}  # row id -> internal id
         self._by_public: dict[str, str] = {}  # E2B sandbox id -> internal id (sessions with a token)
         self._locks: dict[str, asyncio.Lock] = {}
         self._specs: dict[str, FunctionSpec] = {}  # pool key -> spec
@@ -111,7 +123,10 @@ class SessionManager:
                 if spec.warm_pool_size:
                     self.scheduler.set_pool(key, spec)
         adopted = {i.instance_id: i for i in await self.scheduler.start()}
-        for session in await self.metadb.active_sessions():
+        # `hutch serve` takes every Active session (its scheduler id may have changed with the data
+        # dir); a node of a cluster only its own: the others are other nodes'.
+        mine = self.scheduler.scheduler_id if self.cluster else None
+        for session in await self.metadb.active_sessions(mine):
             self._remember(session)
         bound = {s.instance_id for s in self._active.values() if s.instance_id}
         records = {r.instance_id: r for r in await self.metadb.list_instances(self.scheduler.scheduler_id)}
@@ -153,6 +168,8 @@ class SessionManager:
                 await step()
             except asyncio.CancelledError:
                 raise
+            except HutchError as exc:  # MetaDB locked or full: the next round tries again
+                log.warning("background step %s failed: %s", step.__name__, exc.message)
             except Exception:
                 log.exception("background step %s failed", step.__name__)
 
@@ -211,11 +228,13 @@ class SessionManager:
 
     def _remember(self, session: SessionRecord) -> None:
         self._active[session.internal_id] = session
+        self._by_row[session.row_id] = session.internal_id
         if session.access_token:
             self._by_public[session.session_id] = session.internal_id
 
     def _forget(self, session: SessionRecord) -> None:
         self._active.pop(session.internal_id, None)
+        self._by_row.pop(session.row_id, None)
         self._locks.pop(session.internal_id, None)
         if self._by_public.get(session.session_id) == session.internal_id:
             del self._by_public[session.session_id]
@@ -292,12 +311,26 @@ class SessionManager:
                 access_token=secrets.token_urlsafe(24) if with_token else None,
                 network=dict(network) if network is not None else None,
             )
-            await self.metadb.insert_session(
-                record,
-                max_active=tenant.max_sessions,
-                max_vcpu=tenant.max_vcpu,
-                max_memory_mb=tenant.max_memory_mb,
-            )
+            try:
+                await self.metadb.insert_session(
+                    record,
+                    max_active=tenant.max_sessions,
+                    max_vcpu=tenant.max_vcpu,
+                    max_memory_mb=tenant.max_memory_mb,
+                )
+            except AlreadyExists:
+                # Active in MetaDB but not here: a create whose end could not be written (MetaDB was
+                # locked or full). It is this session: take it back; `route` gives it an instance.
+                stray = await self.metadb.active_session(internal)
+                if stray is None or not existing_ok:
+                    raise
+                if stray.scheduler_id != self.scheduler.scheduler_id:
+                    return stray, False  # another node won the race for this key: the gateway goes there
+                log.warning("session %s was active in MetaDB only: taking it back", stray.session_id)
+                self._remember(stray)
+                await self.meter.open(stray)
+                return stray, False
+            instance = None
             try:
                 fresh = not await asyncio.to_thread(self.scheduler.runtime.store.exists, record.workspace_key)
                 instance = await self.scheduler.allocate(
@@ -309,10 +342,13 @@ class SessionManager:
                     fresh_workspace=fresh,
                     network=self.network_of(record, spec),
                 )
+                record = await self.metadb.update_session(record.row_id, instance_id=instance.instance_id)
             except BaseException:
-                await self.metadb.end_session(record.row_id, EndReason.START_FAILED.value, self.clock())
+                if instance is not None:
+                    await self.scheduler.release(instance.instance_id, keep_workspace=False)
+                with contextlib.suppress(HutchError):
+                    await self.metadb.end_session(record.row_id, EndReason.START_FAILED.value, self.clock())
                 raise
-            record = await self.metadb.update_session(record.row_id, instance_id=instance.instance_id)
             self._remember(record)
             await self.meter.open(record)
         elapsed = time.perf_counter() - started
@@ -329,8 +365,35 @@ class SessionManager:
         internal = self._by_public.get(session_id)
         return self._active.get(internal) if internal else None
 
+    def active_by_row(self, row_id: str) -> SessionRecord | None:
+        internal = self._by_row.get(row_id)
+        return self._active.get(internal) if internal else None
+
+    async def held(self, row_id: str) -> SessionRecord | None:
+        """This node's Active session with that row id, also one whose creation or adoption is
+        still under way here (a racing gateway may learn of it from MetaDB first)."""
+        session = self.active_by_row(row_id)
+        if session is not None:
+            return session
+        try:
+            record = await self.metadb.get_session(row_id)
+        except NotFound:
+            return None
+        if not record.active or record.scheduler_id != self.scheduler.scheduler_id:
+            return None
+        async with self._lock(record.internal_id):  # the create or adoption holds it until done
+            return self.active_by_row(row_id)
+
+    async def find_by_public_id(self, session_id: str) -> SessionRecord | None:
+        """As `active_by_public_id` (all of this process's sessions are in memory)."""
+        return self.active_by_public_id(session_id)
+
     def active_sessions(self) -> list[SessionRecord]:
         return list(self._active.values())
+
+    async def tenant_sessions(self, tenant_id: str) -> list[SessionRecord]:
+        """The tenant's Active sessions."""
+        return [s for s in self._active.values() if s.tenant_id == tenant_id]
 
     async def get(self, tenant_id: str, session_id: str, function: str | None = None) -> SessionRecord:
         """The tenant's session by public id: the live record if Active, else the newest ended one."""
@@ -355,7 +418,19 @@ class SessionManager:
         )
         return Route(session, self.scheduler.socket_path(session.instance_id), spec.port if spec else None)
 
-    async def _recover(self, session: SessionRecord) -> SessionRecord:
+    async def reroute(self, session: SessionRecord) -> Route:
+        """Where to send a request whose instance took no connection (its agent is dead, before
+        hutch saw its exit): that instance ends as a crash and the session is recovered.
+
+        Raises:
+            NotFound: the session has ended meanwhile.
+        """
+        await self.scheduler.instance_gone(session.instance_id)
+        return await self.route(session)
+
+    async def _recover(self, session: SessionRecord, next_epoch: bool = True) -> SessionRecord:
+        """A new instance for a session whose instance is gone, on its workspace; `epoch` + 1
+        unless the caller counted it already (an adoption does, in the same write as the move)."""
         pool_key, spec = await self.function(session.tenant_id, session.function)
         log.warning("session %s lost its instance %s: recovering", session.session_id, session.instance_id)
         if session.instance_id is not None:
@@ -370,16 +445,75 @@ class SessionManager:
             fresh_workspace=False,
             network=self.network_of(session, spec),
         )
-        updated = await self.metadb.update_session(
-            session.row_id,
-            instance_id=instance.instance_id,
-            epoch=session.epoch + 1,
-            last_modified=self.clock(),
-            scheduler_id=self.scheduler.scheduler_id,
-        )
+        try:
+            updated = await self.metadb.update_session(
+                session.row_id,
+                instance_id=instance.instance_id,
+                epoch=session.epoch + 1 if next_epoch else session.epoch,
+                last_modified=self.clock(),
+                scheduler_id=self.scheduler.scheduler_id,
+            )
+        except BaseException:
+            # MetaDB did not take the new binding: no instance may run for nobody (the next request
+            # recovers again).
+            await self.scheduler.release(instance.instance_id, keep_workspace=True)
+            raise
         self._remember(updated)
         await self.meter.instance_up(updated)
         return updated
+
+    # -- a cluster's nodes ---------------------------------------------------------------------
+
+    async def adopt(self, row_id: str, dead_node: str) -> SessionRecord:
+        """Take over a session of a dead node (a gateway saw its lease run out): move it here in
+        MetaDB (one compare-and-set, `epoch` + 1) and give it an instance on its workspace, which
+        a shared store lets this host attach. If another node took it first, that node's record
+        is returned and nothing happens here.
+
+        Raises:
+            NotFound: the session has ended.
+        """
+        moved = await self.metadb.rehome_session(row_id, dead_node, self.scheduler.scheduler_id, self.clock())
+        if moved is None:
+            current = await self.metadb.get_session(row_id)
+            if not current.active:
+                raise NotFound(f"session {current.session_id} has ended")
+            return current  # taken by another node (or by us, a moment ago)
+        log.warning("session %s: adopted from dead node %s", moved.session_id, dead_node)
+        self._remember(moved)
+        await self.meter.restore([moved])
+        await self._announce(moved)
+        async with self._lock(moved.internal_id):
+            return await self._recover(moved, next_epoch=False)
+
+    async def reconcile(self) -> None:
+        """Make this node's sessions MetaDB's: drop those that moved away or ended while this node
+        could not see MetaDB (stopping their instances, keeping workspaces another node may use
+        now), and take renewals and network changes made meanwhile."""
+        held = {s.row_id: s for s in await self.metadb.active_sessions(self.scheduler.scheduler_id)}
+        for session in list(self._active.values()):
+            current = held.get(session.row_id)
+            if current is not None:
+                if current.instance_id == session.instance_id:
+                    self._remember(current)
+                continue
+            async with self._lock(session.internal_id):
+                if self._active.get(session.internal_id) is not session:
+                    continue
+                self._forget(session)
+            log.warning("session %s is no longer on this node: its instance stops", session.session_id)
+            record = await self.metadb.get_session(session.row_id)
+            ours = record.scheduler_id == session.scheduler_id  # ended while still bound here
+            if ours and not record.active:
+                await self.meter.finish(record)
+            else:
+                self.meter.drop(record.row_id)  # the node it moved to meters it (and ended it, if so)
+            if session.instance_id is not None:
+                await self.scheduler.release(session.instance_id, keep_workspace=True)
+            if ours and not record.active and not record.persist_workspace:
+                await self.scheduler.forget_workspace(record.workspace_key)
+            for callback in self.on_end:
+                callback(record)
 
     def _on_crash(self, instance_id: str) -> None:
         for session in self._active.values():
@@ -430,7 +564,16 @@ class SessionManager:
                 changes["idle_timeout_s"] = idle_timeout_s
             updated = await self.metadb.update_session(current.row_id, **changes)
             self._remember(updated)
-            return updated
+        await self._announce(updated)
+        return updated
+
+    async def _announce(self, session: SessionRecord) -> None:
+        """Tell the gateways of a cluster that their cached route of this session is stale."""
+        if self.cluster:
+            try:
+                await self.metadb.announce(session.internal_id)
+            except HutchError as exc:  # their next request is answered "misdirected" and re-read
+                log.warning("session %s: change notice not sent: %s", session.session_id, exc.message)
 
     async def end(self, session: SessionRecord, reason: EndReason | str) -> SessionRecord | None:
         """End a session now: instance destroyed, workspace wiped unless the function keeps it."""
@@ -442,6 +585,7 @@ class SessionManager:
             current = self._active.get(session.internal_id)
             if current is not None and current.row_id == session.row_id:
                 self._forget(current)
+        await self._announce(ended)
         await self.meter.finish(ended)
         keep = ended.persist_workspace
         stopped = False
@@ -481,6 +625,35 @@ class SessionManager:
                 ended.append(record)
         return ended
 
+    async def reap_orphans(self, live_nodes: set[str]) -> list[SessionRecord]:
+        """End the sessions of dead nodes that are past their TTL or idle timeout. Nobody else
+        would: they move to a live node only on their next request, which may never come. Each
+        is moved here first (the compare-and-set of `adopt`, so a racing adoption wins or loses
+        whole), then ended as if it had been reaped here: usage closed, workspace wiped unless
+        kept. A cluster node's job (`hutch.scheduler.node.Lease`)."""
+        now = self.clock()
+        ended = []
+        for session in await self.metadb.active_sessions():
+            dead = session.scheduler_id or ""
+            if dead in live_nodes or dead == self.scheduler.scheduler_id:
+                continue
+            if now >= session.expires_at:
+                reason = EndReason.TTL
+            elif session.idle_timeout_s > 0 and now - session.last_activity >= session.idle_timeout_s:
+                reason = EndReason.IDLE
+            else:
+                continue
+            moved = await self.metadb.rehome_session(session.row_id, dead, self.scheduler.scheduler_id, now)
+            if moved is None:
+                continue  # adopted or ended meanwhile
+            self._remember(moved)
+            await self.meter.restore([moved])
+            record = await self.end(moved, reason)
+            if record is not None:
+                log.info("session %s of dead node %s ended: %s", session.session_id, dead, reason.value)
+                ended.append(record)
+        return ended
+
     async def flush_activity(self) -> None:
         dirty = self.activity.drain()
         if not dirty:
@@ -490,4 +663,8 @@ class SessionManager:
                 if session.row_id == row_id and at > session.last_activity:
                     session.last_activity = at
                     break
-        await self.metadb.touch_sessions(dirty)
+        try:
+            await self.metadb.touch_sessions(dirty)
+        except BaseException:
+            self.activity.requeue(dirty)  # written with the next flush
+            raise

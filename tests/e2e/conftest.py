@@ -9,11 +9,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from hutch.selftest.target import wait_healthy
 
 ADMIN_KEY = "e2b_0123456789abcdef0123456789abcdef01234567"
 
@@ -45,17 +46,7 @@ class Server:
                  "--data-dir", str(self.data_dir), "--config", str(self.config), "--log-level", "warning"],
                 env=env, stdout=log, stderr=log,
             )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"hutch serve exited: {self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("hutch serve did not become healthy")
+        wait_healthy(self.proc, f"{self.url}/health", self.log)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:

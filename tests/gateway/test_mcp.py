@@ -240,7 +240,7 @@ def _run(answer: bytes, plan: mcp.Plan, created: bool, tmp_path: Path, chunks: l
         sock = tmp_path / "up.sock"
         server = await asyncio.start_unix_server(handler, str(sock))
         observer = plan.exchange(ends, metadb, session, created, PREFIX.decode())
-        target = Target(session=session, socket_path=sock, pool_key=("inst", 8000), path=b"/mcp", observer=observer)
+        target = Target(session=session, address=sock, pool_key=("inst", 8000), path=b"/mcp", observer=observer)
         client = Client()
         send = client.send
 

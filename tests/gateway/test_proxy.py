@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
+from hutch.errors import DeadlineExceeded
 from hutch.gateway.proxy import proxy_http
 from hutch.gateway.types import Target
 from hutch.gateway.upstream import UpstreamError, UpstreamPool
@@ -42,7 +45,7 @@ def _session() -> SessionRecord:
 
 
 def _target(sock: Path, **kwargs) -> Target:
-    return Target(session=_session(), socket_path=sock, pool_key=("inst", None), path=b"/p?q=1", **kwargs)
+    return Target(session=_session(), address=sock, pool_key=("inst", None), path=b"/p?q=1", **kwargs)
 
 
 def _scope(method: str = "GET", headers: list[tuple[bytes, bytes]] | None = None) -> dict:
@@ -370,5 +373,190 @@ def test_a_client_that_leaves_closes_the_upstream_connection(tmp_path):
         await upstream_saw_eof.wait()
         await task
         assert not client.complete and pool.idle_count() == 0
+
+    run(handler, test, tmp_path)
+
+
+def _envelope(flags: int, message: dict) -> bytes:
+    data = json.dumps(message).encode()
+    return bytes([flags]) + len(data).to_bytes(4, "big") + data
+
+
+def _envelopes(data: bytes) -> list[tuple[int, dict]]:
+    out = []
+    while data:
+        length = int.from_bytes(data[1:5], "big")
+        out.append((data[0], json.loads(data[5 : 5 + length])))
+        data = data[5 + length :]
+    return out
+
+
+def test_an_agent_stream_cut_between_envelopes_ends_with_a_connect_unavailable_error(tmp_path):
+    start = _envelope(0, {"event": {"start": {"pid": 7}}})
+
+    async def handler(reader, writer):
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/connect+json\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(b"%x\r\n%s\r\n" % (len(start), start))
+        await writer.drain()
+        writer.transport.abort()  # the instance is killed mid-command
+
+    async def test(sock, pool):
+        client = Client()
+        await proxy_http(pool, _target(sock), _scope("POST"), client.receive, client.send)
+        assert client.status == 200 and client.complete
+        (flags, first), (end_flags, end) = _envelopes(client.body)
+        assert flags == 0 and first == {"event": {"start": {"pid": 7}}}
+        assert end_flags == 2 and end["error"]["code"] == "unavailable"
+        assert "sandbox s ended before the stream completed" in end["error"]["message"]
+
+    run(handler, test, tmp_path)
+
+
+def test_an_agent_stream_cut_inside_an_envelope_is_cut_for_the_client_too(tmp_path):
+    start = _envelope(0, {"event": {"start": {"pid": 7}}})
+
+    async def handler(reader, writer):
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/connect+json\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(b"%x\r\n%s\r\n" % (len(start) - 3, start[:-3]))
+        await writer.drain()
+        writer.transport.abort()
+
+    async def test(sock, pool):
+        client = Client()
+        await proxy_http(pool, _target(sock), _scope("POST"), client.receive, client.send)
+        assert client.body == start[:-3] and not client.complete
+
+    run(handler, test, tmp_path)
+
+
+def test_a_code_interpreter_answer_cut_between_lines_ends_with_an_error_line(tmp_path):
+    async def handler(reader, writer):
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n")
+        line = b'{"type": "number_of_executions", "execution_count": 1}\n'
+        writer.write(b"%x\r\n%s\r\n" % (len(line), line))
+        await writer.drain()
+        writer.transport.abort()
+
+    async def test(sock, pool):
+        client = Client()
+        await proxy_http(pool, _target(sock), _scope("POST"), client.receive, client.send)
+        lines = [json.loads(line) for line in client.body.splitlines()]
+        assert client.complete and lines[0]["type"] == "number_of_executions"
+        assert lines[1]["type"] == "error" and lines[1]["name"] == "InstanceStopped"
+
+    run(handler, test, tmp_path)
+
+
+def test_a_user_server_stream_that_is_cut_is_never_completed_by_the_gateway(tmp_path):
+    async def handler(reader, writer):
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(b"3\r\n{}\n\r\n")
+        await writer.drain()
+        writer.transport.abort()
+
+    async def test(sock, pool):
+        client = Client()
+        target = Target(session=_session(), address=sock, pool_key=("inst", 8080), path=b"/")
+        await proxy_http(pool, target, _scope(), client.receive, client.send)
+        assert client.body == b"{}\n" and not client.complete
+
+    run(handler, test, tmp_path)
+
+
+def test_an_instance_that_never_answers_is_a_gateway_timeout_after_the_head_timeout(tmp_path):
+    dropped = asyncio.Event()
+
+    async def handler(reader, writer):
+        await read_head(reader)
+        await reader.read()  # a frozen instance: reads nothing more, answers nothing
+        dropped.set()
+
+    async def test(sock, pool):
+        client = Client()
+        with pytest.raises(DeadlineExceeded) as caught:
+            await proxy_http(pool, _target(sock), _scope(), client.receive, client.send, head_timeout=0.2)
+        assert caught.value.http_status == 504 and "within 0.2 s" in caught.value.message
+        await dropped.wait()  # the upstream connection was dropped
+        assert client.sent == [] and pool.idle_count() == 0
+
+    run(handler, test, tmp_path)
+
+
+def test_a_slow_client_upload_does_not_count_against_the_head_timeout(tmp_path):
+    async def handler(reader, writer):
+        _, headers = await read_head(reader)
+        data = await reader.readexactly(int(headers["content-length"]))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(data), data))
+
+    async def test(sock, pool):
+        client = Client()
+        client.incoming = asyncio.Queue()
+        scope = _scope("POST", [(b"host", b"h"), (b"content-length", b"6")])
+        proxied = proxy_http(pool, _target(sock), scope, client.receive, client.send, head_timeout=0.2)
+        task = asyncio.create_task(proxied)
+        for part in (b"ab", b"cd", b"ef"):
+            client.incoming.put_nowait({"type": "http.request", "body": part, "more_body": part != b"ef"})
+            await asyncio.sleep(0.15)  # 0.45 s in all: longer than the timeout, but the client's doing
+        await task
+        assert client.status == 200 and client.body == b"abcdef"
+
+    run(handler, test, tmp_path)
+
+
+def test_a_request_to_an_instance_whose_agent_is_gone_goes_to_the_one_that_replaces_it(tmp_path):
+    async def handler(reader, writer):
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nnew")
+
+    async def test(sock, pool):
+        dead = tmp_path / "dead.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(dead))
+        listener.close()  # the socket file is there; nobody listens on it (connection refused)
+        rerouted: list[tuple] = []
+
+        async def reroute(target: Target) -> Target:
+            rerouted.append(target.pool_key)
+            return Target(session=target.session, address=sock, pool_key=("replacement", None), path=target.path)
+
+        client = Client()
+        target = Target(session=_session(), address=dead, pool_key=("inst", None), path=b"/")
+        await proxy_http(pool, target, _scope("POST"), client.receive, client.send, reroute=reroute)
+        assert rerouted == [("inst", None)] and client.status == 200 and client.body == b"new"
+
+    run(handler, test, tmp_path)
+
+
+def test_an_agent_answer_that_already_sets_no_buffering_gets_it_once(tmp_path):
+    async def handler(reader, writer):
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nx-accel-buffering: no\r\ntransfer-encoding: chunked\r\n\r\n")
+        writer.write(b"1\r\nx\r\n0\r\n\r\n")
+
+    async def test(sock, pool):
+        client = Client()
+        await proxy_http(pool, _target(sock), _scope(), client.receive, client.send)
+        assert [h for h in client.sent[0]["headers"] if h[0] == b"x-accel-buffering"] == [(b"x-accel-buffering", b"no")]
+
+    run(handler, test, tmp_path)
+
+
+def test_an_instance_that_dies_during_an_upload_is_a_502_after_the_rest_of_the_body_is_read(tmp_path):
+    async def handler(reader, writer):
+        await read_head(reader)
+        await reader.readexactly(10)
+        writer.transport.abort()  # killed while the client still uploads
+
+    async def test(sock, pool):
+        client = Client(body=[b"x" * 10, b"y" * 70000, b"z" * 70000, b"end"])
+        headers = [(b"host", b"h"), (b"content-length", b"140013")]
+        with pytest.raises(UpstreamError) as caught:
+            await proxy_http(pool, _target(sock), _scope("POST", headers), client.receive, client.send)
+        assert caught.value.http_status == 502 and client.sent == []
+        assert client.incoming.empty()  # every part was read: the client can now read the answer
 
     run(handler, test, tmp_path)

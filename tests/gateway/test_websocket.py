@@ -52,7 +52,7 @@ def _scope(headers=(), subprotocols=("chat",)) -> dict:
 def _target(sock: Path) -> Target:
     return Target(
         session=_session(),
-        socket_path=sock,
+        address=sock,
         pool_key=("inst", 8080),
         path=b"/ws?x=1",
         add=[(b"e2b-sandbox-port", b"8080")],
