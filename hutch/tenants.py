@@ -10,12 +10,13 @@ id this returns.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import time
 import uuid
 
-from hutch.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from hutch.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import Tenant
 
@@ -38,15 +39,21 @@ class TenantService:
     async def bootstrap(self, default_key: str | None) -> str | None:
         """Create the default (admin) tenant on first start. Returns a new key to print once, or
         None when the tenant existed or `default_key` (HUTCH_API_KEY) was given."""
+        # Several processes of a cluster may start together on a fresh MetaDB: whichever inserts
+        # first made the tenant (and the key); the others find them made.
         try:
             await self.metadb.get_tenant(DEFAULT_TENANT)
             created = False
         except NotFound:
-            await self.metadb.create_tenant(Tenant(DEFAULT_TENANT, "default", time.time(), is_admin=True))
-            created = True
+            try:
+                await self.metadb.create_tenant(Tenant(DEFAULT_TENANT, "default", time.time(), is_admin=True))
+                created = True
+            except AlreadyExists:
+                created = False
         if default_key:
             if await self.metadb.tenant_for_key(hash_key(default_key)) is None:
-                await self.metadb.add_api_key(DEFAULT_TENANT, hash_key(default_key), "HUTCH_API_KEY")
+                with contextlib.suppress(AlreadyExists):
+                    await self.metadb.add_api_key(DEFAULT_TENANT, hash_key(default_key), "HUTCH_API_KEY")
             return None
         if created:
             key = new_api_key()

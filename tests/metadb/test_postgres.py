@@ -12,6 +12,7 @@ from hutch.errors import AlreadyExists, InvalidArgument, QuotaExceeded, Unavaila
 from hutch.metadb import open_metadb
 from hutch.metadb.postgres import MIGRATIONS, PostgresMetaDB
 from hutch.metadb.records import Tenant
+from hutch.tenants import DEFAULT_TENANT, TenantService
 from tests.metadb.test_metadb import session
 from tests.postgres import PostgresServer, create_database, postgres_bindir
 
@@ -35,6 +36,21 @@ def test_processes_starting_together_migrate_once(database):
         return versions
 
     assert asyncio.run(main()) == [len(MIGRATIONS)] * 6
+
+
+def test_processes_starting_together_on_a_fresh_metadb_make_one_default_tenant_and_key(database):
+    async def main():
+        dbs = await _gateways(database, 4)
+        services = [TenantService(db) for db in dbs]
+        printed = await asyncio.gather(*(service.bootstrap("the-operators-key") for service in services))
+        tenants = await dbs[0].list_tenants()
+        found = await services[1].authenticate("the-operators-key")
+        await asyncio.gather(*(db.close() for db in dbs))
+        return printed, tenants, found
+
+    printed, tenants, found = asyncio.run(main())
+    assert printed == [None] * 4  # the key was given: nothing to print
+    assert [t.tenant_id for t in tenants] == [DEFAULT_TENANT] and found.tenant_id == DEFAULT_TENANT
 
 
 def test_gateways_racing_on_the_first_request_of_a_key_end_with_one_session(database):
