@@ -268,6 +268,11 @@ class ClusterSessions:
         internal = self._by_public.get(session_id)
         return self._active.get(internal) if internal else None
 
+    async def bound_session(self, tenant_id: str, function: str, key: str, value: str) -> SessionRecord | None:
+        """A session by a binding another gateway recorded in its metadata (an MCP session id)."""
+        found = await self.metadb.active_session_by_metadata(tenant_id, function, key, value)
+        return self._remember(found) if found is not None else None
+
     async def find_by_public_id(self, session_id: str) -> SessionRecord | None:
         cached = self.active_by_public_id(session_id)
         if cached is not None:
@@ -339,6 +344,16 @@ class ClusterSessions:
             "existingOk": existing_ok,
             "network": network,
         }
+        answer = await self._on_live_node("sessions", body, "no live node can take a session now; retry")
+        record = self._remember(session_from_wire(answer["session"]))
+        if answer["created"]:
+            for callback in self.on_created:
+                callback(record, time.perf_counter() - started)
+        return record, bool(answer["created"])
+
+    async def _on_live_node(self, path: str, body: dict, none_left: str) -> dict:
+        """A control call to a live node with room; up to three nodes are tried, as one may be
+        unreachable, fenced or full (all `Unavailable`) while another is not."""
         tried: set[str] = set()
         last: HutchError | None = None
         for _attempt in range(3):
@@ -348,16 +363,10 @@ class ClusterSessions:
                 break
             tried.add(node.scheduler_id)
             try:
-                answer = await self.client.call(self.nodes.address(node.scheduler_id), "sessions", body)
-            except Unavailable as exc:  # unreachable, fenced, or full: another node may do
+                return await self.client.call(self.nodes.address(node.scheduler_id), path, body)
+            except Unavailable as exc:
                 last = exc
-                continue
-            record = self._remember(session_from_wire(answer["session"]))
-            if answer["created"]:
-                for callback in self.on_created:
-                    callback(record, time.perf_counter() - started)
-            return record, bool(answer["created"])
-        raise last or Unavailable("no live node can take a session now; retry")
+        raise last or Unavailable(none_left)
 
     # -- routing -------------------------------------------------------------------------------
 
@@ -405,24 +414,14 @@ class ClusterSessions:
 
     async def _adopt(self, session: SessionRecord) -> SessionRecord:
         dead = session.scheduler_id or ""
-        last: HutchError | None = None
-        tried: set[str] = set()
-        for _attempt in range(3):
-            try:
-                node = self.nodes.choose(exclude=tried)
-            except Unavailable:
-                break
-            tried.add(node.scheduler_id)
-            try:
-                answer = await self.client.call(
-                    self.nodes.address(node.scheduler_id), f"sessions/{session.row_id}/adopt", {"from": dead}
-                )
-            except Unavailable as exc:
-                last = exc
-                continue
-            log.warning("session %s moved from dead node %s to %s", session.session_id, dead, node.scheduler_id)
-            return self._remember(session_from_wire(answer["session"]))
-        raise last or Unavailable(f"session {session.session_id} lost its node and no live node can take it")
+        answer = await self._on_live_node(
+            f"sessions/{session.row_id}/adopt",
+            {"from": dead},
+            f"session {session.session_id} lost its node and no live node can take it",
+        )
+        moved = self._remember(session_from_wire(answer["session"]))
+        log.warning("session %s moved from dead node %s to %s", session.session_id, dead, moved.scheduler_id)
+        return moved
 
     # -- changes, on the session's node --------------------------------------------------------
 

@@ -8,7 +8,8 @@ talks to instances through that socket and never knows which backend made them.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -94,6 +95,19 @@ class InstanceTable:
     instances a backend holds); backends fill `_instances`."""
 
     _instances: dict[InstanceId, Instance]
+    instances_dir: Path  # <data>/instances: a directory per instance
+
+    def _save(self, instance: Instance) -> None:
+        """`<instances_dir>/<id>/instance.json`, written whole or not at all: how any backend finds
+        the instance again after a restart (`adopt_running`)."""
+        record = asdict(instance)
+        record["socket_path"] = str(instance.socket_path)
+        record["workspace_path"] = str(instance.workspace_path)
+        record["state"] = instance.state.value
+        path = self.instances_dir / instance.instance_id / "instance.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.rename(path)
 
     def get(self, instance_id: InstanceId) -> Instance:
         try:

@@ -54,7 +54,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -914,17 +914,6 @@ class KubernetesRuntime(InstanceTable):
         raise Unimplemented("kubernetes instances have no network policy (their pods' egress is denied)")
 
     # -- records and adoption --------------------------------------------------------------------
-
-    def _save(self, instance: Instance) -> None:
-        """`instance.json` in the format of `hutch.runtime.local` (read by every backend's adoption)."""
-        record = asdict(instance)
-        record["socket_path"] = str(instance.socket_path)
-        record["workspace_path"] = str(instance.workspace_path)
-        record["state"] = instance.state.value
-        path = self.instances_dir / instance.instance_id / "instance.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.rename(path)
 
     async def adopt_running(self) -> list[Instance]:
         """Take back the instances whose pod still runs (a relay again at the same socket path);

@@ -38,7 +38,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from hutch.errors import FailedPrecondition, HutchError, IsolationError, Unavailable, Unimplemented
@@ -502,16 +502,6 @@ class LocalRuntime(InstanceTable):
         self._save(instance)
 
     # -- persistence and adoption --------------------------------------------------------------
-
-    def _save(self, instance: Instance) -> None:
-        record = asdict(instance)
-        record["socket_path"] = str(instance.socket_path)
-        record["workspace_path"] = str(instance.workspace_path)
-        record["state"] = instance.state.value
-        path = self.instances_dir / instance.instance_id / "instance.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.rename(path)
 
     @staticmethod
     def _load(path: Path) -> Instance:
