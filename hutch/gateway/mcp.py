@@ -8,6 +8,8 @@ MCP_STREAMABLE (Streamable HTTP, spec 2025-03-26 to 2025-11-25, and 2026-07-28):
 - A request with `Mcp-Session-Id` goes to the session bound to that id for this tenant and
   function; an unknown id is a 404 with the JSON-RPC body the spec's clients expect. Ids are
   looked up per tenant and function, so another tenant's id is as unknown as a guessed one.
+  Behind several gateways (`hutch gateway`) an id this gateway has not seen is looked up in the
+  sessions' metadata in MetaDB, where the gateway that bound it wrote it.
 - Without one, a session key the request carries (2026-07-28 clients have no session id): the
   path `/functions/{name}/sessions/{id}/...`, `Mcp-Param-Sandbox-Id` (a tool argument the client
   mirrors into a header where the tool declares `x-mcp-header: Sandbox-Id`), the function's
@@ -220,7 +222,9 @@ def plan(
     if mcp_id is not None:
         result.mcp_id = mcp_id
         result.bound = bindings.lookup((tenant_id, function, transport, mcp_id))
-        if result.bound is None:
+        # A Streamable HTTP id another gateway bound is in MetaDB (`invoke.resolve` asks); an SSE
+        # id lives as long as its GET stream, on the gateway that holds it.
+        if result.bound is None and transport == SSE:
             raise SessionNotFound()
         return result
     try:
@@ -287,12 +291,18 @@ class StreamableExchange:
     def body(self, data: bytes, last: bool) -> bytes:
         return data
 
-    async def finish(self) -> None:
-        if self._persisting is not None:
+    async def settle(self) -> None:
+        """The binding is in MetaDB before the client reads the end of `initialize`'s answer: its
+        next request may reach another gateway, which looks the id up there."""
+        persisting, self._persisting = self._persisting, None
+        if persisting is not None:
             try:
-                await self._persisting
+                await persisting
             except HutchError:
                 log.exception("recording MCP session of %s", self.session.session_id)
+
+    async def finish(self) -> None:
+        await self.settle()
         if self.end_reason is None and not self.answered and self.created and not self.plan.keyed:
             self.end_reason = REFUSED  # the instance failed before answering: nobody can reach this session
         if self.end_reason is not None:
@@ -318,6 +328,9 @@ class SseStream:
         if status == 200 and content_type.lower().startswith(b"text/event-stream"):
             self.endpoint = EndpointEvent(self.prefix)
         return []
+
+    async def settle(self) -> None:
+        pass  # the binding lives in this gateway's memory only
 
     def body(self, data: bytes, last: bool) -> bytes:
         endpoint = self.endpoint

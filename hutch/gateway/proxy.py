@@ -259,6 +259,7 @@ async def proxy_http(
                 conn.finish(exchange.body_sent)
                 if observer is not None:
                     data = observer.body(data or b"", True)
+                    await observer.settle()
                 await send({"type": "http.response.body", "body": data or b"", "more_body": False})
                 return
             if exchange.client_gone:

@@ -33,6 +33,11 @@ class Observer(Protocol):
         """A chunk of the answer; returns what the client gets (it may hold bytes back)."""
         ...
 
+    async def settle(self) -> None:
+        """Before the client gets the end of the answer: what the client may rely on next is done
+        (a binding written to MetaDB, where other gateways look it up)."""
+        ...
+
     async def finish(self) -> None: ...
 
 

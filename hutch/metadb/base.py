@@ -84,6 +84,13 @@ class MetaDB(Protocol):
         """For E2B traffic, which names a sandbox but no tenant: only sessions with an access token."""
         ...
 
+    async def active_session_by_metadata(
+        self, tenant_id: str, function: str, key: str, value: str
+    ) -> SessionRecord | None:
+        """The tenant's Active session of `function` whose metadata maps `key` to `value` (an MCP
+        session id another gateway bound); None if there is none."""
+        ...
+
     async def internal_id_used(self, internal_id: str) -> bool:
         """Whether any session, ended or not, ever had this internal id."""
         ...

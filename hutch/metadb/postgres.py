@@ -429,6 +429,19 @@ class PostgresMetaDB:
         )
         return session_from_row(row) if row else None
 
+    async def active_session_by_metadata(
+        self, tenant_id: str, function: str, key: str, value: str
+    ) -> SessionRecord | None:
+        row = await self._fetchrow(
+            "SELECT * FROM sessions WHERE tenant_id = $1 AND function = $2 AND status = 'Active' "
+            "AND metadata::jsonb ->> $3 = $4 LIMIT 1",
+            tenant_id,
+            function,
+            key,
+            value,
+        )
+        return session_from_row(row) if row else None
+
     async def internal_id_used(self, internal_id: str) -> bool:
         return await self._fetchrow("SELECT 1 FROM sessions WHERE internal_id = $1 LIMIT 1", internal_id) is not None
 

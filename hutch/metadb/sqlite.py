@@ -404,6 +404,16 @@ class SQLiteMetaDB:
         ).fetchone()
         return session_from_row(row) if row else None
 
+    async def active_session_by_metadata(
+        self, tenant_id: str, function: str, key: str, value: str
+    ) -> SessionRecord | None:
+        row = self.db.execute(
+            "SELECT * FROM sessions WHERE tenant_id = ? AND function = ? AND status = 'Active' "
+            "AND json_extract(metadata, ?) = ? LIMIT 1",
+            (tenant_id, function, "$." + json.dumps(key), value),
+        ).fetchone()
+        return session_from_row(row) if row else None
+
     async def internal_id_used(self, internal_id: str) -> bool:
         return (
             self.db.execute("SELECT 1 FROM sessions WHERE internal_id = ? LIMIT 1", (internal_id,)).fetchone()

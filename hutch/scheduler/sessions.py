@@ -384,6 +384,12 @@ class SessionManager:
         async with self._lock(record.internal_id):  # the create or adoption holds it until done
             return self.active_by_row(row_id)
 
+    async def bound_session(self, tenant_id: str, function: str, key: str, value: str) -> SessionRecord | None:
+        """A session by a binding recorded in its metadata (an MCP session id) that this process's
+        gateway does not know: none, as every binding of `hutch serve` is in its memory (restored
+        from MetaDB at start)."""
+        return None
+
     async def find_by_public_id(self, session_id: str) -> SessionRecord | None:
         """As `active_by_public_id` (all of this process's sessions are in memory)."""
         return self.active_by_public_id(session_id)

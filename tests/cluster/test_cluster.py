@@ -9,7 +9,9 @@ gateway, of a node (its sessions move with their files) and a restart of Postgre
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import itertools
 import json
 import os
 import shutil
@@ -18,9 +20,13 @@ import time
 import uuid
 
 import httpx
+import httpx2
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from tests.cluster.harness import Cluster
+from tests.e2e.mcp_support import deploy, sessions_of
 from tests.e2e.test_restart import _invoke
 
 pytestmark = [pytest.mark.slow, pytest.mark.sandbox]
@@ -123,6 +129,50 @@ def test_the_e2b_sdk_through_one_gateway_then_the_other(cluster, api_key, monkey
     assert again.files.read("/home/user/note.txt") == "kept"
     assert again.sandbox_id in [s.sandbox_id for s in Sandbox.list().next_items()]
     again.kill()
+
+
+class _RoundRobin(httpx2.AsyncBaseTransport):
+    """A load balancer in front of the gateways: each request goes to the next one."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = itertools.cycle(ports)
+        self.inner = httpx2.AsyncHTTPTransport()
+        self.seen: list[int] = []
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        port = next(self.ports)
+        self.seen.append(port)
+        request.url = request.url.copy_with(port=port)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_an_mcp_session_started_through_one_gateway_is_served_through_every_gateway(cluster, gateways, api_key):
+    function = deploy(gateways[0], "cluster-counter")
+    ports = [gateway.port for gateway in cluster.gateways]
+
+    async def count() -> tuple[list[dict], list[int]]:
+        balancer = _RoundRobin(ports)
+        http = httpx2.AsyncClient(transport=balancer, headers={"X-API-Key": api_key}, timeout=60)
+        url = f"{cluster.gateways[0].url}/functions/{function}/invoke/mcp"
+        async with http, Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
+            results = [(await client.call_tool("increment", {"by": 1})).structured_content for _ in range(4)]
+        return results, balancer.seen
+
+    results, seen = asyncio.run(count())
+    assert set(seen) == set(ports)  # initialize through one gateway, the calls through both
+    assert [r["count"] for r in results] == [1, 2, 3, 4] and len({r["instance"] for r in results}) == 1
+    # The client's DELETE, through whichever gateway, ends the session once it was answered.
+    ended = _until(lambda: [s for s in sessions_of(gateways[1], function) if s["sessionStatus"] != "Active"])
+    assert [s["endReason"] for s in ended] == ["mcp_closed"] and len(sessions_of(gateways[1], function)) == 1
+    unknown = gateways[1].post(
+        f"/functions/{function}/invoke/mcp",
+        headers={"Mcp-Session-Id": "not-bound-anywhere", "Accept": "application/json, text/event-stream"},
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+    )
+    assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "Session not found", unknown.text
 
 
 def test_killing_a_gateway_loses_nothing(cluster, gateways):

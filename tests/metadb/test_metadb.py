@@ -210,6 +210,19 @@ def test_public_id_lookup_only_finds_sessions_with_a_token(db):
     assert db.active_session_by_public_id("plain") is None
 
 
+def test_a_session_is_found_by_a_binding_in_its_metadata_for_its_tenant_and_function_only(db):
+    bound = session(metadata={"mcpSessionId": "m-1", "k": "v"})
+    db.insert_session(bound)
+    db.insert_session(session(metadata={"mcpSessionId": "m-2"}))
+    assert db.active_session_by_metadata("t1", "base", "mcpSessionId", "m-1").row_id == bound.row_id
+    assert db.active_session_by_metadata("t2", "base", "mcpSessionId", "m-1") is None  # another tenant
+    assert db.active_session_by_metadata("t1", "other", "mcpSessionId", "m-1") is None
+    assert db.active_session_by_metadata("t1", "base", "mcpSessionId", "m-3") is None
+    assert db.active_session_by_metadata("t1", "base", "k", "v").row_id == bound.row_id
+    db.end_session(bound.row_id, "mcp_closed", time.time())
+    assert db.active_session_by_metadata("t1", "base", "mcpSessionId", "m-1") is None  # ended
+
+
 def test_sessions_are_listed_newest_first_in_pages(db):
     made = []
     for index in range(5):
