@@ -141,10 +141,11 @@ async def resolve(hutch: Hutch, scope: Scope, invocation: Invocation, bindings: 
             if session is None or session.row_id != row_id:
                 raise mcp.SessionNotFound()
         elif plan.mcp_id is not None:  # bound by another gateway, or by nobody
-            session = await sessions.bound_session(tenant.tenant_id, name, mcp.METADATA_KEY, plan.mcp_id)
+            metadata_key = mcp.METADATA_KEYS[plan.transport]
+            session = await sessions.bound_session(tenant.tenant_id, name, metadata_key, plan.mcp_id)
             if session is None:
                 raise mcp.SessionNotFound()
-            bindings.bind((tenant.tenant_id, name, mcp.HTTP, plan.mcp_id), session)
+            bindings.bind((tenant.tenant_id, name, plan.transport, plan.mcp_id), session)
         try:
             route, created = await _session_route(hutch, tenant, name, spec, plan.session_key, session)
         except HutchError as exc:

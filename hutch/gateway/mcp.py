@@ -34,6 +34,8 @@ MCP_SSE (HTTP+SSE, 2024-11-05):
   the `session_id` (Python servers) or `sessionId` (TypeScript servers) of its URI is bound to
   the session, and a URI that is an absolute path gets the gateway's path prefix
   (`/functions/{name}/invoke`) in front, as the instance does not know where it is mounted.
+  The binding is recorded in the session's metadata (`mcpSseSessionId`) before the client sees
+  the endpoint, so its POSTs may reach any gateway of a cluster.
 - `POST ...?session_id=...` (or `sessionId`) goes to the instance holding that stream: an unknown
   id is a 404; neither parameter nor a session key is a 400.
 - When the GET ends, so do the binding and the session.
@@ -68,7 +70,9 @@ log = logging.getLogger(__name__)
 
 MCP_SESSION_ID = b"mcp-session-id"
 METADATA_KEY = "mcpSessionId"  # where a session records the Streamable HTTP session bound to it
+SSE_METADATA_KEY = "mcpSseSessionId"  # ... and the HTTP+SSE session (its stream's endpoint id)
 HTTP, SSE = "http", "sse"
+METADATA_KEYS = {HTTP: METADATA_KEY, SSE: SSE_METADATA_KEY}
 ENDED = "mcp_closed"  # end reason: the client ended its MCP session (DELETE, or the SSE stream closed)
 REFUSED = "mcp_refused"  # end reason: the instance refused the request that started the session
 ENDPOINT_LIMIT = 16 * 1024  # bytes held back at most while looking for the endpoint event
@@ -183,6 +187,7 @@ class Plan:
     session_key: str | None = None  # the session this key names (a new one if unknown)
     bound: tuple[str, str] | None = None  # (internal id, row id) of the MCP session's session
     mcp_id: str | None = None  # the MCP session id the request carried
+    transport: str = HTTP  # HTTP (Streamable HTTP) or SSE
     keyed: bool = False  # the client named the session (path, Mcp-Param-Sandbox-Id, header, cookie)
 
     def answer_headers(self, session: SessionRecord) -> list[Header]:
@@ -195,7 +200,7 @@ class Plan:
         if self.mode == AffinityType.MCP_STREAMABLE:
             return StreamableExchange(self, sessions, metadb, session, created)
         if self.method == "GET" and self.mcp_id is None:
-            return SseStream(self, sessions, session, created, prefix.encode("latin-1"))
+            return SseStream(self, sessions, metadb, session, created, prefix.encode("latin-1"))
         return None
 
 
@@ -219,13 +224,11 @@ def plan(
     else:
         mcp_id = sse_session_id(scope.get("query_string", b""))
         transport = SSE
+    result.transport = transport
     if mcp_id is not None:
+        # Not bound here: another gateway may have bound it, MetaDB knows (`invoke.resolve` asks).
         result.mcp_id = mcp_id
         result.bound = bindings.lookup((tenant_id, function, transport, mcp_id))
-        # A Streamable HTTP id another gateway bound is in MetaDB (`invoke.resolve` asks); an SSE
-        # id lives as long as its GET stream, on the gateway that holds it.
-        if result.bound is None and transport == SSE:
-            raise SessionNotFound()
         return result
     try:
         key = affinity.checked_key(path_key, "the path") if path_key is not None else None
@@ -245,8 +248,10 @@ def plan(
 # -- watching answers ----------------------------------------------------------------------------
 
 
-class StreamableExchange:
-    """One Streamable HTTP exchange: binds the id the instance assigns, ends what must end."""
+class _Binder:
+    """Binds an MCP session id to the session of an exchange: in this gateway's memory, at once,
+    and in the session's metadata in MetaDB, where other gateways (and this one after a restart)
+    look it up; `settle` waits for that write before the client may act on the id."""
 
     def __init__(
         self, plan: Plan, sessions: SessionManager, metadb: MetaDB, session: SessionRecord, created: bool
@@ -256,9 +261,35 @@ class StreamableExchange:
         self.metadb = metadb
         self.session = session
         self.created = created
+        self._persisting: asyncio.Future | None = None
+
+    def _bind(self, transport: str, mcp_id: str) -> BindingKey:
+        session = self.session
+        key = (session.tenant_id, session.function, transport, mcp_id)
+        self.plan.bindings.bind(key, session)
+        # The live record: the session API shows the binding at once.
+        session.metadata = {**session.metadata, METADATA_KEYS[transport]: mcp_id}
+        self._persisting = asyncio.ensure_future(self.metadb.update_session(session.row_id, metadata=session.metadata))
+        return key
+
+    async def settle(self) -> None:
+        persisting, self._persisting = self._persisting, None
+        if persisting is not None:
+            try:
+                await persisting
+            except HutchError:
+                log.exception("recording MCP session of %s", self.session.session_id)
+
+
+class StreamableExchange(_Binder):
+    """One Streamable HTTP exchange: binds the id the instance assigns, ends what must end."""
+
+    def __init__(
+        self, plan: Plan, sessions: SessionManager, metadb: MetaDB, session: SessionRecord, created: bool
+    ) -> None:
+        super().__init__(plan, sessions, metadb, session, created)
         self.end_reason: str | None = None
         self.answered = False
-        self._persisting: asyncio.Task | None = None
 
     def head(self, status: int, headers: list[Header]) -> list[Header]:
         plan = self.plan
@@ -269,7 +300,7 @@ class StreamableExchange:
             return []
         assigned = affinity.header_value(headers, MCP_SESSION_ID)
         if assigned is not None and status < 400:
-            self._bind(assigned.decode("latin-1"))
+            self._bind(HTTP, assigned.decode("latin-1"))  # before the client sees the id
         elif self.created and not plan.keyed:
             if status >= 400:
                 self.end_reason = REFUSED
@@ -280,26 +311,8 @@ class StreamableExchange:
                 return [(b"set-cookie", cookie)]
         return []
 
-    def _bind(self, mcp_id: str) -> None:
-        session = self.session
-        # Bound before the client sees the id, so its next request finds it.
-        self.plan.bindings.bind((session.tenant_id, session.function, HTTP, mcp_id), session)
-        # The live record: the session API shows the binding at once; MetaDB keeps it across restarts.
-        session.metadata = {**session.metadata, METADATA_KEY: mcp_id}
-        self._persisting = asyncio.ensure_future(self.metadb.update_session(session.row_id, metadata=session.metadata))
-
     def body(self, data: bytes, last: bool) -> bytes:
         return data
-
-    async def settle(self) -> None:
-        """The binding is in MetaDB before the client reads the end of `initialize`'s answer: its
-        next request may reach another gateway, which looks the id up there."""
-        persisting, self._persisting = self._persisting, None
-        if persisting is not None:
-            try:
-                await persisting
-            except HutchError:
-                log.exception("recording MCP session of %s", self.session.session_id)
 
     async def finish(self) -> None:
         await self.settle()
@@ -309,16 +322,19 @@ class StreamableExchange:
             await self.sessions.end(self.session, self.end_reason)
 
 
-class SseStream:
+class SseStream(_Binder):
     """The GET of an HTTP+SSE session: binds its endpoint's session id; its end ends the session."""
 
     def __init__(
-        self, plan: Plan, sessions: SessionManager, session: SessionRecord, created: bool, prefix: bytes
+        self,
+        plan: Plan,
+        sessions: SessionManager,
+        metadb: MetaDB,
+        session: SessionRecord,
+        created: bool,
+        prefix: bytes,
     ) -> None:
-        self.plan = plan
-        self.sessions = sessions
-        self.session = session
-        self.created = created
+        super().__init__(plan, sessions, metadb, session, created)
         self.endpoint: EndpointEvent | None = None
         self.prefix = prefix
         self.key: BindingKey | None = None
@@ -329,19 +345,15 @@ class SseStream:
             self.endpoint = EndpointEvent(self.prefix)
         return []
 
-    async def settle(self) -> None:
-        pass  # the binding lives in this gateway's memory only
-
     def body(self, data: bytes, last: bool) -> bytes:
         endpoint = self.endpoint
         if endpoint is None or endpoint.done:
             return data
         out = endpoint.feed(data, last)
         if endpoint.session_id is not None:
-            session = self.session
-            # Bound before the client sees the endpoint, so its first POST finds it.
-            self.key = (session.tenant_id, session.function, SSE, endpoint.session_id)
-            self.plan.bindings.bind(self.key, session)
+            # Bound before the client sees the endpoint (the proxy settles first), so its first
+            # POST finds it, through this gateway or another.
+            self.key = self._bind(SSE, endpoint.session_id)
         return out
 
     async def finish(self) -> None:

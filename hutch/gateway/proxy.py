@@ -268,6 +268,7 @@ async def proxy_http(
                 data = observer.body(data, False)
                 if not data:
                     continue  # held back: part of an SSE event still arriving
+                await observer.settle()  # a binding this chunk reveals is recorded first
             if ending is not None:
                 ending.feed(data)
             await send({"type": "http.response.body", "body": data, "more_body": True})

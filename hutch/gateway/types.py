@@ -34,8 +34,8 @@ class Observer(Protocol):
         ...
 
     async def settle(self) -> None:
-        """Before the client gets the end of the answer: what the client may rely on next is done
-        (a binding written to MetaDB, where other gateways look it up)."""
+        """Before the client gets a chunk of the answer (and its end): what the client may rely
+        on next is done (a binding written to MetaDB, where other gateways look it up)."""
         ...
 
     async def finish(self) -> None: ...

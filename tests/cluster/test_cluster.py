@@ -22,7 +22,8 @@ import uuid
 import httpx
 import httpx2
 import pytest
-from mcp import Client
+from mcp import Client, ClientSession
+from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.cluster.harness import Cluster
@@ -173,6 +174,32 @@ def test_an_mcp_session_started_through_one_gateway_is_served_through_every_gate
         json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
     )
     assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "Session not found", unknown.text
+
+
+def test_an_mcp_sse_stream_held_by_one_gateway_takes_posts_through_every_gateway(cluster, gateways, api_key):
+    function = deploy(gateways[0], "cluster-counter-sse", "function-sse.json")
+    ports = [gateway.port for gateway in cluster.gateways]
+    balancer = _RoundRobin(ports)
+
+    def through_balancer(headers=None, timeout=None, auth=None) -> httpx2.AsyncClient:
+        return httpx2.AsyncClient(transport=balancer, headers=headers, timeout=timeout, auth=auth)
+
+    async def count() -> list[dict]:
+        url = f"{cluster.gateways[0].url}/functions/{function}/invoke/sse"
+        headers = {"X-API-Key": api_key}
+        async with (
+            sse_client(url, headers=headers, httpx_client_factory=through_balancer) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            return [(await session.call_tool("increment", {"by": 1})).structured_content for _ in range(4)]
+
+    results = asyncio.run(count())
+    assert set(balancer.seen) == set(ports)  # the GET through one gateway, the POSTs through both
+    assert [r["count"] for r in results] == [1, 2, 3, 4] and len({r["instance"] for r in results}) == 1
+    # The stream's end (the client left) ends the session, on the gateway that held it.
+    ended = _until(lambda: [s for s in sessions_of(gateways[1], function) if s["sessionStatus"] != "Active"])
+    assert [s["endReason"] for s in ended] == ["mcp_closed"] and len(sessions_of(gateways[1], function)) == 1
 
 
 def test_killing_a_gateway_loses_nothing(cluster, gateways):

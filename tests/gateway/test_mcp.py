@@ -63,15 +63,15 @@ def _scope(method: str = "POST", headers=(), query: bytes = b"") -> dict:
 
 def test_an_unknown_mcp_session_id_is_the_404_the_spec_requires():
     bindings = mcp.McpBindings()
-    # A Streamable HTTP id this gateway has not bound is for MetaDB to settle (another gateway may
-    # have bound it): the plan names it unbound; an SSE id lives only on its own gateway.
+    # An id this gateway has not bound is for MetaDB to settle (another gateway may have bound
+    # it, `invoke.resolve` asks): the plan names it unbound, with its transport.
     found = mcp.plan(_spec(), _scope(headers=[(b"mcp-session-id", b"abc")]), "t1", "counter", None, bindings)
-    assert (found.bound, found.mcp_id) == (None, "abc")
-    sse = _spec("MCP_SSE")
-    with pytest.raises(mcp.SessionNotFound) as caught:
-        mcp.plan(sse, _scope(query=b"session_id=abc"), "t1", "counter", None, bindings)
-    assert caught.value.http_status == 404
-    assert caught.value.body() == b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Session not found"}}'
+    assert (found.bound, found.mcp_id, found.transport) == (None, "abc", mcp.HTTP)
+    sse = mcp.plan(_spec("MCP_SSE"), _scope(query=b"session_id=abc"), "t1", "counter", None, bindings)
+    assert (sse.bound, sse.mcp_id, sse.transport) == (None, "abc", mcp.SSE)
+    refusal = mcp.SessionNotFound()  # what resolve raises when MetaDB does not know it either
+    assert refusal.http_status == 404
+    assert refusal.body() == b'{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Session not found"}}'
 
 
 def test_mcp_session_ids_are_bound_per_tenant_and_function():
@@ -147,8 +147,7 @@ def test_sse_posts_name_their_session_in_the_query_as_python_or_typescript_serve
     bindings.bind(("t1", "counter", mcp.SSE, "xyz"), _session())
     found = mcp.plan(_spec("MCP_SSE"), _scope(query=b"sessionId=xyz"), "t1", "counter", None, bindings)
     assert found.bound == ("i1", "r1")
-    with pytest.raises(mcp.SessionNotFound):
-        mcp.plan(_spec("MCP_SSE"), _scope(query=b"session_id=nope"), "t1", "counter", None, bindings)
+    assert mcp.plan(_spec("MCP_SSE"), _scope(query=b"session_id=nope"), "t1", "counter", None, bindings).bound is None
 
 
 # -- the endpoint event of HTTP+SSE --------------------------------------------------------------
