@@ -99,7 +99,7 @@ def _target(scope: Scope, prefix: str, rest: str) -> bytes:
     return path + b"?" + query if query else path
 
 
-class _HeaderView:
+class HeaderView:
     """`api_key_of` reads headers through `.get(name)`; this answers from the ASGI list."""
 
     __slots__ = ("headers",)
@@ -126,7 +126,7 @@ async def resolve(hutch: Hutch, scope: Scope, invocation: Invocation, bindings: 
     sessions = hutch.sessions
     assert sessions is not None
     headers: list[Header] = scope["headers"]
-    view = _HeaderView(headers)
+    view = HeaderView(headers)
     key = api_key_of(view)
     tenant = await hutch.tenants.authenticate(key)
     name = invocation.function

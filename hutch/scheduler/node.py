@@ -39,8 +39,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from hutch.api.auth import api_key_of
 from hutch.errors import BackendUnavailable, HutchError, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from hutch.functions import FunctionSpec
+from hutch.gateway.invoke import HeaderView
 from hutch.gateway.proxy import proxy_http
 from hutch.gateway.types import Header, Receive, Scope, Send, Target
 from hutch.gateway.upstream import UpstreamPool
@@ -227,6 +229,9 @@ class NodeApp:
             await self._health(send)
             return
         try:
+            if not forwarded and scope["path"] == "/metrics" and kind == "http":
+                await self._metrics(scope, send)
+                return
             self._authenticate(scope["headers"])
             if self.lease.fenced:
                 raise Unavailable("this node lost its lease on MetaDB and serves nothing until it is back")
@@ -268,6 +273,19 @@ class NodeApp:
             "activeSessions": len(self.hutch.sessions.active_sessions()) if self.hutch.sessions else 0,
         }
         await _send_json(send, 503 if self.lease.fenced else 200, body)
+
+    async def _metrics(self, scope: Scope, send: Send) -> None:
+        """This host's sessions, instances, warm pools and usage for Prometheus (a gateway's
+        `/metrics` has only what gateways see); an admin key unless `metrics_public`, as there."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        hutch = self.hutch
+        if not hutch.config.metrics_public:
+            hutch.tenants.require_admin(await hutch.tenants.authenticate(api_key_of(HeaderView(scope["headers"]))))
+        body = hutch.metrics.render()
+        headers = [(b"content-type", CONTENT_TYPE_LATEST.encode()), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     def _authenticate(self, headers: list[Header]) -> None:
         for name, value in headers:

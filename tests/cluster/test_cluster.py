@@ -26,7 +26,7 @@ from mcp import Client, ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.cluster.harness import Cluster
+from tests.cluster.harness import ADMIN_KEY, NODE_PORT, Cluster
 from tests.e2e.mcp_support import deploy, sessions_of
 from tests.e2e.test_restart import _invoke
 
@@ -200,6 +200,22 @@ def test_an_mcp_sse_stream_held_by_one_gateway_takes_posts_through_every_gateway
     # The stream's end (the client left) ends the session, on the gateway that held it.
     ended = _until(lambda: [s for s in sessions_of(gateways[1], function) if s["sessionStatus"] != "Active"])
     assert [s["endReason"] for s in ended] == ["mcp_closed"] and len(sessions_of(gateways[1], function)) == 1
+
+
+def test_each_node_exposes_its_own_sessions_and_instances_to_prometheus_for_admins_only(cluster, gateways):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    key = f"metrics-{uuid.uuid4().hex[:6]}"
+    assert _invoke(gateways[0], key, "echo ok").strip() == "ok"
+    node = cluster.node(_session(gateways[0], key)["nodeId"])
+    url = f"http://{node.ip}:{NODE_PORT}/metrics"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"X-API-Key": gateways[0].headers["X-API-Key"]}).status_code == 403
+    answer = httpx.get(url, headers={"X-API-Key": ADMIN_KEY})
+    assert answer.status_code == 200, answer.text
+    families = {family.name: family for family in text_string_to_metric_families(answer.text)}
+    assert sum(s.value for s in families["hutch_sessions"].samples) >= 1  # this node's sessions, ours among them
+    assert "hutch_instances" in families and "hutch_warm_pool_size" in families
 
 
 def test_killing_a_gateway_loses_nothing(cluster, gateways):
