@@ -116,6 +116,29 @@ def read_error(fd: int) -> str:
         return ""
 
 
+def stray_processes(instances_dir: Path, live: set[str]) -> list[tuple[int, str]]:
+    """(pid, instance id) of the processes whose command line names the directory of an
+    instance that is not live: a sandbox whose start a crash of hutch cut before it joined its
+    cgroups (bwrap names its binds there), which the cgroup sweep cannot see."""
+    marker = os.fsencode(str(instances_dir)) + b"/"
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        if marker not in cmdline:
+            continue
+        after = cmdline.split(marker)[1:]  # what follows each mention: "<instance id>/..."
+        named = {part.split(b"/", 1)[0].split(b"\0", 1)[0].decode(errors="replace") for part in after}
+        if named and not named & live:
+            found.append((int(entry.name), min(named)))
+    return found
+
+
 @dataclass(frozen=True)
 class Prepared:
     """What `LocalRuntime._prepare` made for a starting instance."""
@@ -552,6 +575,10 @@ class LocalRuntime(InstanceTable):
         live instance (`live`: ids of every backend on this data directory) owns. Returns what
         was removed."""
         removed = []
+        for pid, instance_id in stray_processes(self.instances_dir, live):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                removed.append(f"process {pid} of {instance_id}")
         for directory in self.instances_dir.iterdir():
             if directory.name in live or (directory / "instance.json").exists():
                 continue

@@ -169,3 +169,34 @@ def test_leftovers_of_a_crash_mid_start_are_swept_at_the_next_start(loop, runtim
     )
     runtime._instances.pop(instance.instance_id, None)  # the first runtime's view of it is stale
     runtime._watches.pop(instance.instance_id, None)
+
+
+def test_a_stray_process_of_an_instance_nobody_recorded_is_killed_at_the_next_start(loop, runtime, make_sandbox):
+    """A sandbox whose start a crash of hutch cut before it joined its cgroups is found by its
+    command line (bwrap names the instance's directory in its binds) and killed; the processes
+    of live instances, which name theirs too, are left alone."""
+    import subprocess
+    import sys
+
+    from hutch.runtime.multi import MultiRuntime
+
+    alive = make_sandbox()
+    stray = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", str(runtime.instances_dir / "i-gone" / "run")]
+    )
+    try:
+
+        async def restart():
+            successor = MultiRuntime(runtime.data_dir, runtime.store, runtime.uid_slots)
+            adopted = await successor.adopt_running()
+            for backend in successor.runtimes.values():
+                await backend.close()
+            return adopted
+
+        adopted = loop.run(restart())
+        assert stray.wait(10) == -9
+        assert alive.instance.instance_id in {i.instance_id for i in adopted}
+        assert is_alive(alive.instance.pid)
+    finally:
+        stray.kill()
+        stray.wait()
