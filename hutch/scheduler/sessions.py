@@ -27,6 +27,7 @@ import re
 import secrets
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +103,9 @@ class SessionManager:
         self._active: dict[str, SessionRecord] = {}  # internal id -> Active session
         self._by_row: dict[str, str] = {}  # row id -> internal id
         self._by_public: dict[str, str] = {}  # E2B sandbox id -> internal id (sessions with a token)
-        self._locks: dict[str, asyncio.Lock] = {}
+        # One lock per key while anyone holds or awaits it (weak: unused ones go by themselves, and
+        # one is never dropped while a create waits on it for an end to finish).
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._specs: dict[str, FunctionSpec] = {}  # pool key -> spec
         self._resolved: dict[tuple[str, str], str] = {}  # (tenant, name) -> pool key: no MetaDB per request
         self._tasks: list[asyncio.Task] = []
@@ -235,7 +238,6 @@ class SessionManager:
     def _forget(self, session: SessionRecord) -> None:
         self._active.pop(session.internal_id, None)
         self._by_row.pop(session.row_id, None)
-        self._locks.pop(session.internal_id, None)
         if self._by_public.get(session.session_id) == session.internal_id:
             del self._by_public[session.session_id]
         self.activity.forget(session.row_id)
@@ -584,6 +586,9 @@ class SessionManager:
     async def end(self, session: SessionRecord, reason: EndReason | str) -> SessionRecord | None:
         """End a session now: instance destroyed, workspace wiped unless the function keeps it."""
         reason_value = reason.value if isinstance(reason, EndReason) else reason
+        # The whole end holds the key's lock: a new session of the same key (same workspace key)
+        # must not start until the old instance is gone and its workspace wiped, or it would
+        # find the old files, or lose its own to the wipe.
         async with self._lock(session.internal_id):
             ended = await self.metadb.end_session(session.row_id, reason_value, self.clock())
             if ended is None:
@@ -591,14 +596,14 @@ class SessionManager:
             current = self._active.get(session.internal_id)
             if current is not None and current.row_id == session.row_id:
                 self._forget(current)
-        await self._announce(ended)
-        await self.meter.finish(ended)
-        keep = ended.persist_workspace
-        stopped = False
-        if ended.instance_id is not None:
-            stopped = await self.scheduler.release(ended.instance_id, keep_workspace=keep)
-        if not stopped and not keep:
-            await self.scheduler.forget_workspace(ended.workspace_key)
+            await self._announce(ended)
+            await self.meter.finish(ended)
+            keep = ended.persist_workspace
+            stopped = False
+            if ended.instance_id is not None:
+                stopped = await self.scheduler.release(ended.instance_id, keep_workspace=keep)
+            if not stopped and not keep:
+                await self.scheduler.forget_workspace(ended.workspace_key)
         for callback in self.on_end:
             try:
                 callback(ended)

@@ -132,6 +132,25 @@ def test_a_new_session_takes_a_warm_instance_and_the_pool_refills(stack):
     assert stack.command(session, "pwd; ls -A").split() == ["/home/user"]
 
 
+def test_a_key_started_again_while_its_last_session_ends_gets_a_wiped_workspace(stack):
+    first, _ = stack.run(stack.sessions.create(stack.tenant, "base", session_id="again"))
+    assert stack.command(first, "echo old > mine.txt; echo ok").strip() == "ok"
+
+    async def end_and_start_again():
+        # The request for the key arrives while the end is under way (after MetaDB said Expired).
+        ending = asyncio.ensure_future(stack.sessions.end(first, "deleted"))
+        while stack.sessions.active(first.internal_id) is not None:
+            await asyncio.sleep(0)
+        started = await stack.sessions.create(stack.tenant, "base", session_id="again", existing_ok=True)
+        await ending
+        return started
+
+    second, created = stack.run(end_and_start_again())
+    assert created and second.row_id != first.row_id
+    assert stack.command(second, "ls -A; echo end").split() == ["end"]  # no file of the old session
+    assert stack.command(second, "echo new > mine.txt; cat mine.txt").strip() == "new"  # and not wiped later
+
+
 def test_racing_first_requests_with_one_key_share_one_instance(stack):
     async def race():
         return await asyncio.gather(
