@@ -356,11 +356,18 @@ class ClusterSessions:
         unreachable, fenced or full (all `Unavailable`) while another is not."""
         tried: set[str] = set()
         last: HutchError | None = None
-        for _attempt in range(3):
+        refreshed = False
+        while len(tried) < 3:
             try:
                 node = self.nodes.choose(exclude=tried)
             except Unavailable:
-                break
+                if refreshed:
+                    break
+                # The list read a moment ago may predate a node's first heartbeat: read it again
+                # rather than refuse (only on this path: the hot one never reads MetaDB).
+                await self.nodes.refresh()
+                refreshed = True
+                continue
             tried.add(node.scheduler_id)
             try:
                 return await self.client.call(self.nodes.address(node.scheduler_id), path, body)
