@@ -141,16 +141,10 @@ def test_a_start_cancelled_mid_spawn_leaves_no_instance_behind(loop, runtime):
     assert instance_id not in runtime.cgroups.children()
 
 
-def test_leftovers_of_a_crash_mid_start_are_swept_at_the_next_start(loop, runtime, make_sandbox):
+def _restart(loop, runtime: LocalRuntime) -> list:
+    """What the next start of hutch does with this data directory: a new runtime adopts what
+    runs and sweeps the rest. Returns the instances it adopted."""
     from hutch.runtime.multi import MultiRuntime
-
-    victim = make_sandbox()
-    instance = victim.instance
-    loop.run(victim.channel.aclose())
-    # hutch died after the sandbox was made but before its record was written
-    (runtime.instances_dir / instance.instance_id / "instance.json").unlink()
-    os.kill(instance.pid, 9)
-    time.sleep(0.2)
 
     async def restart():
         successor = MultiRuntime(runtime.data_dir, runtime.store, runtime.uid_slots)
@@ -159,7 +153,19 @@ def test_leftovers_of_a_crash_mid_start_are_swept_at_the_next_start(loop, runtim
             await backend.close()
         return adopted
 
-    adopted = loop.run(restart())
+    return loop.run(restart())
+
+
+def test_leftovers_of_a_crash_mid_start_are_swept_at_the_next_start(loop, runtime, make_sandbox):
+    victim = make_sandbox()
+    instance = victim.instance
+    loop.run(victim.channel.aclose())
+    # hutch died after the sandbox was made but before its record was written
+    (runtime.instances_dir / instance.instance_id / "instance.json").unlink()
+    os.kill(instance.pid, 9)
+    time.sleep(0.2)
+
+    adopted = _restart(loop, runtime)
     assert instance.instance_id not in {i.instance_id for i in adopted}
     assert not (runtime.instances_dir / instance.instance_id).exists()
     assert instance.instance_id not in runtime.cgroups.children()
@@ -178,22 +184,12 @@ def test_a_stray_process_of_an_instance_nobody_recorded_is_killed_at_the_next_st
     import subprocess
     import sys
 
-    from hutch.runtime.multi import MultiRuntime
-
     alive = make_sandbox()
     stray = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)", str(runtime.instances_dir / "i-gone" / "run")]
     )
     try:
-
-        async def restart():
-            successor = MultiRuntime(runtime.data_dir, runtime.store, runtime.uid_slots)
-            adopted = await successor.adopt_running()
-            for backend in successor.runtimes.values():
-                await backend.close()
-            return adopted
-
-        adopted = loop.run(restart())
+        adopted = _restart(loop, runtime)
         assert stray.wait(10) == -9
         assert alive.instance.instance_id in {i.instance_id for i in adopted}
         assert is_alive(alive.instance.pid)
