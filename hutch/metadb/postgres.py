@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from operator import attrgetter
 from typing import Any, TypeVar
 
 import asyncpg
@@ -47,9 +48,9 @@ from hutch.metadb.rows import (
     check_quota,
     check_session_changes,
     check_tenant_changes,
+    cut_page,
     function_from_row,
     instance_from_row,
-    page_token,
     parse_page_token,
     quota_checked,
     scheduler_from_row,
@@ -462,10 +463,7 @@ class PostgresMetaDB:
             f"SELECT * FROM sessions WHERE {' AND '.join(conditions)} "
             f"ORDER BY created_at DESC, row_id DESC LIMIT ${len(args)}"
         )
-        records = [session_from_row(r) for r in await self._fetch(query, *args)]
-        if len(records) <= limit:
-            return records, None
-        return records[:limit], page_token(records[limit - 1].created_at, records[limit - 1].row_id)
+        return cut_page([session_from_row(r) for r in await self._fetch(query, *args)], limit, attrgetter("created_at"))
 
     async def update_session(self, row_id: str, **changes) -> SessionRecord:
         check_session_changes(changes)
@@ -682,10 +680,7 @@ class PostgresMetaDB:
             f"SELECT * FROM usage WHERE {' AND '.join(conditions)} "
             f"ORDER BY started_at DESC, row_id DESC LIMIT ${len(args)}"
         )
-        records = [usage_from_row(r) for r in await self._fetch(query, *args)]
-        if len(records) <= limit:
-            return records, None
-        return records[:limit], page_token(records[limit - 1].started_at, records[limit - 1].row_id)
+        return cut_page([usage_from_row(r) for r in await self._fetch(query, *args)], limit, attrgetter("started_at"))
 
     async def usage_totals(
         self,

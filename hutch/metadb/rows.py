@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -105,6 +105,15 @@ def usage_values(record: SessionUsage) -> dict[str, Any]:
 def page_token(time: float, row_id: str) -> str:
     """An opaque cursor after the row (time, row id) of a newest-first listing."""
     return base64.urlsafe_b64encode(f"{time!r}|{row_id}".encode()).decode()
+
+
+def cut_page(records: list, limit: int, time_of: Callable[[Any], float]) -> tuple[list, str | None]:
+    """A page read with `LIMIT limit + 1`: its first `limit` records, and the token of the next
+    page when the extra record came back (`time_of`: the listing's time field of a record)."""
+    if len(records) <= limit:
+        return records, None
+    last = records[limit - 1]
+    return records[:limit], page_token(time_of(last), last.row_id)
 
 
 def parse_page_token(token: str) -> tuple[float, str]:

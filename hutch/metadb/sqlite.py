@@ -26,6 +26,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,9 @@ from hutch.metadb.rows import (
     check_quota,
     check_session_changes,
     check_tenant_changes,
+    cut_page,
     function_from_row,
     instance_from_row,
-    page_token,
     parse_page_token,
     quota_checked,
     scheduler_from_row,
@@ -435,11 +436,7 @@ class SQLiteMetaDB:
             params += [created, created, row_id]
         query += " ORDER BY created_at DESC, row_id DESC LIMIT ?"
         params.append(limit + 1)
-        records = [session_from_row(r) for r in self.db.execute(query, params)]
-        next_token = (
-            page_token(records[limit - 1].created_at, records[limit - 1].row_id) if len(records) > limit else None
-        )
-        return records[:limit], next_token
+        return cut_page([session_from_row(r) for r in self.db.execute(query, params)], limit, attrgetter("created_at"))
 
     async def update_session(self, row_id: str, **changes) -> SessionRecord:
         check_session_changes(changes)
@@ -616,10 +613,7 @@ class SQLiteMetaDB:
             params += [started, started, row_id]
         query += " ORDER BY started_at DESC, row_id DESC LIMIT ?"
         params.append(limit + 1)
-        records = [usage_from_row(r) for r in self.db.execute(query, params)]
-        if len(records) <= limit:
-            return records, None
-        return records[:limit], page_token(records[limit - 1].started_at, records[limit - 1].row_id)
+        return cut_page([usage_from_row(r) for r in self.db.execute(query, params)], limit, attrgetter("started_at"))
 
     async def usage_totals(
         self,
