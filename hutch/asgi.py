@@ -12,8 +12,8 @@ import sys
 from contextlib import AsyncExitStack
 
 from hutch.api.app import create_app
-from hutch.errors import BackendUnavailable, InvalidArgument
 from hutch.gateway.app import Gateway
+from hutch.lifespan import run_lifespan
 from hutch.mcp.endpoint import McpEndpoint
 from hutch.server import Hutch
 
@@ -40,32 +40,20 @@ class HutchApp:
             await self.api(scope, receive, send)
 
     async def _lifespan(self, receive, send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.hutch.start()
-                    self.gateway.start()
-                    await self._running.enter_async_context(self.mcp.run())
-                except Exception as exc:
-                    if isinstance(exc, InvalidArgument | BackendUnavailable):  # a setting or the host: said in full
-                        log.error("hutch failed to start: %s", exc)
-                    else:
-                        log.exception("hutch failed to start")
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                if self.hutch.bootstrap_key:
-                    sys.stderr.write(
-                        "\nhutch: created the default tenant. Its API key (shown once, store it):\n"
-                        f"    {self.hutch.bootstrap_key}\n\n"
-                    )
-                    sys.stderr.flush()
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                try:
-                    await self._running.aclose()
-                    self.gateway.close()
-                    await self.hutch.stop()
-                finally:
-                    await send({"type": "lifespan.shutdown.complete"})
-                return
+        await run_lifespan(receive, send, self._start, self._stop, "hutch")
+
+    async def _start(self) -> None:
+        await self.hutch.start()
+        self.gateway.start()
+        await self._running.enter_async_context(self.mcp.run())
+        if self.hutch.bootstrap_key:
+            sys.stderr.write(
+                "\nhutch: created the default tenant. Its API key (shown once, store it):\n"
+                f"    {self.hutch.bootstrap_key}\n\n"
+            )
+            sys.stderr.flush()
+
+    async def _stop(self) -> None:
+        await self._running.aclose()
+        self.gateway.close()
+        await self.hutch.stop()

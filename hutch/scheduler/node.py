@@ -40,13 +40,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hutch.api.auth import api_key_of
-from hutch.errors import BackendUnavailable, HutchError, InvalidArgument, NotFound, Unauthenticated, Unavailable
+from hutch.errors import HutchError, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from hutch.functions import FunctionSpec
 from hutch.gateway.invoke import HeaderView
 from hutch.gateway.proxy import proxy_http
 from hutch.gateway.types import Header, Receive, Scope, Send, Target
 from hutch.gateway.upstream import UpstreamPool
 from hutch.gateway.websocket import proxy_websocket, refuse_with_error
+from hutch.lifespan import run_lifespan
 from hutch.metadb.records import SchedulerRecord, SessionRecord, SessionStatus, Tenant
 from hutch.scheduler.sessions import SessionManager
 
@@ -245,25 +246,7 @@ class NodeApp:
             await self._refuse(scope, send, exc)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.start()
-                except Exception as exc:
-                    if isinstance(exc, InvalidArgument | BackendUnavailable):  # a setting or the host: said in full
-                        log.error("hutch node failed to start: %s", exc)
-                    else:
-                        log.exception("hutch node failed to start")
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                try:
-                    await self.stop()
-                finally:
-                    await send({"type": "lifespan.shutdown.complete"})
-                return
+        await run_lifespan(receive, send, self.start, self.stop, "hutch node")
 
     async def _health(self, send: Send) -> None:
         scheduler = self.hutch.scheduler
