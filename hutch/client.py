@@ -114,6 +114,21 @@ class HutchClient:
 
     # -- sessions --------------------------------------------------------------------------------
 
+    def list_templates(self) -> list[dict]:
+        return self.request("GET", "/v1/templates")["templates"]
+
+    def get_template(self, name: str) -> dict:
+        return self.request("GET", f"/v1/templates/{name}")
+
+    def build_template(self, spec: dict) -> dict:
+        return self.request("POST", "/v1/templates", json=spec)
+
+    def get_build(self, build_id: str, offset: int = 0) -> dict:
+        return self.request("GET", f"/v1/templates/builds/{build_id}", params={"offset": offset})
+
+    def delete_template(self, name: str) -> None:
+        self.request("DELETE", f"/v1/templates/{name}")
+
     def create_session(
         self,
         function: str,

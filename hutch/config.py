@@ -44,6 +44,15 @@ disk_gib_second = 0.00000004      # per GiB-second of workspace disk
 idle_cpu_factor = 0.0             # while idle, CPU is free...
 idle_memory_factor = 0.1          # ...and memory costs a tenth
 basis = "allocated"               # allocated (vCPUs/GiB of the session) | used (cgroup-measured)
+[templates]                       # root file systems of sandboxes (hutch/templates/)
+dir = ""                          # where layers and templates live; "": <data_dir>/templates
+prepare = ["base"]                # built-in templates built at the first start (in the background)
+debian_suite = "bookworm"         # the suite of Debian-based templates (mmdebstrap, the host's apt sources)
+debian_mirror = ""                # a Debian mirror URL for them; "": the host's apt sources
+ca_certificates = []              # extra CA files sandboxes and builds trust (a TLS-inspecting proxy's);
+                                  # unset: the host's own (SSL_CERT_FILE, PIP_CERT, pip.conf's cert)
+env = {}                          # set in every build step and sandbox of a template, e.g. mirrors:
+                                  # {PIP_INDEX_URL = "https://pypi.internal/simple", npm_config_registry = "…"}
 [kubernetes]                      # the `kubernetes` backend: an instance per pod (hutch/runtime/kubernetes.py)
 namespace = "hutch-sandboxes"     # where the instances' pods live
 image = "hutch:0.1.0"             # an image with hutch installed (deploy/Dockerfile)
@@ -51,7 +60,8 @@ runtime_class = ""                # e.g. "gvisor" or "kata"; "" is the cluster's
 node_name = ""                    # pin pods to this node; "" reads $HUTCH_NODE_NAME, or lets Kubernetes place them
 
 The environment variable HUTCH_METADB_URL, when set, replaces the file's `metadb_url` (a secret
-is better kept out of config files: a Kubernetes Secret sets it); command-line flags still win.
+is better kept out of config files: a Kubernetes Secret sets it); HUTCH_TEMPLATES_PREPARE (names
+separated by commas, "" for none) replaces `[templates] prepare`; command-line flags still win.
 """
 
 from __future__ import annotations
@@ -73,6 +83,40 @@ class NetworkConfig(BaseModel):
 
     subnet: str = ""
     hosts: dict[str, str] = Field(default_factory=dict)
+
+
+class TemplatesConfig(BaseModel):
+    """Root file systems of sandboxes (`hutch.templates`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: Path | None = None
+    prepare: list[str] = Field(default_factory=lambda: ["base"])
+    debian_suite: str = Field("bookworm", pattern=r"^[a-z][a-z0-9.-]{0,31}$")
+    debian_mirror: str = Field("", pattern=r"^(https?://\S+)?$")
+    ca_certificates: list[Path] | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+
+    def ca_files(self) -> list[Path]:
+        """The extra CA certificates to trust: the configured ones, or the host's own settings."""
+        if self.ca_certificates is not None:
+            return [Path(p) for p in self.ca_certificates]
+        found: list[Path] = []
+        for name in ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE"):
+            if os.environ.get(name):
+                found.append(Path(os.environ[name]))
+        import configparser
+
+        for pip_conf in (Path("/etc/pip.conf"), Path.home() / ".config/pip/pip.conf", Path.home() / ".pip/pip.conf"):
+            parser = configparser.ConfigParser()
+            try:
+                parser.read(pip_conf)
+            except configparser.Error:
+                continue
+            if parser.has_option("global", "cert"):
+                found.append(Path(parser.get("global", "cert")))
+        unique = {p.resolve(): p for p in found if p.is_file()}
+        return sorted(unique)
 
 
 class GatewayConfig(BaseModel):
@@ -175,6 +219,7 @@ class ServerConfig(BaseModel):
     shared_storage: SharedStorageConfig = Field(default_factory=SharedStorageConfig)
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    templates: TemplatesConfig = Field(default_factory=TemplatesConfig)
 
     @model_validator(mode="after")
     def _shared_storage_has_a_path(self) -> ServerConfig:
@@ -192,5 +237,8 @@ class ServerConfig(BaseModel):
                 raise InvalidArgument(f"cannot read config {path}: {exc}") from None
         if os.environ.get("HUTCH_METADB_URL"):
             values["metadb_url"] = os.environ["HUTCH_METADB_URL"]
+        if "HUTCH_TEMPLATES_PREPARE" in os.environ:
+            names = [n.strip() for n in os.environ["HUTCH_TEMPLATES_PREPARE"].split(",") if n.strip()]
+            values.setdefault("templates", {})["prepare"] = names
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)

@@ -105,6 +105,12 @@ class FunctionSpec(BaseModel):
     name: str
     description: str = ""
     runtime: str = Field("bwrap", description="isolation backend: bwrap, or gvisor (stronger, slower to start)")
+    template: str = Field(
+        "host",
+        description="the root file system of its instances: a template (root inside, installs work), "
+        "or 'host' (the host's own system, read-only)",
+        pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+    )
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     env: dict[str, str] = Field(default_factory=dict, alias="environmentVariables")
     start_command: list[str] | None = Field(
@@ -141,6 +147,8 @@ class FunctionSpec(BaseModel):
             raise ValueError("startCommand and port go together")
         if self.runtime not in BACKENDS:
             raise ValueError(f"unknown runtime {self.runtime!r} (available: {', '.join(BACKENDS)})")
+        if self.template != "host" and self.runtime != "bwrap":
+            raise ValueError(f"templates run on the bwrap runtime; {self.runtime} instances see the host's system")
         if self.network is not None and self.runtime != "bwrap":
             raise ValueError(f"a network policy needs the bwrap runtime; {self.runtime} instances have loopback only")
         return self

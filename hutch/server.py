@@ -46,6 +46,8 @@ from hutch.scheduler.scheduler import Scheduler
 from hutch.scheduler.sessions import SessionManager
 from hutch.storage.local import DirectoryStore, ImageStore
 from hutch.storage.shared import default_node_id, open_shared_store
+from hutch.templates.service import TemplateService
+from hutch.templates.store import TemplateStore
 from hutch.tenants import TenantService
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class Hutch:
         self.tenants = TenantService(self.metadb)
         self.metrics = Metrics()
         self.scheduler: Scheduler | None = None
+        self.templates: TemplateService | None = None  # root file systems (not on a gateway)
         self.sessions: SessionManager | ClusterSessions | None = None
         self.secret = b""  # the cluster's secret: keyed hashes of session ids, the node key
         self.started_at = 0.0
@@ -106,12 +109,22 @@ class Hutch:
             options={"kubernetes": self.config.kubernetes.model_dump()},
             networking=self._networking(),
         )
+        templates_config = self.config.templates
+        template_store = TemplateStore(templates_config.dir or self.data_dir / "templates")
+        for scrap in template_store.sweep():
+            log.warning("removed %s", scrap)
+        self.templates = TemplateService(
+            template_store,
+            templates_config,
+            in_use=lambda: {i.spec.rootfs.template for i in runtime.instances() if i.spec.rootfs is not None},
+        )
         self.scheduler = Scheduler(
             scheduler_id,
             runtime,
             self.metadb,
             max_instances=self.config.max_instances,
             address=self.config.cluster.advertise if self.role == Role.NODE else "local",
+            templates=self.templates,
         )
         metering = self.config.metering
         meter = Meter(
@@ -130,6 +143,7 @@ class Hutch:
             cluster=self.role == Role.NODE,
         )
         await self.sessions.start()
+        self.templates.prepare_builtins()
         self.metrics.attach(self.sessions, self.scheduler)
         self.started_at = time.time()
 
@@ -168,6 +182,8 @@ class Hutch:
         return DirectoryStore(root)
 
     async def stop(self) -> None:
+        if self.templates is not None:
+            await self.templates.close()
         if self.sessions is not None:
             await self.sessions.close()
         if self.scheduler is not None:

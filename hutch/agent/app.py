@@ -105,6 +105,8 @@ class AgentApp:
 
             return forward(req, port)
         path = req.path
+        if path != "/health":
+            self._act_as(req, path)
         if path.startswith("/process.Process/"):
             return self.process.rpc(req)
         if path.startswith("/filesystem.Filesystem/"):
@@ -122,6 +124,16 @@ class AgentApp:
         if path == "/version":
             return json_response({"version": ENVD_VERSION})
         return error_response(NotFound(f"no route for {req.method} {path}"))
+
+    def _act_as(self, req: Request, path: str) -> None:
+        """Take on the identity the request names (`hutch.agent.users`)."""
+        from hutch.agent import users
+
+        name = users.requested(req.headers.get, req.query_params().get("username") if path == "/files" else None)
+        if self.config.rootful:
+            users.enter(users.lookup(name or self.config.user))
+        else:
+            users.refuse_root_without_root(name, self.config.user)
 
     def _init(self, req: Request) -> Response:
         """E2B's `/init`: set the environment that later processes and kernels start with."""

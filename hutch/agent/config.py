@@ -24,8 +24,10 @@ class AgentConfig:
         "prestart_kernel",
         "python_path",
         "rlimits",
+        "rootful",
         "socket_path",
         "user",
+        "workdir",
     )
 
     def __init__(self, raw: dict) -> None:
@@ -44,6 +46,20 @@ class AgentConfig:
         self.python_path: list[str] = raw.get("python_path") or []
         self.kernel_python: str = raw.get("kernel_python") or _default_python()
         self.prestart_kernel: bool = bool(raw.get("prestart_kernel", False))
+        # The agent runs as root of a template's root file system and acts as the user each
+        # request names (`hutch.agent.users`); `workdir` is where commands start by default.
+        self.rootful: bool = bool(raw.get("rootful", False))
+        self.workdir: str = raw.get("workdir") or self.home
+
+    def user_home(self) -> str:
+        """The home of the user the current request acts as (relative paths start there)."""
+        if self.rootful:
+            from hutch.agent.users import current
+
+            user = current()
+            if user is not None:
+                return user.home
+        return self.home
 
     def process_env(self) -> dict[str, str]:
         """The base environment of user processes."""

@@ -384,7 +384,7 @@ class FilesEndpoint:
 
     def download(self, req: Request):
         params = self._params(req)
-        path = paths.resolve(params.get("path"), self.config.home)
+        path = paths.resolve(params.get("path"), self.config.user_home())
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
@@ -462,7 +462,7 @@ class FilesEndpoint:
                 name = path_param if path_param is not None else filename_param(disposition)
                 if not name:
                     raise InvalidArgument("a file part needs a filename, or the path query parameter")
-                target = paths.resolve(name, self.config.home)
+                target = paths.resolve(name, self.config.user_home())
                 if any(entry["path"] == target for entry in written):
                     raise InvalidArgument(
                         f"you cannot upload multiple files to the same path '{target}' in one request"
@@ -477,7 +477,7 @@ class FilesEndpoint:
         return json_response(written)
 
     def _write(self, name: str, read, metadata: dict[str, str]) -> dict:
-        path = paths.resolve(name, self.config.home)
+        path = paths.resolve(name, self.config.user_home())
         write_file(path, read, metadata)
         entry = {"path": path, "name": os.path.basename(path), "type": "file"}
         persisted = read_metadata(path)

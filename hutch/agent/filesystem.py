@@ -147,7 +147,7 @@ class FilesystemService:
         value = request.get(name)
         if required and not value:
             raise InvalidArgument(f"{name} is required")
-        return paths.resolve(value, self.config.home)
+        return paths.resolve(value, self.config.user_home())
 
     @staticmethod
     def _entry(path: str) -> dict:

@@ -40,6 +40,7 @@ with `hutch.agent.kernel`, when the first kernel starts.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -163,7 +164,7 @@ class Interpreter:
         with self.lock:
             ctx = self.contexts.get(self.defaults.get(language, ""))
             if ctx is None:
-                ctx = Context(_new_id(), language, self.config.home)
+                ctx = Context(_new_id(), language, self.config.user_home())
                 self.contexts[ctx.id] = ctx
                 self.defaults[language] = ctx.id
             return ctx
@@ -177,7 +178,7 @@ class Interpreter:
         if not isinstance(body, dict):
             raise InvalidArgument("the request body must be a JSON object")
         language = _language(body.get("language"))
-        cwd = paths.resolve(body.get("cwd"), self.config.home)
+        cwd = paths.resolve(body.get("cwd"), self.config.user_home())
         if not os.path.exists(cwd):
             raise NotFound(f"cwd '{cwd}' does not exist")
         if not os.path.isdir(cwd):
@@ -269,12 +270,22 @@ class Interpreter:
             from hutch.agent.kernel import Kernel
         except ImportError as exc:
             raise Unavailable(f"the code interpreter is not installed: {exc}") from None
-        workdir, name = self._kernel_slot()
-        env = self.config.process_env()
-        env.setdefault("MPLBACKEND", INLINE_BACKEND)  # figures come back as PNG results
-        kernel_env = dict(self.config.env)
-        kernel = Kernel(self._kernel_argv(), ctx.cwd, env, workdir, name)
-        kernel.start()
+        with contextlib.ExitStack() as stack:
+            env = self.config.process_env()
+            as_user: dict = {}
+            if self.config.rootful:
+                # Kernels run as the template's user; their files and sockets are that user's.
+                from hutch.agent import users
+
+                user = users.lookup(self.config.user)
+                stack.enter_context(users.acting_as(user))
+                as_user = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
+                env.update({"HOME": user.home, "USER": user.name, "LOGNAME": user.name})
+            workdir, name = self._kernel_slot()
+            env.setdefault("MPLBACKEND", INLINE_BACKEND)  # figures come back as PNG results
+            kernel_env = dict(self.config.env)
+            kernel = Kernel(self._kernel_argv(), ctx.cwd, env, workdir, name, as_user)
+            kernel.start()
         ctx.kernel = kernel
         ctx.kernel_env = kernel_env
         return kernel

@@ -39,8 +39,11 @@ LOG_TAIL = 2000  # bytes of the kernel's log quoted when it fails to start
 
 
 class Kernel:
-    def __init__(self, argv: list[str], cwd: str, env: dict[str, str], workdir: str, name: str) -> None:
+    def __init__(
+        self, argv: list[str], cwd: str, env: dict[str, str], workdir: str, name: str, as_user: dict | None = None
+    ) -> None:
         self.name = name
+        self.as_user = as_user or {}  # Popen's user/group/extra_groups: a root agent's kernels run as the user
         self.cwd = cwd
         self.log_path = os.path.join(workdir, f"{name}.log")
         km = KernelManager(
@@ -62,7 +65,9 @@ class Kernel:
         """Start the process and connect to it; raises Unavailable (with its log) when it fails."""
         with open(self.log_path, "ab") as log:
             try:
-                self.km.start_kernel(cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                self.km.start_kernel(
+                    cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, **self.as_user
+                )
             except OSError as exc:
                 self.shutdown()
                 raise Unavailable(f"could not start the kernel: {exc}") from None

@@ -193,6 +193,12 @@ def main(argv: list[str] | None = None) -> None:
 
     listener = _listener(config)
     app = AgentApp(config)
+    if config.rootful:
+        import threading
+
+        from hutch.agent.sudo import serve
+
+        threading.Thread(target=serve, name="sudo", daemon=True).start()
     serve_forever(listener, app)
 
 

@@ -25,7 +25,7 @@ import signal
 import subprocess
 import threading
 
-from hutch.agent import connect, paths
+from hutch.agent import connect, paths, users
 from hutch.agent.config import AgentConfig
 from hutch.agent.http import Request
 from hutch.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -249,8 +249,18 @@ class ProcessService:
         argv = [cmd, *args]
         if any("\x00" in part for part in argv):
             raise InvalidArgument("a NUL byte in the command line")
-        cwd = paths.resolve(config.get("cwd"), self.config.home)
         env = self.config.process_env()
+        as_user: dict = {}
+        user = users.current() if self.config.rootful else None
+        default_cwd = self.config.user_home()
+        if user is not None:
+            as_user = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
+            env.update({"HOME": user.home, "USER": user.name, "LOGNAME": user.name})
+            if user.name == self.config.user:
+                default_cwd = self.config.workdir
+            if not os.path.isdir(default_cwd):
+                default_cwd = "/"  # a user without a home (nobody)
+        cwd = paths.resolve(config.get("cwd"), default_cwd)
         env.update({str(k): str(v) for k, v in envs.items()})
         pty_request = request.get("pty")
         master = slave = None
@@ -261,7 +271,7 @@ class ProcessService:
                 env.setdefault("TERM", "xterm-256color")
                 # `setsid -c` makes the PTY the controlling terminal without a preexec_fn.
                 popen = subprocess.Popen(
-                    ["setsid", "-c", *argv], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env
+                    ["setsid", "-c", *argv], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env, **as_user
                 )
                 os.close(slave)
                 slave = None
@@ -274,6 +284,7 @@ class ProcessService:
                     cwd=cwd,
                     env=env,
                     start_new_session=True,
+                    **as_user,
                 )
         except FileNotFoundError as exc:
             for fd in (master, slave):

@@ -115,7 +115,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def create_app(hutch) -> FastAPI:
     """The control-plane app for a started `hutch.server.Hutch`."""
-    from hutch.api import e2b, native, usage
+    from hutch.api import e2b, native, templates, usage
 
     app = FastAPI(
         title="hutch",
@@ -159,6 +159,7 @@ def create_app(hutch) -> FastAPI:
         }
 
     app.include_router(native.router)
+    app.include_router(templates.router)
     app.include_router(usage.router)
     app.include_router(e2b.router)
     # The web page (static; it reads the usage API with a key the user types in).

@@ -38,8 +38,8 @@ from hutch.agent.config import ENVD_VERSION
 from hutch.api.auth import caller
 from hutch.api.native import iso
 from hutch.errors import AlreadyExists, InvalidArgument, NotFound, Unimplemented
-from hutch.functions import NetworkSpec
-from hutch.metadb.records import EndReason, SessionRecord, Tenant
+from hutch.functions import BUILTIN_FUNCTIONS, FunctionSpec, NetworkSpec
+from hutch.metadb.records import EndReason, FunctionRecord, SessionRecord, Tenant
 from hutch.scheduler.sessions import MAX_E2B_TIMEOUT_S
 
 router = APIRouter(tags=["e2b"])
@@ -248,13 +248,34 @@ def _idempotency(request: Request) -> _Idempotency:
     return state.e2b_idempotency
 
 
+async def _function_of_template(request: Request, tenant: Tenant, name: str) -> FunctionSpec:
+    """A template with no function of its name: the tenant gets one, like the built-in `base`
+    but booting that template (E2B's `Sandbox.create(template)` names templates)."""
+    hutch = request.app.state.hutch
+    templates = getattr(hutch, "templates", None)
+    try:
+        exists = templates is not None and templates.store.exists(name)
+    except InvalidArgument:
+        exists = False
+    if not exists:
+        raise NotFound(f"template {name!r} not found")
+    base = next(spec for spec in BUILTIN_FUNCTIONS if spec.name == "base")
+    spec = base.model_copy(
+        update={"name": name, "template": name, "warm_pool_size": 0, "description": f"sandboxes of template {name}"}
+    )
+    now = time.time()
+    await hutch.metadb.put_function(FunctionRecord(tenant.tenant_id, name, spec.wire(), now, now))
+    hutch.sessions.function_changed(tenant.tenant_id, spec, name)
+    return spec
+
+
 async def _create(request: Request, tenant: Tenant, body: NewSandbox) -> SessionRecord:
     _refuse_unavailable(body)
     sessions = request.app.state.hutch.sessions
     try:
         _, spec = await sessions.function(tenant.tenant_id, body.template_id)
     except NotFound:
-        raise NotFound(f"template {body.template_id!r} not found") from None
+        spec = await _function_of_template(request, tenant, body.template_id)
     session, _ = await sessions.create(
         tenant,
         body.template_id,

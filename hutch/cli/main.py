@@ -11,7 +11,7 @@ from __future__ import annotations
 import typer
 
 from hutch import __version__
-from hutch.cli import functions, sandbox, sessions, tenants, usage
+from hutch.cli import functions, sandbox, sessions, templates, tenants, usage
 from hutch.cli.mcp import mcp
 from hutch.cli.selftest import selftest
 from hutch.cli.serve import gateway, node, serve
@@ -19,6 +19,7 @@ from hutch.cli.serve import gateway, node, serve
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="hutch: sandboxes for AI agents.")
 app.add_typer(sandbox.app, name="sandbox")
 app.add_typer(functions.app, name="function")
+app.add_typer(templates.app, name="template")
 app.add_typer(sessions.app, name="session")
 app.add_typer(tenants.app, name="tenant")
 app.add_typer(tenants.keys, name="key")

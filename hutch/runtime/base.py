@@ -42,6 +42,23 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class RootFS:
+    """What an instance needs to mount its template: the layer directories (bottom first) and
+    the defaults the agent applies. Part of `InstanceSpec`, so it is saved with the instance."""
+
+    template: str
+    layer_paths: tuple[str, ...]
+    user: str = "user"
+    workdir: str = "/home/user"
+    start_cmd: str | None = None
+    ready_cmd: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> RootFS:
+        return cls(**{**raw, "layer_paths": tuple(raw["layer_paths"])})
+
+
+@dataclass(frozen=True)
 class InstanceSpec:
     instance_id: InstanceId
     resources: Resources = field(default_factory=Resources)
@@ -54,6 +71,9 @@ class InstanceSpec:
     network: dict | None = None
     prestart_kernel: bool = False  # start a Jupyter kernel right after boot (code interpreter)
     backend: str = "bwrap"  # the isolation backend that runs it (`hutch.runtime.BACKENDS`)
+    # None: the host's own read-only system (the `host` template). Otherwise the template's
+    # layers under an upper layer in the workspace, root inside (`hutch.runtime.rootfs`).
+    rootfs: RootFS | None = None
 
 
 class InstanceState(enum.Enum):

@@ -48,6 +48,15 @@ from hutch.runtime.local import (
     undo_all,
 )
 from hutch.runtime.network import Networking
+from hutch.runtime.rootfs import (
+    CA_ENV,
+    CAPABILITIES,
+    SANDBOX_PATH,
+    AgentRuntime,
+    mount_layers,
+    template_has,
+    unmount_layers,
+)
 from hutch.runtime.userns import SANDBOX_UID, UidSlots, create_userns
 from hutch.storage.base import WorkspaceStore
 
@@ -82,6 +91,8 @@ class BwrapRuntime(LocalRuntime):
     ) -> None:
         super().__init__(data_dir, store, uid_slots, cgroups, networking)
         self.bwrap = bwrap_binary()
+        self._agent_runtime: AgentRuntime | None = None  # made on the first start from a template
+        self.sudo_shim = self.data_dir / "agent" / "sudo"
 
     def _spawn(self, spec: InstanceSpec) -> tuple[Instance, subprocess.Popen, int]:
         undo: list = []
@@ -101,8 +112,15 @@ class BwrapRuntime(LocalRuntime):
             undo.append(cgroup.kill_all)
             netns = self._attach_network(spec, prepared, undo)
 
-            userns_fd = create_userns(self.uid_slots.base(prepared.slot))
+            base_uid = self.uid_slots.base(prepared.slot)
+            userns_fd = create_userns(base_uid, owned=spec.rootfs is not None)
             fds.append(userns_fd)
+            overlay: list[str] = []
+            if spec.rootfs is not None:
+                undo.append(lambda: unmount_layers(prepared.instance_dir))
+                overlay = mount_layers(
+                    prepared.instance_dir, spec.rootfs.layer_paths, prepared.workspace_path, userns_fd
+                )
             seccomp_fd = seccomp.filter_fd()
             fds.append(seccomp_fd)
             info_r, info_w = os.pipe()
@@ -111,10 +129,17 @@ class BwrapRuntime(LocalRuntime):
             stderr_r, stderr_w = os.pipe()
             fds += [info_r, info_w, block_r, block_w, go_r, go_w, stderr_r, stderr_w]
 
-            argv = self._argv(
-                spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, prepared.instance_dir, prepared.workspace_path,
-                go_fd=go_r,
-            )  # fmt: skip
+            if spec.rootfs is not None:
+                argv = self._rootfs_argv(
+                    spec, overlay, userns_fd, seccomp_fd, info_w, block_r, listen_fd, prepared.instance_dir, go_r
+                )
+                # bwrap runs as the namespace's owner and enters it as root (`create_userns`).
+                argv = ["setpriv", f"--reuid={base_uid}", f"--regid={base_uid}", "--clear-groups", "--", *argv]
+            else:
+                argv = self._argv(
+                    spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, prepared.instance_dir,
+                    prepared.workspace_path, go_fd=go_r,
+                )  # fmt: skip
             if netns is not None:
                 # bwrap enters no network namespace by itself: it starts in the instance's, and
                 # the sandbox, owned by its own user namespace, has no capability in it.
@@ -162,11 +187,24 @@ class BwrapRuntime(LocalRuntime):
         resources: Resources = spec.resources
         config = {
             **agent_config(self.host, spec),
+            **(self._rootfs_agent_config(spec) if spec.rootfs is not None else {}),
             "listen_fd": listen_fd,
             "rlimits": {"nofile": [resources.nofile, resources.nofile], "core": [0, 0]},
             **({"go_fd": go_fd} if go_fd is not None else {}),
         }
         return "marshal:" + marshal.dumps(config).hex()
+
+    def _rootfs_agent_config(self, spec: InstanceSpec) -> dict:
+        rootfs = spec.rootfs
+        return {
+            "home": SANDBOX_HOME,
+            "user": rootfs.user,
+            "workdir": rootfs.workdir,
+            "rootful": True,
+            "env": {"PATH": SANDBOX_PATH, **CA_ENV, **spec.env},
+            "python_path": self.agent_runtime.python_path,
+            "kernel_python": "/usr/bin/python3",
+        }
 
     def _argv(self, spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, instance_dir, workspace_path, go_fd=None):
         resources: Resources = spec.resources
@@ -204,6 +242,55 @@ class BwrapRuntime(LocalRuntime):
             argv.append("--unshare-net")  # loopback only
         argv += agent_command(self.host)
         return argv
+
+    def _rootfs_argv(self, spec, overlay, userns_fd, seccomp_fd, info_w, block_r, listen_fd, instance_dir, go_fd):
+        """bwrap's command line for an instance with a root file system of its own: the overlay
+        of `hutch.runtime.rootfs`, root inside with a container's capabilities, the agent from
+        `/opt/hutch`."""
+        resources: Resources = spec.resources
+        rootfs = spec.rootfs
+        argv = [
+            self.bwrap,
+            "--userns", str(userns_fd),
+            "--uid", "0",
+            "--gid", "0",
+            "--cap-drop", "ALL",
+            *[arg for cap in CAPABILITIES for arg in ("--cap-add", cap)],
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup",
+            "--new-session",
+            "--as-pid-1",
+            "--info-fd", str(info_w),
+            "--block-fd", str(block_r),
+            "--seccomp", str(seccomp_fd),
+            "--hostname", "sandbox",
+            *overlay,
+            "--proc", "/proc",
+            "--dev", "/dev",
+            "--size", str(resources.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",
+            *self.agent_runtime.bwrap_mounts(),
+            *(["--ro-bind", str(self.sudo_shim), "/usr/bin/sudo"]
+              if template_has(rootfs.layer_paths, "/usr/bin/sudo") else []),
+            "--ro-bind", str(instance_dir / "run"), RUN_DIR,
+            *(["--ro-bind", str(instance_dir / "resolv.conf"), "/etc/resolv.conf"] if spec.network else []),
+            "--chdir", "/",
+            "--clearenv",
+            "--setenv", "PATH", SANDBOX_PATH,
+            "--setenv", "HUTCH_AGENT", self._agent_env(spec, listen_fd, go_fd),
+        ]  # fmt: skip
+        if spec.network is None:
+            argv.append("--unshare-net")  # loopback only
+        return argv + self.agent_runtime.command()
+
+    @property
+    def agent_runtime(self) -> AgentRuntime:
+        if self._agent_runtime is None:
+            self._agent_runtime = AgentRuntime(self.host)
+            shim = self.sudo_shim
+            shim.parent.mkdir(mode=0o755, exist_ok=True)
+            shim.write_text(self._agent_runtime.sudo_script())
+            shim.chmod(0o755)
+            self.sudo_shim = shim
+        return self._agent_runtime
 
     @staticmethod
     def _read_info(info_r: int, popen: subprocess.Popen, stderr_r: int) -> dict:

@@ -40,6 +40,13 @@ def _envelope(message: dict) -> bytes:
     return struct.pack(">BI", 0, len(data)) + data
 
 
+def user_header(user: str | None) -> dict[str, str]:
+    """E2B's way to name who runs a command: `Authorization: Basic base64("<user>:")`."""
+    if not user:
+        return {}
+    return {"authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode()}
+
+
 class AgentChannel:
     def __init__(self, socket_path: Path | str, timeout: float = 60.0) -> None:
         self.socket_path = Path(socket_path)
@@ -96,8 +103,10 @@ class AgentChannel:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         timeout: float = 60.0,
+        user: str | None = None,
     ) -> CommandResult:
-        """Run a command to its end (`shell`: through `/bin/bash -l -c`, as E2B does)."""
+        """Run a command to its end (`shell`: through `/bin/bash -l -c`, as E2B does), as `user`
+        (None: the instance's default user)."""
         process = {"cmd": "/bin/bash", "args": ["-l", "-c", cmd]} if shell else {"cmd": cmd, "args": args or []}
         if env:
             process["envs"] = env
@@ -110,7 +119,7 @@ class AgentChannel:
                     "POST",
                     "/process.Process/Start",
                     content=_envelope({"process": process}),
-                    headers={"content-type": STREAM_TYPE},
+                    headers={"content-type": STREAM_TYPE, **user_header(user)},
                     timeout=httpx.Timeout(timeout, connect=5),
                 ) as response:
                     if response.status_code != 200:
@@ -137,7 +146,9 @@ class AgentChannel:
             raise Unavailable(f"lost the agent while running a command: {exc}") from None
         return result
 
-    async def spawn(self, argv: list[str], tag: str | None = None, env: dict[str, str] | None = None) -> int:
+    async def spawn(
+        self, argv: list[str], tag: str | None = None, env: dict[str, str] | None = None, user: str | None = None
+    ) -> int:
         """Start a background process and return its pid once started; it outlives this call."""
         process: dict = {"cmd": argv[0], "args": argv[1:]}
         if env:
@@ -146,7 +157,10 @@ class AgentChannel:
         if tag:
             request["tag"] = tag
         async with self._client.stream(
-            "POST", "/process.Process/Start", content=_envelope(request), headers={"content-type": STREAM_TYPE}
+            "POST",
+            "/process.Process/Start",
+            content=_envelope(request),
+            headers={"content-type": STREAM_TYPE, **user_header(user)},
         ) as response:
             if response.status_code != 200:
                 await response.aread()

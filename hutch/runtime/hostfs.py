@@ -92,11 +92,11 @@ class HostView:
         self.etc_dir = data_dir / "etc"
         self.stage_dir.mkdir(mode=0o755, exist_ok=True)
         self.etc_dir.mkdir(mode=0o755, exist_ok=True)
-        self.python_binds: list[tuple[Path, str]] = [(self._reachable(p), str(p)) for p in python_roots()]
+        self.python_binds: list[tuple[Path, str]] = [(self.reachable(p), str(p)) for p in python_roots()]
         package = Path(hutch.__file__).resolve().parent
         # Sandboxes see the package read-only: compile it here, or every agent would compile at boot.
         compileall.compile_dir(package, quiet=1, workers=1)
-        self.agent_package = self._reachable(package)
+        self.agent_package = self.reachable(package)
         self.python = sys.executable
         self.path_env = ":".join(
             dict.fromkeys(
@@ -123,7 +123,7 @@ class HostView:
             except OSError:
                 pass
 
-    def _reachable(self, source: Path) -> Path:
+    def reachable(self, source: Path) -> Path:
         """`source`, or a read-only bind of it under our stage dir when others cannot reach it."""
         if traversable_by_others(source):
             return source

@@ -42,11 +42,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hutch.errors import FailedPrecondition, HutchError, IsolationError, Unavailable, Unimplemented
-from hutch.runtime.base import Instance, InstanceSpec, InstanceState, InstanceStats, InstanceTable, Resources
+from hutch.runtime.base import (
+    Instance,
+    InstanceSpec,
+    InstanceState,
+    InstanceStats,
+    InstanceTable,
+    Resources,
+    RootFS,
+)
 from hutch.runtime.cgroups import Cgroup, CgroupManager
 from hutch.runtime.channel import AgentChannel
 from hutch.runtime.hostfs import AGENT_LIB, SANDBOX_HOME, HostView, site_packages
 from hutch.runtime.network import NETNS_DIR, Networking, NetworkLayout, egress_policy, layout_for
+from hutch.runtime.rootfs import unmount_layers
 from hutch.runtime.userns import UidSlots
 from hutch.storage.base import WorkspaceStore
 from hutch.types import InstanceId
@@ -352,7 +361,10 @@ class LocalRuntime(InstanceTable):
         instance_dir.mkdir(mode=0o755)
         undo.append(lambda: shutil.rmtree(instance_dir, ignore_errors=True))
         (instance_dir / "run").mkdir(mode=0o755)
-        workspace_path = self.store.attach(workspace, host_uid, spec.resources.disk_mb)
+        # A root file system's upper layer keeps its inside owners on disk (root is 0) and reaches
+        # the instance idmapped: the store must not give the tree to the sandbox uid.
+        owner = 0 if spec.rootfs is not None else host_uid
+        workspace_path = self.store.attach(workspace, owner, spec.resources.disk_mb)
         undo.append(lambda: self.store.detach(workspace, workspace_path))
         if workspace.startswith(INSTANCE_WORKSPACE_PREFIX):
             undo.append(lambda: self.store.delete(workspace))
@@ -500,6 +512,8 @@ class LocalRuntime(InstanceTable):
         errors = []
         for step in (
             cgroup.remove,
+            # Before the workspace goes: the upper layer is mounted from it.
+            lambda: unmount_layers(self.instances_dir / instance.instance_id),
             lambda: self.store.detach(instance.workspace, instance.workspace_path),
             lambda: None if keep_workspace else self.store.delete(instance.workspace),
             *self._teardown_steps(instance),
@@ -533,6 +547,8 @@ class LocalRuntime(InstanceTable):
         spec["resources"] = Resources(**spec["resources"])
         if not isinstance(spec.get("network"), dict):
             spec["network"] = None  # records from before networks were policies
+        if spec.get("rootfs") is not None:
+            spec["rootfs"] = RootFS.from_dict(spec["rootfs"])
         record["spec"] = InstanceSpec(**spec)
         record["socket_path"] = Path(record["socket_path"])
         record["workspace_path"] = Path(record["workspace_path"])

@@ -23,14 +23,23 @@ RANGE = 65536
 SANDBOX_UID = 1000  # the sandbox user ("user", as E2B names it) inside every instance
 
 
-def create_userns(base: int) -> int:
-    """An fd of a new user namespace whose uids/gids 0..65535 are host base..base+65535."""
+def create_userns(base: int, owned: bool = False) -> int:
+    """An fd of a new user namespace whose uids/gids 0..65535 are host base..base+65535.
+
+    `owned`: the namespace belongs to host uid `base` (its root), not to host root, and allows
+    `setgroups`. That is the layout of an instance with a root file system of its own: bwrap runs
+    as `base` and enters the namespace as its root (`--uid 0`), which bwrap started by host root
+    cannot do (it would stay host root, unmapped inside); root inside may then switch users and
+    groups as a container's root does (apt drops to `_apt`, `su`, the agent starting commands as
+    `user`). Allowing setgroups is safe here: the process that enters holds no supplementary group
+    (the launcher clears them), so there is no group whose denial dropping it could escape."""
     try:
         holder = subprocess.Popen(
             ["unshare", "--user", "cat"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            **({"user": base, "group": base, "extra_groups": []} if owned else {}),
         )
     except OSError as exc:
         raise IsolationError(f"cannot run unshare: {exc}") from None
@@ -41,7 +50,7 @@ def create_userns(base: int) -> int:
             raise IsolationError(f"unshare --user failed: {holder.stderr.read().decode().strip()}")
         for name, value in (
             ("uid_map", f"0 {base} {RANGE}\n"),
-            ("setgroups", "deny\n"),
+            *([] if owned else [("setgroups", "deny\n")]),
             ("gid_map", f"0 {base} {RANGE}\n"),
         ):
             with open(f"/proc/{holder.pid}/{name}", "w") as f:

@@ -27,12 +27,14 @@ from pathlib import Path
 
 import httpx
 
-from hutch.errors import CapacityError, HutchError, IsolationError, Unavailable
+from hutch.errors import CapacityError, FailedPrecondition, HutchError, IsolationError, Unavailable
 from hutch.functions import FunctionSpec
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import InstanceRecord, InstanceRole, SchedulerRecord
 from hutch.runtime.base import Instance, InstanceSpec, Runtime
 from hutch.runtime.channel import AgentChannel
+from hutch.templates.model import HOST
+from hutch.templates.service import TemplateService
 from hutch.types import InstanceId
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class Scheduler:
         fill_interval: float = 0.2,
         health_interval: float = 2.0,
         address: str = "local",
+        templates: TemplateService | None = None,
     ) -> None:
         """`address`: how gateways reach this scheduler ("local": in the same process)."""
         if max_instances < 1 or fill_interval <= 0 or health_interval <= 0:
@@ -82,6 +85,8 @@ class Scheduler:
         self._starting = 0
         self._cleanups: set[asyncio.Task] = set()
         self.on_crash = None  # callback(instance_id) for instances that die on their own
+        # Root file systems of functions with a template (`hutch.templates`); None: only `host`.
+        self.templates: TemplateService | None = templates
         self.stats = {"pool_hits": 0, "pool_misses": 0, "crashes": 0}
         runtime.on_exit = self._on_exit
 
@@ -280,11 +285,19 @@ class Scheduler:
         env: dict[str, str] | None = None,
         network: dict | Default | None = DEFAULT,
     ) -> Instance:
+        rootfs = None
+        base_env: dict[str, str] = {}
+        if spec.template != HOST:
+            if self.templates is None:
+                raise FailedPrecondition(f"this node has no templates; function {spec.name} needs {spec.template!r}")
+            rootfs = self.templates.rootfs(spec.template)
+            base_env = self.templates.env(spec.template)
         instance_spec = InstanceSpec(
             instance_id=InstanceId(f"i-{uuid.uuid4().hex[:16]}"),
             resources=spec.resources.to_runtime(),
             backend=spec.runtime,
-            env={**spec.env, **(env or {})},
+            env={**base_env, **spec.env, **(env or {})},
+            rootfs=rootfs,
             workspace=workspace,
             prestart_kernel=spec.prestart_kernel,
             network=(spec.network.to_runtime() if spec.network else None) if network is DEFAULT else network,

@@ -1,0 +1,199 @@
+"""The root file system of an instance booted from a template, and the agent's place in it.
+
+Layout inside such an instance:
+- `/`: an overlay of the template's layers (read-only, shared by every instance of the template)
+  under an upper layer of the instance's own, `<workspace>/upper`, in the session's workspace:
+  what a session installs survives a crash of its instance, counts against its disk limit, and is
+  never seen by another session. Layers and the upper layer are stored with their inside
+  ownership and reach the instance through idmapped mounts (`hutch.runtime.idmap`), made under
+  `<instance dir>/rootfs/` on the host and removed at stop.
+- `/opt/hutch`: the agent's own interpreter and libraries, read-only and apart from the
+  template's: `host/usr` (the host's `/usr`, whose dynamic loader and libraries run it, so the
+  agent works whatever libc the template has), `python` (hutch's interpreter), `venv` (its
+  site-packages), `lib/hutch` (the package). Nothing of it is on user code's `PATH` or
+  `sys.path`: user code runs the template's own `python3`, `pip` and `node`.
+- `/usr/bin/sudo`: hutch's `sudo` (`hutch.agent.sudo`), when the template has one. bwrap sets
+  no_new_privs, so a setuid `sudo` cannot elevate; hutch's asks the agent, which runs as root
+  inside, to start the command as root for the caller (passwordless, as in E2B's templates).
+
+The agent runs as root of the instance's user namespace with a container's capabilities
+(`CAPABILITIES`), which act only on what that namespace owns; it starts commands as `user` by
+default and as root when asked.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from hutch.errors import IsolationError
+from hutch.runtime import idmap
+from hutch.runtime.hostfs import AGENT_LIB, HostView, site_packages
+
+AGENT_ROOT = "/opt/hutch"
+HOST_USR = f"{AGENT_ROOT}/host/usr"
+AGENT_PYTHON = f"{AGENT_ROOT}/python"
+AGENT_VENV = f"{AGENT_ROOT}/venv"
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The capabilities of root inside (Docker's default set, less raw sockets, device nodes, chroot
+# and audit): namespaced, so they act on the instance's own files and processes only.
+CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_SETGID",
+    "CAP_SETUID", "CAP_SETPCAP", "CAP_SETFCAP", "CAP_NET_BIND_SERVICE",
+)  # fmt: skip
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+# Every tool's own way to be told the trust store, pointed at the template's (which holds the
+# host's extra CA certificates: `hutch.templates.debian`).
+CA_ENV = {
+    name: CA_BUNDLE
+    for name in ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO",
+                 "NODE_EXTRA_CA_CERTS")
+}  # fmt: skip
+
+
+def elf_interpreter(path: str) -> str:
+    """The dynamic loader an ELF executable names (PT_INTERP)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if head[:4] != b"\x7fELF" or head[4] != 2:
+            raise IsolationError(f"{path} is not a 64-bit ELF executable")
+        endian = "<" if head[5] == 1 else ">"
+        (phoff,) = struct.unpack_from(endian + "Q", head, 0x20)
+        phentsize, phnum = struct.unpack_from(endian + "HH", head, 0x36)
+        for index in range(phnum):
+            f.seek(phoff + index * phentsize)
+            p_type, _flags, p_offset, _vaddr, _paddr, p_filesz = struct.unpack(endian + "IIQQQQ", f.read(40))
+            if p_type == 3:  # PT_INTERP
+                f.seek(p_offset)
+                return f.read(p_filesz).rstrip(b"\0").decode()
+    raise IsolationError(f"{path} names no dynamic loader")
+
+
+@dataclass(frozen=True)
+class Bind:
+    source: str
+    target: str
+
+
+class AgentRuntime:
+    """hutch's interpreter as instances with a root file system of their own see it."""
+
+    def __init__(self, host: HostView) -> None:
+        executable = os.path.realpath(sys.executable)
+        base_prefix, prefix = str(Path(sys.base_prefix).resolve()), str(Path(sys.prefix).resolve())
+        self.binds: list[Bind] = [Bind("/usr", HOST_USR)]
+        self._translations: list[tuple[str, str]] = []
+        if base_prefix == "/usr" or base_prefix.startswith("/usr/"):
+            self._translations.append(("/usr", HOST_USR))
+        else:
+            self.binds.append(Bind(str(host.reachable(Path(base_prefix))), AGENT_PYTHON))
+            self._translations.append((base_prefix, AGENT_PYTHON))
+        if prefix != base_prefix:
+            self.binds.append(Bind(str(host.reachable(Path(prefix))), AGENT_VENV))
+            self._translations.insert(0, (prefix, AGENT_VENV))
+        self.binds.append(Bind(str(host.agent_package), f"{AGENT_LIB}/hutch"))
+        self.python = self.inside(executable)
+        loader = os.path.realpath(elf_interpreter(executable))
+        if not loader.startswith("/usr/"):
+            raise IsolationError(f"the dynamic loader {loader} is not under /usr")
+        self.loader = HOST_USR + loader[len("/usr") :]
+        multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+        library_dirs = [
+            os.path.join(os.path.dirname(os.path.dirname(executable)), "lib"),  # a relocated interpreter's
+            "/usr/local/lib", f"/usr/local/lib/{multiarch}", f"/usr/lib/{multiarch}", "/usr/lib", "/usr/lib64",
+        ]  # fmt: skip
+        self.library_path = ":".join(
+            dict.fromkeys(self.inside(d) for d in library_dirs if os.path.isdir(d) and self.inside(d, strict=False))
+        )
+        self.python_path = [self.inside(p) for p in site_packages() if self.inside(p, strict=False)]
+
+    def inside(self, path: str, strict: bool = True) -> str:
+        """Where a host path of hutch's environment is inside ("" if nowhere and not `strict`)."""
+        for outside, inside in self._translations:
+            if path == outside or path.startswith(outside + "/"):
+                return inside + path[len(outside) :]
+        if path.startswith("/usr/"):
+            return HOST_USR + path[len("/usr") :]
+        if strict:
+            raise IsolationError(f"{path} is not part of hutch's environment as sandboxes see it")
+        return ""
+
+    def interpreter(self) -> list[str]:
+        """The command line prefix that runs hutch's Python inside, on the host's loader."""
+        return [self.loader, "--inhibit-cache", "--library-path", self.library_path, self.python, "-I", "-S", "-B"]
+
+    def command(self) -> list[str]:
+        return [
+            *self.interpreter(),
+            "-c",
+            f"import sys; sys.path.insert(0, {AGENT_LIB!r}); from hutch.agent.main import main; main([])",
+        ]
+
+    def sudo_script(self) -> str:
+        """The `sudo` of templates (`hutch.agent.sudo`), a shell script run by the template's sh."""
+        argv = " ".join(f"'{part}'" for part in self.interpreter())
+        return (
+            f"#!/bin/sh\nexec {argv} -c \"import sys; sys.path.insert(0, '{AGENT_LIB}'); "
+            f'from hutch.agent.sudo import main; main()" "$@"\n'
+        )
+
+    def bwrap_mounts(self) -> list[str]:
+        # A tmpfs holds the mount points, so that they are not written to the upper layer, and
+        # every user can traverse to `sudo`'s interpreter.
+        args = ["--perms", "0755", "--size", str(1 << 20), "--tmpfs", AGENT_ROOT]
+        made = {AGENT_ROOT}
+        for bind in self.binds:
+            parents = []
+            parent = os.path.dirname(bind.target)
+            while parent not in made and parent != "/":
+                parents.append(parent)
+                parent = os.path.dirname(parent)
+            for directory in reversed(parents):
+                args += ["--perms", "0755", "--dir", directory]
+                made.add(directory)
+            args += ["--ro-bind", bind.source, bind.target]
+        return args
+
+
+def mount_layers(instance_dir: Path, layer_paths: tuple[str, ...], workspace_path: Path, userns_fd: int) -> list[str]:
+    """Idmap the template's layers and the instance's workspace into `<instance_dir>/rootfs/`
+    and return the bwrap arguments of the overlay root over them. The caller undoes it with
+    `unmount_layers` (also on failure)."""
+    base = instance_dir / "rootfs"
+    base.mkdir(mode=0o755, exist_ok=True)
+    # The upper layer and overlayfs's work directory, owned by root inside (0 on disk).
+    for name in ("upper", "work"):
+        (workspace_path / name).mkdir(mode=0o755, exist_ok=True)
+    args = []
+    for index, layer in enumerate(layer_paths):
+        target = base / f"layer{index}"
+        target.mkdir(mode=0o755, exist_ok=True)
+        idmap.idmapped_mount(Path(layer), target, userns_fd, read_only=True)
+        args += ["--overlay-src", str(target)]
+    workspace = base / "workspace"
+    workspace.mkdir(mode=0o755, exist_ok=True)
+    idmap.idmapped_mount(workspace_path, workspace, userns_fd, read_only=False)
+    return [*args, "--overlay", str(workspace / "upper"), str(workspace / "work"), "/"]
+
+
+def unmount_layers(instance_dir: Path) -> None:
+    """Remove the idmapped mounts of `mount_layers` (lazily: a dying sandbox may still hold them)."""
+    base = instance_dir / "rootfs"
+    if not base.is_dir():
+        return
+    for entry in sorted(base.iterdir(), reverse=True):
+        idmap.detach(entry)
+        try:
+            entry.rmdir()
+        except OSError as exc:
+            raise IsolationError(f"cannot remove {entry}: {exc.strerror}") from None
+    base.rmdir()
+
+
+def template_has(layer_paths: tuple[str, ...], path: str) -> bool:
+    """Whether some layer holds `path` (absolute, inside)."""
+    return any(os.path.lexists(os.path.join(layer, path.lstrip("/"))) for layer in layer_paths)

@@ -1,0 +1,54 @@
+"""What a template is: read-only layers plus the defaults of the instances that boot from it.
+
+A layer is a directory tree stored once (`TemplateStore`), named by a hash of what made it
+(the Debian suite and packages, an image's digest, a build step and the layer under it), so the
+same recipe never builds twice and every template using it shares it. An instance mounts its
+template's layers, bottom first, under a writable upper layer of its own (an overlay), which
+lives in the session's workspace (`hutch.runtime.rootfs`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+from hutch.errors import InvalidArgument
+from hutch.runtime.base import RootFS
+
+__all__ = ["HOST", "RootFS", "Template", "check_name"]
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+LAYER_ID = re.compile(r"^[0-9a-f]{64}$")
+HOST = "host"  # not a root file system: the host's own, read-only (hutch.runtime.hostfs)
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise InvalidArgument(
+            f"invalid template name {name!r}: 1-63 lowercase letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Template:
+    """A root file system (`layers`, bottom first) and the defaults of its instances."""
+
+    name: str
+    layers: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/home/user"  # where commands start by default
+    user: str = "user"  # who runs commands by default
+    start_cmd: str | None = None  # started in the background at every boot
+    ready_cmd: str | None = None  # the instance is ready once this exits 0
+    source: str = ""  # how the bottom layer was made, for people: "debian:bookworm", "image:…"
+    created_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "layers": list(self.layers)}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Template:
+        return cls(**{**raw, "layers": tuple(raw["layers"])})

@@ -1,0 +1,190 @@
+"""Templates as the rest of hutch uses them: what an instance of a template mounts, builds with
+their progress, the built-in templates, and deletion that never pulls a template from under a
+running sandbox.
+
+Built-in templates are Debian systems built from the host's own apt sources (no registry
+needed): `base` (Python with pip and venv, Node.js with npm, git, curl, sudo and the usual
+tools) and `code-interpreter-v1` (base plus Jupyter's kernel and the data-science packages E2B's
+code interpreter offers). The first start prepares those named in `[templates] prepare`, in the
+background, logging its progress; sandboxes of a template still being prepared get a 503 that
+says so. `host` is not a root file system but the host's own system, read-only, as sandboxes had
+before templates (and where no Debian mirror can be reached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hutch.config import TemplatesConfig
+from hutch.errors import FailedPrecondition, HutchError, InvalidArgument, NotFound, Unavailable
+from hutch.runtime.base import RootFS
+from hutch.runtime.rootfs import CA_ENV
+from hutch.templates import debian
+from hutch.templates.model import HOST, Template, check_name
+from hutch.templates.store import TemplateStore
+
+log = logging.getLogger(__name__)
+
+BASE_PACKAGES = (
+    "python3", "python3-pip", "python3-venv", "python-is-python3", "nodejs", "npm", "git", "curl", "wget",
+    "ca-certificates", "sudo", "procps", "less", "nano", "unzip", "xz-utils", "iproute2", "build-essential",
+)  # fmt: skip
+CODE_INTERPRETER_PACKAGES = (
+    *BASE_PACKAGES, "python3-ipykernel", "python3-numpy", "python3-pandas", "python3-matplotlib", "python3-scipy",
+    "python3-sklearn", "python3-requests", "python3-pil", "python3-bs4", "python3-openpyxl", "python3-seaborn",
+)  # fmt: skip
+BUILTIN = {"base": BASE_PACKAGES, "code-interpreter-v1": CODE_INTERPRETER_PACKAGES}
+LOG_LINES = 2000  # kept per build
+
+
+@dataclass
+class Build:
+    """A build in progress or done, as clients follow it."""
+
+    template: str
+    build_id: str
+    status: str = "building"  # building | ready | error
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    error: str | None = None
+    lines: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LOG_LINES))
+    total_lines: int = 0  # lines logged since the start (offsets of `lines` are relative to it)
+
+    def log(self, line: str) -> None:
+        self.lines.append((time.time(), line))
+        self.total_lines += 1
+
+    def since(self, offset: int) -> list[tuple[float, str]]:
+        first = self.total_lines - len(self.lines)
+        return list(self.lines)[max(0, offset - first) :]
+
+
+class TemplateService:
+    def __init__(self, store: TemplateStore, config: TemplatesConfig, in_use: Callable[[], set[str]]) -> None:
+        self.store = store
+        self.config = config
+        self.in_use = in_use  # names of the templates running instances boot from
+        self.builds: dict[str, Build] = {}  # by build id
+        self._building: dict[str, Build] = {}  # by template name, while it builds
+        self._tasks: set[asyncio.Task] = set()
+        self._lock = asyncio.Lock()
+
+    # -- what instances mount ------------------------------------------------------------------
+
+    def rootfs(self, name: str) -> RootFS | None:
+        """The layers of template `name` for a new instance; None for `host`.
+
+        Raises:
+            Unavailable: the template is still being built.
+            NotFound: no such template.
+        """
+        if name == HOST:
+            return None
+        if name in self._building and not self.store.exists(name):
+            raise Unavailable(f"template {name!r} is being prepared; try again in a minute")
+        return self.store.rootfs(name)
+
+    def env(self, name: str) -> dict[str, str]:
+        """The environment of an instance of `name` before its function's and session's."""
+        if name == HOST:
+            return {}
+        return {**CA_ENV, **self.config.env, **self.store.get(name).env}
+
+    def list(self) -> list[Template]:
+        return self.store.list()
+
+    def get(self, name: str) -> Template:
+        return self.store.get(name)
+
+    def delete(self, name: str) -> None:
+        if name in BUILTIN and name in self.config.prepare:
+            raise FailedPrecondition(f"template {name!r} is built in (remove it from [templates] prepare first)")
+        if name in self._building:
+            raise FailedPrecondition(f"template {name!r} is being built")
+        self.store.delete(name, self.in_use())
+
+    # -- builds --------------------------------------------------------------------------------
+
+    def start_debian(
+        self,
+        name: str,
+        packages: list[str],
+        user: str = "user",
+        workdir: str = "/home/user",
+        env: dict[str, str] | None = None,
+        build_id: str | None = None,
+    ) -> Build:
+        """Begin building template `name` from the configured Debian suite with `packages`."""
+        check_name(name)
+        if name == HOST:
+            raise InvalidArgument(f"{HOST!r} is the host's own system, not a template that can be built")
+        for package in packages:
+            if not isinstance(package, str) or not debian.PACKAGE.match(package):
+                raise InvalidArgument(f"invalid Debian package name {package!r}")
+        if name in self._building:
+            raise FailedPrecondition(f"template {name!r} is already being built")
+        import uuid
+
+        build = Build(name, build_id or uuid.uuid4().hex)
+        self.builds[build.build_id] = build
+        self._building[name] = build
+
+        async def run() -> None:
+            try:
+                layer = await asyncio.to_thread(
+                    debian.build, self.store, self.config.debian_suite, packages, self.config.debian_mirror,
+                    self.config.ca_files(), build.log,
+                )  # fmt: skip
+                template = Template(
+                    name=name, layers=(layer,), env=dict(env or {}), user=user, workdir=workdir,
+                    source=f"debian:{self.config.debian_suite}",
+                )  # fmt: skip
+                self.store.put(template)
+                build.status = "ready"
+                build.log(f"template {name} is ready")
+                log.info("template %s is ready (layer %s)", name, layer[:12])
+            except HutchError as exc:
+                build.status, build.error = "error", exc.message
+                build.log(f"build failed: {exc.message}")
+                log.error("template %s failed to build: %s", name, exc.message)
+            except Exception as exc:
+                build.status, build.error = "error", f"{exc.__class__.__name__}: {exc}"
+                build.log(f"build failed: {build.error}")
+                log.exception("template %s failed to build", name)
+            finally:
+                build.finished_at = time.time()
+                self._building.pop(name, None)
+
+        task = asyncio.get_running_loop().create_task(run(), name=f"template-build-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return build
+
+    def build(self, build_id: str) -> Build:
+        try:
+            return self.builds[build_id]
+        except KeyError:
+            raise NotFound(f"build {build_id!r} not found") from None
+
+    def prepare_builtins(self) -> None:
+        """Build the built-in templates named in the config that do not exist yet."""
+        for name in self.config.prepare:
+            if name not in BUILTIN:
+                log.warning("[templates] prepare names %r, which is not a built-in template", name)
+                continue
+            if self.store.exists(name):
+                continue
+            log.info("preparing the built-in template %s (Debian %s): the first start takes minutes",
+                     name, self.config.debian_suite)  # fmt: skip
+            build = self.start_debian(name, list(BUILTIN[name]))
+            build.log(f"preparing built-in template {name}")
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
