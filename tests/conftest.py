@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
+
+# No `hutch serve` a test starts prepares the built-in templates (minutes of mmdebstrap each);
+# tests that need a template use `template_store`'s small one.
+os.environ.setdefault("HUTCH_TEMPLATES_PREPARE", "")
+
+TEST_TEMPLATE = "mini"
+TEST_TEMPLATE_PACKAGES = ["python3", "python3-pip"]
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +63,27 @@ def shared_volume(postgres_server):
         yield volume
     finally:
         volume.stop()
+
+
+@pytest.fixture(scope="session")
+def template_store():
+    """A template store holding `mini` (TEST_TEMPLATE): Debian with Python and pip, built once per
+    test session with mmdebstrap from the host's apt sources (about a minute), removed at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("building a root file system needs root")
+    if shutil.which("mmdebstrap") is None:
+        pytest.skip("mmdebstrap is not installed (scripts/install-system-deps.sh installs it)")
+    from hutch.config import TemplatesConfig
+    from hutch.templates import debian
+    from hutch.templates.model import Template
+    from hutch.templates.store import TemplateStore
+
+    root = Path(tempfile.mkdtemp(prefix="hutch-templates-", dir="/var/tmp"))
+    try:
+        store = TemplateStore(root)
+        config = TemplatesConfig()
+        layer = debian.build(store, config.debian_suite, TEST_TEMPLATE_PACKAGES, "", config.ca_files())
+        store.put(Template(name=TEST_TEMPLATE, layers=(layer,), source="debian", env={"FROM_TEMPLATE": "mini"}))
+        yield store
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -266,7 +266,7 @@ class BwrapRuntime(LocalRuntime):
             *overlay,
             "--proc", "/proc",
             "--dev", "/dev",
-            "--size", str(resources.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",
+            "--perms", "1777", "--size", str(resources.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",
             *self.agent_runtime.bwrap_mounts(),
             *(["--ro-bind", str(self.sudo_shim), "/usr/bin/sudo"]
               if template_has(rootfs.layer_paths, "/usr/bin/sudo") else []),

@@ -271,9 +271,14 @@ def test_a_traversal_looking_upload_path_is_normalised_against_home(agent):
     assert (agent.home / "landed.txt").exists()
 
 
-def test_the_user_and_root_usernames_are_accepted_and_others_refused(agent):
+def test_the_sandbox_user_is_accepted_root_is_refused_without_root_and_others_are_unknown(agent):
     assert put(agent, "u.txt", b"u", username="user").status_code == 200
-    assert put(agent, "r.txt", b"r", username="root").status_code == 200
+
+    # An agent that is not root (the host template) has no root to act as: a clear 403, not a
+    # write made silently as the sandbox user.
+    r = put(agent, "r.txt", b"r", username="root")
+    assert r.status_code == 403 and "no root user" in r.json()["message"]
+    assert not (agent.home / "r.txt").exists()
 
     r = put(agent, "n.txt", b"n", username="nobody-here")
 

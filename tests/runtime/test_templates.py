@@ -1,0 +1,217 @@
+"""Instances booted from a template: a root file system of their own, root inside, installs that
+work, and nothing of it shared between sessions or with the host (bwrap backend)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hutch.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from hutch.runtime import make_runtime
+from hutch.runtime.base import InstanceSpec, Resources
+from hutch.runtime.userns import RANGE, UidSlots
+from hutch.storage.local import DirectoryStore, ImageStore
+from tests.conftest import TEST_TEMPLATE
+from tests.runtime.conftest import Sandbox
+
+pytestmark = pytest.mark.sandbox
+
+
+@pytest.fixture(scope="module")
+def rootfs_runtime(loop):
+    root = Path(tempfile.mkdtemp(prefix="hutch-test-tpl-", dir="/var/tmp"))
+    root.chmod(0o755)
+    store = ImageStore(root / "workspaces") if ImageStore.available() else DirectoryStore(root / "workspaces")
+    slots = UidSlots(first_uid=2_000_000_000 + random.randrange(256) * 64 * RANGE, count=64)
+
+    async def make():
+        return make_runtime("bwrap", root, store, slots)
+
+    runtime = loop.run(make())
+    yield runtime
+    for instance in runtime.instances():
+        loop.run(runtime.stop(instance.instance_id))
+    loop.run(runtime.close(unstage=True))
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def boot(loop, rootfs_runtime, template_store):
+    started: list[Sandbox] = []
+
+    def make(workspace: str | None = None, network: dict | None = None, **resources) -> Sandbox:
+        spec = InstanceSpec(
+            instance_id=f"t-{uuid.uuid4().hex[:10]}",
+            resources=Resources(**resources),
+            backend="bwrap",
+            workspace=workspace,
+            network=network,
+            rootfs=template_store.rootfs(TEST_TEMPLATE),
+        )
+        sandbox = Sandbox(loop, rootfs_runtime, loop.run(rootfs_runtime.start(spec)))
+        started.append(sandbox)
+        return sandbox
+
+    yield make
+    for sandbox in started:
+        sandbox.stop()
+
+
+def test_commands_run_as_user_by_default_and_as_root_when_asked(boot):
+    sandbox = boot()
+    as_user = sandbox.run("id -u; id -gn; echo $HOME; pwd")
+    assert as_user.stdout.decode().split() == ["1000", "user", "/home/user", "/home/user"]
+    as_root = sandbox.loop.run(sandbox.channel.run("id -u; echo $HOME; pwd", user="root"))
+    assert as_root.stdout.decode().split() == ["0", "/root", "/root"]
+
+
+def test_an_unknown_user_is_a_clear_error(boot):
+    sandbox = boot()
+    with pytest.raises(Unauthenticated, match="no such user"):
+        sandbox.loop.run(sandbox.channel.run("id", user="mallory"))
+
+
+def test_sudo_runs_the_command_as_root_without_a_password_and_keeps_its_exit_code(boot):
+    sandbox = boot()
+    result = sandbox.run("sudo id -u; sudo -u user id -un; sudo sh -c 'echo made > /etc/made'; cat /etc/made; "
+                         "sudo sh -c 'exit 7'; echo code=$?; echo in | sudo cat")  # fmt: skip
+    assert result.stdout.decode().split() == ["0", "user", "made", "code=7", "in"], result.stderr
+
+
+def test_root_inside_is_an_unprivileged_host_uid_of_this_instance_only(boot):
+    first, second = boot(), boot()
+    uids = []
+    for sandbox in (first, second):
+        pid = int(sandbox.loop.run(sandbox.channel.run("sleep 30 & echo $!", user="root")).stdout.decode().split()[-1])
+        # Find the sleep on the host: a child of the instance's process tree, by its pid namespace.
+        host_pids = [p for p in os.listdir("/proc") if p.isdigit() and _ns_pid(p) == pid and _in_tree(p, sandbox)]
+        assert host_pids, "the sleep is not visible from the host"
+        uids.append(_uid(host_pids[0]))
+    assert all(uid >= 65536 for uid in uids), uids  # never host root
+    assert uids[0] != uids[1]
+
+
+def _ns_pid(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except OSError:
+        return None
+    return None
+
+
+def _in_tree(pid: str, sandbox: Sandbox) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink(f"/proc/{sandbox.instance.pid}/ns/pid")
+    except OSError:
+        return False
+
+
+def _uid(pid: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+
+
+def test_writes_land_in_the_sessions_upper_layer_never_in_the_template_or_another_session(boot, template_store):
+    first, second = boot(), boot()
+    layer = Path(template_store.rootfs(TEST_TEMPLATE).layer_paths[0])
+    before = sorted(os.listdir(layer / "usr/local/bin"))
+    result = first.loop.run(
+        first.channel.run("echo one > /usr/local/bin/tool && rm /usr/bin/yes && echo ok", user="root")
+    )
+    assert result.stdout == b"ok\n", result.stderr
+    assert sorted(os.listdir(layer / "usr/local/bin")) == before
+    assert (layer / "usr/bin/yes").exists()
+    seen = second.run("ls /usr/local/bin; test -e /usr/bin/yes && echo yes-is-there")
+    assert b"tool" not in seen.stdout and b"yes-is-there" in seen.stdout
+
+
+def test_what_a_session_installed_survives_a_new_instance_on_its_workspace(boot, rootfs_runtime):
+    workspace = f"t/{uuid.uuid4().hex}"
+    first = boot(workspace=workspace)
+    first.loop.run(first.channel.run("echo tool > /usr/local/bin/tool && chmod 755 /usr/local/bin/tool", user="root"))
+    first.run("echo mine > ~/notes.txt")
+    first.stop(keep_workspace=True)
+    second = boot(workspace=workspace)
+    result = second.run("cat /usr/local/bin/tool ~/notes.txt; stat -c '%U %a' /usr/local/bin/tool ~/notes.txt")
+    assert result.stdout.decode().split() == ["tool", "mine", "root", "755", "user", "644"], result.stderr
+    second.stop()
+    rootfs_runtime.store.delete(workspace)
+
+
+def test_user_code_runs_the_templates_python_and_never_sees_hutchs(boot):
+    sandbox = boot()
+    result = sandbox.python("import sys, shutil; print(sys.prefix, shutil.which('python3'), shutil.which('pip'))")
+    assert result.stdout.decode().split() == ["/usr", "/usr/bin/python3", "/usr/bin/pip"], result.stderr
+    found = sandbox.run("python3 -c 'import hutch' 2>&1; echo $PATH")
+    assert b"No module named 'hutch'" in found.stdout and b"/opt/hutch" not in found.stdout
+
+
+def test_root_inside_cannot_reach_the_kernel_or_the_host(boot):
+    sandbox = boot()
+    attacks = {
+        "mount": "mount -t tmpfs none /mnt",
+        "unshare": "unshare -U true",
+        "mknod": "mknod /dev/sda-copy b 8 0",
+        "proc_sys": "echo 1 > /proc/sys/kernel/sysrq",
+        "keyring": "python3 -c 'import ctypes; l=ctypes.CDLL(None, use_errno=True); "
+        'exit(0 if l.syscall(248, b"user", b"k", b"v", 1, -2) >= 0 else 1)\'',
+        "raw_socket": "python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 1)'",
+        "host_usr_write": "touch /opt/hutch/host/usr/evil",
+        "agent_write": "touch /opt/hutch/lib/hutch/evil.py",
+    }
+    for name, command in attacks.items():
+        result = sandbox.loop.run(sandbox.channel.run(command, user="root"))
+        assert result.exit_code != 0, f"{name} succeeded as root inside: {result.stdout!r} {result.stderr!r}"
+
+
+def test_filling_the_disk_through_the_overlay_stops_at_the_sessions_limit(boot):
+    if not ImageStore.available():
+        pytest.skip("workspace size limits need loop devices")
+    sandbox = boot(disk_mb=64)
+    result = sandbox.loop.run(
+        sandbox.channel.run("dd if=/dev/zero of=/usr/local/fill bs=1M count=200 2>&1; echo done", user="root")
+    )
+    assert b"No space left on device" in result.stdout
+    usage = sandbox.loop.run(sandbox.runtime.stats(sandbox.id)).workspace_bytes
+    assert usage <= 64 * 1024 * 1024
+
+
+def test_pip_install_then_import_in_a_session_allowed_egress(boot):
+    sandbox = boot(network={"internet": True})
+    result = sandbox.run("pip install --no-cache-dir --quiet six 2>&1 && python3 -c 'import six; print(six.__name__)'",
+                         timeout=300)  # fmt: skip
+    assert result.stdout.decode().strip().endswith("six"), result.stdout.decode()[-2000:]
+
+
+def test_sudo_apt_get_install_works_in_a_session_allowed_egress(boot):
+    sandbox = boot(network={"internet": True}, disk_mb=1024)
+    result = sandbox.run(
+        "sudo apt-get update -qq 2>&1 | tail -5; "
+        "sudo apt-get install -y -qq --no-install-recommends jq 2>&1 | tail -5; echo '{\"a\": 41}' | jq '.a + 1'",
+        timeout=600,
+    )
+    output = result.stdout.decode()
+    assert output.strip().endswith("42"), output[-2000:] + result.stderr.decode()[-2000:]
+
+
+def test_a_template_in_use_cannot_be_deleted(boot, template_store):
+    sandbox = boot()
+    with pytest.raises(FailedPrecondition, match="in use"):
+        template_store.delete(TEST_TEMPLATE, in_use={sandbox.instance.spec.rootfs.template})
+    assert template_store.exists(TEST_TEMPLATE)
+
+
+def test_asking_for_root_in_a_host_template_sandbox_is_refused(sandbox):
+    if sandbox.runtime.name != "bwrap":
+        pytest.skip("the same agent code on both backends")
+    with pytest.raises(PermissionDenied, match="no root"):
+        sandbox.loop.run(sandbox.channel.run("id", user="root"))
