@@ -117,6 +117,7 @@ class Hutch:
             template_store,
             templates_config,
             in_use=lambda: {i.spec.rootfs.template for i in runtime.instances() if i.spec.rootfs is not None},
+            runtime=runtime,
         )
         self.scheduler = Scheduler(
             scheduler_id,

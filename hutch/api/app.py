@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -30,7 +31,8 @@ from hutch.errors import HutchError, InvalidArgument
 log = logging.getLogger(__name__)
 
 E2B_PREFIXES = ("/sandboxes", "/v2/sandboxes", "/templates", "/v2/templates", "/v3/templates")
-MAX_BODY_BYTES = 1024 * 1024  # the control plane takes JSON documents only (specs, settings)
+MAX_BODY_BYTES = 1024 * 1024  # the control plane takes JSON documents only (specs, settings)...
+STREAMED_UPLOAD = re.compile(r"^/templates/[^/]+/files/[0-9a-f]{64}/upload$")  # ...and the files of template builds
 BODY_TIMEOUT_S = 30.0
 
 
@@ -58,7 +60,8 @@ class BodyLimit:
         self.timeout = timeout
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope["method"] == "PUT" and STREAMED_UPLOAD.match(scope["path"])):
+            # Template files stream to disk under a bound of their own (`e2b_templates.upload_files`).
             await self.app(scope, receive, send)
             return
         for name, value in scope["headers"]:
@@ -115,7 +118,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def create_app(hutch) -> FastAPI:
     """The control-plane app for a started `hutch.server.Hutch`."""
-    from hutch.api import e2b, native, templates, usage
+    from hutch.api import e2b, e2b_templates, native, templates, usage
 
     app = FastAPI(
         title="hutch",
@@ -162,6 +165,7 @@ def create_app(hutch) -> FastAPI:
     app.include_router(templates.router)
     app.include_router(usage.router)
     app.include_router(e2b.router)
+    app.include_router(e2b_templates.router)
     # The web page (static; it reads the usage API with a key the user types in).
     app.mount("/ui", StaticFiles(directory=Path(__file__).parent.parent / "ui", html=True), name="ui")
     return app

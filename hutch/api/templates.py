@@ -66,7 +66,7 @@ def build_json(build: Build, offset: int = 0) -> dict:
         "error": build.error,
         "startedTime": iso(build.started_at),
         "finishedTime": iso(build.finished_at),
-        "logs": [{"timestamp": iso(ts), "line": line} for ts, line in build.since(offset)],
+        "logs": [{"timestamp": iso(ts), "level": level, "line": line} for ts, level, line in build.since(offset)],
         "nextOffset": build.total_lines,
     }
 

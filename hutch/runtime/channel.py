@@ -11,6 +11,7 @@ import base64
 import json
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,9 +105,10 @@ class AgentChannel:
         cwd: str | None = None,
         timeout: float = 60.0,
         user: str | None = None,
+        on_output: Callable[[bytes], None] | None = None,
     ) -> CommandResult:
         """Run a command to its end (`shell`: through `/bin/bash -l -c`, as E2B does), as `user`
-        (None: the instance's default user)."""
+        (None: the instance's default user); `on_output` sees its output as it comes."""
         process = {"cmd": "/bin/bash", "args": ["-l", "-c", cmd]} if shell else {"cmd": cmd, "args": args or []}
         if env:
             process["envs"] = env
@@ -139,7 +141,11 @@ class AgentChannel:
                                     error = message["error"]
                                     raise from_wire(error.get("code", ""), error.get("message", ""))
                                 return result
-                            _apply_event(result, message.get("event", {}))
+                            event = message.get("event", {})
+                            _apply_event(result, event)
+                            if on_output is not None and "data" in event:
+                                for chunk in event["data"].values():
+                                    on_output(base64.b64decode(chunk))
         except TimeoutError:
             raise DeadlineExceeded(f"command did not finish within {timeout}s") from None
         except httpx.TransportError as exc:

@@ -307,13 +307,31 @@ class Scheduler:
             instance = await self.runtime.start(instance_spec)
         finally:
             self._starting -= 1
-        if spec.start_command:
-            try:
+        try:
+            if rootfs is not None and rootfs.start_cmd:
+                await self._start_template_command(instance, rootfs.start_cmd, rootfs.ready_cmd, rootfs.user)
+            if spec.start_command:
                 await self._start_user_server(instance, spec)
-            except BaseException:
-                await self.release(instance.instance_id, keep_workspace=workspace is not None)
-                raise
+        except BaseException:
+            await self.release(instance.instance_id, keep_workspace=workspace is not None)
+            raise
         return instance
+
+    async def _start_template_command(self, instance: Instance, start: str, ready: str | None, user: str) -> None:
+        """E2B's start command of a template, in the background, and its ready command until it
+        exits 0 (every second, as E2B polls it)."""
+        async with AgentChannel(instance.socket_path, timeout=USER_SERVER_TIMEOUT) as channel:
+            await channel.spawn(["/bin/bash", "-l", "-c", start], tag="start-cmd", user=user)
+            if not ready:
+                return
+            deadline = time.monotonic() + USER_SERVER_TIMEOUT
+            while True:
+                result = await channel.run(ready, user=user, timeout=USER_SERVER_TIMEOUT)
+                if result.exit_code == 0:
+                    return
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"the template's ready command never succeeded: {ready[:200]!r}")
+                await asyncio.sleep(0.2)
 
     async def _start_user_server(self, instance: Instance, spec: FunctionSpec) -> None:
         """Run the function's server in the background and wait until its port answers."""

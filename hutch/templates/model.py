@@ -45,6 +45,7 @@ class Template:
     ready_cmd: str | None = None  # the instance is ready once this exits 0
     source: str = ""  # how the bottom layer was made, for people: "debian:bookworm", "image:…"
     created_at: float = field(default_factory=time.time)
+    owner: str = ""  # the tenant that built it ("": an admin's, or built in)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "layers": list(self.layers)}

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hutch.config import TemplatesConfig
 from hutch.errors import FailedPrecondition, HutchError, InvalidArgument, NotFound, Unavailable
-from hutch.runtime.base import RootFS
+from hutch.runtime.base import RootFS, Runtime
 from hutch.runtime.rootfs import CA_ENV
 from hutch.templates import debian
+from hutch.templates.builder import Step, StepRunner
 from hutch.templates.model import HOST, Template, check_name
 from hutch.templates.store import TemplateStore
 
@@ -48,26 +52,37 @@ class Build:
 
     template: str
     build_id: str
-    status: str = "building"  # building | ready | error
+    status: str = "building"  # waiting (no steps yet) | building | ready | error
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     error: str | None = None
+    failed_step: int | None = None  # the step whose failure ended the build (1-based)
+    owner: str = ""  # the tenant that asked for it
     lines: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LOG_LINES))
     total_lines: int = 0  # lines logged since the start (offsets of `lines` are relative to it)
 
-    def log(self, line: str) -> None:
-        self.lines.append((time.time(), line))
+    def log(self, line: str, level: str = "info") -> None:
+        self.lines.append((time.time(), level, line))
         self.total_lines += 1
 
-    def since(self, offset: int) -> list[tuple[float, str]]:
+    def since(self, offset: int) -> list[tuple[float, str, str]]:
         first = self.total_lines - len(self.lines)
         return list(self.lines)[max(0, offset - first) :]
 
 
 class TemplateService:
-    def __init__(self, store: TemplateStore, config: TemplatesConfig, in_use: Callable[[], set[str]]) -> None:
+    def __init__(
+        self,
+        store: TemplateStore,
+        config: TemplatesConfig,
+        in_use: Callable[[], set[str]],
+        runtime: Runtime | None = None,
+    ) -> None:
         self.store = store
         self.config = config
+        self.runtime = runtime  # runs build steps in sandboxes (None: only Debian bases build here)
+        self.files_dir = store.root / "files"  # COPY uploads: <tenant>/<files hash>
+        self.files_dir.mkdir(mode=0o700, exist_ok=True)
         self.in_use = in_use  # names of the templates running instances boot from
         self.builds: dict[str, Build] = {}  # by build id
         self._building: dict[str, Build] = {}  # by template name, while it builds
@@ -128,33 +143,74 @@ class TemplateService:
                 raise InvalidArgument(f"invalid Debian package name {package!r}")
         if name in self._building:
             raise FailedPrecondition(f"template {name!r} is already being built")
-        import uuid
+        build = self.new_build(name, build_id=build_id)
 
-        build = Build(name, build_id or uuid.uuid4().hex)
+        async def make() -> Template:
+            layer = await asyncio.to_thread(
+                debian.build, self.store, self.config.debian_suite, packages, self.config.debian_mirror,
+                self.config.ca_files(), build.log,
+            )  # fmt: skip
+            return Template(
+                name=name, layers=(layer,), env=dict(env or {}), user=user, workdir=workdir,
+                source=f"debian:{self.config.debian_suite}",
+            )  # fmt: skip
+
+        self._run(build, make)
+        return build
+
+    def new_build(self, name: str, owner: str = "", build_id: str | None = None, waiting: bool = False) -> Build:
+        """Register a build of `name` (`waiting`: its steps come later, E2B's two-call start)."""
+        check_name(name)
+        if name == HOST:
+            raise InvalidArgument(f"{HOST!r} is the host's own system, not a template that can be built")
+        if name in self._building and self._building[name].status == "building":
+            raise FailedPrecondition(f"template {name!r} is already being built")
+        build = Build(name, build_id or str(uuid.uuid4()), status="waiting" if waiting else "building", owner=owner)
         self.builds[build.build_id] = build
-        self._building[name] = build
+        if not waiting:
+            self._building[name] = build
+        return build
+
+    def start_steps(
+        self, build: Build, parent_name: str, steps: list[Step], force: bool = False,
+        start_cmd: str | None = None, ready_cmd: str | None = None,
+    ) -> None:  # fmt: skip
+        """Run E2B-style build steps on `parent_name` for a waiting build."""
+        if build.status != "waiting":
+            raise FailedPrecondition(f"build {build.build_id} was already started")
+        if self.runtime is None:
+            raise FailedPrecondition("this process runs no sandboxes, so it cannot run build steps")
+        parent = self.store.get(parent_name)  # NotFound: a clear 404 before anything runs
+        if build.template in self._building:
+            raise FailedPrecondition(f"template {build.template!r} is already being built")
+        build.status = "building"
+        self._building[build.template] = build
+        runner = StepRunner(self.store, self.runtime, self.files_for(build.owner), {**CA_ENV, **self.config.env})
+
+        async def make() -> Template:
+            template = await runner.build(build.template, parent, steps, build.log, force, start_cmd, ready_cmd)
+            return dataclasses.replace(template, owner=build.owner)
+
+        self._run(build, make)
+
+    def _run(self, build: Build, make: Callable[[], Awaitable[Template]]) -> None:
+        name = build.template
 
         async def run() -> None:
             try:
-                layer = await asyncio.to_thread(
-                    debian.build, self.store, self.config.debian_suite, packages, self.config.debian_mirror,
-                    self.config.ca_files(), build.log,
-                )  # fmt: skip
-                template = Template(
-                    name=name, layers=(layer,), env=dict(env or {}), user=user, workdir=workdir,
-                    source=f"debian:{self.config.debian_suite}",
-                )  # fmt: skip
+                template = await make()
                 self.store.put(template)
                 build.status = "ready"
                 build.log(f"template {name} is ready")
-                log.info("template %s is ready (layer %s)", name, layer[:12])
+                log.info("template %s is ready (%d layers)", name, len(template.layers))
             except HutchError as exc:
                 build.status, build.error = "error", exc.message
-                build.log(f"build failed: {exc.message}")
+                build.failed_step = getattr(exc, "step", None)
+                build.log(f"build failed: {exc.message}", "error")
                 log.error("template %s failed to build: %s", name, exc.message)
             except Exception as exc:
                 build.status, build.error = "error", f"{exc.__class__.__name__}: {exc}"
-                build.log(f"build failed: {build.error}")
+                build.log(f"build failed: {build.error}", "error")
                 log.exception("template %s failed to build", name)
             finally:
                 build.finished_at = time.time()
@@ -163,7 +219,12 @@ class TemplateService:
         task = asyncio.get_running_loop().create_task(run(), name=f"template-build-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return build
+
+    def files_for(self, tenant_id: str) -> Path:
+        """Where a tenant's uploaded COPY archives live (one tenant never builds from another's)."""
+        path = self.files_dir / (tenant_id or "_admin")
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
 
     def build(self, build_id: str) -> Build:
         try:

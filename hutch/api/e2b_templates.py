@@ -1,0 +1,210 @@
+"""E2B's template API, as the official SDK's `Template.build`, `build_in_background`, `exists`
+and `get_build_status` call it.
+
+1. `POST /v3/templates {name, tags, cpuCount, memoryMB}` → 202 `{templateID, buildID, …}`: a build
+   waiting for its steps. The template's id is its name (hutch's templates are named).
+2. For each COPY step, `GET /templates/{id}/files/{hash}` → `{present, url}`; the SDK uploads a
+   gzipped tar of the step's files to `url` with a plain PUT (no API key: the URL carries a token
+   made for that tenant and hash).
+3. `POST /v2/templates/{id}/builds/{buildID} {fromTemplate | fromImage, steps, startCmd,
+   readyCmd, force}` → 202: the steps run (`hutch.templates.builder`).
+4. `GET /templates/{id}/builds/{buildID}/status?logsOffset` until `ready` or `error` (with the
+   failed step and its last lines in `reason`).
+
+`GET /templates/aliases/{name}` tells whether a template exists; `DELETE /templates/{id}`
+deletes one. A tenant may build and delete its own templates and the unowned ones only an admin.
+Images (`fromImage`) are not pulled yet: such a build fails with a clear reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from hutch.api.auth import caller
+from hutch.api.native import iso
+from hutch.api.templates import service
+from hutch.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from hutch.metadb.records import Tenant
+from hutch.templates.builder import Step
+from hutch.templates.model import HOST, check_name
+
+router = APIRouter(tags=["e2b templates"])
+Caller = Annotated[Tenant, Depends(caller)]
+MAX_UPLOAD = 512 * 1024 * 1024  # bytes of one COPY archive
+HASH_LENGTH = 64
+
+
+class NewTemplate(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=128)
+    tags: list[str] | None = None
+    cpu_count: int | None = Field(None, alias="cpuCount", ge=1, le=64)
+    memory_mb: int | None = Field(None, alias="memoryMB", ge=128, le=1 << 20)
+
+
+class BuildStart(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    from_template: str | None = Field(None, alias="fromTemplate")
+    from_image: str | None = Field(None, alias="fromImage")
+    from_image_registry: dict[str, Any] | None = Field(None, alias="fromImageRegistry")
+    force: bool = False
+    steps: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
+    start_cmd: str | None = Field(None, alias="startCmd", max_length=65536)
+    ready_cmd: str | None = Field(None, alias="readyCmd", max_length=65536)
+
+
+def _template_name(name: str) -> str:
+    """E2B names may carry a tag (`name:tag`); hutch's template is the name."""
+    return check_name(name.split(":", 1)[0].lower())
+
+
+def _may_write(request: Request, tenant: Tenant, name: str) -> None:
+    templates = service(request)
+    if templates.store.exists(name):
+        owner = templates.store.get(name).owner
+        if owner != tenant.tenant_id and not tenant.is_admin:
+            raise PermissionDenied(f"template {name!r} belongs to someone else")
+
+
+def _upload_token(request: Request, tenant_id: str, files_hash: str) -> str:
+    secret = request.app.state.hutch.secret
+    return hmac.new(secret, f"template-files|{tenant_id}|{files_hash}".encode(), hashlib.sha256).hexdigest()
+
+
+def _check_hash(files_hash: str) -> str:
+    if len(files_hash) != HASH_LENGTH or any(c not in "0123456789abcdef" for c in files_hash):
+        raise InvalidArgument("a files hash is 64 lowercase hex digits")
+    return files_hash
+
+
+@router.post("/v3/templates", status_code=202, summary="Start a template build (E2B)")
+async def request_build(body: NewTemplate, request: Request, tenant: Caller) -> dict:
+    name = _template_name(body.name)
+    _may_write(request, tenant, name)
+    build = service(request).new_build(name, owner=tenant.tenant_id, waiting=True)
+    tags = body.tags or ["default"]
+    return {"templateID": name, "buildID": build.build_id, "public": False, "names": [name], "tags": tags,
+            "aliases": [name]}  # fmt: skip
+
+
+@router.get("/templates/{template_id}/files/{files_hash}", status_code=201, summary="Where to upload a COPY's files")
+async def file_upload_link(template_id: str, files_hash: str, request: Request, tenant: Caller) -> dict:
+    _template_name(template_id)
+    _check_hash(files_hash)
+    present = (service(request).files_for(tenant.tenant_id) / files_hash).is_file()
+    token = _upload_token(request, tenant.tenant_id, files_hash)
+    base = str(request.base_url).rstrip("/")
+    url = f"{base}/templates/{template_id}/files/{files_hash}/upload?tenant={tenant.tenant_id}&token={token}"
+    return {"present": present, "url": url}
+
+
+@router.put("/templates/{template_id}/files/{files_hash}/upload", status_code=200, summary="Upload a COPY's files")
+async def upload_files(
+    template_id: str, files_hash: str, request: Request, tenant: Annotated[str, Query()], token: Annotated[str, Query()]
+) -> Response:
+    _check_hash(files_hash)
+    if not hmac.compare_digest(token, _upload_token(request, tenant, files_hash)):
+        raise PermissionDenied("this upload URL is not valid")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_UPLOAD:
+        raise ResourceExhausted(f"the files of one COPY may be at most {MAX_UPLOAD // (1024 * 1024)} MiB")
+    directory = service(request).files_for(tenant)
+    target = directory / files_hash
+    scratch = directory / f".{uuid.uuid4().hex}.part"
+    size = 0
+    try:
+        with open(scratch, "wb") as out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_UPLOAD:
+                    raise ResourceExhausted(f"the files of one COPY may be at most {MAX_UPLOAD // (1024 * 1024)} MiB")
+                out.write(chunk)
+        os.replace(scratch, target)
+    finally:
+        scratch.unlink(missing_ok=True)
+    return Response(status_code=200)
+
+
+@router.post("/v2/templates/{template_id}/builds/{build_id}", status_code=202, summary="Run a build's steps (E2B)")
+async def start_build(template_id: str, build_id: str, body: BuildStart, request: Request, tenant: Caller) -> Response:
+    templates = service(request)
+    build = templates.build(build_id)
+    if build.template != _template_name(template_id) or (build.owner != tenant.tenant_id and not tenant.is_admin):
+        raise NotFound(f"build {build_id} of template {template_id} not found")
+    steps = [Step.parse(step) for step in body.steps]
+    if body.from_image or body.from_image_registry:
+        image = body.from_image or "an image registry"
+        build.status, build.error = (
+            "error",
+            (
+                f"cannot build from image {image!r}: this hutch builds templates from templates only "
+                "(fromTemplate: 'base', 'code-interpreter-v1' or one of yours)"
+            ),
+        )
+        build.log(build.error, "error")
+        return Response(status_code=202)
+    parent = body.from_template or "base"
+    if _template_name(parent) == HOST:
+        raise InvalidArgument("the 'host' template is the host's own system: templates build on a root file system")
+    templates.start_steps(build, _template_name(parent), steps, body.force, body.start_cmd, body.ready_cmd)
+    return Response(status_code=202)
+
+
+@router.get("/templates/{template_id}/builds/{build_id}/status", summary="A build's status and logs (E2B)")
+async def build_status(
+    template_id: str,
+    build_id: str,
+    request: Request,
+    tenant: Caller,
+    logs_offset: Annotated[int, Query(alias="logsOffset", ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict:
+    build = service(request).build(build_id)
+    if build.template != _template_name(template_id) or (build.owner != tenant.tenant_id and not tenant.is_admin):
+        raise NotFound(f"build {build_id} of template {template_id} not found")
+    entries = build.since(logs_offset)[:limit]
+    log_entries = [{"timestamp": iso(ts), "level": level, "message": line} for ts, level, line in entries]
+    answer: dict = {
+        "templateID": build.template,
+        "buildID": build.build_id,
+        "status": build.status,
+        "logEntries": log_entries,
+        "logs": [f"[{iso(ts)}] {line}" for ts, _, line in entries],
+    }
+    if build.status == "error":
+        tail = [entry for entry in log_entries if entry["level"] == "error"][-1:]
+        answer["reason"] = {
+            "message": build.error or "the build failed",
+            **({"step": str(build.failed_step)} if build.failed_step is not None else {}),
+            "logEntries": tail,
+        }
+    return answer
+
+
+@router.get("/templates/aliases/{alias}", summary="Whether a template exists (E2B)")
+async def alias(alias: str, request: Request, tenant: Caller) -> dict:
+    try:
+        name = _template_name(alias)
+    except InvalidArgument:
+        raise NotFound(f"template {alias!r} not found") from None
+    if not service(request).store.exists(name):
+        raise NotFound(f"template {alias!r} not found")
+    return {"templateID": name, "public": False}
+
+
+@router.delete("/templates/{template_id}", status_code=204, summary="Delete a template (E2B)")
+async def delete_template(template_id: str, request: Request, tenant: Caller) -> Response:
+    name = _template_name(template_id)
+    templates = service(request)
+    template = templates.get(name)
+    if template.owner != tenant.tenant_id and not tenant.is_admin:
+        raise PermissionDenied(f"template {name!r} belongs to someone else")
+    templates.delete(name)
+    return Response(status_code=204)

@@ -1,0 +1,121 @@
+"""Templates through `hutch serve`: the official `e2b` SDK builds one (E2B's Template API) and
+starts sandboxes from it; the native API lists, builds and deletes them."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from e2b import Sandbox, Template
+from e2b.exceptions import BuildException
+
+from tests.conftest import TEST_TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def template_server(template_store):
+    """A `hutch serve` whose template store holds the test template."""
+    from tests.e2e.conftest import Server, _cleanup
+
+    root = Path(tempfile.mkdtemp(prefix="hutch-e2e-tpl-", dir="/var/tmp"))
+    root.chmod(0o755)
+    server = Server(root / "data", f'[templates]\ndir = "{template_store.root}"\n')
+    server.start()
+    yield server
+    _cleanup(server)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def e2b_tenant(template_server, monkeypatch):
+    client = template_server.new_tenant(f"tpl-{uuid.uuid4().hex[:6]}")
+    monkeypatch.setenv("E2B_API_URL", template_server.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", template_server.url)
+    monkeypatch.setenv("E2B_API_KEY", client.headers["X-API-Key"])
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    yield client
+    for sandbox in client.get("/v2/sandboxes").json():
+        client.delete(f"/sandboxes/{sandbox['sandboxID']}")
+
+
+def test_the_sdk_builds_a_template_and_sandboxes_of_it_show_every_step(e2b_tenant, tmp_path):
+    (tmp_path / "hello.txt").write_text("hello from the build context\n")
+    template = (
+        Template(file_context_path=str(tmp_path))
+        .from_template(TEST_TEMPLATE)
+        .run_cmd("echo built-by-$(id -un) > /etc/built", user="root")
+        .copy("hello.txt", "/home/user/app/", user="user")
+        .set_envs({"GREETING": "hi from the template"})
+        .set_workdir("/home/user/app")
+        .set_start_cmd("touch /tmp/started && sleep infinity", "test -f /tmp/started")
+    )
+    logs: list[str] = []
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    info = Template.build(template, name, on_build_logs=lambda entry: logs.append(entry.message))
+    assert info.template_id == name
+    assert any("RUN" in line for line in logs) and any("is ready" in line for line in logs)
+    assert Template.exists(name)
+
+    box = Sandbox.create(name, timeout=120)
+    result = box.commands.run(
+        "cat /etc/built; pwd; cat hello.txt; echo $GREETING; id -un; test -f /tmp/started && echo up"
+    )
+    assert result.stdout.splitlines() == [
+        "built-by-root", "/home/user/app", "hello from the build context", "hi from the template", "user", "up",
+    ]  # fmt: skip
+    assert box.commands.run("stat -c %U /home/user/app/hello.txt").stdout.strip() == "user"
+    assert box.commands.run("id -u", user="root").stdout.strip() == "0"
+    box.files.write("/etc/written-as-root", "root's", user="root")
+    assert box.commands.run("stat -c %U /etc/written-as-root").stdout.strip() == "root"
+    box.kill()
+
+    # The same steps again: every layer is cached.
+    again: list[str] = []
+    Template.build(template, name, on_build_logs=lambda entry: again.append(entry.message))
+    assert any(line.startswith("CACHED") for line in again)
+    assert not any(line.startswith("[") and "RUN" in line for line in again)
+
+
+def test_a_failing_step_fails_the_build_with_its_exit_code_and_registers_nothing(e2b_tenant):
+    name = f"broken-{uuid.uuid4().hex[:8]}"
+    template = Template().from_template(TEST_TEMPLATE).run_cmd("echo about to fail; exit 3")
+    with pytest.raises(BuildException, match="exit code 3"):
+        Template.build(template, name)
+    assert not Template.exists(name)
+
+
+def test_building_from_an_unknown_template_or_an_image_fails_clearly(e2b_tenant):
+    with pytest.raises(Exception, match="not found"):
+        Template.build(Template().from_template("no-such-template").run_cmd("true"), f"x-{uuid.uuid4().hex[:6]}")
+    with pytest.raises(BuildException, match="cannot build from image"):
+        Template.build(Template().from_image("ubuntu:22.04").run_cmd("true"), f"y-{uuid.uuid4().hex[:6]}")
+
+
+def test_the_native_api_lists_templates_and_refuses_to_delete_one_in_use(template_server):
+    admin = template_server.admin
+    names = [t["name"] for t in admin.get("/v1/templates").json()["templates"]]
+    assert names[0] == "host" and TEST_TEMPLATE in names
+    made = admin.post(
+        "/v1/functions",
+        json={"name": f"fn-{uuid.uuid4().hex[:6]}", "template": TEST_TEMPLATE},
+    )
+    assert made.status_code == 201, made.text
+    function = made.json()["name"]
+    session = admin.post(f"/v1/functions/{function}/sessions", json={})
+    assert session.status_code == 201, session.text
+    refused = admin.delete(f"/v1/templates/{TEST_TEMPLATE}")
+    assert refused.status_code == 400 and "in use" in refused.json()["message"]
+    invoked = admin.post(
+        f"/functions/{function}/invoke/process.Process/Start",
+        headers={"x-fc-session-id": session.json()["sessionId"]},
+    )
+    assert invoked.status_code != 500
+    assert admin.delete(f"/v1/functions/{function}/sessions/{session.json()['sessionId']}").status_code == 204
+    bad = admin.post("/v1/templates", json={"name": "bad", "debian": {"packages": ["not a package!"]}})
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_argument"
+    assert admin.get("/v1/templates/none-such").status_code == 404
+    assert httpx.get(f"{template_server.url}/v1/templates").status_code == 401
