@@ -161,6 +161,9 @@ BUILTIN_FUNCTIONS = [
     FunctionSpec(
         name="base",
         description="A Linux sandbox with Python: commands, files, and user servers on any port.",
+        # Debian with Python, Node.js, git and sudo (`hutch.templates.service`); the host's
+        # read-only system until that template is prepared.
+        template="base",
         warm_pool_size=2,
         # A network that reaches nothing until a session asks for more (E2B sandboxes do), so
         # that warm instances can serve those sessions and policies can change live.
@@ -169,6 +172,7 @@ BUILTIN_FUNCTIONS = [
     FunctionSpec(
         name="code-interpreter-v1",
         description="base plus a Jupyter kernel started ahead of the first run_code (E2B's code interpreter).",
+        template="code-interpreter-v1",
         resources=ResourceSpec(memoryMB=1024),
         warm_pool_size=1,
         prestart_kernel=True,

@@ -14,7 +14,7 @@ import pytest
 os.environ.setdefault("HUTCH_TEMPLATES_PREPARE", "")
 
 TEST_TEMPLATE = "mini"
-TEST_TEMPLATE_PACKAGES = ["python3", "python3-pip"]
+TEST_TEMPLATE_PACKAGES = ["python3", "python3-pip", "python3-ipykernel"]
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ from hutch.metadb.records import InstanceRecord, InstanceRole, SchedulerRecord
 from hutch.runtime.base import Instance, InstanceSpec, Runtime
 from hutch.runtime.channel import AgentChannel
 from hutch.templates.model import HOST
+from hutch.templates.service import BUILTIN as BUILTIN_TEMPLATES
 from hutch.templates.service import TemplateService
 from hutch.types import InstanceId
 
@@ -288,10 +289,11 @@ class Scheduler:
         rootfs = None
         base_env: dict[str, str] = {}
         if spec.template != HOST:
-            if self.templates is None:
+            if self.templates is not None:
+                rootfs = self.templates.rootfs(spec.template)
+                base_env = self.templates.env(spec.template)
+            elif spec.template not in BUILTIN_TEMPLATES:  # built-ins fall back to the host's system
                 raise FailedPrecondition(f"this node has no templates; function {spec.name} needs {spec.template!r}")
-            rootfs = self.templates.rootfs(spec.template)
-            base_env = self.templates.env(spec.template)
         instance_spec = InstanceSpec(
             instance_id=InstanceId(f"i-{uuid.uuid4().hex[:16]}"),
             resources=spec.resources.to_runtime(),

@@ -87,7 +87,7 @@ class TemplateService:
         self.builds: dict[str, Build] = {}  # by build id
         self._building: dict[str, Build] = {}  # by template name, while it builds
         self._tasks: set[asyncio.Task] = set()
-        self._lock = asyncio.Lock()
+        self._fell_back: set[str] = set()  # built-in templates not prepared, warned about once
 
     # -- what instances mount ------------------------------------------------------------------
 
@@ -100,13 +100,22 @@ class TemplateService:
         """
         if name == HOST:
             return None
-        if name in self._building and not self.store.exists(name):
-            raise Unavailable(f"template {name!r} is being prepared; try again in a minute")
+        if not self.store.exists(name):
+            if name in BUILTIN:
+                # Until a built-in template is prepared (or where it cannot be: no Debian mirror),
+                # its functions run on the host's own system, as before templates.
+                if name not in self._fell_back:
+                    self._fell_back.add(name)
+                    log.warning("template %s is not prepared: its sandboxes use the host's system (template "
+                                "'host') until it is; see [templates] prepare", name)  # fmt: skip
+                return None
+            if name in self._building:
+                raise Unavailable(f"template {name!r} is being prepared; try again in a minute")
         return self.store.rootfs(name)
 
     def env(self, name: str) -> dict[str, str]:
         """The environment of an instance of `name` before its function's and session's."""
-        if name == HOST:
+        if name == HOST or (name in BUILTIN and not self.store.exists(name)):
             return {}
         return {**CA_ENV, **self.config.env, **self.store.get(name).env}
 

@@ -215,3 +215,14 @@ def test_asking_for_root_in_a_host_template_sandbox_is_refused(sandbox):
         pytest.skip("the same agent code on both backends")
     with pytest.raises(PermissionDenied, match="no root"):
         sandbox.loop.run(sandbox.channel.run("id", user="root"))
+
+
+def test_the_code_interpreter_runs_in_the_templates_python_as_the_user(boot):
+    sandbox = boot()
+    lines = sandbox.loop.run(
+        sandbox.channel.execute("import os, sys; x = 41\nprint(sys.executable, os.getuid())\nx + 1")
+    )
+    stdout = "".join(line.get("text", "") for line in lines if line.get("type") == "stdout")
+    results = [line for line in lines if line.get("type") == "result" and line.get("is_main_result")]
+    assert stdout.split() == ["/usr/bin/python3", "1000"], lines
+    assert results and results[0]["text"] == "42"
