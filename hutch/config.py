@@ -53,6 +53,8 @@ ca_certificates = []              # extra CA files sandboxes and builds trust (a
                                   # unset: the host's own (SSL_CERT_FILE, PIP_CERT, pip.conf's cert)
 env = {}                          # set in every build step and sandbox of a template, e.g. mirrors:
                                   # {PIP_INDEX_URL = "https://pypi.internal/simple", npm_config_registry = "…"}
+insecure_registries = []          # OCI registries reached over plain HTTP or unverified TLS, e.g. ["127.0.0.1:5000"]
+registry_auth = {}                # "user:password" per registry host, e.g. {"registry.example.com" = "bot:secret"}
 [kubernetes]                      # the `kubernetes` backend: an instance per pod (hutch/runtime/kubernetes.py)
 namespace = "hutch-sandboxes"     # where the instances' pods live
 image = "hutch:0.1.0"             # an image with hutch installed (deploy/Dockerfile)
@@ -96,6 +98,8 @@ class TemplatesConfig(BaseModel):
     debian_mirror: str = Field("", pattern=r"^(https?://\S+)?$")
     ca_certificates: list[Path] | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    insecure_registries: list[str] = Field(default_factory=list)
+    registry_auth: dict[str, str] = Field(default_factory=dict)
 
     def ca_files(self) -> list[Path]:
         """The extra CA certificates to trust: the configured ones, or the host's own settings."""

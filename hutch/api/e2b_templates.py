@@ -13,7 +13,8 @@ and `get_build_status` call it.
 
 `GET /templates/aliases/{name}` tells whether a template exists; `DELETE /templates/{id}`
 deletes one. A tenant may build and delete its own templates and the unowned ones only an admin.
-Images (`fromImage`) are not pulled yet: such a build fails with a clear reason.
+`fromImage` pulls the image (`hutch.templates.oci`; `fromImageRegistry` gives a registry's
+credentials); a Dockerfile comes as such an image plus steps (the SDK translates it).
 """
 
 from __future__ import annotations
@@ -139,22 +140,29 @@ async def start_build(template_id: str, build_id: str, body: BuildStart, request
     if build.template != _template_name(template_id) or (build.owner != tenant.tenant_id and not tenant.is_admin):
         raise NotFound(f"build {build_id} of template {template_id} not found")
     steps = [Step.parse(step) for step in body.steps]
-    if body.from_image or body.from_image_registry:
-        image = body.from_image or "an image registry"
-        build.status, build.error = (
-            "error",
-            (
-                f"cannot build from image {image!r}: this hutch builds templates from templates only "
-                "(fromTemplate: 'base', 'code-interpreter-v1' or one of yours)"
-            ),
-        )
-        build.log(build.error, "error")
+    if body.from_image:
+        templates.start_steps(
+            build, None, steps, body.force, body.start_cmd, body.ready_cmd, image=body.from_image,
+            image_credentials=_registry_credentials(body.from_image_registry),
+        )  # fmt: skip
         return Response(status_code=202)
     parent = body.from_template or "base"
     if _template_name(parent) == HOST:
         raise InvalidArgument("the 'host' template is the host's own system: templates build on a root file system")
     templates.start_steps(build, _template_name(parent), steps, body.force, body.start_cmd, body.ready_cmd)
     return Response(status_code=202)
+
+
+def _registry_credentials(registry: dict[str, Any] | None) -> str | None:
+    """E2B's `fromImageRegistry` for a plain registry: {"type": "registry", "username", "password"}."""
+    if not registry:
+        return None
+    if registry.get("type") != "registry":
+        raise InvalidArgument(f"registry type {registry.get('type')!r} is not supported here (only 'registry')")
+    username, password = registry.get("username"), registry.get("password")
+    if not isinstance(username, str) or not isinstance(password, str):
+        raise InvalidArgument("a registry needs a username and a password")
+    return f"{username}:{password}"
 
 
 @router.get("/templates/{template_id}/builds/{build_id}/status", summary="A build's status and logs (E2B)")

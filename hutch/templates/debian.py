@@ -22,7 +22,7 @@ from pathlib import Path
 from hutch.errors import BackendUnavailable, FailedPrecondition
 from hutch.templates.store import TemplateStore
 
-RECIPE_VERSION = 2  # bump when the hooks below change what a layer contains
+RECIPE_VERSION = 3  # bump when the hooks below change what a layer contains
 
 PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]{0,99}(:[a-z0-9-]+)?(=[A-Za-z0-9.+:~-]+)?$")
 # What every template's base needs: the sandbox user's tools, trust store and sudo.
@@ -48,16 +48,20 @@ def layer_id(suite: str, packages: Sequence[str], mirror: str, ca_files: Sequenc
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
-def customize_script(ca_files: Sequence[Path]) -> str:
-    """The shell run on the finished tree (`$1`) by mmdebstrap's customize hook."""
+def customize_script(ca_files: Sequence[Path], update_ca: bool = True) -> str:
+    """The shell run on a finished tree (`$1`): mmdebstrap's customize hook, and the same for an
+    unpacked image (`update_ca=False`: its tools may not run on this host; the certificates are
+    appended to its bundle instead)."""
     lines = [
         "set -e",
+        'mkdir -p "$1/etc" "$1/usr/local/share/ca-certificates" "$1/home"',
+        'touch "$1/etc/passwd" "$1/etc/group" "$1/etc/shadow"',
         'grep -q "^user:" "$1/etc/passwd" || {',
         '  echo "user:x:1000:1000:user:/home/user:/bin/bash" >> "$1/etc/passwd"',
         '  echo "user:x:1000:" >> "$1/etc/group"',
         '  echo "user:*:19000:0:99999:7:::" >> "$1/etc/shadow"',
         "}",
-        'sed -i "s/^sudo:x:27:$/sudo:x:27:user/" "$1/etc/group"',
+        'sed -i "s/^sudo:x:27:$/sudo:x:27:user/" "$1/etc/group" 2>/dev/null || true',
         'mkdir -p "$1/home/user" "$1/opt/hutch" "$1/run/hutch"',
         # pip installs as in E2B's templates (Debian marks its Python as managed by apt only).
         'rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
@@ -75,8 +79,13 @@ def customize_script(ca_files: Sequence[Path]) -> str:
     for index, pem in enumerate(certificates):
         target = f'"$1/usr/local/share/ca-certificates/hutch-extra-{index}.crt"'
         lines.append(f"cat > {target} <<'HUTCH_CERTIFICATE'\n{pem}\nHUTCH_CERTIFICATE")
-    if certificates:
+    if certificates and update_ca:
         lines.append('chroot "$1" update-ca-certificates >/dev/null 2>&1')
+    elif certificates:
+        lines.append(
+            'if [ -f "$1/etc/ssl/certs/ca-certificates.crt" ]; then '
+            'cat "$1"/usr/local/share/ca-certificates/hutch-extra-*.crt >> "$1/etc/ssl/certs/ca-certificates.crt"; fi'
+        )
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from hutch.config import TemplatesConfig
 from hutch.errors import FailedPrecondition, HutchError, InvalidArgument, NotFound, Unavailable
 from hutch.runtime.base import RootFS, Runtime
 from hutch.runtime.rootfs import CA_ENV
-from hutch.templates import debian
+from hutch.templates import debian, oci
 from hutch.templates.builder import Step, StepRunner
 from hutch.templates.model import HOST, Template, check_name
 from hutch.templates.store import TemplateStore
@@ -181,15 +181,17 @@ class TemplateService:
         return build
 
     def start_steps(
-        self, build: Build, parent_name: str, steps: list[Step], force: bool = False,
-        start_cmd: str | None = None, ready_cmd: str | None = None,
+        self, build: Build, parent_name: str | None, steps: list[Step], force: bool = False,
+        start_cmd: str | None = None, ready_cmd: str | None = None, image: str | None = None,
+        image_credentials: str | None = None,
     ) -> None:  # fmt: skip
-        """Run E2B-style build steps on `parent_name` for a waiting build."""
+        """Run E2B-style build steps for a waiting build, on the template `parent_name` or on the
+        OCI image `image` (pulled with `image_credentials`, "user:password", if given)."""
         if build.status != "waiting":
             raise FailedPrecondition(f"build {build.build_id} was already started")
         if self.runtime is None:
             raise FailedPrecondition("this process runs no sandboxes, so it cannot run build steps")
-        parent = self.store.get(parent_name)  # NotFound: a clear 404 before anything runs
+        parent = self.store.get(parent_name) if image is None else None  # NotFound: a 404 before anything runs
         if build.template in self._building:
             raise FailedPrecondition(f"template {build.template!r} is already being built")
         build.status = "building"
@@ -197,10 +199,24 @@ class TemplateService:
         runner = StepRunner(self.store, self.runtime, self.files_for(build.owner), {**CA_ENV, **self.config.env})
 
         async def make() -> Template:
-            template = await runner.build(build.template, parent, steps, build.log, force, start_cmd, ready_cmd)
-            return dataclasses.replace(template, owner=build.owner)
+            base = parent
+            if base is None:
+                assert image is not None
+                base = await self._pull(image, image_credentials, build.log)
+            template = await runner.build(build.template, base, steps, build.log, force, start_cmd, ready_cmd)
+            return dataclasses.replace(template, owner=build.owner, source=base.source or template.source)
 
         self._run(build, make)
+
+    async def _pull(self, image: str, credentials: str | None, log_line: Callable[[str], None]) -> Template:
+        """The image as a template to build on (`hutch.templates.oci`)."""
+        auth = dict(self.config.registry_auth)
+        if credentials:
+            auth[oci.registry_of(image)] = credentials
+        layer, config = await asyncio.to_thread(
+            oci.pull, self.store, image, self.config.insecure_registries, auth, self.config.ca_files(), log_line
+        )
+        return Template(name=f"image-{layer[:12]}", layers=(layer,), source=f"image:{image}", **oci.defaults(config))
 
     def _run(self, build: Build, make: Callable[[], Awaitable[Template]]) -> None:
         name = build.template

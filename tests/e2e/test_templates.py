@@ -4,7 +4,9 @@ starts sandboxes from it; the native API lists, builds and deletes them."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -88,11 +90,11 @@ def test_a_failing_step_fails_the_build_with_its_exit_code_and_registers_nothing
     assert not Template.exists(name)
 
 
-def test_building_from_an_unknown_template_or_an_image_fails_clearly(e2b_tenant):
+def test_building_from_an_unknown_template_or_a_bad_image_reference_fails_clearly(e2b_tenant):
     with pytest.raises(Exception, match="not found"):
         Template.build(Template().from_template("no-such-template").run_cmd("true"), f"x-{uuid.uuid4().hex[:6]}")
-    with pytest.raises(BuildException, match="cannot build from image"):
-        Template.build(Template().from_image("ubuntu:22.04").run_cmd("true"), f"y-{uuid.uuid4().hex[:6]}")
+    with pytest.raises(BuildException, match="invalid image reference"):
+        Template.build(Template().from_image("UPPER/case:!").run_cmd("true"), f"y-{uuid.uuid4().hex[:6]}")
 
 
 def test_the_native_api_lists_templates_and_refuses_to_delete_one_in_use(template_server):
@@ -119,3 +121,66 @@ def test_the_native_api_lists_templates_and_refuses_to_delete_one_in_use(templat
     assert bad.status_code == 400 and bad.json()["code"] == "invalid_argument"
     assert admin.get("/v1/templates/none-such").status_code == 404
     assert httpx.get(f"{template_server.url}/v1/templates").status_code == 401
+
+
+@pytest.fixture(scope="module")
+def registry(template_store):
+    """A local OCI registry (Debian's docker-registry) holding `test/mini:1`, an image made here
+    from the test template's layer with umoci and pushed with skopeo: no public registry."""
+    if not all(shutil.which(tool) for tool in ("docker-registry", "skopeo", "umoci")):
+        pytest.skip("docker-registry, skopeo and umoci are needed (.ci/run installs them)")
+    from tests.e2e.conftest import free_port
+
+    root = Path(tempfile.mkdtemp(prefix="hutch-registry-", dir="/var/tmp"))
+    port = free_port()
+    (root / "config.yml").write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root}/storage\nhttp:\n  addr: 127.0.0.1:{port}\n"
+    )
+    process = subprocess.Popen(
+        ["docker-registry", "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the local registry did not start"
+            time.sleep(0.1)
+        layer = template_store.rootfs(TEST_TEMPLATE).layer_paths[0]
+        image = f"{root}/oci:mini"
+        for argv in (
+            ["umoci", "init", "--layout", f"{root}/oci"],
+            ["umoci", "new", "--image", image],
+            ["umoci", "insert", "--image", image, layer, "/"],
+            ["umoci", "config", "--image", image, "--config.env", "FROM_IMAGE=yes", "--config.workingdir", "/srv"],
+            ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{image}",
+             f"docker://127.0.0.1:{port}/test/mini:1"],
+        ):  # fmt: skip
+            subprocess.run(argv, check=True, capture_output=True)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_sdk_builds_from_an_image_in_a_registry_and_a_missing_image_fails_clearly(
+    registry, fresh_server, template_store, monkeypatch
+):
+    server = fresh_server(f'[templates]\ndir = "{template_store.root}"\ninsecure_registries = ["{registry}"]\n')
+    tenant = server.new_tenant("oci")
+    monkeypatch.setenv("E2B_API_URL", server.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", server.url)
+    monkeypatch.setenv("E2B_API_KEY", tenant.headers["X-API-Key"])
+    name = f"img-{uuid.uuid4().hex[:8]}"
+    template = Template().from_image(f"{registry}/test/mini:1").run_cmd("echo from-image > /etc/x", user="root")
+    Template.build(template, name)
+    box = Sandbox.create(name, timeout=60)
+    result = box.commands.run("cat /etc/x; echo $FROM_IMAGE; id -un; pwd")
+    assert result.stdout.split() == ["from-image", "yes", "user", "/srv"]
+    box.kill()
+    with pytest.raises(BuildException, match="pulling image"):
+        Template.build(Template().from_image(f"{registry}/test/none:1").run_cmd("true"), f"no-{uuid.uuid4().hex[:6]}")
