@@ -101,7 +101,7 @@ async def run(runs: int) -> dict:
         await runtime.stop(instance.instance_id)
 
         runner = StepRunner(store, runtime, root / "files", {})
-        steps = [Step("RUN", ("echo layer > /etc/bench-layer",), None)]
+        steps = [Step("RUN", ("echo layer > /etc/bench-layer", "root"), None)]
         t0 = time.perf_counter()
         await runner.build("bench2", base, steps, lambda line: None)
         results["run_step_first_s"] = round(time.perf_counter() - t0, 2)

