@@ -165,7 +165,10 @@ def mount_layers(instance_dir: Path, layer_paths: tuple[str, ...], workspace_pat
     `unmount_layers` (also on failure)."""
     base = instance_dir / "rootfs"
     base.mkdir(mode=0o755, exist_ok=True)
-    # The upper layer and overlayfs's work directory, owned by root inside (0 on disk).
+    # The upper layer and overlayfs's work directory, owned by root inside (0 on disk). On disk
+    # they hold what root inside made, setuid-root files included: only host root may reach
+    # them (the instance sees them through its idmapped, nosuid mount).
+    os.chmod(workspace_path, 0o700)
     for name in ("upper", "work"):
         (workspace_path / name).mkdir(mode=0o755, exist_ok=True)
     args = []

@@ -147,6 +147,22 @@ def test_what_a_session_installed_survives_a_new_instance_on_its_workspace(boot,
     rootfs_runtime.store.delete(workspace)
 
 
+def test_a_setuid_root_file_made_inside_is_unreachable_and_inert_on_the_host(boot):
+    sandbox = boot()
+    made = sandbox.loop.run(
+        sandbox.channel.run(
+            "cp /bin/sh /usr/local/bin/rootsh && chmod 4755 /usr/local/bin/rootsh && echo ok", user="root"
+        )
+    )
+    assert made.stdout == b"ok\n", made.stderr
+    # Inside, the sandbox user gains nothing from it (no_new_privs).
+    assert sandbox.run("/usr/local/bin/rootsh -c 'id -u'").stdout == b"1000\n"
+    # On the host the file is setuid host root: only root may reach the upper layer holding it.
+    workspace = sandbox.instance.workspace_path
+    assert os.stat(workspace).st_mode & 0o777 == 0o700 and os.stat(workspace).st_uid == 0
+    assert os.stat(workspace / "upper/usr/local/bin/rootsh").st_mode & 0o4000
+
+
 def test_user_code_runs_the_templates_python_and_never_sees_hutchs(boot):
     sandbox = boot()
     result = sandbox.python("import sys, shutil; print(sys.prefix, shutil.which('python3'), shutil.which('pip'))")
