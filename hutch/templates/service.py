@@ -60,10 +60,13 @@ class Build:
     owner: str = ""  # the tenant that asked for it
     lines: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LOG_LINES))
     total_lines: int = 0  # lines logged since the start (offsets of `lines` are relative to it)
+    echo: bool = False  # also to hutch's own log (the built-ins' preparation, which no client follows)
 
     def log(self, line: str, level: str = "info") -> None:
         self.lines.append((time.time(), level, line))
         self.total_lines += 1
+        if self.echo and line.strip():
+            log.log(logging.ERROR if level == "error" else logging.INFO, "template %s: %s", self.template, line)
 
     def since(self, offset: int) -> list[tuple[float, str, str]]:
         first = self.total_lines - len(self.lines)
@@ -268,7 +271,7 @@ class TemplateService:
             log.info("preparing the built-in template %s (Debian %s): the first start takes minutes",
                      name, self.config.debian_suite)  # fmt: skip
             build = self.start_debian(name, list(BUILTIN[name]))
-            build.log(f"preparing built-in template {name}")
+            build.echo = True
 
     async def close(self) -> None:
         for task in list(self._tasks):
