@@ -56,8 +56,13 @@ def _read_frame(conn: socket.socket) -> dict | None:
 # -- the client: /usr/bin/sudo ----------------------------------------------------------------
 
 
+LONG = {"user": "user", "preserve-env": "preserve_env", "login": "login", "shell": "shell"}
+SHORT = {"u": "user", "E": "preserve_env", "i": "login", "s": "shell"}
+IGNORED_LONG = ("set-home", "non-interactive", "stdin", "reset-timestamp", "remove-timestamp", "validate")
+
+
 def _parse(argv: list[str]) -> tuple[dict, list[str]]:
-    opts = {"user": "root", "preserve_env": False, "login": False, "shell": False, "noop": False}
+    opts: dict = {"user": "root", "preserve_env": False, "login": False, "shell": False, "noop": False}
     args = iter(argv)
     for arg in args:
         if arg == "--":
@@ -68,13 +73,9 @@ def _parse(argv: list[str]) -> tuple[dict, list[str]]:
             name, _, value = arg[2:].partition("=")
             if name == "user":
                 opts["user"] = value or next(args, "")
-            elif name == "preserve-env":
-                opts["preserve_env"] = True
-            elif name == "login":
-                opts["login"] = True
-            elif name == "shell":
-                opts["shell"] = True
-            elif name in ("set-home", "non-interactive", "stdin", "reset-timestamp", "remove-timestamp", "validate"):
+            elif name in LONG:
+                opts[LONG[name]] = True
+            elif name in IGNORED_LONG:
                 opts["noop"] = opts["noop"] or name in ("reset-timestamp", "remove-timestamp", "validate")
             else:
                 raise SystemExit(f"sudo: unrecognized option '--{name}'\n{USAGE}")
@@ -84,12 +85,8 @@ def _parse(argv: list[str]) -> tuple[dict, list[str]]:
             if flag == "u":
                 opts["user"] = flags[index + 1 :] or next(args, "")
                 break
-            if flag == "E":
-                opts["preserve_env"] = True
-            elif flag == "i":
-                opts["login"] = True
-            elif flag == "s":
-                opts["shell"] = True
+            if flag in SHORT:
+                opts[SHORT[flag]] = True
             elif flag in "kKv":
                 opts["noop"] = True
             elif flag not in "HnSA":

@@ -194,6 +194,20 @@ class BwrapRuntime(LocalRuntime):
         }
         return "marshal:" + marshal.dumps(config).hex()
 
+    @staticmethod
+    def _instance_flags(info_w: int, block_r: int, seccomp_fd: int) -> list[str]:
+        """What every instance's bwrap gets: new namespaces (the network's is the caller's
+        choice), pid 1 of its own, the set-up fds and the seccomp filter."""
+        return [
+            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup",
+            "--new-session",
+            "--as-pid-1",
+            "--info-fd", str(info_w),
+            "--block-fd", str(block_r),
+            "--seccomp", str(seccomp_fd),
+            "--hostname", "sandbox",
+        ]  # fmt: skip
+
     def _rootfs_agent_config(self, spec: InstanceSpec) -> dict:
         rootfs = spec.rootfs
         return {
@@ -214,13 +228,7 @@ class BwrapRuntime(LocalRuntime):
             "--uid", str(SANDBOX_UID),
             "--gid", str(SANDBOX_UID),
             "--cap-drop", "ALL",
-            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup",
-            "--new-session",
-            "--as-pid-1",
-            "--info-fd", str(info_w),
-            "--block-fd", str(block_r),
-            "--seccomp", str(seccomp_fd),
-            "--hostname", "sandbox",
+            *self._instance_flags(info_w, block_r, seccomp_fd),
             # The kernel file systems and /tmp first: host paths bound later may live below /tmp.
             "--proc", "/proc",
             "--dev", "/dev",
@@ -256,13 +264,7 @@ class BwrapRuntime(LocalRuntime):
             "--gid", "0",
             "--cap-drop", "ALL",
             *[arg for cap in CAPABILITIES for arg in ("--cap-add", cap)],
-            "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup",
-            "--new-session",
-            "--as-pid-1",
-            "--info-fd", str(info_w),
-            "--block-fd", str(block_r),
-            "--seccomp", str(seccomp_fd),
-            "--hostname", "sandbox",
+            *self._instance_flags(info_w, block_r, seccomp_fd),
             *overlay,
             "--proc", "/proc",
             "--dev", "/dev",
