@@ -10,6 +10,11 @@ max_instances = 256
 domain = ""                       # E2B host routing: {port}-{sandboxId}.{domain}
 metrics_public = false            # true: GET /metrics without an admin key (it holds no tenant data)
 request_timeout = 30.0            # seconds a client may take to send a request head (and a control-plane body)
+live_restore = false              # true: a stop of `hutch serve`/`node` leaves live sessions' instances
+                                  # running for the next start to adopt (each still ends at its session's
+                                  # TTL, hutch alive or not); false: a stop ends every session and removes
+                                  # every instance and all hutch made on the host
+warm_lease = 60.0                 # seconds a warm (pooled) instance outlives the last hutch on its data dir
 [warm_pools]                      # override the built-in functions' pool sizes
 base = 2
 "code-interpreter-v1" = 1
@@ -166,6 +171,8 @@ class ServerConfig(BaseModel):
     domain: str = ""
     warm_pools: dict[str, int] = Field(default_factory=dict)
     reap_interval: float = Field(0.5, gt=0)
+    live_restore: bool = False
+    warm_lease: float = Field(60.0, gt=0, le=86400)
     metrics_public: bool = False
     request_timeout: float = Field(30.0, gt=0, le=3600)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
