@@ -26,7 +26,8 @@ sample_interval = 5.0             # seconds between cgroup samples of every live
 bucket_seconds = 60               # time resolution of per-tenant usage (ranges, charts)
 busy_cpu_fraction = 0.05          # an instance using more CPU than this (of one vCPU) is active
 [network]                         # sandboxes with a network policy (functions' `network`)
-subnet = ""                       # their addresses; "" derives a /16 of 10.64.0.0/10 from data_dir
+subnet = ""                       # their addresses; "": a /16 of 10.64.0.0/10 no host interface uses,
+                                  # chosen once (kept in <data>/network-subnet)
 hosts = {}                        # names pinned to addresses for sandboxes, e.g. {"mirror.internal" = "10.1.2.3"}
 [shared_storage]                  # workspace_store = "shared": on a file system every node mounts
 path = "/mnt/hutch"               # the shared mount; workspaces live in <path>/workspaces/

@@ -62,10 +62,10 @@ def find_data_dirs() -> None:
 
 def _derived(dirs: set[str]) -> tuple[set[str], set[str]]:
     from hutch.runtime.local import short_hash
-    from hutch.runtime.network import layout_for
+    from hutch.runtime.network import network_tag
 
     cgroups = {f"hutch-{short_hash(Path(d))}" for d in dirs}
-    tags = {layout_for(Path(d)).tag for d in dirs}
+    tags = {network_tag(Path(d)) for d in dirs}
     return cgroups, tags
 
 

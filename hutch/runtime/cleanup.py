@@ -10,7 +10,7 @@ the read-only binds of the host's Python under `<data>/host/`, any other mount o
 below the data directory, and hutch's (empty) cgroup parents. `keep_live` spares the instances
 still running (the keeper's use while they wait for their deadlines).
 
-It needs no configuration: every name derives from the data directory (`layout_for`,
+It needs no configuration: every name derives from the data directory (`network_tag`,
 `short_hash`) or is read from the instances' records. It does not take the serve lock itself:
 `cleanup` (the `hutch cleanup` command) does, and refuses while a hutch serves the directory.
 Idempotent: a second run finds nothing and says so.
@@ -30,7 +30,7 @@ from pathlib import Path
 from hutch.errors import BackendUnavailable, IsolationError
 from hutch.runtime.keeper import kill_instance, stop_keeper, take_serve_lock
 from hutch.runtime.local import INSTANCE_WORKSPACE_PREFIX, short_hash, still_running, stray_processes
-from hutch.runtime.network import HostNetwork, InstanceNetwork, layout_for
+from hutch.runtime.network import DEFAULT_SUBNET, HostNetwork, InstanceNetwork, NetworkLayout, network_tag
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def clean_host(data_dir: Path, keep_live: bool = False) -> list[str]:
     data_dir = Path(data_dir).resolve()
     instances_dir = data_dir / "instances"
     workspaces = data_dir / "workspaces"
-    layout = layout_for(data_dir)
+    layout = NetworkLayout.make(network_tag(data_dir), DEFAULT_SUBNET)  # names only: no address is used
     removed: list[str] = []
     live: set[str] = set()
     live_slots: set[int] = set()
