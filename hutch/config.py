@@ -10,6 +10,11 @@ max_instances = 256
 domain = ""                       # E2B host routing: {port}-{sandboxId}.{domain}
 metrics_public = false            # true: GET /metrics without an admin key (it holds no tenant data)
 request_timeout = 30.0            # seconds a client may take to send a request head (and a control-plane body)
+live_restore = false              # true: a stop of `hutch serve`/`node` leaves live sessions' instances
+                                  # running for the next start to adopt (each still ends at its session's
+                                  # TTL, hutch alive or not); false: a stop ends every session and removes
+                                  # every instance and all hutch made on the host
+warm_lease = 60.0                 # seconds a warm (pooled) instance outlives the last hutch on its data dir
 [warm_pools]                      # override the built-in functions' pool sizes
 base = 2
 "code-interpreter-v1" = 1
@@ -21,7 +26,8 @@ sample_interval = 5.0             # seconds between cgroup samples of every live
 bucket_seconds = 60               # time resolution of per-tenant usage (ranges, charts)
 busy_cpu_fraction = 0.05          # an instance using more CPU than this (of one vCPU) is active
 [network]                         # sandboxes with a network policy (functions' `network`)
-subnet = ""                       # their addresses; "" derives a /16 of 10.64.0.0/10 from data_dir
+subnet = ""                       # their addresses; "": a /16 of 10.64.0.0/10 no host interface uses,
+                                  # chosen once (kept in <data>/network-subnet)
 hosts = {}                        # names pinned to addresses for sandboxes, e.g. {"mirror.internal" = "10.1.2.3"}
 [shared_storage]                  # workspace_store = "shared": on a file system every node mounts
 path = "/mnt/hutch"               # the shared mount; workspaces live in <path>/workspaces/
@@ -214,6 +220,8 @@ class ServerConfig(BaseModel):
     domain: str = ""
     warm_pools: dict[str, int] = Field(default_factory=dict)
     reap_interval: float = Field(0.5, gt=0)
+    live_restore: bool = False
+    warm_lease: float = Field(60.0, gt=0, le=86400)
     metrics_public: bool = False
     request_timeout: float = Field(30.0, gt=0, le=3600)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from hutch.errors import BackendUnavailable, InvalidArgument
+from hutch.errors import BackendUnavailable, FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ async def run_lifespan(
             try:
                 await start()
             except Exception as exc:
-                if isinstance(exc, InvalidArgument | BackendUnavailable):
+                if isinstance(exc, InvalidArgument | BackendUnavailable | FailedPrecondition):
                     log.error("%s failed to start: %s", what, exc)
                 else:
                     log.exception("%s failed to start", what)

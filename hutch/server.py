@@ -14,13 +14,24 @@ Start order (each step needs the ones before):
    and starts its loops (reaper, activity flush, metering samples).
 5. The Prometheus metrics start observing the session manager and the scheduler.
 
-Stop: the loops stop, activity is flushed and every session is sampled and its usage written;
-instances keep running, so that the next start re-attaches them (a session outlives a restart
-of hutch).
+A process that runs instances (`serve`, `node`) holds `<data>/serve.lock` from step 4 on: a
+second one on the same data directory is refused, and so is `hutch cleanup`; the deadline keeper
+(`hutch.runtime.keeper`) reads it to know whether a hutch is alive.
+
+Stop (SIGTERM, SIGINT), in order:
+1. the loops stop and activity is flushed;
+2. by default every Active session ends (reason `shutdown`: its usage record finished, its
+   instance stopped), then the warm pools' instances stop, and the runtime removes what they
+   shared on the host (the network table, the host binds, cgroup parents) and stops the keeper;
+   a last `clean_host` pass removes anything left and says so. With `live_restore = true`,
+   sessions are sampled and their usage written instead, and their instances run on for the next
+   start to adopt (each still ends at its session's deadline, held by the keeper);
+3. MetaDB is closed and the serve lock let go.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import logging
@@ -38,6 +49,8 @@ from hutch.metadb import open_metadb
 from hutch.metadb.postgres import PostgresMetaDB
 from hutch.metadb.records import FunctionRecord
 from hutch.metrics import Metrics
+from hutch.runtime.cleanup import clean_host
+from hutch.runtime.keeper import hold_serve_lock, release_serve_lock, stop_keeper
 from hutch.runtime.multi import MultiRuntime
 from hutch.runtime.network import Networking, layout_for
 from hutch.runtime.userns import UidSlots
@@ -79,6 +92,7 @@ class Hutch:
         self.secret = b""  # the cluster's secret: keyed hashes of session ids, the node key
         self.started_at = 0.0
         self.bootstrap_key: str | None = None
+        self.holds_lock = False
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +113,8 @@ class Hutch:
             await self.sessions.start()
             self.started_at = time.time()
             return
+        await asyncio.to_thread(hold_serve_lock, self.data_dir)
+        self.holds_lock = True
         scheduler_id = self.node_id()
         store = self._store(scheduler_id)
         # One runtime per backend the functions use (gVisor's made on first use); shared uid slots.
@@ -108,6 +124,7 @@ class Hutch:
             UidSlots(first_uid=self.config.uid_base),
             options={"kubernetes": self.config.kubernetes.model_dump()},
             networking=self._networking(),
+            warm_lease_s=self.config.warm_lease,
         )
         templates_config = self.config.templates
         template_store = TemplateStore(templates_config.dir or self.data_dir / "templates")
@@ -183,10 +200,22 @@ class Hutch:
         return DirectoryStore(root)
 
     async def stop(self) -> None:
+        """The stop sequence of the module docstring."""
+        clean = not self.config.live_restore
         if self.templates is not None:
-            await self.templates.close()
-        if self.sessions is not None:
+            await self.templates.close()  # builds in progress end; their sandboxes go below
+        if isinstance(self.sessions, SessionManager):
+            await self.sessions.close(end_sessions=clean)
+        elif self.sessions is not None:
             await self.sessions.close()
         if self.scheduler is not None:
-            await self.scheduler.close()
+            await self.scheduler.close(stop_instances=clean)
+            if clean:
+                await asyncio.to_thread(stop_keeper, self.data_dir)
+                left = await asyncio.to_thread(clean_host, self.data_dir)
+                if left:
+                    log.warning("removed at stop what instances left: %s", ", ".join(left))
         await self.metadb.close()
+        if self.holds_lock:
+            release_serve_lock(self.data_dir)
+            self.holds_lock = False

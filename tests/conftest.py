@@ -1,13 +1,24 @@
-"""Fixtures shared by every test directory."""
+"""Fixtures shared by every test directory, and the guard that the run leaves the host as found.
+
+The guard (`pytest_sessionfinish`) fails the run if anything hutch makes on a host outlived the
+tests that made it: processes, mounts, loop devices, cgroups, network namespaces, links and
+nftables tables, counted only where they belong to this run's own directories
+(`tests/hostleaks.py` says how they are found). Set HUTCH_TEST_NO_LEAK_CHECK=1 to skip it.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+
+from tests import hostleaks
+
+hostleaks.record_mkdtemp()
 
 # No `hutch serve` a test starts prepares the built-in templates (minutes of mmdebstrap each);
 # tests that need a template use `template_store`'s small one.
@@ -15,6 +26,30 @@ os.environ.setdefault("HUTCH_TEMPLATES_PREPARE", "")
 
 TEST_TEMPLATE = "mini"
 TEST_TEMPLATE_PACKAGES = ["python3", "python3-pip", "python3-ipykernel"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    hostleaks.find_data_dirs()  # before fixtures remove them
+    yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("HUTCH_TEST_NO_LEAK_CHECK") or os.geteuid() != 0:
+        return
+    basetemp = getattr(session.config, "_tmp_path_factory", None)
+    if basetemp is not None and basetemp._basetemp is not None:
+        hostleaks.roots.add(os.path.realpath(basetemp._basetemp))
+    deadline = time.monotonic() + 10  # a keeper or a lazy unmount may take a moment
+    while (found := hostleaks.leaks()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if found:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = ["the tests left these on the host:", *(f"  {item}" for item in found)]
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line("\n".join(lines), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

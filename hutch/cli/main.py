@@ -12,6 +12,7 @@ import typer
 
 from hutch import __version__
 from hutch.cli import functions, sandbox, sessions, templates, tenants, usage
+from hutch.cli.cleanup import cleanup
 from hutch.cli.mcp import mcp
 from hutch.cli.selftest import selftest
 from hutch.cli.serve import gateway, node, serve
@@ -29,6 +30,7 @@ app.command()(gateway)
 app.command()(node)
 app.command()(mcp)
 app.command()(selftest)
+app.command()(cleanup)
 
 
 @app.command()

@@ -21,6 +21,7 @@ class EndReason(enum.StrEnum):
     DELETED = "deleted"
     FUNCTION_DELETED = "function_deleted"
     START_FAILED = "start_failed"
+    SHUTDOWN = "shutdown"  # hutch stopped without `live_restore`
 
 
 @dataclass

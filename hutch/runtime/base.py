@@ -211,6 +211,11 @@ class Runtime(Protocol):
         """After a restart of hutch: take back the instances still alive, clean up the dead."""
         ...
 
+    def set_deadline(self, instance_id: InstanceId, at: float | None) -> None:
+        """End the instance at unix time `at` even if hutch is gone by then (None: a warm
+        instance, which lives while hutch does and a short lease after). Only the host sets it."""
+        ...
+
     async def set_network(self, instance_id: InstanceId, policy: dict) -> None:
         """Change a networked instance's egress policy; it applies to new connections at once
         and ends open ones it no longer allows."""
@@ -220,6 +225,7 @@ class Runtime(Protocol):
         """Remove leftovers of a crash (directories, cgroups, mounts) no instance in `live` owns."""
         ...
 
-    async def close(self) -> None:
-        """Stop watching instances (they keep running; `stop` ends them)."""
+    async def close(self, unstage: bool = False) -> None:
+        """Stop watching instances (they keep running; `stop` ends them). `unstage`: the runtime
+        goes away for good: also remove what its instances shared on the host."""
         ...

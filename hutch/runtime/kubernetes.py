@@ -910,6 +910,10 @@ class KubernetesRuntime(InstanceTable):
         instance.workspace = key
         self._save(instance)
 
+    def set_deadline(self, instance_id: InstanceId, at: float | None) -> None:
+        """Not kept here: a pod outlives a dead hutch until the node's next start adopts or
+        stops it (the keeper of `hutch.runtime.keeper` guards host process trees only)."""
+
     async def set_network(self, instance_id: InstanceId, policy: dict) -> None:
         raise Unimplemented("kubernetes instances have no network policy (their pods' egress is denied)")
 

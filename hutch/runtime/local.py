@@ -54,6 +54,14 @@ from hutch.runtime.base import (
 from hutch.runtime.cgroups import Cgroup, CgroupManager
 from hutch.runtime.channel import AgentChannel
 from hutch.runtime.hostfs import AGENT_LIB, SANDBOX_HOME, HostView, site_packages
+from hutch.runtime.keeper import (
+    WARM_LEASE_S,
+    ensure_keeper,
+    hold_serve_lock,
+    release_serve_lock,
+    stop_keeper,
+    write_deadline,
+)
 from hutch.runtime.network import NETNS_DIR, Networking, NetworkLayout, egress_policy, layout_for
 from hutch.runtime.rootfs import unmount_layers
 from hutch.runtime.userns import UidSlots
@@ -185,6 +193,7 @@ class LocalRuntime(InstanceTable):
     name = ""
     supports_network = False  # whether instances can get a namespace of their own behind the egress proxy
     min_free_disk_mb = MIN_FREE_DISK_MB
+    warm_lease_s = WARM_LEASE_S  # how long a warm instance outlives the last hutch (the keeper)
 
     def __init__(
         self,
@@ -198,6 +207,10 @@ class LocalRuntime(InstanceTable):
         self.instances_dir = self.data_dir / "instances"
         self.instances_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.instances_dir, 0o755)
+        # While we hold it, the keeper leaves the directory's leftovers to us (and no `hutch
+        # cleanup` runs); until `close`.
+        hold_serve_lock(self.data_dir)
+        self._holds_lock = True
         self.store = store
         self.uid_slots = uid_slots or UidSlots()
         self.cgroups = cgroups or CgroupManager(group_name=f"hutch-{short_hash(self.data_dir)}")
@@ -337,6 +350,11 @@ class LocalRuntime(InstanceTable):
         (prepared.instance_dir / "resolv.conf").write_text(f"nameserver {self.networking.layout.dns_address}\n")
         return NETNS_DIR / addresses.netns
 
+    def set_deadline(self, instance_id: InstanceId, at: float | None) -> None:
+        """When the instance ends, hutch alive or not (`hutch.runtime.keeper`); None: warm."""
+        self.get(instance_id)
+        write_deadline(self.instances_dir / instance_id, at, self.warm_lease_s)
+
     async def set_network(self, instance_id: InstanceId, policy: dict) -> None:
         instance = self.get(instance_id)
         if instance.spec.network is None:
@@ -360,6 +378,10 @@ class LocalRuntime(InstanceTable):
         instance_dir = self.instances_dir / spec.instance_id
         instance_dir.mkdir(mode=0o755)
         undo.append(lambda: shutil.rmtree(instance_dir, ignore_errors=True))
+        # Before anything runs: no instance without a deadline (warm until a session binds it),
+        # kept by the data directory's keeper whether or not hutch lives on.
+        write_deadline(instance_dir, None, self.warm_lease_s)
+        ensure_keeper(self.data_dir)
         (instance_dir / "run").mkdir(mode=0o755)
         # A root file system's upper layer keeps its inside owners on disk (root is 0) and reaches
         # the instance idmapped: the store must not give the tree to the sandbox uid.
@@ -649,9 +671,14 @@ class LocalRuntime(InstanceTable):
             # The proxy goes with hutch (sandboxes' connections fail until it is back); the host
             # rules stay for a restart unless the runtime goes away for good.
             await self.networking.close(remove_rules=unstage)
+        if self._holds_lock:
+            release_serve_lock(self.data_dir)
+            self._holds_lock = False
         if unstage:
             self.host.unstage()
             self.cgroups.remove_parents()
+            if not any(self.instances_dir.glob("*/instance.json")):
+                await asyncio.to_thread(stop_keeper, self.data_dir)  # nothing left to keep
 
 
 def _mounts_below(directory: Path) -> list[str]:

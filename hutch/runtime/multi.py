@@ -40,15 +40,18 @@ class MultiRuntime:
         options: dict[str, dict[str, Any]] | None = None,
         default: str = DEFAULT_BACKEND,
         networking: Networking | None = None,
+        warm_lease_s: float | None = None,
     ) -> None:
         """`options`: per backend name, the keyword arguments of its runtime. `networking`: the
-        instance networks all backends share (made by the first backend that needs one)."""
+        instance networks all backends share (made by the first backend that needs one).
+        `warm_lease_s`: how long warm instances outlive the last hutch (`hutch.runtime.keeper`)."""
         self.data_dir = Path(data_dir)
         self.networking = networking
         self.store = store
         self.uid_slots = uid_slots or UidSlots()
         self.options = options or {}
         self.runtimes: dict[str, Runtime] = {}
+        self.warm_lease_s = warm_lease_s
         self._on_exit: Callable[[Instance], None] | None = None
         self.runtime(default)  # fail early if the default backend cannot run here
 
@@ -67,6 +70,8 @@ class MultiRuntime:
             if self.networking is None:
                 self.networking = runtime.networking = runtime.networking or Networking(runtime.default_layout())
             runtime.on_exit = self._on_exit
+            if self.warm_lease_s is not None and hasattr(runtime, "warm_lease_s"):
+                runtime.warm_lease_s = self.warm_lease_s
             self.runtimes[backend] = runtime
         return runtime
 
@@ -127,6 +132,9 @@ class MultiRuntime:
     def is_running(self, instance_id: str) -> bool:
         return any(runtime.is_running(instance_id) for runtime in self.runtimes.values())
 
+    def set_deadline(self, instance_id: InstanceId, at: float | None) -> None:
+        self._owner(instance_id).set_deadline(instance_id, at)
+
     async def set_network(self, instance_id: InstanceId, policy: dict) -> None:
         await self._owner(instance_id).set_network(instance_id, policy)
 
@@ -158,6 +166,6 @@ class MultiRuntime:
                 continue  # the owning runtime removes unreadable records
         return backends
 
-    async def close(self) -> None:
+    async def close(self, unstage: bool = False) -> None:
         for runtime in self.runtimes.values():
-            await runtime.close()
+            await runtime.close(unstage=unstage)

@@ -105,12 +105,63 @@ class NetworkLayout:
         )
 
 
+SUBNET_RECORD = "network-subnet"  # in the data dir: the /16 chosen when none is configured
+
+
+def network_tag(data_dir: Path) -> str:
+    """The 4 hex digits that name a data dir's namespaces, links and nftables table."""
+    return hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:4]
+
+
 def layout_for(data_dir: Path, subnet: str = "") -> NetworkLayout:
     """The layout of the server on `data_dir`: a tag from its path and, unless given, a /16 of
-    10.64.0.0/10 derived from it too, so that several servers on one host (tests do that) get
-    namespaces, interfaces and subnets of their own."""
-    tag = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:4]
-    return NetworkLayout.make(tag, subnet or f"10.{64 + int(tag, 16) % 64}.0.0/16")
+    10.64.0.0/10, so that several servers on one host (tests do that) get namespaces, interfaces
+    and subnets of their own. The /16 is the first, from one derived from the tag, that no
+    interface of the host uses (another server's veths, a leftover of one), and is kept in
+    `<data>/network-subnet` so that a restart adopts instances on the same addresses."""
+    tag = network_tag(data_dir)
+    return NetworkLayout.make(tag, subnet or _free_subnet(Path(data_dir), tag))
+
+
+def _free_subnet(data_dir: Path, tag: str) -> str:
+    record = data_dir / SUBNET_RECORD
+    try:
+        saved = record.read_text().strip()
+        if saved:
+            return saved
+    except OSError:
+        pass
+    used = _host_networks(exclude_prefix=f"hv{tag}")
+    first = int(tag, 16) % 64
+    chosen = f"10.{64 + first}.0.0/16"
+    for step in range(64):
+        candidate = f"10.{64 + (first + step) % 64}.0.0/16"
+        network = ipaddress.ip_network(candidate)
+        if not any(network.overlaps(u) for u in used):
+            chosen = candidate
+            break
+    if data_dir.is_dir():
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(chosen + "\n")
+        tmp.rename(record)
+    return chosen
+
+
+def _host_networks(exclude_prefix: str) -> list[ipaddress.IPv4Network]:
+    """IPv4 networks of the host's interfaces (but ours), from `ip -o -4 addr`."""
+    try:
+        out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        return []
+    found = []
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and not fields[1].startswith(exclude_prefix) and fields[2] == "inet":
+            try:
+                found.append(ipaddress.ip_interface(fields[3]).network)
+            except ValueError:
+                continue
+    return found
 
 
 @dataclass(frozen=True)

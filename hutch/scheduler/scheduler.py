@@ -126,10 +126,15 @@ class Scheduler:
                 await task
         self._tasks = []
         if stop_instances:
-            for instance in self.runtime.instances():
-                with contextlib.suppress(HutchError):
-                    await self.release(instance.instance_id, keep_workspace=True)
-        await self.runtime.close()
+            # What sessions still hold keeps its workspace; warm instances' fresh ones go.
+            await asyncio.gather(
+                *(
+                    self.release(i.instance_id, keep_workspace=not i.workspace.startswith("_instances/"))
+                    for i in self.runtime.instances()
+                ),
+                return_exceptions=True,
+            )
+        await self.runtime.close(unstage=stop_instances)
 
     async def _heartbeat(self) -> None:
         await self.metadb.upsert_scheduler(
@@ -369,6 +374,11 @@ class Scheduler:
         except HutchError as exc:  # a stale record is dropped at the next start (`start`)
             log.warning("instance %s: its record stays in MetaDB for now: %s", instance_id, exc.message)
         return stopped
+
+    def set_deadline(self, instance_id: InstanceId, at: float | None) -> None:
+        """When an instance ends even if hutch is gone (`Runtime.set_deadline`); None: warm."""
+        with contextlib.suppress(HutchError):
+            self.runtime.set_deadline(instance_id, at)
 
     async def instance_gone(self, instance_id: str | None) -> None:
         """Nothing answers on an instance's socket although its process was not seen to exit (its

@@ -41,6 +41,7 @@ from hutch.scheduler.activity import ActivityTracker
 from hutch.scheduler.metering import Meter
 from hutch.scheduler.scheduler import Scheduler
 from hutch.storage.base import check_key
+from hutch.types import InstanceId
 
 if TYPE_CHECKING:
     from hutch.gateway.cluster import NodeAddress
@@ -154,7 +155,10 @@ class SessionManager:
             asyncio.create_task(self._loop(self.meter.sample_once, self.meter.sample_interval), name="metering"),
         ]
 
-    async def close(self) -> None:
+    async def close(self, end_sessions: bool = False) -> None:
+        """Stop the loops and write what is pending. `end_sessions`: also end every Active
+        session (reason `shutdown`: usage finished, instance stopped, workspace wiped unless
+        kept), for a hutch that stops for good; otherwise they stay for the next start."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -162,6 +166,12 @@ class SessionManager:
                 await task
         self._tasks = []
         await self.flush_activity()
+        if end_sessions:
+            ends = await asyncio.gather(
+                *(self.end(s, EndReason.SHUTDOWN) for s in list(self._active.values())), return_exceptions=True
+            )
+            for failed in (e for e in ends if isinstance(e, BaseException)):
+                log.error("ending a session at shutdown: %s", failed)
         await self.meter.sample_once()
 
     async def _loop(self, step, interval: float) -> None:
@@ -230,6 +240,12 @@ class SessionManager:
         return lock
 
     def _remember(self, session: SessionRecord) -> None:
+        previous = self._active.get(session.internal_id)
+        if session.instance_id is not None and (
+            previous is None or previous.instance_id != session.instance_id or previous.expires_at != session.expires_at
+        ):
+            # The instance ends at the session's TTL even if hutch is gone by then (the keeper).
+            self.scheduler.set_deadline(InstanceId(session.instance_id), session.expires_at)
         self._active[session.internal_id] = session
         self._by_row[session.row_id] = session.internal_id
         if session.access_token:
