@@ -24,7 +24,6 @@ Decisions (README "Use" says the same to users):
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from datetime import datetime
@@ -36,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hutch.agent.config import ENVD_VERSION
 from hutch.api.auth import caller
+from hutch.api.idempotency import create_once, request_hash
 from hutch.api.native import iso
 from hutch.errors import AlreadyExists, InvalidArgument, NotFound, Unimplemented
 from hutch.functions import NetworkSpec
@@ -48,7 +48,6 @@ Caller = Annotated[Tenant, Depends(caller)]
 AFFINITY = "E2B"
 CLIENT_ID = "hutch"
 DEFAULT_TIMEOUT_S = 300
-IDEMPOTENCY_TTL_S = 3600.0
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -223,31 +222,6 @@ def _refuse_unavailable(body: NewSandbox) -> None:
         raise InvalidArgument("volume mounts are not available in hutch")
 
 
-class _Idempotency:
-    """`Idempotency-Key` on create: a retried create gets the sandbox the first one made.
-
-    Keys are opt-in and rare, so one lock serializes the creates that carry one.
-    """
-
-    def __init__(self) -> None:
-        self.made: dict[tuple[str, str], tuple[str, float]] = {}  # (tenant, key) -> (sandbox id, at)
-        self.lock = asyncio.Lock()
-
-    def get(self, slot: tuple[str, str]) -> str | None:
-        now = time.monotonic()
-        for old in [k for k, (_, at) in self.made.items() if now - at > IDEMPOTENCY_TTL_S]:
-            del self.made[old]
-        made = self.made.get(slot)
-        return made[0] if made else None
-
-
-def _idempotency(request: Request) -> _Idempotency:
-    state = request.app.state
-    if not hasattr(state, "e2b_idempotency"):
-        state.e2b_idempotency = _Idempotency()
-    return state.e2b_idempotency
-
-
 async def _create(request: Request, tenant: Tenant, body: NewSandbox) -> SessionRecord:
     _refuse_unavailable(body)
     sessions = request.app.state.hutch.sessions
@@ -269,21 +243,6 @@ async def _create(request: Request, tenant: Tenant, body: NewSandbox) -> Session
     return session
 
 
-async def _create_once(request: Request, tenant: Tenant, body: NewSandbox, key: str | None) -> SessionRecord:
-    if not key:
-        return await _create(request, tenant, body)
-    table = _idempotency(request)
-    slot = (tenant.tenant_id, key)
-    async with table.lock:
-        made = table.get(slot)
-        existing = await request.app.state.hutch.sessions.find_by_public_id(made) if made else None
-        if existing is not None:
-            return existing
-        session = await _create(request, tenant, body)
-        table.made[slot] = (session.session_id, time.monotonic())
-        return session
-
-
 @router.post("/sandboxes", status_code=201, summary="Create a sandbox (E2B SDK < 2.51)")
 @router.post("/v2/sandboxes", status_code=201, summary="Create a sandbox")
 async def create_sandbox(
@@ -292,7 +251,13 @@ async def create_sandbox(
     tenant: Caller,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> dict:
-    return sandbox_json(request, await _create_once(request, tenant, body, idempotency_key))
+    """A retry with the same `Idempotency-Key` gets the first create's sandbox (`hutch.api.idempotency`)."""
+    fingerprint = request_hash("e2b:create", body.model_dump(mode="json", by_alias=True))
+    metadb = request.app.state.hutch.metadb
+    session = await create_once(
+        metadb, tenant.tenant_id, idempotency_key, fingerprint, lambda: _create(request, tenant, body)
+    )
+    return sandbox_json(request, session)
 
 
 # -- read --------------------------------------------------------------------------------------

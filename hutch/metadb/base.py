@@ -16,6 +16,7 @@ from typing import Protocol
 
 from hutch.metadb.records import (
     FunctionRecord,
+    IdempotencyRecord,
     InstanceRecord,
     SchedulerRecord,
     SessionRecord,
@@ -123,6 +124,24 @@ class MetaDB(Protocol):
     async def count_active(self, tenant_id: str) -> int: ...
     async def touch_sessions(self, activity: dict[str, float]) -> None:
         """Record last-activity times (row id -> time) in one write."""
+        ...
+
+    # idempotent creates -----------------------------------------------------------------------
+    async def claim_idempotency_key(
+        self, record: IdempotencyRecord, keep_s: float, abandoned_s: float
+    ) -> IdempotencyRecord | None:
+        """Claim `(record.tenant_id, record.key)` for a create about to run, in one transaction:
+        None if this call claimed it (it was free, older than `keep_s`, or claimed more than
+        `abandoned_s` ago by a create that never settled), else the record that holds it.
+        Records older than `keep_s` are deleted on the way."""
+        ...
+
+    async def settle_idempotency_key(self, tenant_id: str, key: str, session_row_id: str) -> None:
+        """Record the session the claimed key's create made."""
+        ...
+
+    async def release_idempotency_key(self, tenant_id: str, key: str) -> None:
+        """Drop an unsettled claim (its create failed), so a retry runs the create again."""
         ...
 
     # usage ------------------------------------------------------------------------------------

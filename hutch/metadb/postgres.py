@@ -32,6 +32,7 @@ from hutch.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from hutch.metadb.records import (
     USAGE_AMOUNT_FIELDS,
     FunctionRecord,
+    IdempotencyRecord,
     InstanceRecord,
     SchedulerRecord,
     SessionRecord,
@@ -50,6 +51,7 @@ from hutch.metadb.rows import (
     check_tenant_changes,
     cut_page,
     function_from_row,
+    idempotency_claim_abandoned,
     instance_from_row,
     parse_page_token,
     quota_checked,
@@ -138,6 +140,14 @@ MIGRATIONS = [
     # 2 -> 3: a session's own network policy (NULL: its function's)
     """
     ALTER TABLE sessions ADD COLUMN network TEXT
+    """,
+    # 3 -> 4: creates that carried an Idempotency-Key (the key's claim, then the session it made)
+    """
+    CREATE TABLE idempotency_keys (
+        tenant_id TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL, session_row_id TEXT, PRIMARY KEY (tenant_id, key)
+    );
+    CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at)
     """,
 ]
 
@@ -607,6 +617,47 @@ class PostgresMetaDB:
             finally:
                 if not connection.is_closed():
                     connection.terminate()
+
+    # idempotent creates -----------------------------------------------------------------------
+
+    async def claim_idempotency_key(
+        self, record: IdempotencyRecord, keep_s: float, abandoned_s: float
+    ) -> IdempotencyRecord | None:
+        at = float(record.created_at)
+        async with self._transaction() as db:
+            # Serialises the claims of one key across every gateway (a row lock needs the row).
+            await db.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"idem:{record.tenant_id}:{record.key}")
+            await db.execute("DELETE FROM idempotency_keys WHERE created_at < $1", at - keep_s)
+            row = await db.fetchrow(
+                "SELECT * FROM idempotency_keys WHERE tenant_id = $1 AND key = $2", record.tenant_id, record.key
+            )
+            if row is not None and not idempotency_claim_abandoned(row, at, abandoned_s):
+                return IdempotencyRecord(**dict(row))
+            await db.execute(
+                "INSERT INTO idempotency_keys (tenant_id, key, request_hash, created_at, session_row_id) "
+                "VALUES ($1, $2, $3, $4, NULL) ON CONFLICT (tenant_id, key) DO UPDATE SET "
+                "request_hash = excluded.request_hash, created_at = excluded.created_at, session_row_id = NULL",
+                record.tenant_id,
+                record.key,
+                record.request_hash,
+                at,
+            )
+            return None
+
+    async def settle_idempotency_key(self, tenant_id: str, key: str, session_row_id: str) -> None:
+        await self._execute(
+            "UPDATE idempotency_keys SET session_row_id = $1 WHERE tenant_id = $2 AND key = $3",
+            session_row_id,
+            tenant_id,
+            key,
+        )
+
+    async def release_idempotency_key(self, tenant_id: str, key: str) -> None:
+        await self._execute(
+            "DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND session_row_id IS NULL",
+            tenant_id,
+            key,
+        )
 
     # usage ------------------------------------------------------------------------------------
 

@@ -79,6 +79,17 @@ class SessionRecord:
         return self.status == SessionStatus.ACTIVE
 
 
+@dataclass
+class IdempotencyRecord:
+    """A create that carried an `Idempotency-Key`: the key's claim, then the session it made."""
+
+    tenant_id: str
+    key: str
+    request_hash: str  # what was asked (route and body), so a reuse for another request is told apart
+    created_at: float
+    session_row_id: str | None = None  # None while the first create runs (or if it died half-way)
+
+
 class InstanceRole(enum.StrEnum):
     WARM = "warm"  # in a warm pool, bound to nobody
     BOUND = "bound"  # serving one session

@@ -66,6 +66,11 @@ def check_tenant_changes(changes: Mapping[str, Any]) -> None:
         raise InvalidArgument(f"can only change {sorted(TENANT_CHANGEABLE)}")
 
 
+def idempotency_claim_abandoned(row: Mapping[str, Any], now: float, abandoned_s: float) -> bool:
+    """A claim whose create never settled (its process died half-way) and may be taken over."""
+    return row["session_row_id"] is None and row["created_at"] < now - abandoned_s
+
+
 def tenant_from_row(row: Mapping[str, Any]) -> Tenant:
     values = dict(row)
     values["is_admin"] = bool(values["is_admin"])

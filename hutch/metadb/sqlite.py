@@ -34,6 +34,7 @@ from hutch.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from hutch.metadb.records import (
     USAGE_AMOUNT_FIELDS,
     FunctionRecord,
+    IdempotencyRecord,
     InstanceRecord,
     SchedulerRecord,
     SessionRecord,
@@ -51,6 +52,7 @@ from hutch.metadb.rows import (
     check_tenant_changes,
     cut_page,
     function_from_row,
+    idempotency_claim_abandoned,
     instance_from_row,
     parse_page_token,
     quota_checked,
@@ -131,6 +133,14 @@ MIGRATIONS = [
     # 2 -> 3: a session's own network policy (NULL: its function's)
     """
     ALTER TABLE sessions ADD COLUMN network TEXT
+    """,
+    # 3 -> 4: creates that carried an Idempotency-Key (the key's claim, then the session it made)
+    """
+    CREATE TABLE idempotency_keys (
+        tenant_id TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL, created_at REAL NOT NULL,
+        session_row_id TEXT, PRIMARY KEY (tenant_id, key)
+    );
+    CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at)
     """,
 ]
 
@@ -537,6 +547,43 @@ class SQLiteMetaDB:
 
     async def watch(self, callback: Callable[[str | None], None]) -> None:
         self._watchers.append(callback)
+
+    # idempotent creates -----------------------------------------------------------------------
+
+    async def claim_idempotency_key(
+        self, record: IdempotencyRecord, keep_s: float, abandoned_s: float
+    ) -> IdempotencyRecord | None:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (record.created_at - keep_s,))
+            row = self.db.execute(
+                "SELECT * FROM idempotency_keys WHERE tenant_id = ? AND key = ?", (record.tenant_id, record.key)
+            ).fetchone()
+            if row is not None and not idempotency_claim_abandoned(row, record.created_at, abandoned_s):
+                self.db.execute("COMMIT")
+                return IdempotencyRecord(**dict(row))
+            self.db.execute(
+                "INSERT OR REPLACE INTO idempotency_keys (tenant_id, key, request_hash, created_at, session_row_id) "
+                "VALUES (?, ?, ?, ?, NULL)",
+                (record.tenant_id, record.key, record.request_hash, record.created_at),
+            )
+            self.db.execute("COMMIT")
+            return None
+        except BaseException:
+            self._rollback()
+            raise
+
+    async def settle_idempotency_key(self, tenant_id: str, key: str, session_row_id: str) -> None:
+        self.db.execute(
+            "UPDATE idempotency_keys SET session_row_id = ? WHERE tenant_id = ? AND key = ?",
+            (session_row_id, tenant_id, key),
+        )
+
+    async def release_idempotency_key(self, tenant_id: str, key: str) -> None:
+        self.db.execute(
+            "DELETE FROM idempotency_keys WHERE tenant_id = ? AND key = ? AND session_row_id IS NULL",
+            (tenant_id, key),
+        )
 
     # usage ------------------------------------------------------------------------------------
 

@@ -205,12 +205,22 @@ def test_the_pre_2_51_endpoints_speak_e2b_shapes(server, tenant):
     assert metrics.status_code == 501 and metrics.json()["code"] == 501
 
 
-def test_an_idempotency_key_makes_a_retried_create_return_the_same_sandbox(tenant):
+def test_an_idempotency_key_makes_a_retried_create_return_the_same_sandbox(server, tenant, other_key):
     body = {"templateID": "base", "timeout": 60}
     first = tenant.post("/v2/sandboxes", json=body, headers={"Idempotency-Key": "retry-1"}).json()
-    again = tenant.post("/v2/sandboxes", json=body, headers={"Idempotency-Key": "retry-1"}).json()
+    again = tenant.post("/sandboxes", json=body, headers={"Idempotency-Key": "retry-1"})
     other = tenant.post("/v2/sandboxes", json=body, headers={"Idempotency-Key": "retry-2"}).json()
-    assert first["sandboxID"] == again["sandboxID"] != other["sandboxID"]
+    assert again.status_code == 201 and first["sandboxID"] == again.json()["sandboxID"] != other["sandboxID"]
+    assert again.json()["envdAccessToken"] == first["envdAccessToken"]
+
+    changed = tenant.post("/v2/sandboxes", json={**body, "timeout": 61}, headers={"Idempotency-Key": "retry-1"})
+    assert changed.status_code == 409 and changed.json()["code"] == 409
+    assert "different request" in changed.json()["message"]
+    mallory = httpx.post(
+        f"{server.url}/v2/sandboxes", json=body, headers={"X-API-Key": other_key, "Idempotency-Key": "retry-1"}
+    )
+    assert mallory.status_code == 201 and mallory.json()["sandboxID"] != first["sandboxID"]  # keys are per tenant
+    httpx.delete(f"{server.url}/sandboxes/{mallory.json()['sandboxID']}", headers={"X-API-Key": other_key})
 
 
 # -- data plane (through the gateway) ----------------------------------------------------------

@@ -78,6 +78,29 @@ def test_a_session_is_created_read_listed_renewed_and_deleted(server):
     assert client.patch(f"/v1/functions/{name}/sessions/my-key_1", json={"sessionTTLInSeconds": 5}).status_code == 400
 
 
+def test_an_idempotency_key_makes_a_retried_create_return_the_same_session(server):
+    client = server.new_tenant("idem")
+    body = {"sessionTTLInSeconds": 60, "metadata": {"run": "1"}}
+    key = {"Idempotency-Key": "job-7"}
+    first = client.post("/v1/functions/base/sessions", json=body, headers=key)
+    again = client.post("/v1/functions/base/sessions", json=body, headers=key)
+    assert first.status_code == again.status_code == 201
+    assert first.json()["sessionId"] == again.json()["sessionId"]
+    assert len(client.get("/v1/sessions", params={"status": "Active"}).json()["sessions"]) == 1
+
+    other_body = client.post("/v1/functions/base/sessions", json={**body, "metadata": {"run": "2"}}, headers=key)
+    other_function = client.post("/v1/functions/code-interpreter-v1/sessions", json=body, headers=key)
+    for refused in (other_body, other_function):
+        assert refused.status_code == 409 and refused.json()["code"] == "already_exists"
+    failed = client.post("/v1/functions/nosuch/sessions", json=body, headers={"Idempotency-Key": "job-8"})
+    assert failed.status_code == 404
+    client.post("/v1/functions", json={"name": "nosuch"}).raise_for_status()
+    retried = client.post("/v1/functions/nosuch/sessions", json=body, headers={"Idempotency-Key": "job-8"})
+    assert retried.status_code == 201  # a failed create gave its key back
+    client.delete(f"/v1/functions/base/sessions/{first.json()['sessionId']}")
+    client.delete(f"/v1/functions/nosuch/sessions/{retried.json()['sessionId']}")
+
+
 @pytest.mark.parametrize("bad", ["-starts-with-dash", "has space", "x" * 65, "semi;colon", ""])
 def test_invalid_session_ids_are_refused_with_400(server, bad):
     client = server.new_tenant()

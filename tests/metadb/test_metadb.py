@@ -13,6 +13,7 @@ from hutch.metadb import postgres, sqlite
 from hutch.metadb.postgres import PostgresMetaDB
 from hutch.metadb.records import (
     FunctionRecord,
+    IdempotencyRecord,
     InstanceRecord,
     InstanceRole,
     SchedulerRecord,
@@ -348,6 +349,26 @@ def test_a_session_moves_to_another_scheduler_once(db):
     db.end_session(record.row_id, "ttl", 2002.0)
     assert db.rehome_session(record.row_id, "node-b", "node-c", 2003.0) is None  # ended: stays ended
     assert [s.row_id for s in db.active_sessions("node-b")] == []
+
+
+def test_an_idempotency_key_is_claimed_once_settled_and_kept_for_a_while(db):
+    claim = IdempotencyRecord("t1", "k", "hash-a", 1000.0)
+    assert db.claim_idempotency_key(claim, 3600, 60) is None  # claimed by this call
+    held = db.claim_idempotency_key(IdempotencyRecord("t1", "k", "hash-b", 1001.0), 3600, 60)
+    assert (held.request_hash, held.created_at, held.session_row_id) == ("hash-a", 1000.0, None)  # still running
+    assert db.claim_idempotency_key(IdempotencyRecord("t2", "k", "hash-b", 1001.0), 3600, 60) is None  # per tenant
+    db.settle_idempotency_key("t1", "k", "row-1")
+    db.release_idempotency_key("t1", "k")  # a settled claim stays
+    assert db.claim_idempotency_key(claim, 3600, 60).session_row_id == "row-1"
+    assert db.claim_idempotency_key(IdempotencyRecord("t1", "k", "hash-c", 4601.0), 3600, 60) is None  # expired
+
+
+def test_an_idempotency_claim_that_never_settles_is_released_or_taken_over(db):
+    assert db.claim_idempotency_key(IdempotencyRecord("t1", "k", "h", 1000.0), 3600, 60) is None
+    db.release_idempotency_key("t1", "k")  # its create failed
+    assert db.claim_idempotency_key(IdempotencyRecord("t1", "k", "h", 1001.0), 3600, 60) is None
+    assert db.claim_idempotency_key(IdempotencyRecord("t1", "k", "h", 1050.0), 3600, 60) is not None
+    assert db.claim_idempotency_key(IdempotencyRecord("t1", "k", "h", 1062.0), 3600, 60) is None  # abandoned
 
 
 def test_announcements_reach_watchers(db):
