@@ -95,6 +95,17 @@ def test_racing_first_requests_through_both_gateways_share_one_instance(gateways
     assert [s["sessionId"] for s in live].count(key) == 1
 
 
+def test_a_create_retried_through_the_other_gateway_gets_the_first_create_s_sandbox(gateways):
+    body, key = {"templateID": "base", "timeout": 60}, {"Idempotency-Key": f"idem-{uuid.uuid4().hex[:6]}"}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # racing retries, both gateways
+        answers = list(pool.map(lambda i: gateways[i % 2].post("/v2/sandboxes", json=body, headers=key), range(4)))
+    assert [a.status_code for a in answers] == [201] * 4, [a.text for a in answers]
+    assert len({a.json()["sandboxID"] for a in answers}) == 1
+    changed = gateways[1].post("/v2/sandboxes", json={**body, "timeout": 90}, headers=key)
+    assert changed.status_code == 409 and changed.json()["code"] == 409
+    assert gateways[0].delete(f"/sandboxes/{answers[0].json()['sandboxID']}").status_code == 204
+
+
 def test_cookie_affinity_holds_across_gateways(gateways):
     name = f"cookie-{uuid.uuid4().hex[:6]}"
     made = gateways[0].post(
