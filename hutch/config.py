@@ -91,6 +91,7 @@ class MeteringConfig(BaseModel):
     sample_interval: float = Field(5.0, gt=0, le=3600)
     bucket_seconds: int = Field(60, ge=1, le=86400)
     busy_cpu_fraction: float = Field(0.05, ge=0, le=64)
+    metrics_keep_seconds: float = Field(86400.0, gt=0, le=30 * 86400)  # metric samples (E2B's sandbox metrics)
 
 
 class KubernetesConfig(BaseModel):

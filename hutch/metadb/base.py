@@ -18,6 +18,7 @@ from hutch.metadb.records import (
     FunctionRecord,
     IdempotencyRecord,
     InstanceRecord,
+    MetricSample,
     SchedulerRecord,
     SessionRecord,
     SessionStatus,
@@ -145,9 +146,24 @@ class MetaDB(Protocol):
         ...
 
     # usage ------------------------------------------------------------------------------------
-    async def save_usage(self, records: list[SessionUsage], buckets: list[UsageBucket]) -> None:
-        """In one transaction: write these session usage records (insert or replace) and add
-        these amounts to their buckets (a bucket's amounts are sums, never replaced)."""
+    async def save_usage(
+        self, records: list[SessionUsage], buckets: list[UsageBucket], samples: list[MetricSample] | None = None
+    ) -> None:
+        """In one transaction: write these session usage records (insert or replace), add
+        these amounts to their buckets (a bucket's amounts are sums, never replaced) and keep
+        these metric samples."""
+        ...
+
+    async def metric_samples(self, row_id: str, start: float, end: float) -> list[MetricSample]:
+        """The session's metric samples taken in `[start, end]`, oldest first."""
+        ...
+
+    async def latest_metric_samples(self, row_ids: list[str]) -> dict[str, MetricSample]:
+        """The newest metric sample of each of these sessions (sessions without one left out)."""
+        ...
+
+    async def forget_metric_samples(self, before: float) -> None:
+        """Delete the metric samples taken before `before`."""
         ...
 
     async def get_usage(self, row_id: str) -> SessionUsage:

@@ -34,6 +34,7 @@ from hutch.metadb.records import (
     FunctionRecord,
     IdempotencyRecord,
     InstanceRecord,
+    MetricSample,
     SchedulerRecord,
     SessionRecord,
     SessionStatus,
@@ -141,13 +142,19 @@ MIGRATIONS = [
     """
     ALTER TABLE sessions ADD COLUMN network TEXT
     """,
-    # 3 -> 4: creates that carried an Idempotency-Key (the key's claim, then the session it made)
+    # 3 -> 4: creates that carried an Idempotency-Key (the key's claim, then the session it made);
+    # the metric samples of sessions' instances
     """
     CREATE TABLE idempotency_keys (
         tenant_id TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL,
         created_at DOUBLE PRECISION NOT NULL, session_row_id TEXT, PRIMARY KEY (tenant_id, key)
     );
-    CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at)
+    CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
+    CREATE TABLE metric_samples (
+        row_id TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, cpu_used_pct DOUBLE PRECISION NOT NULL,
+        memory_bytes BIGINT NOT NULL, disk_bytes BIGINT NOT NULL, PRIMARY KEY (row_id, at)
+    );
+    CREATE INDEX metric_samples_at ON metric_samples(at)
     """,
 ]
 
@@ -661,8 +668,10 @@ class PostgresMetaDB:
 
     # usage ------------------------------------------------------------------------------------
 
-    async def save_usage(self, records: list[SessionUsage], buckets: list[UsageBucket]) -> None:
-        if not records and not buckets:
+    async def save_usage(
+        self, records: list[SessionUsage], buckets: list[UsageBucket], samples: list[MetricSample] | None = None
+    ) -> None:
+        if not records and not buckets and not samples:
             return
         updates = ", ".join(f"{c} = excluded.{c}" for c in USAGE_COLUMNS if c != "row_id")
         amounts = ", ".join(USAGE_AMOUNT_FIELDS)
@@ -689,6 +698,33 @@ class PostgresMetaDB:
                         for b in buckets
                     ],
                 )
+            if samples:
+                await db.executemany(
+                    "INSERT INTO metric_samples (row_id, at, cpu_used_pct, memory_bytes, disk_bytes) "
+                    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (row_id, at) DO UPDATE SET "
+                    "cpu_used_pct = excluded.cpu_used_pct, memory_bytes = excluded.memory_bytes, "
+                    "disk_bytes = excluded.disk_bytes",
+                    [(m.row_id, float(m.at), float(m.cpu_used_pct), m.memory_bytes, m.disk_bytes) for m in samples],
+                )
+
+    async def metric_samples(self, row_id: str, start: float, end: float) -> list[MetricSample]:
+        rows = await self._fetch(
+            "SELECT * FROM metric_samples WHERE row_id = $1 AND at >= $2 AND at <= $3 ORDER BY at",
+            row_id,
+            float(start),
+            float(end),
+        )
+        return [MetricSample(**dict(r)) for r in rows]
+
+    async def latest_metric_samples(self, row_ids: list[str]) -> dict[str, MetricSample]:
+        rows = await self._fetch(
+            "SELECT DISTINCT ON (row_id) * FROM metric_samples WHERE row_id = ANY($1::text[]) ORDER BY row_id, at DESC",
+            list(dict.fromkeys(row_ids)),
+        )
+        return {r["row_id"]: MetricSample(**dict(r)) for r in rows}
+
+    async def forget_metric_samples(self, before: float) -> None:
+        await self._execute("DELETE FROM metric_samples WHERE at < $1", float(before))
 
     async def get_usage(self, row_id: str) -> SessionUsage:
         row = await self._fetchrow("SELECT * FROM usage WHERE row_id = $1", row_id)

@@ -79,6 +79,17 @@ class SessionRecord:
         return self.status == SessionStatus.ACTIVE
 
 
+@dataclass(frozen=True)
+class MetricSample:
+    """What one sample of a session's instance measured (E2B's `SandboxMetric`, per session)."""
+
+    row_id: str  # the session's row id
+    at: float
+    cpu_used_pct: float  # of the session's vCPUs, since the previous sample (0 to 100)
+    memory_bytes: int  # the instance's cgroup, page cache included
+    disk_bytes: int  # the workspace
+
+
 @dataclass
 class IdempotencyRecord:
     """A create that carried an `Idempotency-Key`: the key's claim, then the session it made."""

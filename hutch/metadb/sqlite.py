@@ -36,6 +36,7 @@ from hutch.metadb.records import (
     FunctionRecord,
     IdempotencyRecord,
     InstanceRecord,
+    MetricSample,
     SchedulerRecord,
     SessionRecord,
     SessionStatus,
@@ -134,13 +135,20 @@ MIGRATIONS = [
     """
     ALTER TABLE sessions ADD COLUMN network TEXT
     """,
-    # 3 -> 4: creates that carried an Idempotency-Key (the key's claim, then the session it made)
+    # 3 -> 4: creates that carried an Idempotency-Key (the key's claim, then the session it made);
+    # the metric samples of sessions' instances
     """
     CREATE TABLE idempotency_keys (
         tenant_id TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL, created_at REAL NOT NULL,
         session_row_id TEXT, PRIMARY KEY (tenant_id, key)
     );
-    CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at)
+    CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
+    -- what each sample of a session's instance measured (E2B's sandbox metrics)
+    CREATE TABLE metric_samples (
+        row_id TEXT NOT NULL, at REAL NOT NULL, cpu_used_pct REAL NOT NULL, memory_bytes INTEGER NOT NULL,
+        disk_bytes INTEGER NOT NULL, PRIMARY KEY (row_id, at)
+    );
+    CREATE INDEX metric_samples_at ON metric_samples(at)
     """,
 ]
 
@@ -587,8 +595,10 @@ class SQLiteMetaDB:
 
     # usage ------------------------------------------------------------------------------------
 
-    async def save_usage(self, records: list[SessionUsage], buckets: list[UsageBucket]) -> None:
-        if not records and not buckets:
+    async def save_usage(
+        self, records: list[SessionUsage], buckets: list[UsageBucket], samples: list[MetricSample] | None = None
+    ) -> None:
+        if not records and not buckets and not samples:
             return
         columns = ", ".join(USAGE_COLUMNS)
         placeholders = ", ".join(f":{c}" for c in USAGE_COLUMNS)
@@ -610,10 +620,34 @@ class SQLiteMetaDB:
                     for b in buckets
                 ],
             )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO metric_samples (row_id, at, cpu_used_pct, memory_bytes, disk_bytes) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(m.row_id, m.at, m.cpu_used_pct, m.memory_bytes, m.disk_bytes) for m in samples or []],
+            )
             self.db.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
+
+    async def metric_samples(self, row_id: str, start: float, end: float) -> list[MetricSample]:
+        rows = self.db.execute(
+            "SELECT * FROM metric_samples WHERE row_id = ? AND at >= ? AND at <= ? ORDER BY at", (row_id, start, end)
+        )
+        return [MetricSample(**dict(r)) for r in rows]
+
+    async def latest_metric_samples(self, row_ids: list[str]) -> dict[str, MetricSample]:
+        found: dict[str, MetricSample] = {}
+        for row_id in dict.fromkeys(row_ids):
+            row = self.db.execute(
+                "SELECT * FROM metric_samples WHERE row_id = ? ORDER BY at DESC LIMIT 1", (row_id,)
+            ).fetchone()
+            if row is not None:
+                found[row_id] = MetricSample(**dict(row))
+        return found
+
+    async def forget_metric_samples(self, before: float) -> None:
+        self.db.execute("DELETE FROM metric_samples WHERE at < ?", (before,))
 
     async def get_usage(self, row_id: str) -> SessionUsage:
         row = self.db.execute("SELECT * FROM usage WHERE row_id = ?", (row_id,)).fetchone()

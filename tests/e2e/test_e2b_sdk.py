@@ -201,8 +201,33 @@ def test_the_pre_2_51_endpoints_speak_e2b_shapes(server, tenant):
     assert missing.status_code == 404 and missing.json() == {"code": 404, "message": "sandbox inosuchsandbox not found"}
     anonymous = httpx.get(f"{server.url}/v2/sandboxes")
     assert anonymous.status_code == 401 and anonymous.json()["code"] == 401
-    metrics = tenant.get(f"/sandboxes/{body['sandboxID']}/metrics")
-    assert metrics.status_code == 501 and metrics.json()["code"] == 501
+    logs = tenant.get(f"/sandboxes/{body['sandboxID']}/snapshots")
+    assert logs.status_code == 501 and logs.json()["code"] == 501
+
+
+def test_get_metrics_reads_the_samples_of_the_sandbox_s_instance(tenant):
+    box = Sandbox.create(timeout=120)
+    first = box.get_metrics()  # a sample is taken when the sandbox is made
+    assert first and first[0].cpu_count == 1 and first[0].mem_total == 512 << 20 and first[0].mem_used > 0
+    assert first[0].disk_total > 0 and first[0].disk_used >= 0 and 0 <= first[0].cpu_used_pct <= 100
+    box.files.write("/home/user/blob", b"x" * 3_000_000)
+    box.commands.run("timeout 1 sh -c 'while :; do :; done' || true", timeout=10)  # CPU for the next sample
+    series = _wait_for(lambda: (m := Sandbox.get_metrics(box.sandbox_id)) and len(m) >= 2 and m, timeout=20)
+    assert [m.timestamp for m in series] == sorted(m.timestamp for m in series)
+    assert max(m.disk_used for m in series) >= 3_000_000 and max(m.cpu_used_pct for m in series) > 0
+    start = series[-1].timestamp
+    assert len(box.get_metrics(start=start)) >= 1 and len(box.get_metrics(end=start)) >= 1
+
+    newest = tenant.get("/sandboxes/metrics", params={"sandbox_ids": f"{box.sandbox_id},inosuch"}).json()
+    assert list(newest["sandboxes"]) == [box.sandbox_id] and newest["sandboxes"][box.sandbox_id]["memTotal"] > 0
+    assert (
+        tenant.get("/sandboxes/metrics", params={"sandbox_ids": ",".join(f"i{n}" for n in range(101))}).status_code
+        == 400
+    )
+    box.kill()
+    assert len(Sandbox.get_metrics(box.sandbox_id)) >= len(series)  # kept after the end
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_metrics("inosuchsandbox")
 
 
 def test_an_idempotency_key_makes_a_retried_create_return_the_same_sandbox(server, tenant, other_key):

@@ -78,6 +78,24 @@ def test_a_session_is_created_read_listed_renewed_and_deleted(server):
     assert client.patch(f"/v1/functions/{name}/sessions/my-key_1", json={"sessionTTLInSeconds": 5}).status_code == 400
 
 
+def test_a_session_s_metrics_are_served_in_e2b_s_fields(server):
+    client = server.new_tenant("metrics")
+    made = client.post("/v1/functions/base/sessions", json={"sessionTTLInSeconds": 60}).json()
+    answer = client.get(f"/v1/functions/base/sessions/{made['sessionId']}/metrics")
+    assert answer.status_code == 200
+    sample = answer.json()["metrics"][0]
+    assert set(sample) == {
+        "timestamp", "timestampUnix", "cpuCount", "cpuUsedPct", "memUsed", "memTotal", "memCache", "diskUsed",
+        "diskTotal",
+    }  # fmt: skip
+    assert sample["memTotal"] == 512 << 20 and sample["memUsed"] > 0
+    empty = client.get(f"/v1/functions/base/sessions/{made['sessionId']}/metrics", params={"start": 1, "end": 2})
+    assert empty.json() == {"metrics": []}
+    bad = client.get(f"/v1/functions/base/sessions/{made['sessionId']}/metrics", params={"start": 5, "end": 1})
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_argument"
+    client.delete(f"/v1/functions/base/sessions/{made['sessionId']}")
+
+
 def test_an_idempotency_key_makes_a_retried_create_return_the_same_session(server):
     client = server.new_tenant("idem")
     body = {"sessionTTLInSeconds": 60, "metadata": {"run": "1"}}

@@ -16,6 +16,7 @@ from hutch.metadb.records import (
     IdempotencyRecord,
     InstanceRecord,
     InstanceRole,
+    MetricSample,
     SchedulerRecord,
     SessionRecord,
     SessionStatus,
@@ -337,6 +338,21 @@ def test_bucket_amounts_add_up_and_are_summed_by_tenant_function_and_time(db):
     assert sums(start=60, end=120, tenant_id="t1", function="base") == {(None, None, None): (0.0, 60.0)}
     assert sums(start=0, end=60, tenant_id="t1")[(None, None, None)] == (3.0, 0.0)  # buckets starting in the range
     assert db.usage_totals(start=500, end=600, tenant_id="t1") == []
+
+
+def test_metric_samples_are_kept_read_by_range_and_forgotten_by_age(db):
+    samples = [MetricSample("r1", float(at), at / 10, at * 1000, 7) for at in (10, 15, 20)]
+    db.save_usage([], [], [*samples, MetricSample("r2", 12.0, 50.0, 1, 2)])
+    db.save_usage([], [], [MetricSample("r1", 20.0, 3.0, 4, 5)])  # the same instant again: replaced
+    assert db.metric_samples("r1", 0, 100) == [*samples[:2], MetricSample("r1", 20.0, 3.0, 4, 5)]
+    assert [m.at for m in db.metric_samples("r1", 12, 15)] == [15.0]
+    assert db.latest_metric_samples(["r1", "r2", "r3", "r1"]) == {
+        "r1": MetricSample("r1", 20.0, 3.0, 4, 5),
+        "r2": MetricSample("r2", 12.0, 50.0, 1, 2),
+    }
+    db.forget_metric_samples(15.0)
+    assert [m.at for m in db.metric_samples("r1", 0, 100)] == [15.0, 20.0]
+    assert db.latest_metric_samples(["r2"]) == {}
 
 
 def test_a_session_moves_to_another_scheduler_once(db):
