@@ -17,9 +17,11 @@ import httpx
 import pytest
 from e2b import (
     AuthenticationException,
+    FileType,
     Sandbox,
     SandboxException,
     SandboxNotFoundException,
+    SandboxNotRunningException,
     SandboxQuery,
     SandboxState,
 )
@@ -258,6 +260,27 @@ def test_commands_and_files_reach_the_sandbox(tenant):
     box.files.write("/home/user/notes.txt", "kept")
     assert box.files.read("notes.txt") == "kept"
     assert Sandbox.connect(box.sandbox_id).commands.run("cat notes.txt").stdout == "kept"
+
+
+def test_get_info_of_a_directory_reports_its_own_size_as_stat_does(tenant):
+    box = Sandbox.create()
+    box.files.make_dir("test_dir")
+    info = box.files.get_info("test_dir")
+    assert info.type == FileType.DIR and info.size > 0  # envd: Go's Lstat, as the SDK's own tests expect
+    assert info.size == int(box.commands.run("stat -c %s test_dir").stdout)
+    assert [e.size for e in box.files.list(".") if e.name == "test_dir"] == [info.size]
+
+
+def test_a_command_whose_sandbox_is_killed_ends_in_e2b_s_sandbox_not_running_error(tenant):
+    box = Sandbox.create()
+    running = box.commands.run("sleep 60", background=True)
+    Sandbox.kill(box.sandbox_id)
+    with pytest.raises(SandboxNotRunningException) as caught:
+        running.wait()
+    assert str(caught.value) == (
+        f"the connection to sandbox {box.sandbox_id} ended before the stream completed: "
+        "The sandbox was killed or reached its end of life while the request was in flight."
+    )
 
 
 def test_is_running_tells_a_live_sandbox_from_a_killed_one(tenant):
