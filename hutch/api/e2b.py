@@ -25,6 +25,7 @@ Decisions (README "Use" says the same to users):
 from __future__ import annotations
 
 import base64
+import secrets
 import time
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -53,12 +54,19 @@ DEFAULT_TIMEOUT_S = 300
 # -- request bodies ----------------------------------------------------------------------------
 
 
+MASK_PATTERN = r"^[A-Za-z0-9._:\-]*(\$\{PORT\}[A-Za-z0-9._:\-]*)*$"
+
+
 class NetworkBody(BaseModel):
     """E2B's `SandboxNetworkConfig` / `SandboxNetworkUpdateConfig`: the parts hutch enforces."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
     allow_out: list[str] = Field(default_factory=list, alias="allowOut", max_length=256)
     deny_out: list[str] = Field(default_factory=list, alias="denyOut", max_length=256)
+    allow_public_traffic: bool | None = Field(None, alias="allowPublicTraffic", description="false: a traffic token")
+    mask_request_host: str | None = Field(
+        None, alias="maskRequestHost", max_length=253, pattern=MASK_PATTERN, description="the Host user servers see"
+    )
 
 
 class NewSandbox(BaseModel):
@@ -97,7 +105,7 @@ class RefreshBody(BaseModel):
 
 
 def _domain(request: Request) -> str | None:
-    return request.app.state.hutch.config.domain or None
+    return request.app.state.hutch.config.public_domain()
 
 
 def sandbox_json(request: Request, session: SessionRecord) -> dict:
@@ -109,7 +117,7 @@ def sandbox_json(request: Request, session: SessionRecord) -> dict:
         "clientID": CLIENT_ID,
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": session.access_token,
-        "trafficAccessToken": None,
+        "trafficAccessToken": (session.traffic or {}).get("token"),
         "domain": _domain(request),
     }
 
@@ -153,12 +161,29 @@ async def detail_json(request: Request, session: SessionRecord) -> dict:
 
 def _network_fields(request: Request, session: SessionRecord) -> dict:
     policy = session.network
+    traffic = session.traffic or {}
+    network: dict[str, Any] = {"allowPublicTraffic": not traffic.get("token")}
+    if traffic.get("mask"):
+        network["maskRequestHost"] = traffic["mask"]
     if policy is None:
-        return {"allowInternetAccess": False}
+        return {"allowInternetAccess": False, "network": network}
     return {
         "allowInternetAccess": policy["internet"],
-        "network": {"allowOut": policy["allow"], "denyOut": policy["deny"]},
+        "network": {"allowOut": policy["allow"], "denyOut": policy["deny"], **network},
     }
+
+
+def _traffic(body: NewSandbox) -> dict | None:
+    """The sandbox's rules for host-named traffic (`SessionRecord.traffic`), None when open."""
+    network = body.network
+    if network is None:
+        return None
+    traffic: dict[str, str] = {}
+    if network.allow_public_traffic is False:
+        traffic["token"] = secrets.token_urlsafe(24)
+    if network.mask_request_host:
+        traffic["mask"] = network.mask_request_host
+    return traffic or None
 
 
 def _policy(body: NewSandbox, template_has_network: bool) -> dict | None:
@@ -239,6 +264,7 @@ async def _create(request: Request, tenant: Tenant, body: NewSandbox) -> Session
         env=body.env_vars or {},
         metadata=body.metadata or {},
         with_token=True,
+        traffic=_traffic(body),
     )
     return session
 

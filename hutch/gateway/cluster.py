@@ -313,6 +313,7 @@ class ClusterSessions:
         with_token: bool = False,
         existing_ok: bool = False,
         network: dict | None = None,
+        traffic: dict | None = None,
     ) -> tuple[SessionRecord, bool]:
         started = time.perf_counter()
         await self.function(tenant.tenant_id, function)  # NotFound here, before any node is asked
@@ -343,6 +344,7 @@ class ClusterSessions:
             "withToken": with_token,
             "existingOk": existing_ok,
             "network": network,
+            "traffic": traffic,
         }
         answer = await self._on_live_node("sessions", body, "no live node can take a session now; retry")
         record = self._remember(session_from_wire(answer["session"]))

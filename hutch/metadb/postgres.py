@@ -143,7 +143,7 @@ MIGRATIONS = [
     ALTER TABLE sessions ADD COLUMN network TEXT
     """,
     # 3 -> 4: creates that carried an Idempotency-Key (the key's claim, then the session it made);
-    # the metric samples of sessions' instances
+    # the metric samples of sessions' instances; a session's own rules for host-named traffic
     """
     CREATE TABLE idempotency_keys (
         tenant_id TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL,
@@ -154,7 +154,8 @@ MIGRATIONS = [
         row_id TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, cpu_used_pct DOUBLE PRECISION NOT NULL,
         memory_bytes BIGINT NOT NULL, disk_bytes BIGINT NOT NULL, PRIMARY KEY (row_id, at)
     );
-    CREATE INDEX metric_samples_at ON metric_samples(at)
+    CREATE INDEX metric_samples_at ON metric_samples(at);
+    ALTER TABLE sessions ADD COLUMN traffic TEXT
     """,
 ]
 

@@ -73,6 +73,9 @@ class SessionRecord:
     end_reason: str | None = None
     # The session's own egress policy ({"internet", "allow", "deny"}); None: its function's.
     network: dict | None = None
+    # Host-named traffic to its user servers: {"token": traffic access token required (E2B's
+    # allowPublicTraffic false), "mask": the Host user servers see, "${PORT}" replaced}; None: open.
+    traffic: dict | None = None
 
     @property
     def active(self) -> bool:

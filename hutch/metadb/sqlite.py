@@ -136,7 +136,7 @@ MIGRATIONS = [
     ALTER TABLE sessions ADD COLUMN network TEXT
     """,
     # 3 -> 4: creates that carried an Idempotency-Key (the key's claim, then the session it made);
-    # the metric samples of sessions' instances
+    # the metric samples of sessions' instances; a session's own rules for host-named traffic
     """
     CREATE TABLE idempotency_keys (
         tenant_id TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL, created_at REAL NOT NULL,
@@ -148,7 +148,8 @@ MIGRATIONS = [
         row_id TEXT NOT NULL, at REAL NOT NULL, cpu_used_pct REAL NOT NULL, memory_bytes INTEGER NOT NULL,
         disk_bytes INTEGER NOT NULL, PRIMARY KEY (row_id, at)
     );
-    CREATE INDEX metric_samples_at ON metric_samples(at)
+    CREATE INDEX metric_samples_at ON metric_samples(at);
+    ALTER TABLE sessions ADD COLUMN traffic TEXT
     """,
 ]
 

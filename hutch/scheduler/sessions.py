@@ -258,10 +258,11 @@ class SessionManager:
         with_token: bool = False,
         existing_ok: bool = False,
         network: dict | None = None,
+        traffic: dict | None = None,
     ) -> tuple[SessionRecord, bool]:
         """A new session with its instance (prewarm + attach). Returns (session, created).
         `network`: the session's own egress policy (`NetworkSpec.to_runtime()`), instead of the
-        function's.
+        function's; `traffic`: its rules for host-named traffic (`SessionRecord.traffic`).
 
         Raises:
             InvalidArgument: a malformed session id.
@@ -312,6 +313,7 @@ class SessionManager:
                 env=dict(env or {}),
                 access_token=secrets.token_urlsafe(24) if with_token else None,
                 network=dict(network) if network is not None else None,
+                traffic=dict(traffic) if traffic is not None else None,
             )
             try:
                 await self.metadb.insert_session(

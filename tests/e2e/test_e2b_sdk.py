@@ -189,7 +189,7 @@ def test_the_pre_2_51_endpoints_speak_e2b_shapes(server, tenant):
     )
     assert made.status_code == 201
     body = made.json()
-    assert body["envdVersion"] == "0.6.4" and body["domain"] is None and body["envdAccessToken"]
+    assert body["envdVersion"] == "0.6.4" and body["domain"] == f"localhost:{server.port}" and body["envdAccessToken"]
     assert {"templateID", "sandboxID", "clientID"} <= set(body)
     listed = tenant.get("/sandboxes").json()
     assert [s["sandboxID"] for s in listed] == [body["sandboxID"]] and listed[0]["state"] == "running"
