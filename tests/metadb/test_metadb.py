@@ -340,6 +340,19 @@ def test_bucket_amounts_add_up_and_are_summed_by_tenant_function_and_time(db):
     assert db.usage_totals(start=500, end=600, tenant_id="t1") == []
 
 
+def test_a_session_s_own_network_and_traffic_rules_round_trip(db):
+    record = session(
+        network={"internet": False, "allow": ["pypi.org"], "deny": []},
+        traffic={"token": "t0k3n", "mask": "${PORT}-app.example.com"},
+    )
+    db.insert_session(record)
+    again = db.get_session(record.row_id)
+    assert (again.network, again.traffic) == (record.network, record.traffic)
+    plain = session()
+    db.insert_session(plain)
+    assert db.get_session(plain.row_id).traffic is None
+
+
 def test_metric_samples_are_kept_read_by_range_and_forgotten_by_age(db):
     samples = [MetricSample("r1", float(at), at / 10, at * 1000, 7) for at in (10, 15, 20)]
     db.save_usage([], [], [*samples, MetricSample("r2", 12.0, 50.0, 1, 2)])
