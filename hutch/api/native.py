@@ -232,6 +232,7 @@ def session_json(session: SessionRecord) -> dict:
         "lastActivityTime": iso(session.last_activity),
         "expireTime": iso(session.expires_at),
         "epoch": session.epoch,
+        "previewId": session.row_id,  # host names {port}-{previewId}.{domain} reach its ports
         "metadata": session.metadata,
         "network": _network_json(session.network),
         **({"endTime": iso(session.ended_at), "endReason": session.end_reason} if not session.active else {}),

@@ -21,6 +21,9 @@ Access rule (what the official SDKs send, checked against e2b 2.63 / e2b-code-in
   port but envd's (the code interpreter's included, as E2B) then needs it in
   `e2b-traffic-access-token`; missing or wrong is a 403, as E2B's proxy answers.
 A sandbox's `maskRequestHost` (`${PORT}` replaced by the port) is the `Host` its user servers see.
+Native sessions are reached by host name too, as `{port}-{previewId}.{domain}` (`previewId`: the
+session's row id, 128 random bits, as unguessable as a sandbox id; their public ids are chosen by
+clients and only unique per tenant and function): user-server ports only, public like E2B's.
 The tokens and the tenant's API key are not forwarded to the agent's own ports.
 
 Errors use E2B's shape `{"code": <status>, "message"}`; an unknown or ended sandbox is a 502
@@ -32,6 +35,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
 AGENT_PORTS = (ENVD_PORT, INTERPRETER_PORT)
 TOKEN_HEADER = b"x-access-token"
 TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
+ROW_ID = re.compile(r"[0-9a-f]{32}")  # a session's row id: native sessions' host names
 AGENT_DROPPED = frozenset({TOKEN_HEADER, TRAFFIC_TOKEN_HEADER, b"x-api-key", b"e2b-sandbox-port"})
 USER_DROPPED = frozenset({TRAFFIC_TOKEN_HEADER, b"e2b-sandbox-port"})
 
@@ -182,10 +187,17 @@ async def resolve(hutch: Hutch, scope: Scope, sandbox_id: str, port: int) -> Tar
     sessions = hutch.sessions
     assert sessions is not None
     session = await sessions.find_by_public_id(sandbox_id)
-    if session is None or not session.access_token:
+    if session is None and ROW_ID.fullmatch(sandbox_id):
+        session = await sessions.find_by_row(sandbox_id)  # a native session's `previewId`
+        if session is not None and port in AGENT_PORTS:
+            raise PermissionDenied("a session's agent is reached through /functions/{name}/invoke, with an API key")
+    elif session is not None and not session.access_token:
+        session = None
+    if session is None:
         raise SandboxNotFound(f"The sandbox {sandbox_id} was not found")
     check_traffic(scope, port, session.traffic)
-    check_access(scope, port, session.access_token)
+    if session.access_token:
+        check_access(scope, port, session.access_token)
     try:
         route = await sessions.route(session)
     except NotFound:

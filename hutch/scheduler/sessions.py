@@ -398,6 +398,10 @@ class SessionManager:
         """As `active_by_public_id` (all of this process's sessions are in memory)."""
         return self.active_by_public_id(session_id)
 
+    async def find_by_row(self, row_id: str) -> SessionRecord | None:
+        """As `active_by_row` (a native session's host-named traffic names its row id)."""
+        return self.active_by_row(row_id)
+
     def active_sessions(self) -> list[SessionRecord]:
         return list(self._active.values())
 

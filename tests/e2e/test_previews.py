@@ -131,6 +131,23 @@ def _activity(client: httpx.Client, sandbox_id: str) -> str:
     return next(s["lastActivityTime"] for s in sessions if s["sessionId"] == sandbox_id)
 
 
+def test_a_native_session_s_user_server_is_previewed_by_its_preview_id(preview):
+    client = preview.new_tenant("native")
+    function = {"name": "web", "startCommand": ["python3", "-c", HTTP_SERVER], "port": 8080}
+    assert client.post("/v1/functions", json=function).status_code == 201
+    made = client.post("/v1/functions/web/sessions", json={"sessionId": "user-42"}).json()
+    host = f"8080-{made['previewId']}.localhost:{preview.preview_port}"
+    whoami = _wait_for(lambda: (r := _via_host(preview, host, "/whoami")).status_code == 200 and r)
+    assert _headers(whoami)["host"] == host and "x-api-key" not in _headers(whoami)
+    agent = _via_host(preview, f"49983-{made['previewId']}.localhost", "/envs")
+    assert agent.status_code == 403 and "/functions/{name}/invoke" in agent.json()["message"]
+    guessed = _via_host(preview, f"8080-user-42.localhost:{preview.preview_port}", "/whoami")
+    assert guessed.status_code == 502  # a client-chosen id names no host: it is neither unique nor secret
+    client.delete("/v1/functions/web/sessions/user-42")
+    ended = _via_host(preview, host, "/whoami")
+    assert ended.status_code == 502 and "was not found" in ended.json()["message"]
+
+
 def test_the_preview_listener_answers_hosts_it_does_not_know_with_a_404(preview):
     unknown = _via_host(preview, "api.localhost")
     assert unknown.status_code == 404 and unknown.json()["code"] == 404
