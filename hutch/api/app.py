@@ -115,7 +115,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def create_app(hutch) -> FastAPI:
     """The control-plane app for a started `hutch.server.Hutch`."""
-    from hutch.api import e2b, native, sandbox_metrics, usage
+    from hutch.api import e2b, native, sandbox_metrics, session_logs, usage
 
     app = FastAPI(
         title="hutch",
@@ -159,6 +159,7 @@ def create_app(hutch) -> FastAPI:
         }
 
     app.include_router(sandbox_metrics.router)  # before e2b's: its /sandboxes/{id} would take /sandboxes/metrics
+    app.include_router(session_logs.router)  # before e2b's catch-all of sandbox actions
     app.include_router(native.router)
     app.include_router(usage.router)
     app.include_router(e2b.router)

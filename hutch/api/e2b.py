@@ -433,5 +433,5 @@ async def resume_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> R
     include_in_schema=False,
 )
 async def unavailable(sandbox_id: str, action: str, tenant: Caller) -> Response:
-    """E2B features hutch does not offer (logs, snapshots, fork): 501, not a misleading 404."""
+    """E2B features hutch does not offer (snapshots, fork): 501, not a misleading 404."""
     raise Unimplemented(f"the sandbox {action} API is not available in hutch")

@@ -18,6 +18,7 @@ from hutch.metadb.records import (
     FunctionRecord,
     IdempotencyRecord,
     InstanceRecord,
+    LogEntry,
     MetricSample,
     SchedulerRecord,
     SessionRecord,
@@ -164,6 +165,28 @@ class MetaDB(Protocol):
 
     async def forget_metric_samples(self, before: float) -> None:
         """Delete the metric samples taken before `before`."""
+        ...
+
+    # session logs -----------------------------------------------------------------------------
+    async def add_logs(self, entries: list[LogEntry], keep: int) -> None:
+        """Append these entries; each session keeps only its newest `keep`."""
+        ...
+
+    async def session_logs(
+        self,
+        row_id: str,
+        start: float | None = None,
+        limit: int = 1000,
+        forward: bool = True,
+        levels: tuple[str, ...] | None = None,
+        search: str | None = None,
+    ) -> list[LogEntry]:
+        """The session's entries from `start` on (forward, oldest first) or up to it (backward,
+        newest first), of these levels, whose message contains `search` (case-insensitive)."""
+        ...
+
+    async def forget_logs(self, before: float) -> None:
+        """Delete the entries written before `before`."""
         ...
 
     async def get_usage(self, row_id: str) -> SessionUsage:

@@ -34,6 +34,7 @@ from hutch.metadb.records import (
     FunctionRecord,
     IdempotencyRecord,
     InstanceRecord,
+    LogEntry,
     MetricSample,
     SchedulerRecord,
     SessionRecord,
@@ -54,6 +55,8 @@ from hutch.metadb.rows import (
     function_from_row,
     idempotency_claim_abandoned,
     instance_from_row,
+    log_filter,
+    log_from_row,
     parse_page_token,
     quota_checked,
     scheduler_from_row,
@@ -143,7 +146,8 @@ MIGRATIONS = [
     ALTER TABLE sessions ADD COLUMN network TEXT
     """,
     # 3 -> 4: creates that carried an Idempotency-Key (the key's claim, then the session it made);
-    # the metric samples of sessions' instances; a session's own rules for host-named traffic
+    # the metric samples of sessions' instances; a session's own rules for host-named traffic;
+    # sessions' logs
     """
     CREATE TABLE idempotency_keys (
         tenant_id TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL,
@@ -155,6 +159,12 @@ MIGRATIONS = [
         memory_bytes BIGINT NOT NULL, disk_bytes BIGINT NOT NULL, PRIMARY KEY (row_id, at)
     );
     CREATE INDEX metric_samples_at ON metric_samples(at);
+    CREATE TABLE session_logs (
+        id BIGSERIAL PRIMARY KEY, row_id TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, level TEXT NOT NULL,
+        message TEXT NOT NULL, fields TEXT NOT NULL
+    );
+    CREATE INDEX session_logs_row ON session_logs(row_id, at);
+    CREATE INDEX session_logs_at ON session_logs(at);
     ALTER TABLE sessions ADD COLUMN traffic TEXT
     """,
 ]
@@ -726,6 +736,45 @@ class PostgresMetaDB:
 
     async def forget_metric_samples(self, before: float) -> None:
         await self._execute("DELETE FROM metric_samples WHERE at < $1", float(before))
+
+    # session logs -----------------------------------------------------------------------------
+
+    async def add_logs(self, entries: list[LogEntry], keep: int) -> None:
+        if not entries:
+            return
+        async with self._transaction() as db:
+            await db.executemany(
+                "INSERT INTO session_logs (row_id, at, level, message, fields) VALUES ($1, $2, $3, $4, $5)",
+                [(e.row_id, float(e.at), e.level, e.message, json.dumps(e.fields)) for e in entries],
+            )
+            for row_id in {e.row_id for e in entries}:
+                await db.execute(
+                    "DELETE FROM session_logs WHERE row_id = $1 AND id NOT IN "
+                    "(SELECT id FROM session_logs WHERE row_id = $1 ORDER BY id DESC LIMIT $2)",
+                    row_id,
+                    keep,
+                )
+
+    async def session_logs(
+        self,
+        row_id: str,
+        start: float | None = None,
+        limit: int = 1000,
+        forward: bool = True,
+        levels: tuple[str, ...] | None = None,
+        search: str | None = None,
+    ) -> list[LogEntry]:
+        where, args = log_filter(row_id, start, forward, levels, search, "$")
+        order = "ASC" if forward else "DESC"
+        rows = await self._fetch(
+            f"SELECT * FROM session_logs WHERE {where} ORDER BY at {order}, id {order} LIMIT ${len(args) + 1}",
+            *args,
+            limit,
+        )
+        return [log_from_row(r) for r in rows]
+
+    async def forget_logs(self, before: float) -> None:
+        await self._execute("DELETE FROM session_logs WHERE at < $1", float(before))
 
     async def get_usage(self, row_id: str) -> SessionUsage:
         row = await self._fetchrow("SELECT * FROM usage WHERE row_id = $1", row_id)

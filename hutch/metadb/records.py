@@ -93,6 +93,20 @@ class MetricSample:
     disk_bytes: int  # the workspace
 
 
+@dataclass(frozen=True)
+class LogEntry:
+    """One line of a session's log (E2B's `SandboxLogEntry`): what hutch saw happen to it."""
+
+    row_id: str  # the session's row id
+    at: float
+    level: str  # debug | info | warn | error
+    message: str
+    fields: dict = field(default_factory=dict)
+
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
 @dataclass
 class IdempotencyRecord:
     """A create that carried an `Idempotency-Key`: the key's claim, then the session it made."""

@@ -36,6 +36,7 @@ from hutch.metadb.records import (
     FunctionRecord,
     IdempotencyRecord,
     InstanceRecord,
+    LogEntry,
     MetricSample,
     SchedulerRecord,
     SessionRecord,
@@ -55,6 +56,8 @@ from hutch.metadb.rows import (
     function_from_row,
     idempotency_claim_abandoned,
     instance_from_row,
+    log_filter,
+    log_from_row,
     parse_page_token,
     quota_checked,
     scheduler_from_row,
@@ -136,7 +139,8 @@ MIGRATIONS = [
     ALTER TABLE sessions ADD COLUMN network TEXT
     """,
     # 3 -> 4: creates that carried an Idempotency-Key (the key's claim, then the session it made);
-    # the metric samples of sessions' instances; a session's own rules for host-named traffic
+    # the metric samples of sessions' instances; a session's own rules for host-named traffic;
+    # sessions' logs
     """
     CREATE TABLE idempotency_keys (
         tenant_id TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL, created_at REAL NOT NULL,
@@ -149,6 +153,12 @@ MIGRATIONS = [
         disk_bytes INTEGER NOT NULL, PRIMARY KEY (row_id, at)
     );
     CREATE INDEX metric_samples_at ON metric_samples(at);
+    CREATE TABLE session_logs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, row_id TEXT NOT NULL, at REAL NOT NULL, level TEXT NOT NULL,
+        message TEXT NOT NULL, fields TEXT NOT NULL
+    );
+    CREATE INDEX session_logs_row ON session_logs(row_id, at);
+    CREATE INDEX session_logs_at ON session_logs(at);
     ALTER TABLE sessions ADD COLUMN traffic TEXT
     """,
 ]
@@ -649,6 +659,47 @@ class SQLiteMetaDB:
 
     async def forget_metric_samples(self, before: float) -> None:
         self.db.execute("DELETE FROM metric_samples WHERE at < ?", (before,))
+
+    # session logs -----------------------------------------------------------------------------
+
+    async def add_logs(self, entries: list[LogEntry], keep: int) -> None:
+        if not entries:
+            return
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany(
+                "INSERT INTO session_logs (row_id, at, level, message, fields) VALUES (?, ?, ?, ?, ?)",
+                [(e.row_id, e.at, e.level, e.message, json.dumps(e.fields)) for e in entries],
+            )
+            for row_id in {e.row_id for e in entries}:
+                self.db.execute(
+                    "DELETE FROM session_logs WHERE row_id = ? AND id NOT IN "
+                    "(SELECT id FROM session_logs WHERE row_id = ? ORDER BY id DESC LIMIT ?)",
+                    (row_id, row_id, keep),
+                )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    async def session_logs(
+        self,
+        row_id: str,
+        start: float | None = None,
+        limit: int = 1000,
+        forward: bool = True,
+        levels: tuple[str, ...] | None = None,
+        search: str | None = None,
+    ) -> list[LogEntry]:
+        where, args = log_filter(row_id, start, forward, levels, search, "?")
+        order = "ASC" if forward else "DESC"
+        rows = self.db.execute(
+            f"SELECT * FROM session_logs WHERE {where} ORDER BY at {order}, id {order} LIMIT ?", (*args, limit)
+        )
+        return [log_from_row(r) for r in rows]
+
+    async def forget_logs(self, before: float) -> None:
+        self.db.execute("DELETE FROM session_logs WHERE at < ?", (before,))
 
     async def get_usage(self, row_id: str) -> SessionUsage:
         row = self.db.execute("SELECT * FROM usage WHERE row_id = ?", (row_id,)).fetchone()

@@ -40,12 +40,22 @@ from hutch.metadb.records import EndReason, InstanceRole, SessionRecord, Session
 from hutch.scheduler.activity import ActivityTracker
 from hutch.scheduler.metering import Meter
 from hutch.scheduler.scheduler import Scheduler
+from hutch.scheduler.session_log import SessionLog
 from hutch.storage.base import check_key
 
 if TYPE_CHECKING:
     from hutch.gateway.cluster import NodeAddress
 
 log = logging.getLogger(__name__)
+
+# How a session's log says why it ended (E2B's "reaped and why").
+ENDED_BECAUSE = {
+    EndReason.TTL.value: "its time to live (timeout) ran out",
+    EndReason.IDLE.value: "idle for longer than its idle timeout",
+    EndReason.DELETED.value: "deleted (killed) by its owner",
+    EndReason.FUNCTION_DELETED.value: "its function was deleted",
+    EndReason.START_FAILED.value: "its instance could not start",
+}
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 MAX_E2B_TIMEOUT_S = 86400
@@ -99,6 +109,7 @@ class SessionManager:
         self.flush_interval = flush_interval
         self.meter = meter or Meter(metadb, scheduler, clock)
         self.activity = ActivityTracker(clock, on_change=self.meter.request_state)
+        self.log = SessionLog(metadb, clock)
         self.cluster = cluster
         self._active: dict[str, SessionRecord] = {}  # internal id -> Active session
         self._by_row: dict[str, str] = {}  # row id -> internal id
@@ -163,6 +174,7 @@ class SessionManager:
         self._tasks = []
         await self.flush_activity()
         await self.meter.sample_once()
+        await self.log.flush()
 
     async def _loop(self, step, interval: float) -> None:
         while True:
@@ -355,6 +367,7 @@ class SessionManager:
                 raise
             self._remember(record)
             await self.meter.open(record)
+        self.log.add(record, "info", "created", instance=record.instance_id, ttlSeconds=record.ttl_s)
         elapsed = time.perf_counter() - started
         for callback in self.on_created:
             callback(record, elapsed)
@@ -474,6 +487,14 @@ class SessionManager:
             raise
         self._remember(updated)
         await self.meter.instance_up(updated)
+        self.log.add(
+            updated,
+            "warn",
+            "instance replaced: processes and memory were lost, files kept",
+            lost=session.instance_id,
+            instance=updated.instance_id,
+            epoch=updated.epoch,
+        )
         return updated
 
     # -- a cluster's nodes ---------------------------------------------------------------------
@@ -494,6 +515,7 @@ class SessionManager:
                 raise NotFound(f"session {current.session_id} has ended")
             return current  # taken by another node (or by us, a moment ago)
         log.warning("session %s: adopted from dead node %s", moved.session_id, dead_node)
+        self.log.add(moved, "warn", "moved to this node: its node stopped answering", fromNode=dead_node)
         self._remember(moved)
         await self.meter.restore([moved])
         await self._announce(moved)
@@ -533,6 +555,7 @@ class SessionManager:
         for session in self._active.values():
             if session.instance_id == instance_id:
                 log.warning("instance %s of session %s crashed", instance_id, session.session_id)
+                self.log.add(session, "error", "instance crashed", instance=instance_id)
                 self._spawn(self.meter.instance_down(session.row_id, instance_id))
 
     # -- network -------------------------------------------------------------------------------
@@ -578,6 +601,7 @@ class SessionManager:
                 changes["idle_timeout_s"] = idle_timeout_s
             updated = await self.metadb.update_session(current.row_id, **changes)
             self._remember(updated)
+        self.log.add(updated, "info", "renewed", ttlSeconds=ttl_s, idleTimeoutSeconds=idle_timeout_s)
         await self._announce(updated)
         return updated
 
@@ -599,6 +623,7 @@ class SessionManager:
             ended = await self.metadb.end_session(session.row_id, reason_value, self.clock())
             if ended is None:
                 return None
+            self.log.add(ended, "info", f"ended: {ENDED_BECAUSE.get(reason_value, reason_value)}", reason=reason_value)
             current = self._active.get(session.internal_id)
             if current is not None and current.row_id == session.row_id:
                 self._forget(current)
@@ -672,6 +697,7 @@ class SessionManager:
         return ended
 
     async def flush_activity(self) -> None:
+        await self.log.flush()
         dirty = self.activity.drain()
         if not dirty:
             return

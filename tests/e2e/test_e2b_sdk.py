@@ -232,6 +232,28 @@ def test_get_metrics_reads_the_samples_of_the_sandbox_s_instance(tenant):
         Sandbox.get_metrics("inosuchsandbox")
 
 
+def test_a_sandbox_s_logs_tell_its_life_in_e2b_s_shapes(tenant):
+    box = Sandbox.create(timeout=120)
+    box.set_timeout(300)
+    box.kill()
+    path = f"/v2/sandboxes/{box.sandbox_id}/logs"
+    logs = _wait_for(lambda: (got := tenant.get(path).json()["logs"]) and len(got) == 3 and got)
+    assert [e["message"] for e in logs] == ["created", "renewed", "ended: deleted (killed) by its owner"]
+    assert {e["level"] for e in logs} == {"info"} and logs[1]["fields"]["ttlSeconds"] == 300
+    assert logs[0]["fields"]["sessionId"] == box.sandbox_id and logs[0]["timestamp"].endswith("Z")
+
+    newest = tenant.get(path, params={"direction": "backward", "limit": 1}).json()["logs"]
+    assert [e["message"] for e in newest] == [logs[-1]["message"]]
+    assert [e["message"] for e in tenant.get(path, params={"search": "RENEW"}).json()["logs"]] == ["renewed"]
+    assert tenant.get(path, params={"level": "warn"}).json()["logs"] == []
+    after = tenant.get(path, params={"cursor": 4102444800000}).json()["logs"]  # 2100-01-01
+    assert after == []
+    v1 = tenant.get(f"/sandboxes/{box.sandbox_id}/logs").json()
+    assert [line["line"] for line in v1["logs"]] == [e["message"] for e in logs] and len(v1["logEntries"]) == 3
+    assert tenant.get(path, params={"level": "loud"}).status_code == 400
+    assert tenant.get("/v2/sandboxes/inosuchsandbox/logs").status_code == 404
+
+
 def test_an_idempotency_key_makes_a_retried_create_return_the_same_sandbox(server, tenant, other_key):
     body = {"templateID": "base", "timeout": 60}
     first = tenant.post("/v2/sandboxes", json=body, headers={"Idempotency-Key": "retry-1"}).json()

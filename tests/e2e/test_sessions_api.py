@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 
+import httpx
 import pytest
+
+from tests.e2e.test_restart import _invoke
 
 
 def _function(client, **overrides) -> str:
@@ -94,6 +98,41 @@ def test_a_session_s_metrics_are_served_in_e2b_s_fields(server):
     bad = client.get(f"/v1/functions/base/sessions/{made['sessionId']}/metrics", params={"start": 5, "end": 1})
     assert bad.status_code == 400 and bad.json()["code"] == "invalid_argument"
     client.delete(f"/v1/functions/base/sessions/{made['sessionId']}")
+
+
+def test_a_crashed_and_replaced_instance_is_in_the_session_s_log(server):
+    client = server.new_tenant("crash-log")
+    assert _invoke(client, "crashy", "echo up").strip() == "up"
+    container = client.get("/v1/functions/base/sessions/crashy").json()["containerId"]
+    _invoke_quietly(client, "kill -9 2")  # the agent (pid 2): the instance goes down with it
+    path = "/v1/functions/base/sessions/crashy/logs"
+
+    def replaced():
+        _invoke_quietly(client, "true")  # the next request brings it back
+        got = client.get(path, params={"level": "warn"}).json()["logs"]
+        return got if any(e["message"].startswith("instance replaced") for e in got) else None
+
+    logs = _wait_until(replaced)
+    crashed = [e for e in logs if e["message"] == "instance crashed"]
+    assert crashed and crashed[0]["level"] == "error" and crashed[0]["fields"]["instance"] == container
+    replacement = next(e for e in logs if e["message"].startswith("instance replaced"))
+    assert replacement["fields"]["lost"] == container and replacement["fields"]["epoch"] == 1
+    client.delete("/v1/functions/base/sessions/crashy")
+
+
+def _invoke_quietly(client, command: str) -> None:
+    with contextlib.suppress(AssertionError, httpx.HTTPError):
+        _invoke(client, "crashy", command)
+
+
+def _wait_until(predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
 
 
 def test_an_idempotency_key_makes_a_retried_create_return_the_same_session(server):

@@ -16,6 +16,7 @@ from hutch.metadb.records import (
     IdempotencyRecord,
     InstanceRecord,
     InstanceRole,
+    LogEntry,
     MetricSample,
     SchedulerRecord,
     SessionRecord,
@@ -366,6 +367,23 @@ def test_metric_samples_are_kept_read_by_range_and_forgotten_by_age(db):
     db.forget_metric_samples(15.0)
     assert [m.at for m in db.metric_samples("r1", 0, 100)] == [15.0, 20.0]
     assert db.latest_metric_samples(["r2"]) == {}
+
+
+def test_session_logs_are_kept_bounded_and_read_by_time_level_and_text(db):
+    entries = [LogEntry("r1", float(at), level, f"event {at} 50%_done", {"n": at}) for at, level in
+               [(10, "info"), (20, "warn"), (30, "error"), (40, "info")]]  # fmt: skip
+    db.add_logs(entries, keep=10)
+    db.add_logs([LogEntry("r2", 15.0, "info", "other session")], keep=10)
+    assert db.session_logs("r1") == entries
+    assert db.session_logs("r1", start=20, limit=2) == entries[1:3]
+    assert db.session_logs("r1", start=30, forward=False) == [entries[2], entries[1], entries[0]]
+    assert db.session_logs("r1", levels=("warn", "error")) == entries[1:3]
+    assert db.session_logs("r1", search="EVENT 4") == [entries[3]]
+    assert db.session_logs("r1", search="0%_d") == entries and db.session_logs("r1", search="0%x") == []
+    db.add_logs([LogEntry("r1", 50.0, "info", "newest")], keep=3)  # the oldest go
+    assert [e.at for e in db.session_logs("r1")] == [30.0, 40.0, 50.0]
+    db.forget_logs(before=45.0)
+    assert [e.message for e in db.session_logs("r1")] == ["newest"] and db.session_logs("r2") == []
 
 
 def test_a_session_moves_to_another_scheduler_once(db):
