@@ -113,13 +113,13 @@ def test_host_named_traffic_through_either_gateway_finds_sandboxes_and_native_se
     assert made.status_code == 201, made.text
     sandbox = made.json()
     host = {"Host": f"49999-{sandbox['sandboxID']}.localhost"}
-    private = httpx.get(f"{gateways[1].base_url}contexts", headers=host)
+    private = gateways[1].get("/contexts", headers=host)
     assert private.status_code == 403 and private.json()["code"] == 403
     token = {**host, "e2b-traffic-access-token": sandbox["trafficAccessToken"]}
-    assert httpx.get(f"{gateways[1].base_url}contexts", headers=token, timeout=60).status_code == 200
+    assert gateways[1].get("/contexts", headers=token).status_code == 200
 
     native = gateways[0].post("/v1/functions/base/sessions", json={}).json()
-    envd = httpx.get(f"{gateways[1].base_url}health", headers={"Host": f"49983-{native['previewId']}.localhost"})
+    envd = gateways[1].get("/health", headers={"Host": f"49983-{native['previewId']}.localhost"})
     assert envd.status_code == 403  # found through the other gateway; its agent is not open by host name
     gateways[0].delete(f"/sandboxes/{sandbox['sandboxID']}")
     gateways[0].delete(f"/v1/functions/base/sessions/{native['sessionId']}")
