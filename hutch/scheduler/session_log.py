@@ -1,5 +1,6 @@
 """A log per session of what hutch saw happen to it: created, renewed, its instance crashed and
-was replaced, moved to another node, ended and why. E2B's sandbox logs (`GET
+was replaced, moved to another node, ended and why, and what its user server prints (followed by
+`SessionManager` over envd's `Connect`, by the server's tag). E2B's sandbox logs (`GET
 /v2/sandboxes/{id}/logs`) and `hutch session logs` read it.
 
 Entries are buffered in memory and written to MetaDB in one batch with every activity flush (one

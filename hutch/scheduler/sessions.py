@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -33,13 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
+
 from hutch.errors import AlreadyExists, FailedPrecondition, HutchError, InvalidArgument, NotFound
 from hutch.functions import BUILTIN_TENANT, FunctionSpec
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import EndReason, InstanceRole, SessionRecord, SessionStatus, Tenant
+from hutch.runtime.channel import AgentChannel
 from hutch.scheduler.activity import ActivityTracker
 from hutch.scheduler.metering import Meter
-from hutch.scheduler.scheduler import Scheduler
+from hutch.scheduler.scheduler import USER_SERVER_TAG, Scheduler
 from hutch.scheduler.session_log import SessionLog
 from hutch.storage.base import check_key
 
@@ -47,6 +51,8 @@ if TYPE_CHECKING:
     from hutch.gateway.cluster import NodeAddress
 
 log = logging.getLogger(__name__)
+
+MAX_LOG_LINE = 4096  # bytes of one line of a user server's output kept in the session's log
 
 # How a session's log says why it ended (E2B's "reaped and why").
 ENDED_BECAUSE = {
@@ -121,6 +127,7 @@ class SessionManager:
         self._resolved: dict[tuple[str, str], str] = {}  # (tenant, name) -> pool key: no MetaDB per request
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()  # fire-and-forget work, referenced until done
+        self._followers: dict[str, asyncio.Task] = {}  # row id -> the task logging its user server's output
         self.on_end: list[Callable[[SessionRecord], None]] = []
         self.on_created: list[Callable[[SessionRecord, float], None]] = []  # (session, seconds it took)
         scheduler.on_crash = self._on_crash
@@ -158,6 +165,8 @@ class SessionManager:
             await self.scheduler.release(instance_id, keep_workspace=keep)
         log.info("sessions: %d active, %d instances adopted", len(self._active), len(adopted))
         await self.meter.restore(self._active.values())
+        for session in self._active.values():
+            self._follow_user_server(session, self._specs.get(self.pool_key(session.tenant_id, session.function)))
         self.scheduler.start_pools()
         self._tasks = [
             asyncio.create_task(self._loop(self.reap_once, self.reap_interval), name="reaper"),
@@ -172,6 +181,9 @@ class SessionManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        for follower in list(self._followers.values()):
+            follower.cancel()
+        self._followers.clear()
         await self.flush_activity()
         await self.meter.sample_once()
         await self.log.flush()
@@ -253,6 +265,54 @@ class SessionManager:
         if self._by_public.get(session.session_id) == session.internal_id:
             del self._by_public[session.session_id]
         self.activity.forget(session.row_id)
+        follower = self._followers.pop(session.row_id, None)
+        if follower is not None:
+            follower.cancel()
+
+    # -- the output of user servers --------------------------------------------------------------
+
+    def _follow_user_server(self, session: SessionRecord, spec: FunctionSpec | None) -> None:
+        """Log what the session's user server prints from now on (its function's `startCommand`)."""
+        if spec is None or not spec.start_command or session.instance_id is None:
+            return
+        previous = self._followers.pop(session.row_id, None)
+        if previous is not None:
+            previous.cancel()
+        task = asyncio.get_running_loop().create_task(self._user_server_output(session), name="user-server-log")
+        self._followers[session.row_id] = task
+
+    async def _user_server_output(self, session: SessionRecord) -> None:
+        try:
+            await self._log_user_server(session)
+        finally:
+            if self._followers.get(session.row_id) is asyncio.current_task():
+                del self._followers[session.row_id]
+
+    async def _log_user_server(self, session: SessionRecord) -> None:
+        partial = {"stdout": b"", "stderr": b""}
+        try:
+            path = self.scheduler.socket_path(session.instance_id)  # type: ignore[arg-type]
+            async with AgentChannel(path) as channel:
+                async for event in channel.follow(USER_SERVER_TAG):
+                    for stream, data in (event.get("data") or {}).items():
+                        if stream not in partial:
+                            continue
+                        *lines, partial[stream] = (partial[stream] + base64.b64decode(data)).split(b"\n")
+                        if len(partial[stream]) > MAX_LOG_LINE:
+                            lines.append(partial[stream])
+                            partial[stream] = b""
+                        for line in lines:
+                            text = line[:MAX_LOG_LINE].decode(errors="replace").rstrip("\r")
+                            self.log.add(session, "info", text, source="user-server", stream=stream)
+                    end = event.get("end")
+                    if end is not None:
+                        status = end.get("status") or f"exit code {end.get('exitCode')}"
+                        self.log.add(session, "error", f"user server exited: {status}", source="user-server")
+                        return
+        except asyncio.CancelledError:
+            raise
+        except (HutchError, httpx.HTTPError, OSError, KeyError, ValueError) as exc:
+            log.debug("session %s: user server output no longer followed: %s", session.session_id, exc)
 
     # -- create --------------------------------------------------------------------------------
 
@@ -368,6 +428,7 @@ class SessionManager:
             self._remember(record)
             await self.meter.open(record)
         self.log.add(record, "info", "created", instance=record.instance_id, ttlSeconds=record.ttl_s)
+        self._follow_user_server(record, spec)
         elapsed = time.perf_counter() - started
         for callback in self.on_created:
             callback(record, elapsed)
@@ -495,6 +556,7 @@ class SessionManager:
             instance=updated.instance_id,
             epoch=updated.epoch,
         )
+        self._follow_user_server(updated, spec)
         return updated
 
     # -- a cluster's nodes ---------------------------------------------------------------------

@@ -120,6 +120,24 @@ def test_a_crashed_and_replaced_instance_is_in_the_session_s_log(server):
     client.delete("/v1/functions/base/sessions/crashy")
 
 
+def test_what_a_user_server_prints_is_in_the_session_s_log(server):
+    client = server.new_tenant("server-log")
+    web = {"name": "web", "startCommand": ["python3", "-m", "http.server", "8080"], "port": 8080}
+    assert client.post("/v1/functions", json=web).status_code == 201
+    assert client.post("/v1/functions/web/sessions", json={"sessionId": "printer"}).status_code == 201
+    path = "/v1/functions/web/sessions/printer/logs"
+
+    def printed():
+        client.get("/functions/web/invoke/hello-log", headers={"x-fc-session-id": "printer"})
+        got = client.get(path, params={"search": "GET /hello-log"}).json()["logs"]
+        return got or None
+
+    line = _wait_until(printed)[0]  # http.server logs each request on stderr
+    assert line["fields"]["source"] == "user-server" and line["fields"]["stream"] == "stderr"
+    assert '"GET /hello-log HTTP/1.1" 404' in line["message"] and line["level"] == "info"
+    client.delete("/v1/functions/web/sessions/printer")
+
+
 def _invoke_quietly(client, command: str) -> None:
     with contextlib.suppress(AssertionError, httpx.HTTPError):
         _invoke(client, "crashy", command)
