@@ -189,7 +189,9 @@ async def resolve(hutch: Hutch, scope: Scope, sandbox_id: str, port: int) -> Tar
     session = await sessions.find_by_public_id(sandbox_id)
     if session is None and ROW_ID.fullmatch(sandbox_id):
         session = await sessions.find_by_row(sandbox_id)  # a native session's `previewId`
-        if session is not None and port in AGENT_PORTS:
+        if session is not None and session.access_token:
+            session = None  # a sandbox is named by its sandbox id only
+        elif session is not None and port in AGENT_PORTS:
             raise PermissionDenied("a session's agent is reached through /functions/{name}/invoke, with an API key")
     elif session is not None and not session.access_token:
         session = None

@@ -175,6 +175,10 @@ def test_private_traffic_needs_the_traffic_access_token_and_the_mask_is_the_host
     for refused in (missing, wrong):
         assert refused.status_code == 403 and refused.json()["code"] == 403
     assert box.commands.run("echo envd needs no traffic token").exit_code == 0  # as E2B: envd has its own
+    listed = sdk.get("/v1/sessions", params={"status": "Active"}).json()["sessions"]
+    preview_id = next(s["previewId"] for s in listed if s["sessionId"] == box.sandbox_id)
+    by_row = _via_host(preview, f"8080-{preview_id}.localhost", "/whoami", headers=with_token)
+    assert by_row.status_code == 502  # a sandbox is named by its sandbox id only
 
 
 def test_signed_file_urls_work_without_headers_and_expired_or_altered_ones_are_refused(preview, sdk, monkeypatch):
