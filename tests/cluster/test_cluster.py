@@ -125,6 +125,18 @@ def test_host_named_traffic_through_either_gateway_finds_sandboxes_and_native_se
     gateways[0].delete(f"/v1/functions/base/sessions/{native['sessionId']}")
 
 
+def test_metrics_and_logs_written_by_a_node_are_read_through_any_gateway(gateways):
+    made = gateways[0].post("/v2/sandboxes", json={"templateID": "base", "timeout": 120})
+    assert made.status_code == 201, made.text
+    sandbox_id = made.json()["sandboxID"]
+    assert gateways[0].post(f"/sandboxes/{sandbox_id}/timeout", json={"timeout": 200}).status_code == 204
+    metrics = _until(lambda: gateways[1].get(f"/sandboxes/{sandbox_id}/metrics").json())
+    assert metrics[0]["memUsed"] > 0 and metrics[0]["cpuCount"] == 1
+    logs = _until(lambda: len(got := gateways[1].get(f"/v2/sandboxes/{sandbox_id}/logs").json()["logs"]) >= 2 and got)
+    assert [e["message"] for e in logs[:2]] == ["created", "renewed"]
+    assert gateways[1].delete(f"/sandboxes/{sandbox_id}").status_code == 204
+
+
 def test_cookie_affinity_holds_across_gateways(gateways):
     name = f"cookie-{uuid.uuid4().hex[:6]}"
     made = gateways[0].post(
