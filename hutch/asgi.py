@@ -1,5 +1,6 @@
 """The one ASGI app `hutch serve` runs: data-plane traffic to the gateway, `/mcp` to hutch's own
-MCP server (`hutch.mcp.endpoint`), the rest to the API.
+MCP server (`hutch.mcp.endpoint`), the rest to the API. Requests on the preview listener
+(`[preview] port`) are host-named sandbox traffic only.
 
 It also owns the ASGI lifespan: the server answers requests only once `Hutch.start` has
 finished (so `GET /health` answering 200 means ready), and `Hutch.stop` runs on shutdown.
@@ -26,12 +27,15 @@ class HutchApp:
         self.api = create_app(hutch)
         self.gateway = Gateway(hutch)
         self.mcp = McpEndpoint(hutch, self)
+        self.preview_port = hutch.config.preview.port
         self._running = AsyncExitStack()
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
             await self._lifespan(receive, send)
+        elif self.preview_port and (scope.get("server") or (None, None))[1] == self.preview_port:
+            await self.gateway.preview(scope, receive, send)
         elif self.gateway.claims(scope):
             await self.gateway(scope, receive, send)
         elif self.mcp.claims(scope):

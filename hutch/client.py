@@ -201,6 +201,17 @@ class HutchClient:
     def delete_session(self, function: str, session_id: str) -> None:
         self.request("DELETE", f"/v1/functions/{function}/sessions/{session_id}")
 
+    def session_logs(
+        self, function: str, session_id: str, cursor_ms: int | None = None, limit: int = 1000, level: str | None = None
+    ) -> list[dict]:
+        """The session's log entries from `cursor_ms` (unix milliseconds) on, oldest first."""
+        params: dict = {"limit": limit}
+        if cursor_ms is not None:
+            params["cursor"] = cursor_ms
+        if level is not None:
+            params["level"] = level
+        return self.request("GET", f"/v1/functions/{function}/sessions/{session_id}/logs", params=params)["logs"]
+
     # -- usage -----------------------------------------------------------------------------------
 
     @staticmethod

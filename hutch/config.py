@@ -7,7 +7,7 @@ data_dir = "/var/lib/hutch"
 metadb_url = "sqlite://"          # sqlite:///path, the data dir's metadb.sqlite3, or postgresql://user@host/db
 workspace_store = "auto"          # image | directory | shared | auto (image where loop devices exist)
 max_instances = 256
-domain = ""                       # E2B host routing: {port}-{sandboxId}.{domain}
+domain = "localhost"              # host names {port}-{sandboxId}.{domain} reach a port of a sandbox ("": none)
 metrics_public = false            # true: GET /metrics without an admin key (it holds no tenant data)
 request_timeout = 30.0            # seconds a client may take to send a request head (and a control-plane body)
 live_restore = false              # true: a stop of `hutch serve`/`node` leaves live sessions' instances
@@ -21,10 +21,17 @@ base = 2
 [gateway]
 head_timeout = 300.0              # seconds an instance may take to begin its answer once it has the request
                                   # (or to take more of its body): then 504 (a frozen or hung instance)
+[preview]                         # the listener of host-named traffic (port previews, signed file URLs)
+port = 0                          # its own port (every request there is host-routed); 0: the main port only
+host = ""                         # "": the main host
+tls_cert = ""                     # PEM certificate and key: HTTPS on the preview port (e.g. a *.domain wildcard)
+tls_key = ""
+public_domain = ""                # the domain SDKs are told; "": domain, with ":port" unless 80/443 or TLS on 443
 [metering]
 sample_interval = 5.0             # seconds between cgroup samples of every live session
 bucket_seconds = 60               # time resolution of per-tenant usage (ranges, charts)
 busy_cpu_fraction = 0.05          # an instance using more CPU than this (of one vCPU) is active
+metrics_keep_seconds = 86400      # how long each sample is kept for E2B's sandbox metrics
 [network]                         # sandboxes with a network policy (functions' `network`)
 subnet = ""                       # their addresses; "": a /16 of 10.64.0.0/10 no host interface uses,
                                   # chosen once (kept in <data>/network-subnet)
@@ -137,6 +144,26 @@ class GatewayConfig(BaseModel):
     head_timeout: float = Field(300.0, gt=0, le=86400)
 
 
+class PreviewConfig(BaseModel):
+    """Host-named traffic, `{port}-{sandboxId}.{domain}` (`hutch.gateway.e2b`), on a listener of its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(0, ge=0, le=65535)
+    host: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    public_domain: str = ""
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> PreviewConfig:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("preview.tls_cert and preview.tls_key go together")
+        if self.tls_cert and not self.port:
+            raise ValueError("preview.tls_cert needs preview.port (TLS is served on the preview port only)")
+        return self
+
+
 class MeteringConfig(BaseModel):
     """How sessions are measured (`hutch.scheduler.metering`)."""
 
@@ -145,6 +172,7 @@ class MeteringConfig(BaseModel):
     sample_interval: float = Field(5.0, gt=0, le=3600)
     bucket_seconds: int = Field(60, ge=1, le=86400)
     busy_cpu_fraction: float = Field(0.05, ge=0, le=64)
+    metrics_keep_seconds: float = Field(86400.0, gt=0, le=30 * 86400)  # metric samples (E2B's sandbox metrics)
 
 
 class KubernetesConfig(BaseModel):
@@ -217,7 +245,7 @@ class ServerConfig(BaseModel):
     workspace_store: str = Field("auto", pattern="^(auto|image|directory|shared)$")
     max_instances: int = Field(256, ge=1)
     uid_base: int = Field(1_000_000_000, ge=65536)
-    domain: str = ""
+    domain: str = "localhost"
     warm_pools: dict[str, int] = Field(default_factory=dict)
     reap_interval: float = Field(0.5, gt=0)
     live_restore: bool = False
@@ -225,6 +253,7 @@ class ServerConfig(BaseModel):
     metrics_public: bool = False
     request_timeout: float = Field(30.0, gt=0, le=3600)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    preview: PreviewConfig = Field(default_factory=PreviewConfig)
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
     pricing: Pricing = Field(default_factory=Pricing)
@@ -238,6 +267,16 @@ class ServerConfig(BaseModel):
         if self.workspace_store == "shared" and self.shared_storage.path is None:
             raise ValueError('workspace_store = "shared" needs [shared_storage] path (the shared mount)')
         return self
+
+    def public_domain(self) -> str | None:
+        """The domain SDKs build sandbox host names with (E2B's `domain`); None without host routing."""
+        if not self.domain:
+            return None
+        if self.preview.public_domain:
+            return self.preview.public_domain
+        port = self.preview.port or self.port
+        default = 443 if self.preview.tls_cert else 80
+        return self.domain if port == default else f"{self.domain}:{port}"
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides) -> ServerConfig:

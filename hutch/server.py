@@ -151,6 +151,7 @@ class Hutch:
             sample_interval=metering.sample_interval,
             bucket_seconds=metering.bucket_seconds,
             busy_cpu_fraction=metering.busy_cpu_fraction,
+            metrics_keep_s=metering.metrics_keep_seconds,
         )
         self.sessions = SessionManager(
             self.metadb,

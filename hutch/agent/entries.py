@@ -3,7 +3,8 @@ metadata kept in the file's extended attributes.
 
 An entry (JSON names of `filesystem.EntryInfo`):
     name, path, type ("FILE_TYPE_FILE" | "FILE_TYPE_DIRECTORY" | "FILE_TYPE_SYMLINK" | ...),
-    size (int64, so a string; 0 for a directory), mode (the permission bits), permissions (Go's `FileMode.String()`,
+    size (int64, so a string; as `lstat`: a directory's own size, e.g. 4096 on ext4), mode (the
+    permission bits), permissions (Go's `FileMode.String()`,
     e.g. "-rw-r--r--", "drwxr-xr-x", "Lrwxrwxrwx"), owner, group (names), modifiedTime
     (RFC 3339, UTC), isSymlink, symlinkTarget (symlinks only), metadata (only when there is some).
 
@@ -187,8 +188,7 @@ def entry_info(path: str, lst: os.stat_result | None = None) -> dict:
         perm = mode & 0o777
         is_symlink = False
     entry.update(
-        # A directory's st_size is filesystem bookkeeping (4096 on ext4); envd reports 0.
-        size="0" if stat.S_ISDIR(mode) else str(lst.st_size),
+        size=str(lst.st_size),  # envd: Go's Lstat Size(), a directory's own size included
         mode=perm,
         permissions=go_mode_string(mode),
         owner=owner_name(lst.st_uid),

@@ -118,7 +118,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def create_app(hutch) -> FastAPI:
     """The control-plane app for a started `hutch.server.Hutch`."""
-    from hutch.api import e2b, e2b_templates, native, templates, usage
+    from hutch.api import e2b, e2b_templates, native, sandbox_metrics, session_logs, templates, usage
 
     app = FastAPI(
         title="hutch",
@@ -161,6 +161,8 @@ def create_app(hutch) -> FastAPI:
             "warmPools": hutch.scheduler.pool_sizes() if hutch.scheduler else {},
         }
 
+    app.include_router(sandbox_metrics.router)  # before e2b's: its /sandboxes/{id} would take /sandboxes/metrics
+    app.include_router(session_logs.router)  # before e2b's catch-all of sandbox actions
     app.include_router(native.router)
     app.include_router(templates.router)
     app.include_router(usage.router)

@@ -24,8 +24,8 @@ Decisions (README "Use" says the same to users):
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import secrets
 import time
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hutch.agent.config import ENVD_VERSION
 from hutch.api.auth import caller
+from hutch.api.idempotency import create_once, request_hash
 from hutch.api.native import iso
 from hutch.errors import AlreadyExists, InvalidArgument, NotFound, Unimplemented
 from hutch.functions import BUILTIN_FUNCTIONS, FunctionSpec, NetworkSpec
@@ -48,10 +49,12 @@ Caller = Annotated[Tenant, Depends(caller)]
 AFFINITY = "E2B"
 CLIENT_ID = "hutch"
 DEFAULT_TIMEOUT_S = 300
-IDEMPOTENCY_TTL_S = 3600.0
 
 
 # -- request bodies ----------------------------------------------------------------------------
+
+
+MASK_PATTERN = r"^[A-Za-z0-9._:\-]*(\$\{PORT\}[A-Za-z0-9._:\-]*)*$"
 
 
 class NetworkBody(BaseModel):
@@ -60,6 +63,10 @@ class NetworkBody(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
     allow_out: list[str] = Field(default_factory=list, alias="allowOut", max_length=256)
     deny_out: list[str] = Field(default_factory=list, alias="denyOut", max_length=256)
+    allow_public_traffic: bool | None = Field(None, alias="allowPublicTraffic", description="false: a traffic token")
+    mask_request_host: str | None = Field(
+        None, alias="maskRequestHost", max_length=253, pattern=MASK_PATTERN, description="the Host user servers see"
+    )
 
 
 class NewSandbox(BaseModel):
@@ -98,7 +105,7 @@ class RefreshBody(BaseModel):
 
 
 def _domain(request: Request) -> str | None:
-    return request.app.state.hutch.config.domain or None
+    return request.app.state.hutch.config.public_domain()
 
 
 def sandbox_json(request: Request, session: SessionRecord) -> dict:
@@ -110,7 +117,7 @@ def sandbox_json(request: Request, session: SessionRecord) -> dict:
         "clientID": CLIENT_ID,
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": session.access_token,
-        "trafficAccessToken": None,
+        "trafficAccessToken": (session.traffic or {}).get("token"),
         "domain": _domain(request),
     }
 
@@ -154,12 +161,29 @@ async def detail_json(request: Request, session: SessionRecord) -> dict:
 
 def _network_fields(request: Request, session: SessionRecord) -> dict:
     policy = session.network
+    traffic = session.traffic or {}
+    network: dict[str, Any] = {"allowPublicTraffic": not traffic.get("token")}
+    if traffic.get("mask"):
+        network["maskRequestHost"] = traffic["mask"]
     if policy is None:
-        return {"allowInternetAccess": False}
+        return {"allowInternetAccess": False, "network": network}
     return {
         "allowInternetAccess": policy["internet"],
-        "network": {"allowOut": policy["allow"], "denyOut": policy["deny"]},
+        "network": {"allowOut": policy["allow"], "denyOut": policy["deny"], **network},
     }
+
+
+def _traffic(body: NewSandbox) -> dict | None:
+    """The sandbox's rules for host-named traffic (`SessionRecord.traffic`), None when open."""
+    network = body.network
+    if network is None:
+        return None
+    traffic: dict[str, str] = {}
+    if network.allow_public_traffic is False:
+        traffic["token"] = secrets.token_urlsafe(24)
+    if network.mask_request_host:
+        traffic["mask"] = network.mask_request_host
+    return traffic or None
 
 
 def _policy(body: NewSandbox, template_has_network: bool) -> dict | None:
@@ -223,31 +247,6 @@ def _refuse_unavailable(body: NewSandbox) -> None:
         raise InvalidArgument("volume mounts are not available in hutch")
 
 
-class _Idempotency:
-    """`Idempotency-Key` on create: a retried create gets the sandbox the first one made.
-
-    Keys are opt-in and rare, so one lock serializes the creates that carry one.
-    """
-
-    def __init__(self) -> None:
-        self.made: dict[tuple[str, str], tuple[str, float]] = {}  # (tenant, key) -> (sandbox id, at)
-        self.lock = asyncio.Lock()
-
-    def get(self, slot: tuple[str, str]) -> str | None:
-        now = time.monotonic()
-        for old in [k for k, (_, at) in self.made.items() if now - at > IDEMPOTENCY_TTL_S]:
-            del self.made[old]
-        made = self.made.get(slot)
-        return made[0] if made else None
-
-
-def _idempotency(request: Request) -> _Idempotency:
-    state = request.app.state
-    if not hasattr(state, "e2b_idempotency"):
-        state.e2b_idempotency = _Idempotency()
-    return state.e2b_idempotency
-
-
 async def _function_of_template(request: Request, tenant: Tenant, name: str) -> FunctionSpec:
     """A template with no function of its name: the tenant gets one, like the built-in `base`
     but booting that template (E2B's `Sandbox.create(template)` names templates)."""
@@ -286,23 +285,9 @@ async def _create(request: Request, tenant: Tenant, body: NewSandbox) -> Session
         env=body.env_vars or {},
         metadata=body.metadata or {},
         with_token=True,
+        traffic=_traffic(body),
     )
     return session
-
-
-async def _create_once(request: Request, tenant: Tenant, body: NewSandbox, key: str | None) -> SessionRecord:
-    if not key:
-        return await _create(request, tenant, body)
-    table = _idempotency(request)
-    slot = (tenant.tenant_id, key)
-    async with table.lock:
-        made = table.get(slot)
-        existing = await request.app.state.hutch.sessions.find_by_public_id(made) if made else None
-        if existing is not None:
-            return existing
-        session = await _create(request, tenant, body)
-        table.made[slot] = (session.session_id, time.monotonic())
-        return session
 
 
 @router.post("/sandboxes", status_code=201, summary="Create a sandbox (E2B SDK < 2.51)")
@@ -313,7 +298,13 @@ async def create_sandbox(
     tenant: Caller,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> dict:
-    return sandbox_json(request, await _create_once(request, tenant, body, idempotency_key))
+    """A retry with the same `Idempotency-Key` gets the first create's sandbox (`hutch.api.idempotency`)."""
+    fingerprint = request_hash("e2b:create", body.model_dump(mode="json", by_alias=True))
+    metadb = request.app.state.hutch.metadb
+    session = await create_once(
+        metadb, tenant.tenant_id, idempotency_key, fingerprint, lambda: _create(request, tenant, body)
+    )
+    return sandbox_json(request, session)
 
 
 # -- read --------------------------------------------------------------------------------------
@@ -463,5 +454,5 @@ async def resume_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> R
     include_in_schema=False,
 )
 async def unavailable(sandbox_id: str, action: str, tenant: Caller) -> Response:
-    """E2B features hutch does not offer (metrics, logs, snapshots, fork, network): 501, not a misleading 404."""
+    """E2B features hutch does not offer (snapshots, fork): 501, not a misleading 404."""
     raise Unimplemented(f"the sandbox {action} API is not available in hutch")

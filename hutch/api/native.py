@@ -12,10 +12,11 @@ import time
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from hutch.api.auth import caller
+from hutch.api.idempotency import create_once, request_hash
 from hutch.errors import InvalidArgument, NotFound, PermissionDenied
 from hutch.functions import BUILTIN_TENANT, AffinityType, FunctionSpec, NetworkSpec, check_warm_pools
 from hutch.metadb.records import EndReason, FunctionRecord, SessionRecord, SessionStatus, Tenant
@@ -231,6 +232,7 @@ def session_json(session: SessionRecord) -> dict:
         "lastActivityTime": iso(session.last_activity),
         "expireTime": iso(session.expires_at),
         "epoch": session.epoch,
+        "previewId": session.row_id,  # host names {port}-{previewId}.{domain} reach its ports
         "metadata": session.metadata,
         "network": _network_json(session.network),
         **({"endTime": iso(session.ended_at), "endReason": session.end_reason} if not session.active else {}),
@@ -238,7 +240,23 @@ def session_json(session: SessionRecord) -> dict:
 
 
 @router.post("/functions/{name}/sessions", status_code=201, tags=["sessions"], summary="Create (prewarm) a session")
-async def create_session(name: str, body: SessionIn, request: Request, tenant: Caller) -> dict:
+async def create_session(
+    name: str,
+    body: SessionIn,
+    request: Request,
+    tenant: Caller,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> dict:
+    """A retry with the same `Idempotency-Key` gets the first create's session (`hutch.api.idempotency`)."""
+    fingerprint = request_hash(f"native:create:{name}", body.model_dump(mode="json", by_alias=True))
+    metadb = request.app.state.hutch.metadb
+    session = await create_once(
+        metadb, tenant.tenant_id, idempotency_key, fingerprint, lambda: _create_session(request, tenant, name, body)
+    )
+    return session_json(session)
+
+
+async def _create_session(request: Request, tenant: Tenant, name: str, body: SessionIn) -> SessionRecord:
     sessions = request.app.state.hutch.sessions
     _, spec = await sessions.function(tenant.tenant_id, name)
     if body.session_id is not None and spec.session_affinity != AffinityType.HEADER_FIELD:
@@ -254,7 +272,7 @@ async def create_session(name: str, body: SessionIn, request: Request, tenant: C
         metadata=body.metadata,
         network=body.network.to_runtime() if body.network is not None else None,
     )
-    return session_json(session)
+    return session
 
 
 async def _list(request: Request, tenant: Tenant, function: str | None, status, limit: int, next_token) -> dict:

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -83,18 +85,75 @@ def _run(
         raise typer.BadParameter(str(exc)) from None
     app = NodeApp(hutch, settings.cluster.advertise) if role == "node" else HutchApp(hutch)
     _raise_open_files_limit()
-    uvicorn.run(
+    # httptools, with limits on request heads (hutch/gateway/wire.py)
+    http = GuardedHttpProtocol.configured(head_timeout=settings.request_timeout)
+    main = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        # httptools, with limits on request heads (hutch/gateway/wire.py)
-        http=GuardedHttpProtocol.configured(head_timeout=settings.request_timeout),
+        http=http,
         lifespan="on",
         log_level=log_level,
         access_log=log_level == "debug",
         timeout_graceful_shutdown=10,
     )
+    preview = settings.preview
+    if role == "node" or not preview.port:
+        uvicorn.Server(main).run()
+        return
+    second = uvicorn.Config(
+        app,
+        host=preview.host or settings.host,
+        port=preview.port,
+        loop="uvloop",
+        http=http,
+        lifespan="off",  # the app starts and stops with the main listener
+        log_level=log_level,
+        access_log=log_level == "debug",
+        timeout_graceful_shutdown=10,
+        ssl_certfile=preview.tls_cert or None,
+        ssl_keyfile=preview.tls_key or None,
+    )
+    _Listeners(main, second).run()
+
+
+class _Listeners:
+    """The main listener and the preview listener of one app, in one event loop: the preview one
+    opens once the app has started, and both close on the signal the main one catches."""
+
+    def __init__(self, main: Any, preview: Any) -> None:
+        import uvicorn
+
+        self.preview = uvicorn.Server(preview)
+        outer = self
+
+        class Main(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                outer.preview.should_exit = True
+                super().handle_exit(sig, frame)
+
+        self.main = Main(main)
+
+    def run(self) -> None:
+        from uvicorn._compat import asyncio_run
+
+        asyncio_run(self._serve(), loop_factory=self.main.config.get_loop_factory())
+
+    async def _serve(self) -> None:
+        preview = asyncio.create_task(self._preview_when_started())
+        try:
+            await self.main.serve()
+        finally:
+            self.preview.should_exit = True
+            await preview
+
+    async def _preview_when_started(self) -> None:
+        while not self.main.started:
+            if self.main.should_exit or self.preview.should_exit:
+                return
+            await asyncio.sleep(0.02)
+        await self.preview._serve()  # no signal handlers of its own: the main server's stop it
 
 
 def _raise_open_files_limit() -> None:

@@ -1,6 +1,10 @@
-"""`hutch session create|list|get|renew|delete`: the caller's sessions (E2B sandboxes included)."""
+"""`hutch session create|list|get|renew|logs|delete`: the caller's sessions (E2B sandboxes included)."""
 
 from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
 
 import typer
 
@@ -126,6 +130,38 @@ def renew(
             raise InvalidArgument("give --ttl and/or --idle-timeout")
         session = client.renew_session(_function(client, function, session_id), session_id, ttl, idle_timeout)
     _show(session, as_json)
+
+
+@app.command()
+def logs(
+    session_id: str = SESSION_ID,
+    function: str = FUNCTION,
+    follow: bool = typer.Option(False, "--follow", help="Keep printing new entries until Ctrl-C."),
+    level: str = typer.Option(None, help="The lowest level shown: debug, info, warn or error."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """What happened to a session: created, renewed, crashed and replaced, ended and why."""
+    with connected() as client:
+        name = _function(client, function, session_id)
+        last_ms: int | None = None
+        at_last: set[str] = set()  # entries of the last millisecond printed (the next page starts there)
+        while True:
+            for entry in client.session_logs(name, session_id, last_ms, level=level):
+                key = json.dumps(entry, sort_keys=True)
+                ms = _millis(entry["timestamp"])
+                if ms == last_ms and key in at_last:
+                    continue
+                if ms != last_ms:
+                    last_ms, at_last = ms, set()
+                at_last.add(key)
+                typer.echo(key if as_json else f"{entry['timestamp']} {entry['level']:5} {entry['message']}")
+            if not follow:
+                return
+            time.sleep(1.0)
+
+
+def _millis(timestamp: str) -> int:
+    return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp() * 1000)
 
 
 @app.command()

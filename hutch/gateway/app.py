@@ -29,7 +29,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from hutch.errors import HutchError, Unavailable
+from hutch.errors import HutchError, NotFound, Unavailable
 from hutch.gateway import e2b, invoke, mcp
 from hutch.gateway.cluster import ClusterSessions
 from hutch.gateway.proxy import proxy_http
@@ -84,6 +84,14 @@ class Gateway:
             except HutchError:
                 return True  # malformed E2B traffic: the gateway says what is wrong
         return False
+
+    async def preview(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A request on the preview listener (`[preview] port`): host-named traffic only."""
+        if self.claims(scope):
+            await self(scope, receive, send)
+            return
+        expected = f"{{port}}-{{sandboxId}}.{self.domain}" if self.domain else "nothing (no domain is configured)"
+        await self._error(scope, send, NotFound(f"this host names no sandbox: this port serves {expected}"), True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()

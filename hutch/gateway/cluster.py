@@ -178,6 +178,7 @@ class ClusterSessions:
         self.meter = _NoLiveMeter()
         self._active: dict[str, SessionRecord] = {}  # internal id -> Active session (a cache)
         self._by_public: dict[str, str] = {}  # sandbox id -> internal id
+        self._by_row: dict[str, str] = {}  # row id -> internal id
         self._specs: dict[tuple[str, str], tuple[str, FunctionSpec]] = {}  # (tenant, name) -> (pool key, spec)
         self.on_end: list[Callable[[SessionRecord], None]] = []
         self.on_created: list[Callable[[SessionRecord, float], None]] = []
@@ -195,6 +196,7 @@ class ClusterSessions:
 
     def _remember(self, session: SessionRecord) -> SessionRecord:
         self._active[session.internal_id] = session
+        self._by_row[session.row_id] = session.internal_id
         if session.access_token:
             self._by_public[session.session_id] = session.internal_id
         return session
@@ -203,6 +205,8 @@ class ClusterSessions:
         session = self._active.pop(internal_id, None)
         if session is not None and self._by_public.get(session.session_id) == internal_id:
             del self._by_public[session.session_id]
+        if session is not None:
+            self._by_row.pop(session.row_id, None)
         return session
 
     def _notice(self, internal_id: str | None) -> None:
@@ -210,6 +214,7 @@ class ClusterSessions:
         if internal_id is None:
             self._active.clear()
             self._by_public.clear()
+            self._by_row.clear()
             self._specs.clear()
             return
         session = self._forget(internal_id)
@@ -280,6 +285,18 @@ class ClusterSessions:
         record = await self.metadb.active_session_by_public_id(session_id)
         return self._remember(record) if record is not None else None
 
+    async def find_by_row(self, row_id: str) -> SessionRecord | None:
+        """An Active session by row id (a native session's host-named traffic), cached as any route."""
+        internal = self._by_row.get(row_id)
+        cached = self._active.get(internal) if internal else None
+        if cached is not None:
+            return cached
+        try:
+            record = await self.metadb.get_session(row_id)
+        except NotFound:
+            return None
+        return self._remember(record) if record.active else None
+
     def active_sessions(self) -> list[SessionRecord]:
         """The sessions this gateway has routed lately (the cluster's are in MetaDB)."""
         return list(self._active.values())
@@ -313,6 +330,7 @@ class ClusterSessions:
         with_token: bool = False,
         existing_ok: bool = False,
         network: dict | None = None,
+        traffic: dict | None = None,
     ) -> tuple[SessionRecord, bool]:
         started = time.perf_counter()
         await self.function(tenant.tenant_id, function)  # NotFound here, before any node is asked
@@ -343,6 +361,7 @@ class ClusterSessions:
             "withToken": with_token,
             "existingOk": existing_ok,
             "network": network,
+            "traffic": traffic,
         }
         answer = await self._on_live_node("sessions", body, "no live node can take a session now; retry")
         record = self._remember(session_from_wire(answer["session"]))

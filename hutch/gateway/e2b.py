@@ -2,7 +2,8 @@
 
 A request names its sandbox and port either with the `E2b-Sandbox-Id` and `E2b-Sandbox-Port`
 headers (what the SDKs send when `E2B_SANDBOX_URL` points at hutch), or with the host
-`{port}-{sandboxId}.{domain}` when `domain` is configured (`Sandbox.get_host(port)` URLs). Only
+`{port}-{sandboxId}.{domain}` (`domain`: `localhost` unless configured; `Sandbox.get_host(port)`
+and signed file URLs), on the main port or on the preview listener (`[preview] port`). Only
 sessions created through the E2B API have an access token, and only those are reachable so.
 
 Access rule (what the official SDKs send, checked against e2b 2.63 / e2b-code-interpreter 2.11):
@@ -15,9 +16,15 @@ Access rule (what the official SDKs send, checked against e2b 2.63 / e2b-code-in
   restart and remove contexts; none runs code). A wrong token is refused everywhere.
 - any other port: a user server inside the sandbox, reachable like E2B's default public sandbox
   traffic: whoever knows the sandbox id (about 100 random bits) may reach it, no token needed,
-  and headers pass as they are. (E2B's `E2B-Traffic-Access-Token` for private traffic is not
-  implemented.)
-The token and the tenant's API key are not forwarded to the agent's own ports.
+  and headers pass as they are.
+- a sandbox created with `network.allowPublicTraffic: false` has a traffic access token: every
+  port but envd's (the code interpreter's included, as E2B) then needs it in
+  `e2b-traffic-access-token`; missing or wrong is a 403, as E2B's proxy answers.
+A sandbox's `maskRequestHost` (`${PORT}` replaced by the port) is the `Host` its user servers see.
+Native sessions are reached by host name too, as `{port}-{previewId}.{domain}` (`previewId`: the
+session's row id, 128 random bits, as unguessable as a sandbox id; their public ids are chosen by
+clients and only unique per tenant and function): user-server ports only, public like E2B's.
+The tokens and the tenant's API key are not forwarded to the agent's own ports.
 
 Errors use E2B's shape `{"code": <status>, "message"}`; an unknown or ended sandbox is a 502
 whose message says "was not found", which the SDKs turn into `SandboxNotRunningException`.
@@ -28,12 +35,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import time
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from hutch.agent.config import ENVD_PORT, INTERPRETER_PORT
-from hutch.errors import InvalidArgument, NotFound, Unauthenticated
+from hutch.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from hutch.gateway.affinity import header_value
 from hutch.gateway.types import Header, Scope, Target
 
@@ -42,8 +50,10 @@ if TYPE_CHECKING:
 
 AGENT_PORTS = (ENVD_PORT, INTERPRETER_PORT)
 TOKEN_HEADER = b"x-access-token"
-AGENT_DROPPED = frozenset({TOKEN_HEADER, b"x-api-key", b"e2b-sandbox-port"})
-USER_DROPPED = frozenset({b"e2b-sandbox-port"})
+TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
+ROW_ID = re.compile(r"[0-9a-f]{32}")  # a session's row id: native sessions' host names
+AGENT_DROPPED = frozenset({TOKEN_HEADER, TRAFFIC_TOKEN_HEADER, b"x-api-key", b"e2b-sandbox-port"})
+USER_DROPPED = frozenset({TRAFFIC_TOKEN_HEADER, b"e2b-sandbox-port"})
 
 
 class SandboxNotFound(NotFound):
@@ -110,6 +120,28 @@ def _equal(given: str | bytes, expected: str) -> bool:
     return hmac.compare_digest(given_bytes, expected.encode("latin-1"))
 
 
+def check_traffic(scope: Scope, port: int, traffic: dict | None) -> None:
+    """A private sandbox's traffic access token, on every port but envd's.
+
+    Raises:
+        PermissionDenied: the token is missing or wrong (403, as E2B's proxy).
+    """
+    token = (traffic or {}).get("token")
+    if not token or port == ENVD_PORT:
+        return
+    given = header_value(scope["headers"], TRAFFIC_TOKEN_HEADER)
+    if given is None or not _equal(given, token):
+        raise PermissionDenied(
+            "this sandbox's traffic is private: send its traffic access token (e2b-traffic-access-token)"
+        )
+
+
+def masked_host(traffic: dict | None, port: int) -> bytes | None:
+    """The `Host` a user server sees (`maskRequestHost`, `${PORT}` replaced), or None: the client's."""
+    mask = (traffic or {}).get("mask")
+    return mask.replace("${PORT}", str(port)).encode("latin-1") if mask else None
+
+
 def check_access(scope: Scope, port: int, token: str) -> None:
     """Apply the access rule of the module docstring.
 
@@ -155,9 +187,19 @@ async def resolve(hutch: Hutch, scope: Scope, sandbox_id: str, port: int) -> Tar
     sessions = hutch.sessions
     assert sessions is not None
     session = await sessions.find_by_public_id(sandbox_id)
-    if session is None or not session.access_token:
+    if session is None and ROW_ID.fullmatch(sandbox_id):
+        session = await sessions.find_by_row(sandbox_id)  # a native session's `previewId`
+        if session is not None and session.access_token:
+            session = None  # a sandbox is named by its sandbox id only
+        elif session is not None and port in AGENT_PORTS:
+            raise PermissionDenied("a session's agent is reached through /functions/{name}/invoke, with an API key")
+    elif session is not None and not session.access_token:
+        session = None
+    if session is None:
         raise SandboxNotFound(f"The sandbox {sandbox_id} was not found")
-    check_access(scope, port, session.access_token)
+    check_traffic(scope, port, session.traffic)
+    if session.access_token:
+        check_access(scope, port, session.access_token)
     try:
         route = await sessions.route(session)
     except NotFound:
@@ -166,12 +208,17 @@ async def resolve(hutch: Hutch, scope: Scope, sandbox_id: str, port: int) -> Tar
     agent = port in AGENT_PORTS
     raw: bytes = scope.get("raw_path") or scope["path"].encode("latin-1")
     query: bytes = scope.get("query_string", b"")
+    drop = AGENT_DROPPED if agent else USER_DROPPED
+    add = [(b"e2b-sandbox-port", str(port).encode())]
+    host = None if agent else masked_host(session.traffic, port)
+    if host is not None:
+        drop, add = drop | {b"host"}, [*add, (b"host", host)]
     return Target(
         session=session,
         address=route.socket_path,
         node=route.node,
         pool_key=(session.instance_id or "", None if agent else port),
         path=raw + b"?" + query if query else raw,
-        drop=AGENT_DROPPED if agent else USER_DROPPED,
-        add=[(b"e2b-sandbox-port", str(port).encode())],
+        drop=drop,
+        add=add,
     )

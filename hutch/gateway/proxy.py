@@ -136,11 +136,9 @@ def _watch_head(exchange: _Exchange, timeout: float) -> None:
 
 
 def _stream_ended(target: Target) -> str:
-    return (
-        f"the connection to sandbox {target.session.session_id} ended before the stream completed: "
-        "its instance stopped answering (after a crash, the next request gets a new instance with "
-        "the same files; processes and memory are lost)"
-    )
+    # E2B's own words: the SDKs then probe the sandbox and, if it is gone, raise
+    # SandboxNotRunningException ("killed or reached its end of life while the request was in flight").
+    return f"the connection to sandbox {target.session.session_id} ended before the stream completed"
 
 
 async def _connect(

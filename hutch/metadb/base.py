@@ -16,7 +16,10 @@ from typing import Protocol
 
 from hutch.metadb.records import (
     FunctionRecord,
+    IdempotencyRecord,
     InstanceRecord,
+    LogEntry,
+    MetricSample,
     SchedulerRecord,
     SessionRecord,
     SessionStatus,
@@ -125,10 +128,65 @@ class MetaDB(Protocol):
         """Record last-activity times (row id -> time) in one write."""
         ...
 
+    # idempotent creates -----------------------------------------------------------------------
+    async def claim_idempotency_key(
+        self, record: IdempotencyRecord, keep_s: float, abandoned_s: float
+    ) -> IdempotencyRecord | None:
+        """Claim `(record.tenant_id, record.key)` for a create about to run, in one transaction:
+        None if this call claimed it (it was free, older than `keep_s`, or claimed more than
+        `abandoned_s` ago by a create that never settled), else the record that holds it.
+        Records older than `keep_s` are deleted on the way."""
+        ...
+
+    async def settle_idempotency_key(self, tenant_id: str, key: str, session_row_id: str) -> None:
+        """Record the session the claimed key's create made."""
+        ...
+
+    async def release_idempotency_key(self, tenant_id: str, key: str) -> None:
+        """Drop an unsettled claim (its create failed), so a retry runs the create again."""
+        ...
+
     # usage ------------------------------------------------------------------------------------
-    async def save_usage(self, records: list[SessionUsage], buckets: list[UsageBucket]) -> None:
-        """In one transaction: write these session usage records (insert or replace) and add
-        these amounts to their buckets (a bucket's amounts are sums, never replaced)."""
+    async def save_usage(
+        self, records: list[SessionUsage], buckets: list[UsageBucket], samples: list[MetricSample] | None = None
+    ) -> None:
+        """In one transaction: write these session usage records (insert or replace), add
+        these amounts to their buckets (a bucket's amounts are sums, never replaced) and keep
+        these metric samples."""
+        ...
+
+    async def metric_samples(self, row_id: str, start: float, end: float) -> list[MetricSample]:
+        """The session's metric samples taken in `[start, end]`, oldest first."""
+        ...
+
+    async def latest_metric_samples(self, row_ids: list[str]) -> dict[str, MetricSample]:
+        """The newest metric sample of each of these sessions (sessions without one left out)."""
+        ...
+
+    async def forget_metric_samples(self, before: float) -> None:
+        """Delete the metric samples taken before `before`."""
+        ...
+
+    # session logs -----------------------------------------------------------------------------
+    async def add_logs(self, entries: list[LogEntry], keep: int) -> None:
+        """Append these entries; each session keeps only its newest `keep`."""
+        ...
+
+    async def session_logs(
+        self,
+        row_id: str,
+        start: float | None = None,
+        limit: int = 1000,
+        forward: bool = True,
+        levels: tuple[str, ...] | None = None,
+        search: str | None = None,
+    ) -> list[LogEntry]:
+        """The session's entries from `start` on (forward, oldest first) or up to it (backward,
+        newest first), of these levels, whose message contains `search` (case-insensitive)."""
+        ...
+
+    async def forget_logs(self, before: float) -> None:
+        """Delete the entries written before `before`."""
         ...
 
     async def get_usage(self, row_id: str) -> SessionUsage:

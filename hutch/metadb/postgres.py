@@ -32,7 +32,10 @@ from hutch.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from hutch.metadb.records import (
     USAGE_AMOUNT_FIELDS,
     FunctionRecord,
+    IdempotencyRecord,
     InstanceRecord,
+    LogEntry,
+    MetricSample,
     SchedulerRecord,
     SessionRecord,
     SessionStatus,
@@ -50,7 +53,10 @@ from hutch.metadb.rows import (
     check_tenant_changes,
     cut_page,
     function_from_row,
+    idempotency_claim_abandoned,
     instance_from_row,
+    log_filter,
+    log_from_row,
     parse_page_token,
     quota_checked,
     scheduler_from_row,
@@ -138,6 +144,28 @@ MIGRATIONS = [
     # 2 -> 3: a session's own network policy (NULL: its function's)
     """
     ALTER TABLE sessions ADD COLUMN network TEXT
+    """,
+    # 3 -> 4: creates that carried an Idempotency-Key (the key's claim, then the session it made);
+    # the metric samples of sessions' instances; a session's own rules for host-named traffic;
+    # sessions' logs
+    """
+    CREATE TABLE idempotency_keys (
+        tenant_id TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL, session_row_id TEXT, PRIMARY KEY (tenant_id, key)
+    );
+    CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
+    CREATE TABLE metric_samples (
+        row_id TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, cpu_used_pct DOUBLE PRECISION NOT NULL,
+        memory_bytes BIGINT NOT NULL, disk_bytes BIGINT NOT NULL, PRIMARY KEY (row_id, at)
+    );
+    CREATE INDEX metric_samples_at ON metric_samples(at);
+    CREATE TABLE session_logs (
+        id BIGSERIAL PRIMARY KEY, row_id TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, level TEXT NOT NULL,
+        message TEXT NOT NULL, fields TEXT NOT NULL
+    );
+    CREATE INDEX session_logs_row ON session_logs(row_id, at);
+    CREATE INDEX session_logs_at ON session_logs(at);
+    ALTER TABLE sessions ADD COLUMN traffic TEXT
     """,
 ]
 
@@ -608,10 +636,53 @@ class PostgresMetaDB:
                 if not connection.is_closed():
                     connection.terminate()
 
+    # idempotent creates -----------------------------------------------------------------------
+
+    async def claim_idempotency_key(
+        self, record: IdempotencyRecord, keep_s: float, abandoned_s: float
+    ) -> IdempotencyRecord | None:
+        at = float(record.created_at)
+        async with self._transaction() as db:
+            # Serialises the claims of one key across every gateway (a row lock needs the row).
+            await db.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"idem:{record.tenant_id}:{record.key}")
+            await db.execute("DELETE FROM idempotency_keys WHERE created_at < $1", at - keep_s)
+            row = await db.fetchrow(
+                "SELECT * FROM idempotency_keys WHERE tenant_id = $1 AND key = $2", record.tenant_id, record.key
+            )
+            if row is not None and not idempotency_claim_abandoned(row, at, abandoned_s):
+                return IdempotencyRecord(**dict(row))
+            await db.execute(
+                "INSERT INTO idempotency_keys (tenant_id, key, request_hash, created_at, session_row_id) "
+                "VALUES ($1, $2, $3, $4, NULL) ON CONFLICT (tenant_id, key) DO UPDATE SET "
+                "request_hash = excluded.request_hash, created_at = excluded.created_at, session_row_id = NULL",
+                record.tenant_id,
+                record.key,
+                record.request_hash,
+                at,
+            )
+            return None
+
+    async def settle_idempotency_key(self, tenant_id: str, key: str, session_row_id: str) -> None:
+        await self._execute(
+            "UPDATE idempotency_keys SET session_row_id = $1 WHERE tenant_id = $2 AND key = $3",
+            session_row_id,
+            tenant_id,
+            key,
+        )
+
+    async def release_idempotency_key(self, tenant_id: str, key: str) -> None:
+        await self._execute(
+            "DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND session_row_id IS NULL",
+            tenant_id,
+            key,
+        )
+
     # usage ------------------------------------------------------------------------------------
 
-    async def save_usage(self, records: list[SessionUsage], buckets: list[UsageBucket]) -> None:
-        if not records and not buckets:
+    async def save_usage(
+        self, records: list[SessionUsage], buckets: list[UsageBucket], samples: list[MetricSample] | None = None
+    ) -> None:
+        if not records and not buckets and not samples:
             return
         updates = ", ".join(f"{c} = excluded.{c}" for c in USAGE_COLUMNS if c != "row_id")
         amounts = ", ".join(USAGE_AMOUNT_FIELDS)
@@ -638,6 +709,72 @@ class PostgresMetaDB:
                         for b in buckets
                     ],
                 )
+            if samples:
+                await db.executemany(
+                    "INSERT INTO metric_samples (row_id, at, cpu_used_pct, memory_bytes, disk_bytes) "
+                    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (row_id, at) DO UPDATE SET "
+                    "cpu_used_pct = excluded.cpu_used_pct, memory_bytes = excluded.memory_bytes, "
+                    "disk_bytes = excluded.disk_bytes",
+                    [(m.row_id, float(m.at), float(m.cpu_used_pct), m.memory_bytes, m.disk_bytes) for m in samples],
+                )
+
+    async def metric_samples(self, row_id: str, start: float, end: float) -> list[MetricSample]:
+        rows = await self._fetch(
+            "SELECT * FROM metric_samples WHERE row_id = $1 AND at >= $2 AND at <= $3 ORDER BY at",
+            row_id,
+            float(start),
+            float(end),
+        )
+        return [MetricSample(**dict(r)) for r in rows]
+
+    async def latest_metric_samples(self, row_ids: list[str]) -> dict[str, MetricSample]:
+        rows = await self._fetch(
+            "SELECT DISTINCT ON (row_id) * FROM metric_samples WHERE row_id = ANY($1::text[]) ORDER BY row_id, at DESC",
+            list(dict.fromkeys(row_ids)),
+        )
+        return {r["row_id"]: MetricSample(**dict(r)) for r in rows}
+
+    async def forget_metric_samples(self, before: float) -> None:
+        await self._execute("DELETE FROM metric_samples WHERE at < $1", float(before))
+
+    # session logs -----------------------------------------------------------------------------
+
+    async def add_logs(self, entries: list[LogEntry], keep: int) -> None:
+        if not entries:
+            return
+        async with self._transaction() as db:
+            await db.executemany(
+                "INSERT INTO session_logs (row_id, at, level, message, fields) VALUES ($1, $2, $3, $4, $5)",
+                [(e.row_id, float(e.at), e.level, e.message, json.dumps(e.fields)) for e in entries],
+            )
+            for row_id in {e.row_id for e in entries}:
+                await db.execute(
+                    "DELETE FROM session_logs WHERE row_id = $1 AND id NOT IN "
+                    "(SELECT id FROM session_logs WHERE row_id = $1 ORDER BY id DESC LIMIT $2)",
+                    row_id,
+                    keep,
+                )
+
+    async def session_logs(
+        self,
+        row_id: str,
+        start: float | None = None,
+        limit: int = 1000,
+        forward: bool = True,
+        levels: tuple[str, ...] | None = None,
+        search: str | None = None,
+    ) -> list[LogEntry]:
+        where, args = log_filter(row_id, start, forward, levels, search, "$")
+        order = "ASC" if forward else "DESC"
+        rows = await self._fetch(
+            f"SELECT * FROM session_logs WHERE {where} ORDER BY at {order}, id {order} LIMIT ${len(args) + 1}",
+            *args,
+            limit,
+        )
+        return [log_from_row(r) for r in rows]
+
+    async def forget_logs(self, before: float) -> None:
+        await self._execute("DELETE FROM session_logs WHERE at < $1", float(before))
 
     async def get_usage(self, row_id: str) -> SessionUsage:
         row = await self._fetchrow("SELECT * FROM usage WHERE row_id = $1", row_id)

@@ -74,10 +74,49 @@ class SessionRecord:
     end_reason: str | None = None
     # The session's own egress policy ({"internet", "allow", "deny"}); None: its function's.
     network: dict | None = None
+    # Host-named traffic to its user servers: {"token": traffic access token required (E2B's
+    # allowPublicTraffic false), "mask": the Host user servers see, "${PORT}" replaced}; None: open.
+    traffic: dict | None = None
 
     @property
     def active(self) -> bool:
         return self.status == SessionStatus.ACTIVE
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """What one sample of a session's instance measured (E2B's `SandboxMetric`, per session)."""
+
+    row_id: str  # the session's row id
+    at: float
+    cpu_used_pct: float  # of the session's vCPUs, since the previous sample (0 to 100)
+    memory_bytes: int  # the instance's cgroup, page cache included
+    disk_bytes: int  # the workspace
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One line of a session's log (E2B's `SandboxLogEntry`): what hutch saw happen to it."""
+
+    row_id: str  # the session's row id
+    at: float
+    level: str  # debug | info | warn | error
+    message: str
+    fields: dict = field(default_factory=dict)
+
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+@dataclass
+class IdempotencyRecord:
+    """A create that carried an `Idempotency-Key`: the key's claim, then the session it made."""
+
+    tenant_id: str
+    key: str
+    request_hash: str  # what was asked (route and body), so a reuse for another request is told apart
+    created_at: float
+    session_row_id: str | None = None  # None while the first create runs (or if it died half-way)
 
 
 class InstanceRole(enum.StrEnum):

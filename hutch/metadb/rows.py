@@ -18,6 +18,7 @@ from hutch.metadb.records import (
     FunctionRecord,
     InstanceRecord,
     InstanceRole,
+    LogEntry,
     SchedulerRecord,
     SessionRecord,
     SessionStatus,
@@ -27,7 +28,7 @@ from hutch.metadb.records import (
 )
 
 SESSION_COLUMNS = [f.name for f in fields(SessionRecord)]
-SESSION_JSON_COLUMNS = {"metadata", "env", "network"}
+SESSION_JSON_COLUMNS = {"metadata", "env", "network", "traffic"}
 SESSION_BOOL_COLUMNS = {"disable_reuse", "persist_workspace"}
 USAGE_COLUMNS = [f for f in SessionUsage.__dataclass_fields__ if f != "amounts"] + list(USAGE_AMOUNT_FIELDS)
 TENANT_COLUMNS = [f.name for f in fields(Tenant)]
@@ -64,6 +65,36 @@ def check_session_changes(changes: Mapping[str, Any]) -> None:
 def check_tenant_changes(changes: Mapping[str, Any]) -> None:
     if not changes or not set(changes) <= TENANT_CHANGEABLE:
         raise InvalidArgument(f"can only change {sorted(TENANT_CHANGEABLE)}")
+
+
+def log_filter(
+    row_id: str, start: float | None, forward: bool, levels: tuple[str, ...] | None, search: str | None, mark: str
+) -> tuple[str, list[Any]]:
+    """The WHERE clause and its arguments of a session's log query; `mark` is "?" (SQLite) or "$" (PostgreSQL)."""
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return "?" if mark == "?" else f"${len(args)}"
+
+    where = [f"row_id = {arg(row_id)}"]
+    if start is not None:
+        where.append(f"at {'>=' if forward else '<='} {arg(float(start))}")
+    if levels is not None:
+        where.append(f"level IN ({', '.join(arg(level) for level in levels)})")
+    if search:
+        escaped = search.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        where.append(f"LOWER(message) LIKE {arg('%' + escaped + '%')} ESCAPE '\\'")
+    return " AND ".join(where), args
+
+
+def log_from_row(row: Mapping[str, Any]) -> LogEntry:
+    return LogEntry(row["row_id"], row["at"], row["level"], row["message"], json.loads(row["fields"]))
+
+
+def idempotency_claim_abandoned(row: Mapping[str, Any], now: float, abandoned_s: float) -> bool:
+    """A claim whose create never settled (its process died half-way) and may be taken over."""
+    return row["session_row_id"] is None and row["created_at"] < now - abandoned_s
 
 
 def tenant_from_row(row: Mapping[str, Any]) -> Tenant:

@@ -34,7 +34,10 @@ from hutch.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from hutch.metadb.records import (
     USAGE_AMOUNT_FIELDS,
     FunctionRecord,
+    IdempotencyRecord,
     InstanceRecord,
+    LogEntry,
+    MetricSample,
     SchedulerRecord,
     SessionRecord,
     SessionStatus,
@@ -51,7 +54,10 @@ from hutch.metadb.rows import (
     check_tenant_changes,
     cut_page,
     function_from_row,
+    idempotency_claim_abandoned,
     instance_from_row,
+    log_filter,
+    log_from_row,
     parse_page_token,
     quota_checked,
     scheduler_from_row,
@@ -131,6 +137,29 @@ MIGRATIONS = [
     # 2 -> 3: a session's own network policy (NULL: its function's)
     """
     ALTER TABLE sessions ADD COLUMN network TEXT
+    """,
+    # 3 -> 4: creates that carried an Idempotency-Key (the key's claim, then the session it made);
+    # the metric samples of sessions' instances; a session's own rules for host-named traffic;
+    # sessions' logs
+    """
+    CREATE TABLE idempotency_keys (
+        tenant_id TEXT NOT NULL, key TEXT NOT NULL, request_hash TEXT NOT NULL, created_at REAL NOT NULL,
+        session_row_id TEXT, PRIMARY KEY (tenant_id, key)
+    );
+    CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
+    -- what each sample of a session's instance measured (E2B's sandbox metrics)
+    CREATE TABLE metric_samples (
+        row_id TEXT NOT NULL, at REAL NOT NULL, cpu_used_pct REAL NOT NULL, memory_bytes INTEGER NOT NULL,
+        disk_bytes INTEGER NOT NULL, PRIMARY KEY (row_id, at)
+    );
+    CREATE INDEX metric_samples_at ON metric_samples(at);
+    CREATE TABLE session_logs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, row_id TEXT NOT NULL, at REAL NOT NULL, level TEXT NOT NULL,
+        message TEXT NOT NULL, fields TEXT NOT NULL
+    );
+    CREATE INDEX session_logs_row ON session_logs(row_id, at);
+    CREATE INDEX session_logs_at ON session_logs(at);
+    ALTER TABLE sessions ADD COLUMN traffic TEXT
     """,
 ]
 
@@ -538,10 +567,49 @@ class SQLiteMetaDB:
     async def watch(self, callback: Callable[[str | None], None]) -> None:
         self._watchers.append(callback)
 
+    # idempotent creates -----------------------------------------------------------------------
+
+    async def claim_idempotency_key(
+        self, record: IdempotencyRecord, keep_s: float, abandoned_s: float
+    ) -> IdempotencyRecord | None:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("DELETE FROM idempotency_keys WHERE created_at < ?", (record.created_at - keep_s,))
+            row = self.db.execute(
+                "SELECT * FROM idempotency_keys WHERE tenant_id = ? AND key = ?", (record.tenant_id, record.key)
+            ).fetchone()
+            if row is not None and not idempotency_claim_abandoned(row, record.created_at, abandoned_s):
+                self.db.execute("COMMIT")
+                return IdempotencyRecord(**dict(row))
+            self.db.execute(
+                "INSERT OR REPLACE INTO idempotency_keys (tenant_id, key, request_hash, created_at, session_row_id) "
+                "VALUES (?, ?, ?, ?, NULL)",
+                (record.tenant_id, record.key, record.request_hash, record.created_at),
+            )
+            self.db.execute("COMMIT")
+            return None
+        except BaseException:
+            self._rollback()
+            raise
+
+    async def settle_idempotency_key(self, tenant_id: str, key: str, session_row_id: str) -> None:
+        self.db.execute(
+            "UPDATE idempotency_keys SET session_row_id = ? WHERE tenant_id = ? AND key = ?",
+            (session_row_id, tenant_id, key),
+        )
+
+    async def release_idempotency_key(self, tenant_id: str, key: str) -> None:
+        self.db.execute(
+            "DELETE FROM idempotency_keys WHERE tenant_id = ? AND key = ? AND session_row_id IS NULL",
+            (tenant_id, key),
+        )
+
     # usage ------------------------------------------------------------------------------------
 
-    async def save_usage(self, records: list[SessionUsage], buckets: list[UsageBucket]) -> None:
-        if not records and not buckets:
+    async def save_usage(
+        self, records: list[SessionUsage], buckets: list[UsageBucket], samples: list[MetricSample] | None = None
+    ) -> None:
+        if not records and not buckets and not samples:
             return
         columns = ", ".join(USAGE_COLUMNS)
         placeholders = ", ".join(f":{c}" for c in USAGE_COLUMNS)
@@ -563,10 +631,75 @@ class SQLiteMetaDB:
                     for b in buckets
                 ],
             )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO metric_samples (row_id, at, cpu_used_pct, memory_bytes, disk_bytes) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(m.row_id, m.at, m.cpu_used_pct, m.memory_bytes, m.disk_bytes) for m in samples or []],
+            )
             self.db.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
+
+    async def metric_samples(self, row_id: str, start: float, end: float) -> list[MetricSample]:
+        rows = self.db.execute(
+            "SELECT * FROM metric_samples WHERE row_id = ? AND at >= ? AND at <= ? ORDER BY at", (row_id, start, end)
+        )
+        return [MetricSample(**dict(r)) for r in rows]
+
+    async def latest_metric_samples(self, row_ids: list[str]) -> dict[str, MetricSample]:
+        found: dict[str, MetricSample] = {}
+        for row_id in dict.fromkeys(row_ids):
+            row = self.db.execute(
+                "SELECT * FROM metric_samples WHERE row_id = ? ORDER BY at DESC LIMIT 1", (row_id,)
+            ).fetchone()
+            if row is not None:
+                found[row_id] = MetricSample(**dict(row))
+        return found
+
+    async def forget_metric_samples(self, before: float) -> None:
+        self.db.execute("DELETE FROM metric_samples WHERE at < ?", (before,))
+
+    # session logs -----------------------------------------------------------------------------
+
+    async def add_logs(self, entries: list[LogEntry], keep: int) -> None:
+        if not entries:
+            return
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany(
+                "INSERT INTO session_logs (row_id, at, level, message, fields) VALUES (?, ?, ?, ?, ?)",
+                [(e.row_id, e.at, e.level, e.message, json.dumps(e.fields)) for e in entries],
+            )
+            for row_id in {e.row_id for e in entries}:
+                self.db.execute(
+                    "DELETE FROM session_logs WHERE row_id = ? AND id NOT IN "
+                    "(SELECT id FROM session_logs WHERE row_id = ? ORDER BY id DESC LIMIT ?)",
+                    (row_id, row_id, keep),
+                )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    async def session_logs(
+        self,
+        row_id: str,
+        start: float | None = None,
+        limit: int = 1000,
+        forward: bool = True,
+        levels: tuple[str, ...] | None = None,
+        search: str | None = None,
+    ) -> list[LogEntry]:
+        where, args = log_filter(row_id, start, forward, levels, search, "?")
+        order = "ASC" if forward else "DESC"
+        rows = self.db.execute(
+            f"SELECT * FROM session_logs WHERE {where} ORDER BY at {order}, id {order} LIMIT ?", (*args, limit)
+        )
+        return [log_from_row(r) for r in rows]
+
+    async def forget_logs(self, before: float) -> None:
+        self.db.execute("DELETE FROM session_logs WHERE at < ?", (before,))
 
     async def get_usage(self, row_id: str) -> SessionUsage:
         row = self.db.execute("SELECT * FROM usage WHERE row_id = ?", (row_id,)).fetchone()

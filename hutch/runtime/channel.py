@@ -11,7 +11,7 @@ import base64
 import json
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,6 +183,33 @@ class AgentChannel:
                             raise from_wire(error.get("code", ""), error.get("message", "process did not start"))
                         return int(message["event"]["start"]["pid"])
         raise Unavailable("the agent closed the stream before the process started")
+
+    async def follow(self, tag: str) -> AsyncIterator[dict]:
+        """The events of the process with this tag from now on (envd `Connect`), until it ends
+        or the instance goes; no read deadline (a quiet server may print nothing for hours)."""
+        request = {"process": {"tag": tag}}
+        async with self._client.stream(
+            "POST",
+            "/process.Process/Connect",
+            content=_envelope(request),
+            headers={"content-type": STREAM_TYPE},
+            timeout=httpx.Timeout(None, connect=5),
+        ) as response:
+            if response.status_code != 200:
+                await response.aread()
+                _raise_for(response)
+            buf = b""
+            async for chunk in response.aiter_raw():
+                buf += chunk
+                while len(buf) >= 5:
+                    flags, length = struct.unpack(">BI", buf[:5])
+                    if len(buf) < 5 + length:
+                        break
+                    message = json.loads(buf[5 : 5 + length])
+                    buf = buf[5 + length :]
+                    if flags & 0x02:
+                        return
+                    yield message.get("event", {})
 
     async def write_file(self, path: str, data: bytes) -> None:
         response = await self._client.post(

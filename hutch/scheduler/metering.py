@@ -41,6 +41,11 @@ instance died in the gap is down for the whole gap (when it died is unknown). A 
 loses only the request timing of its last unflushed window, which the restart bills as idle;
 nothing is counted twice.
 
+**Metric samples.** Every sample of an instance also becomes a `MetricSample` (CPU percent of the
+session's vCPUs since the previous sample, memory, workspace bytes), written with the rest and
+kept `metrics_keep_s` (24 h by default: the longest life of a sandbox), whether the session still
+lives or not: E2B's sandbox metrics and hutch's per-session ones are read from them.
+
 It knows nothing of HTTP or pricing; `hutch.scheduler.sessions` drives it.
 """
 
@@ -55,7 +60,7 @@ from dataclasses import dataclass, field, replace
 
 from hutch.errors import HutchError
 from hutch.metadb.base import MetaDB
-from hutch.metadb.records import SessionRecord, SessionUsage, UsageAmounts, UsageBucket
+from hutch.metadb.records import MetricSample, SessionRecord, SessionUsage, UsageAmounts, UsageBucket
 from hutch.runtime.base import InstanceStats
 from hutch.scheduler.scheduler import Scheduler
 
@@ -90,19 +95,25 @@ class Meter:
         sample_interval: float = 5.0,
         bucket_seconds: float = 60.0,
         busy_cpu_fraction: float = 0.05,
+        metrics_keep_s: float = 86400.0,
     ) -> None:
-        if sample_interval <= 0 or bucket_seconds <= 0 or busy_cpu_fraction < 0:
-            raise ValueError("sample_interval and bucket_seconds must be positive, busy_cpu_fraction not negative")
+        if sample_interval <= 0 or bucket_seconds <= 0 or busy_cpu_fraction < 0 or metrics_keep_s <= 0:
+            raise ValueError(
+                "sample_interval, bucket_seconds and metrics_keep_s must be positive, busy_cpu_fraction not negative"
+            )
         self.metadb = metadb
         self.scheduler = scheduler
         self.clock = clock
         self.sample_interval = sample_interval
         self.bucket_seconds = float(bucket_seconds)
         self.busy_cpu_fraction = busy_cpu_fraction
+        self.metrics_keep_s = metrics_keep_s
         self.totals = UsageAmounts()  # accounted by this process since it started (Prometheus counters)
         self._live: dict[str, _Live] = {}  # session row id -> its record
         self._pending: dict[BucketKey, UsageAmounts] = {}  # bucket amounts not written yet
         self._ended: list[SessionUsage] = []  # final records not written yet
+        self._samples: list[MetricSample] = []  # metric samples not written yet
+        self._forgotten_at = 0.0  # when old metric samples were last deleted
 
     # -- the session lifecycle ------------------------------------------------------------------
 
@@ -240,14 +251,20 @@ class Meter:
         records = [replace(live.usage, amounts=live.usage.amounts.copy()) for live in self._live.values()]
         ended, self._ended = self._ended, []
         pending, self._pending = self._pending, {}
+        samples, self._samples = self._samples, []
         buckets = [UsageBucket(t, f, start, amounts) for (t, f, start), amounts in pending.items()]
         try:
-            await self.metadb.save_usage(ended + records, buckets)
+            await self.metadb.save_usage(ended + records, buckets, samples)
         except BaseException:
             self._ended = ended + self._ended
+            self._samples = samples + self._samples
             for key, amounts in pending.items():
                 self._pending.setdefault(key, UsageAmounts()).add(amounts)
             raise
+        now = self.clock()
+        if now - self._forgotten_at >= min(60.0, self.metrics_keep_s):
+            self._forgotten_at = now
+            await self.metadb.forget_metric_samples(now - self.metrics_keep_s)
 
     async def _flush_quietly(self) -> None:
         """`flush` where a failure must not stop a session's start or end (the next flush retries)."""
@@ -348,6 +365,12 @@ class Meter:
         disk_now = stats.workspace_bytes if stats is not None else usage.disk_bytes
         amounts.disk_gib_s = (usage.disk_bytes + disk_now) / 2 / GIB * length
         if stats is not None:
+            if count:
+                cores = max(1, round(usage.vcpu))
+                percent = min(100.0, cpu / length / cores * 100) if length > 0 else 0.0
+                self._samples.append(
+                    MetricSample(usage.row_id, at, round(percent, 2), stats.memory_bytes, stats.workspace_bytes)
+                )
             usage.memory_bytes = stats.memory_bytes
             usage.memory_peak_bytes = max(usage.memory_peak_bytes, stats.memory_peak_bytes, stats.memory_bytes)
             usage.disk_bytes = stats.workspace_bytes

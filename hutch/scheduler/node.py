@@ -357,6 +357,7 @@ class NodeApp:
             with_token=bool(body.get("withToken")),
             existing_ok=bool(body.get("existingOk")),
             network=body.get("network"),
+            traffic=body.get("traffic"),
         )
         return JSONResponse({"session": session_to_wire(record), "created": created})
 

@@ -40,6 +40,8 @@ from hutch.types import InstanceId
 
 log = logging.getLogger(__name__)
 
+USER_SERVER_TAG = "user-server"  # the agent's tag of a function's `startCommand` process
+
 USER_SERVER_TIMEOUT = 30.0
 
 
@@ -344,7 +346,7 @@ class Scheduler:
         """Run the function's server in the background and wait until its port answers."""
         assert spec.start_command is not None and spec.port is not None
         async with AgentChannel(instance.socket_path, timeout=USER_SERVER_TIMEOUT) as channel:
-            await channel.spawn(spec.start_command, tag="user-server")
+            await channel.spawn(spec.start_command, tag=USER_SERVER_TAG)
             deadline = time.monotonic() + USER_SERVER_TIMEOUT
             while True:
                 try:

@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -33,13 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
+
 from hutch.errors import AlreadyExists, FailedPrecondition, HutchError, InvalidArgument, NotFound
 from hutch.functions import BUILTIN_TENANT, FunctionSpec
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import EndReason, InstanceRole, SessionRecord, SessionStatus, Tenant
+from hutch.runtime.channel import AgentChannel
 from hutch.scheduler.activity import ActivityTracker
 from hutch.scheduler.metering import Meter
-from hutch.scheduler.scheduler import Scheduler
+from hutch.scheduler.scheduler import USER_SERVER_TAG, Scheduler
+from hutch.scheduler.session_log import SessionLog
 from hutch.storage.base import check_key
 from hutch.types import InstanceId
 
@@ -47,6 +52,17 @@ if TYPE_CHECKING:
     from hutch.gateway.cluster import NodeAddress
 
 log = logging.getLogger(__name__)
+
+MAX_LOG_LINE = 4096  # bytes of one line of a user server's output kept in the session's log
+
+# How a session's log says why it ended (E2B's "reaped and why").
+ENDED_BECAUSE = {
+    EndReason.TTL.value: "its time to live (timeout) ran out",
+    EndReason.IDLE.value: "idle for longer than its idle timeout",
+    EndReason.DELETED.value: "deleted (killed) by its owner",
+    EndReason.FUNCTION_DELETED.value: "its function was deleted",
+    EndReason.START_FAILED.value: "its instance could not start",
+}
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$")
 MAX_E2B_TIMEOUT_S = 86400
@@ -100,6 +116,7 @@ class SessionManager:
         self.flush_interval = flush_interval
         self.meter = meter or Meter(metadb, scheduler, clock)
         self.activity = ActivityTracker(clock, on_change=self.meter.request_state)
+        self.log = SessionLog(metadb, clock)
         self.cluster = cluster
         self._active: dict[str, SessionRecord] = {}  # internal id -> Active session
         self._by_row: dict[str, str] = {}  # row id -> internal id
@@ -111,6 +128,7 @@ class SessionManager:
         self._resolved: dict[tuple[str, str], str] = {}  # (tenant, name) -> pool key: no MetaDB per request
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()  # fire-and-forget work, referenced until done
+        self._followers: dict[str, asyncio.Task] = {}  # row id -> the task logging its user server's output
         self.on_end: list[Callable[[SessionRecord], None]] = []
         self.on_created: list[Callable[[SessionRecord, float], None]] = []  # (session, seconds it took)
         scheduler.on_crash = self._on_crash
@@ -148,6 +166,8 @@ class SessionManager:
             await self.scheduler.release(instance_id, keep_workspace=keep)
         log.info("sessions: %d active, %d instances adopted", len(self._active), len(adopted))
         await self.meter.restore(self._active.values())
+        for session in self._active.values():
+            self._follow_user_server(session, self._specs.get(self.pool_key(session.tenant_id, session.function)))
         self.scheduler.start_pools()
         self._tasks = [
             asyncio.create_task(self._loop(self.reap_once, self.reap_interval), name="reaper"),
@@ -165,6 +185,9 @@ class SessionManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        for follower in list(self._followers.values()):
+            follower.cancel()
+        self._followers.clear()
         await self.flush_activity()
         if end_sessions:
             ends = await asyncio.gather(
@@ -173,6 +196,7 @@ class SessionManager:
             for failed in (e for e in ends if isinstance(e, BaseException)):
                 log.error("ending a session at shutdown: %s", failed)
         await self.meter.sample_once()
+        await self.log.flush()
 
     async def _loop(self, step, interval: float) -> None:
         while True:
@@ -257,6 +281,54 @@ class SessionManager:
         if self._by_public.get(session.session_id) == session.internal_id:
             del self._by_public[session.session_id]
         self.activity.forget(session.row_id)
+        follower = self._followers.pop(session.row_id, None)
+        if follower is not None:
+            follower.cancel()
+
+    # -- the output of user servers --------------------------------------------------------------
+
+    def _follow_user_server(self, session: SessionRecord, spec: FunctionSpec | None) -> None:
+        """Log what the session's user server prints from now on (its function's `startCommand`)."""
+        if spec is None or not spec.start_command or session.instance_id is None:
+            return
+        previous = self._followers.pop(session.row_id, None)
+        if previous is not None:
+            previous.cancel()
+        task = asyncio.get_running_loop().create_task(self._user_server_output(session), name="user-server-log")
+        self._followers[session.row_id] = task
+
+    async def _user_server_output(self, session: SessionRecord) -> None:
+        try:
+            await self._log_user_server(session)
+        finally:
+            if self._followers.get(session.row_id) is asyncio.current_task():
+                del self._followers[session.row_id]
+
+    async def _log_user_server(self, session: SessionRecord) -> None:
+        partial = {"stdout": b"", "stderr": b""}
+        try:
+            path = self.scheduler.socket_path(session.instance_id)  # type: ignore[arg-type]
+            async with AgentChannel(path) as channel:
+                async for event in channel.follow(USER_SERVER_TAG):
+                    for stream, data in (event.get("data") or {}).items():
+                        if stream not in partial:
+                            continue
+                        *lines, partial[stream] = (partial[stream] + base64.b64decode(data)).split(b"\n")
+                        if len(partial[stream]) > MAX_LOG_LINE:
+                            lines.append(partial[stream])
+                            partial[stream] = b""
+                        for line in lines:
+                            text = line[:MAX_LOG_LINE].decode(errors="replace").rstrip("\r")
+                            self.log.add(session, "info", text, source="user-server", stream=stream)
+                    end = event.get("end")
+                    if end is not None:
+                        status = end.get("status") or f"exit code {end.get('exitCode')}"
+                        self.log.add(session, "error", f"user server exited: {status}", source="user-server")
+                        return
+        except asyncio.CancelledError:
+            raise
+        except (HutchError, httpx.HTTPError, OSError, KeyError, ValueError) as exc:
+            log.debug("session %s: user server output no longer followed: %s", session.session_id, exc)
 
     # -- create --------------------------------------------------------------------------------
 
@@ -274,10 +346,11 @@ class SessionManager:
         with_token: bool = False,
         existing_ok: bool = False,
         network: dict | None = None,
+        traffic: dict | None = None,
     ) -> tuple[SessionRecord, bool]:
         """A new session with its instance (prewarm + attach). Returns (session, created).
         `network`: the session's own egress policy (`NetworkSpec.to_runtime()`), instead of the
-        function's.
+        function's; `traffic`: its rules for host-named traffic (`SessionRecord.traffic`).
 
         Raises:
             InvalidArgument: a malformed session id.
@@ -328,6 +401,7 @@ class SessionManager:
                 env=dict(env or {}),
                 access_token=secrets.token_urlsafe(24) if with_token else None,
                 network=dict(network) if network is not None else None,
+                traffic=dict(traffic) if traffic is not None else None,
             )
             try:
                 await self.metadb.insert_session(
@@ -369,6 +443,8 @@ class SessionManager:
                 raise
             self._remember(record)
             await self.meter.open(record)
+        self.log.add(record, "info", "created", instance=record.instance_id, ttlSeconds=record.ttl_s)
+        self._follow_user_server(record, spec)
         elapsed = time.perf_counter() - started
         for callback in self.on_created:
             callback(record, elapsed)
@@ -411,6 +487,10 @@ class SessionManager:
     async def find_by_public_id(self, session_id: str) -> SessionRecord | None:
         """As `active_by_public_id` (all of this process's sessions are in memory)."""
         return self.active_by_public_id(session_id)
+
+    async def find_by_row(self, row_id: str) -> SessionRecord | None:
+        """As `active_by_row` (a native session's host-named traffic names its row id)."""
+        return self.active_by_row(row_id)
 
     def active_sessions(self) -> list[SessionRecord]:
         return list(self._active.values())
@@ -484,6 +564,15 @@ class SessionManager:
             raise
         self._remember(updated)
         await self.meter.instance_up(updated)
+        self.log.add(
+            updated,
+            "warn",
+            "instance replaced: processes and memory were lost, files kept",
+            lost=session.instance_id,
+            instance=updated.instance_id,
+            epoch=updated.epoch,
+        )
+        self._follow_user_server(updated, spec)
         return updated
 
     # -- a cluster's nodes ---------------------------------------------------------------------
@@ -504,6 +593,7 @@ class SessionManager:
                 raise NotFound(f"session {current.session_id} has ended")
             return current  # taken by another node (or by us, a moment ago)
         log.warning("session %s: adopted from dead node %s", moved.session_id, dead_node)
+        self.log.add(moved, "warn", "moved to this node: its node stopped answering", fromNode=dead_node)
         self._remember(moved)
         await self.meter.restore([moved])
         await self._announce(moved)
@@ -543,6 +633,7 @@ class SessionManager:
         for session in self._active.values():
             if session.instance_id == instance_id:
                 log.warning("instance %s of session %s crashed", instance_id, session.session_id)
+                self.log.add(session, "error", "instance crashed", instance=instance_id)
                 self._spawn(self.meter.instance_down(session.row_id, instance_id))
 
     # -- network -------------------------------------------------------------------------------
@@ -588,6 +679,7 @@ class SessionManager:
                 changes["idle_timeout_s"] = idle_timeout_s
             updated = await self.metadb.update_session(current.row_id, **changes)
             self._remember(updated)
+        self.log.add(updated, "info", "renewed", ttlSeconds=ttl_s, idleTimeoutSeconds=idle_timeout_s)
         await self._announce(updated)
         return updated
 
@@ -609,6 +701,7 @@ class SessionManager:
             ended = await self.metadb.end_session(session.row_id, reason_value, self.clock())
             if ended is None:
                 return None
+            self.log.add(ended, "info", f"ended: {ENDED_BECAUSE.get(reason_value, reason_value)}", reason=reason_value)
             current = self._active.get(session.internal_id)
             if current is not None and current.row_id == session.row_id:
                 self._forget(current)
@@ -682,6 +775,7 @@ class SessionManager:
         return ended
 
     async def flush_activity(self) -> None:
+        await self.log.flush()
         dirty = self.activity.drain()
         if not dirty:
             return

@@ -95,6 +95,48 @@ def test_racing_first_requests_through_both_gateways_share_one_instance(gateways
     assert [s["sessionId"] for s in live].count(key) == 1
 
 
+def test_a_create_retried_through_the_other_gateway_gets_the_first_create_s_sandbox(gateways):
+    body, key = {"templateID": "base", "timeout": 60}, {"Idempotency-Key": f"idem-{uuid.uuid4().hex[:6]}"}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # racing retries, both gateways
+        answers = list(pool.map(lambda i: gateways[i % 2].post("/v2/sandboxes", json=body, headers=key), range(4)))
+    assert [a.status_code for a in answers] == [201] * 4, [a.text for a in answers]
+    assert len({a.json()["sandboxID"] for a in answers}) == 1
+    changed = gateways[1].post("/v2/sandboxes", json={**body, "timeout": 90}, headers=key)
+    assert changed.status_code == 409 and changed.json()["code"] == 409
+    assert gateways[0].delete(f"/sandboxes/{answers[0].json()['sandboxID']}").status_code == 204
+
+
+def test_host_named_traffic_through_either_gateway_finds_sandboxes_and_native_sessions(gateways):
+    made = gateways[0].post(
+        "/v2/sandboxes", json={"templateID": "code-interpreter-v1", "network": {"allowPublicTraffic": False}}
+    )
+    assert made.status_code == 201, made.text
+    sandbox = made.json()
+    host = {"Host": f"49999-{sandbox['sandboxID']}.localhost"}
+    private = gateways[1].get("/contexts", headers=host)
+    assert private.status_code == 403 and private.json()["code"] == 403
+    token = {**host, "e2b-traffic-access-token": sandbox["trafficAccessToken"]}
+    assert gateways[1].get("/contexts", headers=token).status_code == 200
+
+    native = gateways[0].post("/v1/functions/base/sessions", json={}).json()
+    envd = gateways[1].get("/health", headers={"Host": f"49983-{native['previewId']}.localhost"})
+    assert envd.status_code == 403  # found through the other gateway; its agent is not open by host name
+    gateways[0].delete(f"/sandboxes/{sandbox['sandboxID']}")
+    gateways[0].delete(f"/v1/functions/base/sessions/{native['sessionId']}")
+
+
+def test_metrics_and_logs_written_by_a_node_are_read_through_any_gateway(gateways):
+    made = gateways[0].post("/v2/sandboxes", json={"templateID": "base", "timeout": 120})
+    assert made.status_code == 201, made.text
+    sandbox_id = made.json()["sandboxID"]
+    assert gateways[0].post(f"/sandboxes/{sandbox_id}/timeout", json={"timeout": 200}).status_code == 204
+    metrics = _until(lambda: gateways[1].get(f"/sandboxes/{sandbox_id}/metrics").json())
+    assert metrics[0]["memUsed"] > 0 and metrics[0]["cpuCount"] == 1
+    logs = _until(lambda: len(got := gateways[1].get(f"/v2/sandboxes/{sandbox_id}/logs").json()["logs"]) >= 2 and got)
+    assert [e["message"] for e in logs[:2]] == ["created", "renewed"]
+    assert gateways[1].delete(f"/sandboxes/{sandbox_id}").status_code == 204
+
+
 def test_cookie_affinity_holds_across_gateways(gateways):
     name = f"cookie-{uuid.uuid4().hex[:6]}"
     made = gateways[0].post(

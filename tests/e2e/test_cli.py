@@ -102,6 +102,32 @@ def test_sessions_are_created_listed_renewed_and_deleted(cli):
     assert again.returncode == 1 and "already ended" in again.stderr
 
 
+def test_session_logs_tell_what_happened_and_follow_new_entries(server, cli):
+    import time
+
+    ok(cli("session", "create", "--session-id", "logged", "--ttl", "600"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUTCH_")}
+    env.update(HUTCH_URL=server.url, HUTCH_API_KEY=cli.key)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "hutch", "session", "logs", "logged", "--follow"],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert "info  created" in follower.stdout.readline()  # flushed within a second of the create
+        ok(cli("session", "renew", "logged", "--ttl", "1200"))
+        assert "info  renewed" in follower.stdout.readline()  # printed as it comes
+    finally:
+        follower.terminate()
+        follower.wait(10)
+    ok(cli("session", "delete", "logged"))
+    deadline = time.monotonic() + 10
+    while "ended: deleted" not in (done := ok(cli("session", "logs", "logged"))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [line.split(" ", 1)[1].split()[1] for line in done.splitlines()] == ["created", "renewed", "ended:"]
+    entries = [json.loads(line) for line in ok(cli("session", "logs", "logged", "--json")).splitlines()]
+    assert entries[-1]["fields"]["reason"] == "deleted" and entries[0]["fields"]["sessionId"] == "logged"
+
+
 def test_an_e2b_sandbox_is_listed_like_any_session(server, cli):
     import httpx
 

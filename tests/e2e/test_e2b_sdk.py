@@ -17,9 +17,11 @@ import httpx
 import pytest
 from e2b import (
     AuthenticationException,
+    FileType,
     Sandbox,
     SandboxException,
     SandboxNotFoundException,
+    SandboxNotRunningException,
     SandboxQuery,
     SandboxState,
 )
@@ -187,7 +189,7 @@ def test_the_pre_2_51_endpoints_speak_e2b_shapes(server, tenant):
     )
     assert made.status_code == 201
     body = made.json()
-    assert body["envdVersion"] == "0.6.4" and body["domain"] is None and body["envdAccessToken"]
+    assert body["envdVersion"] == "0.6.4" and body["domain"] == f"localhost:{server.port}" and body["envdAccessToken"]
     assert {"templateID", "sandboxID", "clientID"} <= set(body)
     listed = tenant.get("/sandboxes").json()
     assert [s["sandboxID"] for s in listed] == [body["sandboxID"]] and listed[0]["state"] == "running"
@@ -201,16 +203,73 @@ def test_the_pre_2_51_endpoints_speak_e2b_shapes(server, tenant):
     assert missing.status_code == 404 and missing.json() == {"code": 404, "message": "sandbox inosuchsandbox not found"}
     anonymous = httpx.get(f"{server.url}/v2/sandboxes")
     assert anonymous.status_code == 401 and anonymous.json()["code"] == 401
-    metrics = tenant.get(f"/sandboxes/{body['sandboxID']}/metrics")
-    assert metrics.status_code == 501 and metrics.json()["code"] == 501
+    logs = tenant.get(f"/sandboxes/{body['sandboxID']}/snapshots")
+    assert logs.status_code == 501 and logs.json()["code"] == 501
 
 
-def test_an_idempotency_key_makes_a_retried_create_return_the_same_sandbox(tenant):
+def test_get_metrics_reads_the_samples_of_the_sandbox_s_instance(tenant):
+    box = Sandbox.create(timeout=120)
+    first = box.get_metrics()  # a sample is taken when the sandbox is made
+    assert first and first[0].cpu_count == 1 and first[0].mem_total == 512 << 20 and first[0].mem_used > 0
+    assert first[0].disk_total > 0 and first[0].disk_used >= 0 and 0 <= first[0].cpu_used_pct <= 100
+    box.files.write("/home/user/blob", b"x" * 3_000_000)
+    box.commands.run("timeout 1 sh -c 'while :; do :; done' || true", timeout=10)  # CPU for the next sample
+    series = _wait_for(lambda: (m := Sandbox.get_metrics(box.sandbox_id)) and len(m) >= 2 and m, timeout=20)
+    assert [m.timestamp for m in series] == sorted(m.timestamp for m in series)
+    assert max(m.disk_used for m in series) >= 3_000_000 and max(m.cpu_used_pct for m in series) > 0
+    start = series[-1].timestamp
+    assert len(box.get_metrics(start=start)) >= 1 and len(box.get_metrics(end=start)) >= 1
+
+    newest = tenant.get("/sandboxes/metrics", params={"sandbox_ids": f"{box.sandbox_id},inosuch"}).json()
+    assert list(newest["sandboxes"]) == [box.sandbox_id] and newest["sandboxes"][box.sandbox_id]["memTotal"] > 0
+    assert (
+        tenant.get("/sandboxes/metrics", params={"sandbox_ids": ",".join(f"i{n}" for n in range(101))}).status_code
+        == 400
+    )
+    box.kill()
+    assert len(Sandbox.get_metrics(box.sandbox_id)) >= len(series)  # kept after the end
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_metrics("inosuchsandbox")
+
+
+def test_a_sandbox_s_logs_tell_its_life_in_e2b_s_shapes(tenant):
+    box = Sandbox.create(timeout=120)
+    box.set_timeout(300)
+    box.kill()
+    path = f"/v2/sandboxes/{box.sandbox_id}/logs"
+    logs = _wait_for(lambda: (got := tenant.get(path).json()["logs"]) and len(got) == 3 and got)
+    assert [e["message"] for e in logs] == ["created", "renewed", "ended: deleted (killed) by its owner"]
+    assert {e["level"] for e in logs} == {"info"} and logs[1]["fields"]["ttlSeconds"] == 300
+    assert logs[0]["fields"]["sessionId"] == box.sandbox_id and logs[0]["timestamp"].endswith("Z")
+
+    newest = tenant.get(path, params={"direction": "backward", "limit": 1}).json()["logs"]
+    assert [e["message"] for e in newest] == [logs[-1]["message"]]
+    assert [e["message"] for e in tenant.get(path, params={"search": "RENEW"}).json()["logs"]] == ["renewed"]
+    assert tenant.get(path, params={"level": "warn"}).json()["logs"] == []
+    after = tenant.get(path, params={"cursor": 4102444800000}).json()["logs"]  # 2100-01-01
+    assert after == []
+    v1 = tenant.get(f"/sandboxes/{box.sandbox_id}/logs").json()
+    assert [line["line"] for line in v1["logs"]] == [e["message"] for e in logs] and len(v1["logEntries"]) == 3
+    assert tenant.get(path, params={"level": "loud"}).status_code == 400
+    assert tenant.get("/v2/sandboxes/inosuchsandbox/logs").status_code == 404
+
+
+def test_an_idempotency_key_makes_a_retried_create_return_the_same_sandbox(server, tenant, other_key):
     body = {"templateID": "base", "timeout": 60}
     first = tenant.post("/v2/sandboxes", json=body, headers={"Idempotency-Key": "retry-1"}).json()
-    again = tenant.post("/v2/sandboxes", json=body, headers={"Idempotency-Key": "retry-1"}).json()
+    again = tenant.post("/sandboxes", json=body, headers={"Idempotency-Key": "retry-1"})
     other = tenant.post("/v2/sandboxes", json=body, headers={"Idempotency-Key": "retry-2"}).json()
-    assert first["sandboxID"] == again["sandboxID"] != other["sandboxID"]
+    assert again.status_code == 201 and first["sandboxID"] == again.json()["sandboxID"] != other["sandboxID"]
+    assert again.json()["envdAccessToken"] == first["envdAccessToken"]
+
+    changed = tenant.post("/v2/sandboxes", json={**body, "timeout": 61}, headers={"Idempotency-Key": "retry-1"})
+    assert changed.status_code == 409 and changed.json()["code"] == 409
+    assert "different request" in changed.json()["message"]
+    mallory = httpx.post(
+        f"{server.url}/v2/sandboxes", json=body, headers={"X-API-Key": other_key, "Idempotency-Key": "retry-1"}
+    )
+    assert mallory.status_code == 201 and mallory.json()["sandboxID"] != first["sandboxID"]  # keys are per tenant
+    httpx.delete(f"{server.url}/sandboxes/{mallory.json()['sandboxID']}", headers={"X-API-Key": other_key})
 
 
 # -- data plane (through the gateway) ----------------------------------------------------------
@@ -223,6 +282,27 @@ def test_commands_and_files_reach_the_sandbox(tenant):
     box.files.write("/home/user/notes.txt", "kept")
     assert box.files.read("notes.txt") == "kept"
     assert Sandbox.connect(box.sandbox_id).commands.run("cat notes.txt").stdout == "kept"
+
+
+def test_get_info_of_a_directory_reports_its_own_size_as_stat_does(tenant):
+    box = Sandbox.create()
+    box.files.make_dir("test_dir")
+    info = box.files.get_info("test_dir")
+    assert info.type == FileType.DIR and info.size > 0  # envd: Go's Lstat, as the SDK's own tests expect
+    assert info.size == int(box.commands.run("stat -c %s test_dir").stdout)
+    assert [e.size for e in box.files.list(".") if e.name == "test_dir"] == [info.size]
+
+
+def test_a_command_whose_sandbox_is_killed_ends_in_e2b_s_sandbox_not_running_error(tenant):
+    box = Sandbox.create()
+    running = box.commands.run("sleep 60", background=True)
+    Sandbox.kill(box.sandbox_id)
+    with pytest.raises(SandboxNotRunningException) as caught:
+        running.wait()
+    assert str(caught.value) == (
+        f"the connection to sandbox {box.sandbox_id} ended before the stream completed: "
+        "The sandbox was killed or reached its end of life while the request was in flight."
+    )
 
 
 def test_is_running_tells_a_live_sandbox_from_a_killed_one(tenant):

@@ -90,3 +90,15 @@ def test_ending_everything_leaves_no_process_or_cgroup_behind(fresh_server):
     assert list((server.data_dir / "instances").iterdir()) == []
     leftovers = [p for cid in containers for p in Path("/sys/fs/cgroup").glob(f"*/**/{cid}")]
     assert leftovers == []
+
+
+def test_a_create_retried_after_a_restart_gets_the_first_create_s_sandbox(fresh_server):
+    server = fresh_server()
+    client = server.new_tenant()
+    body, key = {"templateID": "base", "timeout": 120}, {"Idempotency-Key": "before-the-crash"}
+    first = client.post("/v2/sandboxes", json=body, headers=key)
+    assert first.status_code == 201
+    server.restart()  # kill -9: nothing of the first create is left in memory
+    again = client.post("/v2/sandboxes", json=body, headers=key)
+    assert again.status_code == 201 and again.json()["sandboxID"] == first.json()["sandboxID"]
+    assert [s["sandboxID"] for s in client.get("/v2/sandboxes").json()] == [first.json()["sandboxID"]]

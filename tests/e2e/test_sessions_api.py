@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 
+import httpx
 import pytest
+
+from tests.e2e.test_restart import _invoke
 
 
 def _function(client, **overrides) -> str:
@@ -76,6 +80,100 @@ def test_a_session_is_created_read_listed_renewed_and_deleted(server):
     assert ended["sessionStatus"] == "Expired" and ended["endReason"] == "deleted"
     assert client.delete(f"/v1/functions/{name}/sessions/my-key_1").status_code == 404
     assert client.patch(f"/v1/functions/{name}/sessions/my-key_1", json={"sessionTTLInSeconds": 5}).status_code == 400
+
+
+def test_a_session_s_metrics_are_served_in_e2b_s_fields(server):
+    client = server.new_tenant("metrics")
+    made = client.post("/v1/functions/base/sessions", json={"sessionTTLInSeconds": 60}).json()
+    answer = client.get(f"/v1/functions/base/sessions/{made['sessionId']}/metrics")
+    assert answer.status_code == 200
+    sample = answer.json()["metrics"][0]
+    assert set(sample) == {
+        "timestamp", "timestampUnix", "cpuCount", "cpuUsedPct", "memUsed", "memTotal", "memCache", "diskUsed",
+        "diskTotal",
+    }  # fmt: skip
+    assert sample["memTotal"] == 512 << 20 and sample["memUsed"] > 0
+    empty = client.get(f"/v1/functions/base/sessions/{made['sessionId']}/metrics", params={"start": 1, "end": 2})
+    assert empty.json() == {"metrics": []}
+    bad = client.get(f"/v1/functions/base/sessions/{made['sessionId']}/metrics", params={"start": 5, "end": 1})
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid_argument"
+    client.delete(f"/v1/functions/base/sessions/{made['sessionId']}")
+
+
+def test_a_crashed_and_replaced_instance_is_in_the_session_s_log(server):
+    client = server.new_tenant("crash-log")
+    assert _invoke(client, "crashy", "echo up").strip() == "up"
+    container = client.get("/v1/functions/base/sessions/crashy").json()["containerId"]
+    _invoke_quietly(client, "kill -9 2")  # the agent (pid 2): the instance goes down with it
+    path = "/v1/functions/base/sessions/crashy/logs"
+
+    def replaced():
+        _invoke_quietly(client, "true")  # the next request brings it back
+        got = client.get(path, params={"level": "warn"}).json()["logs"]
+        return got if any(e["message"].startswith("instance replaced") for e in got) else None
+
+    logs = _wait_until(replaced)
+    crashed = [e for e in logs if e["message"] == "instance crashed"]
+    assert crashed and crashed[0]["level"] == "error" and crashed[0]["fields"]["instance"] == container
+    replacement = next(e for e in logs if e["message"].startswith("instance replaced"))
+    assert replacement["fields"]["lost"] == container and replacement["fields"]["epoch"] == 1
+    client.delete("/v1/functions/base/sessions/crashy")
+
+
+def test_what_a_user_server_prints_is_in_the_session_s_log(server):
+    client = server.new_tenant("server-log")
+    web = {"name": "web", "startCommand": ["python3", "-m", "http.server", "8080"], "port": 8080}
+    assert client.post("/v1/functions", json=web).status_code == 201
+    assert client.post("/v1/functions/web/sessions", json={"sessionId": "printer"}).status_code == 201
+    path = "/v1/functions/web/sessions/printer/logs"
+
+    def printed():
+        client.get("/functions/web/invoke/hello-log", headers={"x-fc-session-id": "printer"})
+        got = client.get(path, params={"search": "GET /hello-log"}).json()["logs"]
+        return got or None
+
+    line = _wait_until(printed)[0]  # http.server logs each request on stderr
+    assert line["fields"]["source"] == "user-server" and line["fields"]["stream"] == "stderr"
+    assert '"GET /hello-log HTTP/1.1" 404' in line["message"] and line["level"] == "info"
+    client.delete("/v1/functions/web/sessions/printer")
+
+
+def _invoke_quietly(client, command: str) -> None:
+    with contextlib.suppress(AssertionError, httpx.HTTPError):
+        _invoke(client, "crashy", command)
+
+
+def _wait_until(predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
+
+
+def test_an_idempotency_key_makes_a_retried_create_return_the_same_session(server):
+    client = server.new_tenant("idem")
+    body = {"sessionTTLInSeconds": 60, "metadata": {"run": "1"}}
+    key = {"Idempotency-Key": "job-7"}
+    first = client.post("/v1/functions/base/sessions", json=body, headers=key)
+    again = client.post("/v1/functions/base/sessions", json=body, headers=key)
+    assert first.status_code == again.status_code == 201
+    assert first.json()["sessionId"] == again.json()["sessionId"]
+    assert len(client.get("/v1/sessions", params={"status": "Active"}).json()["sessions"]) == 1
+
+    other_body = client.post("/v1/functions/base/sessions", json={**body, "metadata": {"run": "2"}}, headers=key)
+    other_function = client.post("/v1/functions/code-interpreter-v1/sessions", json=body, headers=key)
+    for refused in (other_body, other_function):
+        assert refused.status_code == 409 and refused.json()["code"] == "already_exists"
+    failed = client.post("/v1/functions/nosuch/sessions", json=body, headers={"Idempotency-Key": "job-8"})
+    assert failed.status_code == 404
+    client.post("/v1/functions", json={"name": "nosuch"}).raise_for_status()
+    retried = client.post("/v1/functions/nosuch/sessions", json=body, headers={"Idempotency-Key": "job-8"})
+    assert retried.status_code == 201  # a failed create gave its key back
+    client.delete(f"/v1/functions/base/sessions/{first.json()['sessionId']}")
+    client.delete(f"/v1/functions/nosuch/sessions/{retried.json()['sessionId']}")
 
 
 @pytest.mark.parametrize("bad", ["-starts-with-dash", "has space", "x" * 65, "semi;colon", ""])

@@ -408,7 +408,7 @@ def test_an_agent_stream_cut_between_envelopes_ends_with_a_connect_unavailable_e
         (flags, first), (end_flags, end) = _envelopes(client.body)
         assert flags == 0 and first == {"event": {"start": {"pid": 7}}}
         assert end_flags == 2 and end["error"]["code"] == "unavailable"
-        assert "sandbox s ended before the stream completed" in end["error"]["message"]
+        assert end["error"]["message"] == "the connection to sandbox s ended before the stream completed"
 
     run(handler, test, tmp_path)
 

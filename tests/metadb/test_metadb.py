@@ -13,8 +13,11 @@ from hutch.metadb import postgres, sqlite
 from hutch.metadb.postgres import PostgresMetaDB
 from hutch.metadb.records import (
     FunctionRecord,
+    IdempotencyRecord,
     InstanceRecord,
     InstanceRole,
+    LogEntry,
+    MetricSample,
     SchedulerRecord,
     SessionRecord,
     SessionStatus,
@@ -338,6 +341,51 @@ def test_bucket_amounts_add_up_and_are_summed_by_tenant_function_and_time(db):
     assert db.usage_totals(start=500, end=600, tenant_id="t1") == []
 
 
+def test_a_session_s_own_network_and_traffic_rules_round_trip(db):
+    record = session(
+        network={"internet": False, "allow": ["pypi.org"], "deny": []},
+        traffic={"token": "t0k3n", "mask": "${PORT}-app.example.com"},
+    )
+    db.insert_session(record)
+    again = db.get_session(record.row_id)
+    assert (again.network, again.traffic) == (record.network, record.traffic)
+    plain = session()
+    db.insert_session(plain)
+    assert db.get_session(plain.row_id).traffic is None
+
+
+def test_metric_samples_are_kept_read_by_range_and_forgotten_by_age(db):
+    samples = [MetricSample("r1", float(at), at / 10, at * 1000, 7) for at in (10, 15, 20)]
+    db.save_usage([], [], [*samples, MetricSample("r2", 12.0, 50.0, 1, 2)])
+    db.save_usage([], [], [MetricSample("r1", 20.0, 3.0, 4, 5)])  # the same instant again: replaced
+    assert db.metric_samples("r1", 0, 100) == [*samples[:2], MetricSample("r1", 20.0, 3.0, 4, 5)]
+    assert [m.at for m in db.metric_samples("r1", 12, 15)] == [15.0]
+    assert db.latest_metric_samples(["r1", "r2", "r3", "r1"]) == {
+        "r1": MetricSample("r1", 20.0, 3.0, 4, 5),
+        "r2": MetricSample("r2", 12.0, 50.0, 1, 2),
+    }
+    db.forget_metric_samples(15.0)
+    assert [m.at for m in db.metric_samples("r1", 0, 100)] == [15.0, 20.0]
+    assert db.latest_metric_samples(["r2"]) == {}
+
+
+def test_session_logs_are_kept_bounded_and_read_by_time_level_and_text(db):
+    entries = [LogEntry("r1", float(at), level, f"event {at} 50%_done", {"n": at}) for at, level in
+               [(10, "info"), (20, "warn"), (30, "error"), (40, "info")]]  # fmt: skip
+    db.add_logs(entries, keep=10)
+    db.add_logs([LogEntry("r2", 15.0, "info", "other session")], keep=10)
+    assert db.session_logs("r1") == entries
+    assert db.session_logs("r1", start=20, limit=2) == entries[1:3]
+    assert db.session_logs("r1", start=30, forward=False) == [entries[2], entries[1], entries[0]]
+    assert db.session_logs("r1", levels=("warn", "error")) == entries[1:3]
+    assert db.session_logs("r1", search="EVENT 4") == [entries[3]]
+    assert db.session_logs("r1", search="0%_d") == entries and db.session_logs("r1", search="0%x") == []
+    db.add_logs([LogEntry("r1", 50.0, "info", "newest")], keep=3)  # the oldest go
+    assert [e.at for e in db.session_logs("r1")] == [30.0, 40.0, 50.0]
+    db.forget_logs(before=45.0)
+    assert [e.message for e in db.session_logs("r1")] == ["newest"] and db.session_logs("r2") == []
+
+
 def test_a_session_moves_to_another_scheduler_once(db):
     record = session(scheduler_id="node-a", instance_id="i-1", epoch=3)
     db.insert_session(record)
@@ -348,6 +396,26 @@ def test_a_session_moves_to_another_scheduler_once(db):
     db.end_session(record.row_id, "ttl", 2002.0)
     assert db.rehome_session(record.row_id, "node-b", "node-c", 2003.0) is None  # ended: stays ended
     assert [s.row_id for s in db.active_sessions("node-b")] == []
+
+
+def test_an_idempotency_key_is_claimed_once_settled_and_kept_for_a_while(db):
+    claim = IdempotencyRecord("t1", "k", "hash-a", 1000.0)
+    assert db.claim_idempotency_key(claim, 3600, 60) is None  # claimed by this call
+    held = db.claim_idempotency_key(IdempotencyRecord("t1", "k", "hash-b", 1001.0), 3600, 60)
+    assert (held.request_hash, held.created_at, held.session_row_id) == ("hash-a", 1000.0, None)  # still running
+    assert db.claim_idempotency_key(IdempotencyRecord("t2", "k", "hash-b", 1001.0), 3600, 60) is None  # per tenant
+    db.settle_idempotency_key("t1", "k", "row-1")
+    db.release_idempotency_key("t1", "k")  # a settled claim stays
+    assert db.claim_idempotency_key(claim, 3600, 60).session_row_id == "row-1"
+    assert db.claim_idempotency_key(IdempotencyRecord("t1", "k", "hash-c", 4601.0), 3600, 60) is None  # expired
+
+
+def test_an_idempotency_claim_that_never_settles_is_released_or_taken_over(db):
+    assert db.claim_idempotency_key(IdempotencyRecord("t1", "k", "h", 1000.0), 3600, 60) is None
+    db.release_idempotency_key("t1", "k")  # its create failed
+    assert db.claim_idempotency_key(IdempotencyRecord("t1", "k", "h", 1001.0), 3600, 60) is None
+    assert db.claim_idempotency_key(IdempotencyRecord("t1", "k", "h", 1050.0), 3600, 60) is not None
+    assert db.claim_idempotency_key(IdempotencyRecord("t1", "k", "h", 1062.0), 3600, 60) is None  # abandoned
 
 
 def test_announcements_reach_watchers(db):
