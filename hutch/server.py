@@ -144,6 +144,7 @@ class Hutch:
             address=self.config.cluster.advertise if self.role == Role.NODE else "local",
             templates=self.templates,
         )
+        self.templates.on_ready = self.scheduler.recycle_warm
         metering = self.config.metering
         meter = Meter(
             self.metadb,

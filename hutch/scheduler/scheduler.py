@@ -165,6 +165,15 @@ class Scheduler:
             while pool.warm:
                 await self.release(pool.warm.popleft(), keep_workspace=False)
 
+    async def recycle_warm(self, template: str) -> None:
+        """Replace the warm instances of the functions booting `template` (it became ready: those
+        started before run on the host's system); the filler starts new ones from it."""
+        for pool in list(self.pools.values()):
+            if pool.spec.template == template:
+                while pool.warm:
+                    await self.release(pool.warm.popleft(), keep_workspace=False)
+        self._pool_event.set()
+
     def pool_sizes(self) -> dict[str, int]:
         return {key: len(pool.warm) for key, pool in self.pools.items()}
 

@@ -91,6 +91,7 @@ class TemplateService:
         self._building: dict[str, Build] = {}  # by template name, while it builds
         self._tasks: set[asyncio.Task] = set()
         self._fell_back: set[str] = set()  # built-in templates not prepared, warned about once
+        self.on_ready: Callable[[str], Awaitable[None]] | None = None  # a template was (re)built
 
     # -- what instances mount ------------------------------------------------------------------
 
@@ -231,6 +232,8 @@ class TemplateService:
                 build.status = "ready"
                 build.log(f"template {name} is ready")
                 log.info("template %s is ready (%d layers)", name, len(template.layers))
+                if self.on_ready is not None:
+                    await self.on_ready(name)
             except HutchError as exc:
                 build.status, build.error = "error", exc.message
                 build.failed_step = getattr(exc, "step", None)
