@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from hutch.agent import envelope
 from hutch.errors import DeadlineExceeded, Unavailable, from_status, from_wire
 
 STREAM_TYPE = "application/connect+json"
@@ -33,11 +33,6 @@ class CommandResult:
     @property
     def text(self) -> str:
         return self.stdout.decode(errors="replace")
-
-
-def _envelope(message: dict) -> bytes:
-    data = json.dumps(message).encode()
-    return struct.pack(">BI", 0, len(data)) + data
 
 
 class AgentChannel:
@@ -109,23 +104,17 @@ class AgentChannel:
                 async with self._client.stream(
                     "POST",
                     "/process.Process/Start",
-                    content=_envelope({"process": process}),
+                    content=envelope.encode({"process": process}),
                     headers={"content-type": STREAM_TYPE},
                     timeout=httpx.Timeout(timeout, connect=5),
                 ) as response:
                     if response.status_code != 200:
                         await response.aread()
                         _raise_for(response)
-                    buf = b""
+                    decoder = envelope.Decoder()
                     async for chunk in response.aiter_raw():
-                        buf += chunk
-                        while len(buf) >= 5:
-                            flags, length = struct.unpack(">BI", buf[:5])
-                            if len(buf) < 5 + length:
-                                break
-                            message = json.loads(buf[5 : 5 + length])
-                            buf = buf[5 + length :]
-                            if flags & 0x02:
+                        for flags, message in decoder.feed(chunk):
+                            if flags & envelope.FLAG_END_STREAM:
                                 if "error" in message:
                                     error = message["error"]
                                     raise from_wire(error.get("code", ""), error.get("message", ""))
@@ -146,22 +135,18 @@ class AgentChannel:
         if tag:
             request["tag"] = tag
         async with self._client.stream(
-            "POST", "/process.Process/Start", content=_envelope(request), headers={"content-type": STREAM_TYPE}
+            "POST", "/process.Process/Start", content=envelope.encode(request), headers={"content-type": STREAM_TYPE}
         ) as response:
             if response.status_code != 200:
                 await response.aread()
                 _raise_for(response)
-            buf = b""
+            decoder = envelope.Decoder()
             async for chunk in response.aiter_raw():
-                buf += chunk
-                if len(buf) >= 5:
-                    flags, length = struct.unpack(">BI", buf[:5])
-                    if len(buf) >= 5 + length:
-                        message = json.loads(buf[5 : 5 + length])
-                        if flags & 0x02:
-                            error = message.get("error", {})
-                            raise from_wire(error.get("code", ""), error.get("message", "process did not start"))
-                        return int(message["event"]["start"]["pid"])
+                for flags, message in decoder.feed(chunk):
+                    if flags & envelope.FLAG_END_STREAM:
+                        error = message.get("error", {})
+                        raise from_wire(error.get("code", ""), error.get("message", "process did not start"))
+                    return int(message["event"]["start"]["pid"])
         raise Unavailable("the agent closed the stream before the process started")
 
     async def write_file(self, path: str, data: bytes) -> None:

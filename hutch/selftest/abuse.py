@@ -21,10 +21,11 @@ from pathlib import Path
 
 import httpx
 
+from hutch.agent import envelope
 from hutch.runtime.cgroups import Cgroup
 from hutch.selftest.report import Outcome
 from hutch.selftest.stage import LIMITS, Stage, cgroup_procs
-from hutch.selftest.target import Session, envelope, rss_mb
+from hutch.selftest.target import Session, rss_mb
 
 
 class Watch:
@@ -64,7 +65,7 @@ class Watch:
     def _neighbour(self) -> None:
         response = self.http.post(
             f"{self.base}/process.Process/Start",
-            content=envelope({"process": {"cmd": "true"}}),
+            content=envelope.encode({"process": {"cmd": "true"}}),
             headers={"content-type": "application/connect+json"},
             timeout=30,
         )
@@ -399,7 +400,7 @@ def stdout_flood(stage: Stage, backend: str) -> Outcome:
         with session.http.stream(
             "POST",
             f"{session.base}/process.Process/Start",
-            content=envelope({"process": {"cmd": "yes"}}),
+            content=envelope.encode({"process": {"cmd": "yes"}}),
             headers={"content-type": "application/connect+json"},
             timeout=60,
         ) as response:
@@ -414,7 +415,7 @@ def stdout_flood(stage: Stage, backend: str) -> Outcome:
         with session.http.stream(
             "POST",
             f"{session.base}/process.Process/Start",
-            content=envelope({"process": {"cmd": "yes"}}),
+            content=envelope.encode({"process": {"cmd": "yes"}}),
             headers={"content-type": "application/connect+json"},
             timeout=60,
         ):
