@@ -44,7 +44,7 @@ disk_gib_second = 0.00000004      # per GiB-second of workspace disk
 idle_cpu_factor = 0.0             # while idle, CPU is free...
 idle_memory_factor = 0.1          # ...and memory costs a tenth
 basis = "allocated"               # allocated (vCPUs/GiB of the session) | used (cgroup-measured)
-[kubernetes]                      # the `kubernetes` backend: an instance per pod (hutch/runtime/kubernetes.py)
+[kubernetes]                      # the `kubernetes` backend: an instance per pod (hutch/runtime/kubernetes/)
 namespace = "hutch-sandboxes"     # where the instances' pods live
 image = "hutch:0.1.0"             # an image with hutch installed (deploy/Dockerfile)
 runtime_class = ""                # e.g. "gvisor" or "kata"; "" is the cluster's default (runc)
@@ -95,7 +95,7 @@ class MeteringConfig(BaseModel):
 
 class KubernetesConfig(BaseModel):
     """Options of the `kubernetes` backend: the keyword arguments of
-    `hutch.runtime.kubernetes.KubernetesRuntime`, which documents each."""
+    `hutch.runtime.kubernetes.runtime.KubernetesRuntime`, which documents each."""
 
     model_config = ConfigDict(extra="forbid")
 
