@@ -161,7 +161,7 @@ BUILTIN_FUNCTIONS = [
     FunctionSpec(
         name="code-interpreter-v1",
         description="base plus a Jupyter kernel started ahead of the first run_code (E2B's code interpreter).",
-        resources=ResourceSpec(memoryMB=1024),
+        resources=ResourceSpec(memory_mb=1024),
         warm_pool_size=1,
         prestart_kernel=True,
         network=NetworkSpec(),

@@ -123,7 +123,7 @@ class Service:
             # The request message is read before the response starts, as connect-go (envd) does:
             # a client that sees the response head early may end its body before sending it.
             try:
-                first = next(read_envelopes(req), {})
+                first: dict[str, object] = next(read_envelopes(req), {})
             except HutchError as exc:
                 return StreamResponse(200, iter([end_stream(exc)]), [("content-type", STREAM_TYPE)])
             return StreamResponse(200, self._stream(method, first, req), [("content-type", STREAM_TYPE)])
@@ -145,7 +145,7 @@ class Service:
         except GeneratorExit:
             raise
         except Exception as exc:
-            error = exc
+            error = exc  # type: ignore[assignment]
         finally:
             if messages is not None and hasattr(messages, "close"):
                 messages.close()

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any
+
+TYPE_CHECKING = False  # typing itself is not imported: the agent's start-up budget
+if TYPE_CHECKING:
+    from typing import Any
 
 HEADER = struct.Struct(">BI")
 FLAG_COMPRESSED = 0x01

@@ -32,8 +32,9 @@ import hmac
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -67,7 +68,7 @@ class NodeDirectory:
         self.lease_seconds = lease_seconds
         self.refresh_interval = refresh_interval
         self.nodes: dict[str, SchedulerRecord] = {}
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[Any] | None = None
 
     async def start(self) -> None:
         await self.refresh()
@@ -127,7 +128,7 @@ class NodeClient:
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def call(self, node: NodeAddress, path: str, body: dict) -> dict:
+    async def call(self, node: NodeAddress, path: str, body: dict[str, Any]) -> dict[str, Any]:
         url = f"http://{node.host}:{node.port}/_node/v1/{path}"
         try:
             answer = await self.http.post(url, json=body, headers={NODE_KEY_HEADER.decode(): self.key})
@@ -136,7 +137,7 @@ class NodeClient:
         if answer.status_code == 204:
             return {}
         try:
-            data = answer.json()
+            data: dict[str, Any] = answer.json()
         except ValueError:
             raise Unavailable(f"node {node.node_id} answered {answer.status_code} without JSON") from None
         if answer.status_code >= 400:
@@ -181,7 +182,7 @@ class ClusterSessions:
         self._specs: dict[tuple[str, str], tuple[str, FunctionSpec]] = {}  # (tenant, name) -> (pool key, spec)
         self.on_end: list[Callable[[SessionRecord], None]] = []
         self.on_created: list[Callable[[SessionRecord, float], None]] = []
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         await self.metadb.watch(self._notice)
@@ -244,13 +245,13 @@ class ClusterSessions:
             if self.nodes.is_live(node_id):
                 self._spawn(self._tell(node_id, body))
 
-    async def _tell(self, node_id: str, body: dict) -> None:
+    async def _tell(self, node_id: str, body: dict[str, Any]) -> None:
         try:
             await self.client.call(self.nodes.address(node_id), "functions", body)
         except HutchError as exc:
             log.warning("node %s did not take a function change: %s", node_id, exc.message)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -309,10 +310,10 @@ class ClusterSessions:
         ttl_s: int | None = None,
         idle_timeout_s: int | None = None,
         env: dict[str, str] | None = None,
-        metadata: dict | None = None,
+        metadata: dict[str, Any] | None = None,
         with_token: bool = False,
         existing_ok: bool = False,
-        network: dict | None = None,
+        network: dict[str, Any] | None = None,
     ) -> tuple[SessionRecord, bool]:
         started = time.perf_counter()
         await self.function(tenant.tenant_id, function)  # NotFound here, before any node is asked
@@ -351,7 +352,7 @@ class ClusterSessions:
                 callback(record, time.perf_counter() - started)
         return record, bool(answer["created"])
 
-    async def _on_live_node(self, path: str, body: dict, none_left: str) -> dict:
+    async def _on_live_node(self, path: str, body: dict[str, Any], none_left: str) -> dict[str, Any]:
         """A control call to a live node with room; up to three nodes are tried, as one may be
         unreachable, fenced or full (all `Unavailable`) while another is not."""
         tried: set[str] = set()
@@ -432,7 +433,7 @@ class ClusterSessions:
 
     # -- changes, on the session's node --------------------------------------------------------
 
-    async def _on_node(self, session: SessionRecord, action: str, body: dict) -> SessionRecord | None:
+    async def _on_node(self, session: SessionRecord, action: str, body: dict[str, Any]) -> SessionRecord | None:
         current = await self.metadb.get_session(session.row_id)
         if not current.active:
             self._forget(current.internal_id)
@@ -467,7 +468,7 @@ class ClusterSessions:
             updated = await self._on_node(session, "renew", body)
         except NodeUnreachable:
             now = time.time()
-            changes: dict = {"last_modified": now}
+            changes: dict[str, Any] = {"last_modified": now}
             if ttl_s is not None:
                 changes.update(ttl_s=ttl_s, expires_at=now + ttl_s)
             if idle_timeout_s is not None:
@@ -477,7 +478,7 @@ class ClusterSessions:
             raise NotFound(f"session {session.session_id} has ended")
         return self._remember(updated)
 
-    async def set_network(self, session: SessionRecord, policy: dict) -> SessionRecord:
+    async def set_network(self, session: SessionRecord, policy: dict[str, Any]) -> SessionRecord:
         try:
             updated = await self._on_node(session, "network", {"policy": policy})
         except NodeUnreachable:

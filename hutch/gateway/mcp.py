@@ -53,7 +53,7 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from hutch.errors import HutchError
@@ -261,7 +261,7 @@ class _Binder:
         self.metadb = metadb
         self.session = session
         self.created = created
-        self._persisting: asyncio.Future | None = None
+        self._persisting: asyncio.Future[Any] | None = None
 
     def _bind(self, transport: str, mcp_id: str) -> BindingKey:
         session = self.session

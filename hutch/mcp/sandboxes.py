@@ -18,6 +18,7 @@ server turns them into tool errors.
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -233,7 +234,7 @@ class Sandboxes:
         }
         if truncated:
             result["truncated"] = True
-            result["stderr"] += f"\n[hutch: more than {OUTPUT_CAP} bytes of output: the command was stopped]"
+            result["stderr"] += f"\n[hutch: more than {OUTPUT_CAP} bytes of output: the command was stopped]"  # type: ignore[operator]
         return result
 
     async def _kill(self, base: str, pid: int) -> None:
@@ -266,7 +267,7 @@ class Sandboxes:
         headers = {"content-type": "application/octet-stream"}
         await self._call("POST", f"{base}/files", params={"path": path}, content=data, headers=headers)
 
-    async def list_files(self, sandbox_id: str, path: str) -> list[dict]:
+    async def list_files(self, sandbox_id: str, path: str) -> builtins.list[dict[str, Any]]:
         base = await self._base(sandbox_id)
         answer = await self._call("POST", f"{base}/filesystem.Filesystem/ListDir", json={"path": path, "depth": 1})
         return answer.json().get("entries", [])

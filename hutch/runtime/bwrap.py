@@ -137,7 +137,7 @@ class BwrapRuntime(LocalRuntime):
             fds = [fd for fd in fds if fd not in given]
             # Until it is released, bwrap's child waits on the block fd in bwrap's process group:
             # killing the group ends both, so a failed start can never leave a sandbox running.
-            undo.append(lambda: (_kill_group(popen.pid), popen.wait()))
+            undo.append(lambda: (_kill_group(popen.pid), popen.wait()))  # type: ignore[func-returns-value]
             fds.remove(info_r)  # closed by _read_info, whatever happens
             info = self._read_info(info_r, popen, stderr_r)
             pid = int(info["child-pid"])

@@ -95,7 +95,7 @@ class AgentChannel:
         """Run a command to its end (`shell`: through `/bin/bash -l -c`, as E2B does)."""
         process = {"cmd": "/bin/bash", "args": ["-l", "-c", cmd]} if shell else {"cmd": cmd, "args": args or []}
         if env:
-            process["envs"] = env
+            process["envs"] = env  # type: ignore[assignment]
         if cwd:
             process["cwd"] = cwd
         result = CommandResult(exit_code=-1)

@@ -35,10 +35,10 @@ def create_userns(base: int) -> int:
     except OSError as exc:
         raise IsolationError(f"cannot run unshare: {exc}") from None
     try:
-        holder.stdin.write(b"x")
-        holder.stdin.flush()
-        if holder.stdout.read(1) != b"x":
-            raise IsolationError(f"unshare --user failed: {holder.stderr.read().decode().strip()}")
+        holder.stdin.write(b"x")  # type: ignore[union-attr]
+        holder.stdin.flush()  # type: ignore[union-attr]
+        if holder.stdout.read(1) != b"x":  # type: ignore[union-attr]
+            raise IsolationError(f"unshare --user failed: {holder.stderr.read().decode().strip()}")  # type: ignore[union-attr]
         for name, value in (
             ("uid_map", f"0 {base} {RANGE}\n"),
             ("setgroups", "deny\n"),
@@ -50,10 +50,10 @@ def create_userns(base: int) -> int:
     except OSError as exc:
         raise IsolationError(f"cannot set up the user namespace: {exc}") from None
     finally:
-        holder.stdin.close()
+        holder.stdin.close()  # type: ignore[union-attr]
         holder.wait()
-        holder.stdout.close()
-        holder.stderr.close()
+        holder.stdout.close()  # type: ignore[union-attr]
+        holder.stderr.close()  # type: ignore[union-attr]
 
 
 class UidSlots:

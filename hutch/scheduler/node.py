@@ -32,7 +32,7 @@ import json
 import logging
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -75,17 +75,17 @@ def node_key(secret: bytes) -> str:
 # -- wire forms of records ----------------------------------------------------------------------
 
 
-def session_to_wire(record: SessionRecord) -> dict:
+def session_to_wire(record: SessionRecord) -> dict[str, Any]:
     values = asdict(record)
     values["status"] = record.status.value
     return values
 
 
-def session_from_wire(values: dict) -> SessionRecord:
+def session_from_wire(values: dict[str, Any]) -> SessionRecord:
     return SessionRecord(**{**values, "status": SessionStatus(values["status"])})
 
 
-def tenant_from_wire(values: dict) -> Tenant:
+def tenant_from_wire(values: dict[str, Any]) -> Tenant:
     return Tenant(**values)
 
 
@@ -104,7 +104,7 @@ class Lease:
         self.lease_seconds = lease_seconds
         self._last_renewed = 0.0  # monotonic time of the last heartbeat MetaDB took
         self._fenced = True  # until the first heartbeat and reconciliation
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[Any] | None = None
 
     @property
     def fenced(self) -> bool:
@@ -416,7 +416,7 @@ class NodeApp:
         return JSONResponse({"code": "internal", "message": f"internal error: {exc.__class__.__name__}"}, 500)
 
 
-async def _json(request: Request) -> dict:
+async def _json(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
     except ValueError:
@@ -426,7 +426,7 @@ async def _json(request: Request) -> dict:
     return body
 
 
-async def _send_json(send: Send, status: int, body: dict, extra: list[Header] | None = None) -> None:
+async def _send_json(send: Send, status: int, body: dict[str, Any], extra: list[Header] | None = None) -> None:
     data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})

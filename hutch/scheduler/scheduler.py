@@ -22,8 +22,10 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -51,7 +53,7 @@ DEFAULT = Default()
 class Pool:
     key: str
     spec: FunctionSpec
-    warm: deque  # of InstanceId, oldest first
+    warm: deque[InstanceId]  # of InstanceId, oldest first
     starting: int = 0
 
 
@@ -78,10 +80,10 @@ class Scheduler:
         self.health_interval = health_interval
         self.pools: dict[str, Pool] = {}
         self._pool_event = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[Any]] = []
         self._starting = 0
-        self._cleanups: set[asyncio.Task] = set()
-        self.on_crash = None  # callback(instance_id) for instances that die on their own
+        self._cleanups: set[asyncio.Task[Any]] = set()
+        self.on_crash: Callable[[InstanceId], None] | None = None  # for instances that die on their own
         self.stats = {"pool_hits": 0, "pool_misses": 0, "crashes": 0}
         runtime.on_exit = self._on_exit
 
@@ -229,7 +231,7 @@ class Scheduler:
         session_row_id: str,
         env: dict[str, str] | None = None,
         fresh_workspace: bool = True,
-        network: dict | None = None,
+        network: dict[str, Any] | None = None,
     ) -> Instance:
         """An instance for a session. `fresh_workspace`: the session has no workspace yet, so a
         warm instance can be used (its fresh workspace becomes the session's). `network`: the
@@ -238,7 +240,7 @@ class Scheduler:
         instance = None
         pool = self.pools.get(pool_key)
         usable = pool is not None and (pool.spec.network is None) == (network is None)
-        while fresh_workspace and usable and pool.warm:
+        while fresh_workspace and usable and pool is not None and pool.warm:
             candidate = pool.warm.popleft()
             self._pool_event.set()  # refill
             if self.is_live(candidate):
@@ -278,7 +280,7 @@ class Scheduler:
         spec: FunctionSpec,
         workspace: str | None,
         env: dict[str, str] | None = None,
-        network: dict | Default | None = DEFAULT,
+        network: dict[str, Any] | Default | None = DEFAULT,
     ) -> Instance:
         instance_spec = InstanceSpec(
             instance_id=InstanceId(f"i-{uuid.uuid4().hex[:16]}"),
@@ -287,7 +289,7 @@ class Scheduler:
             env={**spec.env, **(env or {})},
             workspace=workspace,
             prestart_kernel=spec.prestart_kernel,
-            network=(spec.network.to_runtime() if spec.network else None) if network is DEFAULT else network,
+            network=(spec.network.to_runtime() if spec.network else None) if isinstance(network, Default) else network,
         )
         self._starting += 1
         try:

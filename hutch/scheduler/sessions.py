@@ -28,10 +28,10 @@ import secrets
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hutch.errors import AlreadyExists, FailedPrecondition, HutchError, InvalidArgument, NotFound
 from hutch.functions import BUILTIN_TENANT, FunctionSpec
@@ -41,6 +41,7 @@ from hutch.scheduler.activity import ActivityTracker
 from hutch.scheduler.metering import Meter
 from hutch.scheduler.scheduler import Scheduler
 from hutch.storage.base import check_key
+from hutch.types import InstanceId
 
 if TYPE_CHECKING:
     from hutch.gateway.cluster import NodeAddress
@@ -108,8 +109,8 @@ class SessionManager:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._specs: dict[str, FunctionSpec] = {}  # pool key -> spec
         self._resolved: dict[tuple[str, str], str] = {}  # (tenant, name) -> pool key: no MetaDB per request
-        self._tasks: list[asyncio.Task] = []
-        self._background: set[asyncio.Task] = set()  # fire-and-forget work, referenced until done
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._background: set[asyncio.Task[Any]] = set()  # fire-and-forget work, referenced until done
         self.on_end: list[Callable[[SessionRecord], None]] = []
         self.on_created: list[Callable[[SessionRecord, float], None]] = []  # (session, seconds it took)
         scheduler.on_crash = self._on_crash
@@ -136,11 +137,11 @@ class SessionManager:
         for instance_id, instance in adopted.items():
             if instance_id in bound:
                 continue
-            record = records.get(instance_id)
+            role = records.get(instance_id)
             if (
-                record is not None
-                and record.role == InstanceRole.WARM
-                and await self.scheduler.adopt_warm(instance, record.pool_key)
+                role is not None
+                and role.role == InstanceRole.WARM
+                and await self.scheduler.adopt_warm(instance, role.pool_key)
             ):
                 continue
             keep = not instance.workspace.startswith("_instances/")
@@ -164,7 +165,7 @@ class SessionManager:
         await self.flush_activity()
         await self.meter.sample_once()
 
-    async def _loop(self, step, interval: float) -> None:
+    async def _loop(self, step: Callable[[], Awaitable[object]], interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
@@ -212,7 +213,7 @@ class SessionManager:
         self._specs[key] = spec
         self.scheduler.set_pool(key, spec)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -254,10 +255,10 @@ class SessionManager:
         ttl_s: int | None = None,
         idle_timeout_s: int | None = None,
         env: dict[str, str] | None = None,
-        metadata: dict | None = None,
+        metadata: dict[str, Any] | None = None,
         with_token: bool = False,
         existing_ok: bool = False,
-        network: dict | None = None,
+        network: dict[str, Any] | None = None,
     ) -> tuple[SessionRecord, bool]:
         """A new session with its instance (prewarm + attach). Returns (session, created).
         `network`: the session's own egress policy (`NetworkSpec.to_runtime()`), instead of the
@@ -424,6 +425,7 @@ class SessionManager:
         spec = self._specs.get(self.pool_key(session.tenant_id, session.function)) or self._specs.get(
             self.pool_key(BUILTIN_TENANT, session.function)
         )
+        assert session.instance_id is not None  # routed only once it has a live instance
         return Route(session, self.scheduler.socket_path(session.instance_id), spec.port if spec else None)
 
     async def reroute(self, session: SessionRecord) -> Route:
@@ -523,7 +525,7 @@ class SessionManager:
             for callback in self.on_end:
                 callback(record)
 
-    def _on_crash(self, instance_id: str) -> None:
+    def _on_crash(self, instance_id: InstanceId) -> None:
         for session in self._active.values():
             if session.instance_id == instance_id:
                 log.warning("instance %s of session %s crashed", instance_id, session.session_id)
@@ -532,13 +534,13 @@ class SessionManager:
     # -- network -------------------------------------------------------------------------------
 
     @staticmethod
-    def network_of(session: SessionRecord, spec: FunctionSpec) -> dict | None:
+    def network_of(session: SessionRecord, spec: FunctionSpec) -> dict[str, Any] | None:
         """The egress policy a session's instance runs with: its own, or its function's."""
         if session.network is not None:
             return session.network
         return spec.network.to_runtime() if spec.network is not None else None
 
-    async def set_network(self, session: SessionRecord, policy: dict) -> SessionRecord:
+    async def set_network(self, session: SessionRecord, policy: dict[str, Any]) -> SessionRecord:
         """Change a live session's egress policy now (and for any instance that replaces it).
 
         Raises:
@@ -548,7 +550,7 @@ class SessionManager:
             current = self._active.get(session.internal_id)
             if current is None or current.row_id != session.row_id:
                 raise FailedPrecondition(f"session {session.session_id} is not active")
-            if self.scheduler.is_live(current.instance_id):
+            if current.instance_id is not None and self.scheduler.is_live(current.instance_id):
                 await self.scheduler.runtime.set_network(current.instance_id, policy)
             updated = await self.metadb.update_session(current.row_id, network=dict(policy), last_modified=self.clock())
             self._remember(updated)
@@ -565,7 +567,7 @@ class SessionManager:
             if current is None or current.row_id != session.row_id:
                 raise FailedPrecondition(f"session {session.session_id} is not active")
             now = self.clock()
-            changes: dict = {"last_modified": now}
+            changes: dict[str, Any] = {"last_modified": now}
             if ttl_s is not None:
                 changes.update(ttl_s=ttl_s, expires_at=now + ttl_s)
             if idle_timeout_s is not None:

@@ -47,7 +47,7 @@ class Checks:
                 seen = f"{response.status_code} {response.json().get('code')}"
             except ValueError:
                 seen = f"{response.status_code} {response.text[:80]!r}"
-            allowed = tuple(f"{status} {code}" for status in allowed)
+            allowed = tuple(f"{status} {code}" for status in allowed)  # type: ignore[misc]
         self.expect(what, seen, *allowed)
 
     def note(self, line: str) -> None:
@@ -560,7 +560,7 @@ def mcp_output_flood(stage: Stage) -> Outcome:
                 "run_command", {"sandbox_id": sandbox, "command": "head -c 40000000 /dev/urandom > big"}
             )
             read = await client.call_tool("read_file", {"sandbox_id": sandbox, "path": "big"})
-            said = read.content[0].text if read.content else ""
+            said = read.content[0].text if read.content else ""  # type: ignore[union-attr]
             checks.expect(
                 "read_file of a 40 MB file: refused, saying why", read.is_error and "larger than" in said, True
             )

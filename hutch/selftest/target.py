@@ -351,7 +351,7 @@ def stop_leftovers(data_dir: Path) -> None:
         if gvisor_dir.exists():
             runtime.runtime("gvisor")  # its cgroup parent and staged binds go too
         for backend in runtime.runtimes.values():
-            await backend.close(unstage=True)
+            await backend.close(unstage=True)  # type: ignore[call-arg]
         HostNetwork(layout_for(data_dir), 0, 0).remove()  # the server's table, which outlives it too
 
     asyncio.run(run())

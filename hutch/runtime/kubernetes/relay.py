@@ -46,8 +46,8 @@ class Relay:
             except (OSError, TimeoutError) as exc:
                 log.debug("relay %s: cannot reach %s:%d: %s", self.path, self.host, self.port, exc)
                 return
-            self._writers.add(upstream)
-            await asyncio.gather(_pipe(reader, upstream), _pipe(up_reader, writer))
+            self._writers.add(upstream)  # type: ignore[arg-type]
+            await asyncio.gather(_pipe(reader, upstream), _pipe(up_reader, writer))  # type: ignore[arg-type]
         finally:
             for side in (writer, upstream):
                 if side is not None:

@@ -524,7 +524,7 @@ class KubernetesRuntime(InstanceTable):
                 await asyncio.to_thread(self._cleanup, instance, keep)
                 continue
             instance.detail["ip"] = address
-            instance.detail["uid"] = pod["metadata"].get("uid")
+            instance.detail["uid"] = pod["metadata"].get("uid")  # type: ignore[index]
             relay = Relay(instance.socket_path, address, self.settings.agent_port)
             await relay.start()
             self._relays[instance.instance_id] = relay
