@@ -131,7 +131,7 @@ class SharedStorageConfig(BaseModel):
 
 
 class ClusterConfig(BaseModel):
-    """Many gateways and nodes on one MetaDB (`hutch gateway`, `hutch node`; `hutch.scheduler.node`)."""
+    """Many gateways and nodes on one MetaDB (`hutch gateway`, `hutch node`; `hutch.cluster.node`)."""
 
     model_config = ConfigDict(extra="forbid")
 

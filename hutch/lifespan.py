@@ -1,4 +1,4 @@
-"""The ASGI lifespan protocol for hutch's two apps (`hutch.asgi.HutchApp`, `hutch.scheduler.node.NodeApp`)."""
+"""The ASGI lifespan protocol for hutch's two apps (`hutch.asgi.HutchApp`, `hutch.cluster.node.NodeApp`)."""
 
 from __future__ import annotations
 

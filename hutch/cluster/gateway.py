@@ -1,8 +1,8 @@
 """The sessions of a cluster, as a stateless gateway (`hutch gateway`) sees them.
 
-`ClusterSessions` offers the gateway and the API what `SessionManager` offers them inside
-`hutch serve` (create, look up, route, end, renew, network), but the sessions live on nodes
-(`hutch node`, `hutch.scheduler.node`) and the truth in a shared MetaDB (PostgreSQL):
+`ClusterSessions` is the `Sessions` of the gateway and the API (`hutch.scheduler.interface`), as
+`SessionManager` is inside `hutch serve` (create, look up, route, end, renew, network), but the sessions live on nodes
+(`hutch node`, `hutch.cluster.node`) and the truth in a shared MetaDB (PostgreSQL):
 
 - **Routes are cached** (internal id -> session -> node): a request with a known key reaches its
   node without touching MetaDB. The cache is kept right by MetaDB's change notices (a node
@@ -27,37 +27,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from hutch.cluster.wire import NODE_KEY_HEADER, SESSION_HEADER, node_key, session_from_wire
 from hutch.errors import HutchError, NotFound, Unavailable, from_wire
 from hutch.functions import FunctionSpec
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import EndReason, SchedulerRecord, SessionRecord, SessionStatus, Tenant, UsageBucket
-from hutch.scheduler.node import NODE_KEY_HEADER, node_key, session_from_wire
-from hutch.scheduler.sessions import Route, check_session_id
+from hutch.scheduler import interface
+from hutch.scheduler.interface import NodeAddress, Route
+from hutch.scheduler.sessions import check_session_id
 
 log = logging.getLogger(__name__)
 
 
 class NodeUnreachable(Unavailable):
     """A node did not answer (refused, reset, timed out)."""
-
-
-@dataclass(frozen=True, slots=True)
-class NodeAddress:
-    node_id: str
-    host: str
-    port: int
 
 
 class NodeDirectory:
@@ -170,6 +162,8 @@ class _NoLiveMeter:
 
 
 class ClusterSessions:
+    """The sessions of a cluster, through a gateway (the module docstring)."""
+
     def __init__(self, metadb: MetaDB, secret: bytes, lease_seconds: float, refresh_interval: float = 1.0) -> None:
         self.metadb = metadb
         self.secret = secret
@@ -257,8 +251,7 @@ class ClusterSessions:
         task.add_done_callback(self._background.discard)
 
     def internal_id(self, tenant_id: str, function: str, key: str) -> str:
-        message = f"{tenant_id}\x00{function}\x00{key}".encode()
-        return hmac.new(self.secret, message, hashlib.sha256).hexdigest()[:40]
+        return interface.internal_id(self.secret, tenant_id, function, key)
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -379,7 +372,9 @@ class ClusterSessions:
     # -- routing -------------------------------------------------------------------------------
 
     def _route(self, session: SessionRecord, spec: FunctionSpec | None) -> Route:
-        return Route(session, None, spec.port if spec else None, node=self.nodes.address(session.scheduler_id or ""))
+        node = self.nodes.address(session.scheduler_id or "")
+        hop = ((NODE_KEY_HEADER, self.client.key.encode()), (SESSION_HEADER, session.row_id.encode()))
+        return Route(session, None, spec.port if spec else None, node=node, hop=hop)
 
     async def route(self, session: SessionRecord) -> Route:
         """The node that holds the session. Its lease is not checked here: a node that answers is
@@ -486,3 +481,9 @@ class ClusterSessions:
         if updated is None:
             raise NotFound(f"session {session.session_id} has ended")
         return self._remember(updated)
+
+
+if TYPE_CHECKING:
+
+    def _implements(sessions: ClusterSessions) -> interface.Sessions:  # mypy checks the seam here
+        return sessions

@@ -29,16 +29,12 @@ import base64
 import hashlib
 import hmac
 import time
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from hutch.agent.config import ENVD_PORT, INTERPRETER_PORT
 from hutch.errors import InvalidArgument, NotFound, Unauthenticated
 from hutch.gateway.affinity import header_value
-from hutch.gateway.types import Header, Scope, Target
-
-if TYPE_CHECKING:
-    from hutch.server import Hutch
+from hutch.gateway.types import Header, Host, Scope, Target
 
 AGENT_PORTS = (ENVD_PORT, INTERPRETER_PORT)
 TOKEN_HEADER = b"x-access-token"
@@ -145,7 +141,7 @@ def check_access(scope: Scope, port: int, token: str) -> None:
     raise Unauthenticated("this sandbox needs its access token (X-Access-Token)")
 
 
-async def resolve(hutch: Hutch, scope: Scope, sandbox_id: str, port: int) -> Target:
+async def resolve(hutch: Host, scope: Scope, sandbox_id: str, port: int) -> Target:
     """The target of one request to a sandbox.
 
     Raises:
@@ -170,6 +166,7 @@ async def resolve(hutch: Hutch, scope: Scope, sandbox_id: str, port: int) -> Tar
         session=session,
         address=route.socket_path,
         node=route.node,
+        hop=route.hop,
         pool_key=(session.instance_id or "", None if agent else port),
         path=raw + b"?" + query if query else raw,
         drop=AGENT_DROPPED if agent else USER_DROPPED,

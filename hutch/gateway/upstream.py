@@ -54,6 +54,9 @@ class InstanceGone(UpstreamError):
     whatever its method."""
 
 
+MISDIRECTED_HEADER = b"x-hutch-misdirected"  # on a 421: a cluster's node does not hold the session
+
+
 class Misdirected(InstanceCrashed):
     """A cluster's node answered that it does not hold the session (421 `x-hutch-misdirected`):
     the gateway's cached route is stale."""

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import re
 import secrets
@@ -29,22 +27,19 @@ import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hutch.errors import AlreadyExists, FailedPrecondition, HutchError, InvalidArgument, NotFound
 from hutch.functions import BUILTIN_TENANT, FunctionSpec
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import EndReason, InstanceRole, SessionRecord, SessionStatus, Tenant
+from hutch.scheduler import interface
 from hutch.scheduler.activity import ActivityTracker
+from hutch.scheduler.interface import Route
 from hutch.scheduler.metering import Meter
 from hutch.scheduler.scheduler import Scheduler
 from hutch.storage.base import check_key
 from hutch.types import InstanceId
-
-if TYPE_CHECKING:
-    from hutch.gateway.cluster import NodeAddress
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +59,10 @@ def check_session_id(value: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class Route:
-    """Where a request for a session goes: an instance's socket on this host, or (through a
-    gateway of a cluster) the node that holds the session."""
-
-    session: SessionRecord
-    socket_path: Path | None
-    port: int | None  # the function's user server; None: the agent itself
-    node: NodeAddress | None = None
-
-
 class SessionManager:
+    """The sessions of this host (`hutch.scheduler.interface.Sessions`, and what a node adds:
+    adoption, reconciliation, reaping of dead nodes' sessions)."""
+
     def __init__(
         self,
         metadb: MetaDB,
@@ -221,8 +208,7 @@ class SessionManager:
     # -- ids -----------------------------------------------------------------------------------
 
     def internal_id(self, tenant_id: str, function: str, key: str) -> str:
-        message = f"{tenant_id}\x00{function}\x00{key}".encode()
-        return hmac.new(self.secret, message, hashlib.sha256).hexdigest()[:40]
+        return interface.internal_id(self.secret, tenant_id, function, key)
 
     def _lock(self, internal_id: str) -> asyncio.Lock:
         lock = self._locks.get(internal_id)
@@ -427,6 +413,9 @@ class SessionManager:
         )
         assert session.instance_id is not None  # routed only once it has a live instance
         return Route(session, self.scheduler.socket_path(session.instance_id), spec.port if spec else None)
+
+    async def misdirected(self, session: SessionRecord) -> None:
+        """Never: a route of this host names no node."""
 
     async def reroute(self, session: SessionRecord) -> Route:
         """Where to send a request whose instance took no connection (its agent is dead, before
@@ -643,7 +632,7 @@ class SessionManager:
         would: they move to a live node only on their next request, which may never come. Each
         is moved here first (the compare-and-set of `adopt`, so a racing adoption wins or loses
         whole), then ended as if it had been reaped here: usage closed, workspace wiped unless
-        kept. A cluster node's job (`hutch.scheduler.node.Lease`)."""
+        kept. A cluster node's job (`hutch.cluster.node.Lease`)."""
         now = self.clock()
         ended = []
         for session in await self.metadb.active_sessions():
@@ -681,3 +670,9 @@ class SessionManager:
         except BaseException:
             self.activity.requeue(dirty)  # written with the next flush
             raise
+
+
+if TYPE_CHECKING:
+
+    def _implements(manager: SessionManager) -> interface.Sessions:  # mypy checks the seam here
+        return manager
