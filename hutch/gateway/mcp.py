@@ -1,4 +1,4 @@
-"""MCP session affinity (DESIGN.md §1): one MCP session, one hutch session, one instance.
+"""MCP session affinity: one MCP session, one hutch session, one instance.
 
 The instance runs the function's own MCP server (its `startCommand` and `port`). The gateway
 never speaks MCP: it reads the few things that say which session a request belongs to, and

@@ -1,7 +1,7 @@
 """MetaDB on SQLite: the embedded default of `hutch serve` (one file, WAL mode).
 
 sqlite3 is called directly on the event loop: a point read costs ~4 µs and a write ~12 µs here,
-less than a thread hop (aiosqlite adds ~175 µs per call; DESIGN.md §5). `synchronous=NORMAL` in
+less than a thread hop (aiosqlite adds ~175 µs per call). `synchronous=NORMAL` in
 WAL mode survives a crash of hutch (not a power cut of the host) without an fsync per commit.
 
 So SQLite must never wait for a lock itself (`busy_timeout` 0): that would stop the event loop,
