@@ -3,7 +3,7 @@
 - `/functions/{name}/sessions/{id}/{path}`: the path names the session (the same key space as
   the affinity header: an unknown id starts a session with that id).
 
-The flow (ARCHITECTURE.md, section 1): API key -> tenant; the function by name (the tenant's own, else the
+The flow (ARCHITECTURE.md, "A request"): API key -> tenant; the function by name (the tenant's own, else the
 built-in); the session key from the path, or the request's affinity header or cookie (MCP
 functions: `hutch.gateway.mcp` decides); its internal id; the in-memory lookup; on a miss a new
 session from the warm pool (`create(existing_ok=True)`, so that racing first requests with one
