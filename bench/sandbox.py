@@ -12,7 +12,7 @@ For each backend, in one process and one after the other (never concurrently):
   gVisor's sentry, gofer and stubs included);
 - `run_code("1+1")` in a warm Jupyter context.
 
-Reports medians and p90. Targets (DESIGN.md §6, for the default backend): ready <= 60 ms p50,
+Reports medians and p90. Targets (README.md, "Benchmark", for the default backend): ready <= 60 ms p50,
 `echo hi` <= 10 ms p50, `run_code` <= 10 ms p50, <= 20 MB PSS per idle instance. Needs root.
 """
 

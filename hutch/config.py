@@ -68,7 +68,7 @@ env = {}                          # set in every build step and sandbox of a tem
                                   # {PIP_INDEX_URL = "https://pypi.internal/simple", npm_config_registry = "…"}
 insecure_registries = []          # OCI registries reached over plain HTTP or unverified TLS, e.g. ["127.0.0.1:5000"]
 registry_auth = {}                # "user:password" per registry host, e.g. {"registry.example.com" = "bot:secret"}
-[kubernetes]                      # the `kubernetes` backend: an instance per pod (hutch/runtime/kubernetes.py)
+[kubernetes]                      # the `kubernetes` backend: an instance per pod (hutch/runtime/kubernetes/)
 namespace = "hutch-sandboxes"     # where the instances' pods live
 image = "hutch:0.1.0"             # an image with hutch installed (deploy/Dockerfile)
 runtime_class = ""                # e.g. "gvisor" or "kata"; "" is the cluster's default (runc)
@@ -177,7 +177,7 @@ class MeteringConfig(BaseModel):
 
 class KubernetesConfig(BaseModel):
     """Options of the `kubernetes` backend: the keyword arguments of
-    `hutch.runtime.kubernetes.KubernetesRuntime`, which documents each."""
+    `hutch.runtime.kubernetes.runtime.KubernetesRuntime`, which documents each."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -213,7 +213,7 @@ class SharedStorageConfig(BaseModel):
 
 
 class ClusterConfig(BaseModel):
-    """Many gateways and nodes on one MetaDB (`hutch gateway`, `hutch node`; `hutch.scheduler.node`)."""
+    """Many gateways and nodes on one MetaDB (`hutch gateway`, `hutch node`; `hutch.cluster.node`)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -173,7 +173,7 @@ BUILTIN_FUNCTIONS = [
         name="code-interpreter-v1",
         description="base plus a Jupyter kernel started ahead of the first run_code (E2B's code interpreter).",
         template="code-interpreter-v1",
-        resources=ResourceSpec(memoryMB=1024),
+        resources=ResourceSpec(memory_mb=1024),
         warm_pool_size=1,
         prestart_kernel=True,
         network=NetworkSpec(),

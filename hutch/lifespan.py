@@ -1,9 +1,10 @@
-"""The ASGI lifespan protocol for hutch's two apps (`hutch.asgi.HutchApp`, `hutch.scheduler.node.NodeApp`)."""
+"""The ASGI lifespan protocol for hutch's two apps (`hutch.asgi.HutchApp`, `hutch.cluster.node.NodeApp`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 from hutch.errors import BackendUnavailable, FailedPrecondition, InvalidArgument
 
@@ -11,8 +12,8 @@ log = logging.getLogger(__name__)
 
 
 async def run_lifespan(
-    receive: Callable[[], Awaitable[dict]],
-    send: Callable[[dict], Awaitable[None]],
+    receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
     start: Callable[[], Awaitable[None]],
     stop: Callable[[], Awaitable[None]],
     what: str,

@@ -3,7 +3,7 @@
 One class for the three roles (`Role`): `hutch serve` is all of them in one process;
 `hutch gateway` stops after step 3 with `ClusterSessions` (sessions live on nodes), and
 `hutch node` skips step 2 and runs steps 4-5 for this host only, behind
-`hutch.scheduler.node.NodeApp`. The two split roles need PostgreSQL as MetaDB.
+`hutch.cluster.node.NodeApp`. The two split roles need PostgreSQL as MetaDB.
 
 Start order (each step needs the ones before):
 1. MetaDB opened and migrated; the server secret (keyed hash of session ids) read or created.
@@ -41,10 +41,10 @@ import socket
 import time
 from pathlib import Path
 
+from hutch.cluster.gateway import ClusterSessions
 from hutch.config import ServerConfig
 from hutch.errors import InvalidArgument
 from hutch.functions import BUILTIN_FUNCTIONS, BUILTIN_TENANT
-from hutch.gateway.cluster import ClusterSessions
 from hutch.metadb import open_metadb
 from hutch.metadb.postgres import PostgresMetaDB
 from hutch.metadb.records import FunctionRecord
@@ -54,6 +54,7 @@ from hutch.runtime.keeper import hold_serve_lock, release_serve_lock, stop_keepe
 from hutch.runtime.multi import MultiRuntime
 from hutch.runtime.network import Networking, layout_for
 from hutch.runtime.userns import UidSlots
+from hutch.scheduler.interface import Sessions
 from hutch.scheduler.metering import Meter
 from hutch.scheduler.scheduler import Scheduler
 from hutch.scheduler.sessions import SessionManager
@@ -88,7 +89,8 @@ class Hutch:
         self.metrics = Metrics()
         self.scheduler: Scheduler | None = None
         self.templates: TemplateService | None = None  # root file systems (not on a gateway)
-        self.sessions: SessionManager | ClusterSessions | None = None
+        self.sessions: Sessions | None = None  # what the gateway and the API use
+        self.manager: SessionManager | None = None  # this host's sessions (not on a gateway)
         self.secret = b""  # the cluster's secret: keyed hashes of session ids, the node key
         self.started_at = 0.0
         self.bootstrap_key: str | None = None
@@ -154,7 +156,7 @@ class Hutch:
             busy_cpu_fraction=metering.busy_cpu_fraction,
             metrics_keep_s=metering.metrics_keep_seconds,
         )
-        self.sessions = SessionManager(
+        manager = SessionManager(
             self.metadb,
             self.scheduler,
             self.secret,
@@ -162,9 +164,10 @@ class Hutch:
             meter=meter,
             cluster=self.role == Role.NODE,
         )
-        await self.sessions.start()
+        self.sessions = self.manager = manager
+        await manager.start()
+        self.metrics.attach(manager, self.scheduler)
         self.templates.prepare_builtins()
-        self.metrics.attach(self.sessions, self.scheduler)
         self.started_at = time.time()
 
     def node_id(self) -> str:

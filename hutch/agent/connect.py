@@ -14,24 +14,16 @@ This is the agent's only place that turns `hutch.errors` into Connect wire error
 from __future__ import annotations
 
 import json
-import struct
 import time
 
+from hutch.agent.envelope import FLAG_COMPRESSED, FLAG_END_STREAM, HEADER, encode
 from hutch.agent.http import Request, Response, StreamResponse, json_response
 from hutch.agent.server import log
 from hutch.errors import HutchError, InvalidArgument, ResourceExhausted, Unimplemented
 
 UNARY_TYPES = ("application/json",)
 STREAM_TYPE = "application/connect+json"
-FLAG_COMPRESSED = 0x01
-FLAG_END_STREAM = 0x02
 MAX_MESSAGE = 32 * 1024 * 1024
-HEADER = struct.Struct(">BI")
-
-
-def envelope(message: dict, flags: int = 0) -> bytes:
-    data = json.dumps(message, separators=(",", ":")).encode()
-    return HEADER.pack(flags, len(data)) + data
 
 
 def read_envelopes(req: Request):
@@ -74,11 +66,11 @@ def unary_error(exc: HutchError) -> Response:
 
 def end_stream(exc: BaseException | None) -> bytes:
     if exc is None:
-        return envelope({}, FLAG_END_STREAM)
+        return encode({}, FLAG_END_STREAM)
     if not isinstance(exc, HutchError):
         log(f"stream failed: {exc.__class__.__name__}: {exc}")
         exc = HutchError(f"internal error: {exc}")
-    return envelope({"error": exc.to_dict()}, FLAG_END_STREAM)
+    return encode({"error": exc.to_dict()}, FLAG_END_STREAM)
 
 
 class Service:
@@ -131,7 +123,7 @@ class Service:
             # The request message is read before the response starts, as connect-go (envd) does:
             # a client that sees the response head early may end its body before sending it.
             try:
-                first = next(read_envelopes(req), {})
+                first: dict[str, object] = next(read_envelopes(req), {})
             except HutchError as exc:
                 return StreamResponse(200, iter([end_stream(exc)]), [("content-type", STREAM_TYPE)])
             return StreamResponse(200, self._stream(method, first, req), [("content-type", STREAM_TYPE)])
@@ -147,13 +139,13 @@ class Service:
         try:
             messages = self._server_stream[method](first, req)
             for message in messages:
-                yield None if message is None else envelope(message)
+                yield None if message is None else encode(message)
         except HutchError as exc:
             error = exc
         except GeneratorExit:
             raise
         except Exception as exc:
-            error = exc
+            error = exc  # type: ignore[assignment]
         finally:
             if messages is not None and hasattr(messages, "close"):
                 messages.close()
@@ -162,7 +154,7 @@ class Service:
     def _client(self, method: str, req: Request) -> StreamResponse:
         try:
             result = self._client_stream[method](read_envelopes(req), req)
-            body = [envelope(result), end_stream(None)]
+            body = [encode(result), end_stream(None)]
         except Exception as exc:
             body = [end_stream(exc)]
         return StreamResponse(200, iter(body), [("content-type", STREAM_TYPE)])

@@ -162,7 +162,7 @@ def entry_info(path: str, lst: os.stat_result | None = None) -> dict:
     if lst is None:
         lst = os.lstat(path)
     mode = lst.st_mode
-    entry = {"name": display(os.path.basename(path) or path), "path": display(path)}
+    entry: dict[str, object] = {"name": display(os.path.basename(path) or path), "path": display(path)}
     if stat.S_ISLNK(mode):
         try:
             target = os.path.realpath(path, strict=True)

@@ -411,7 +411,7 @@ class FilesEndpoint:
                     resp.headers.append(("content-range", f"bytes */{st.st_size}"))
                     return resp
                 if span is not None:
-                    start, end = span
+                    start, end = span  # type: ignore[misc]
                     os.lseek(fd, start, os.SEEK_SET)
                     headers.append(("content-range", f"bytes {start}-{end}/{st.st_size}"))
                     return StreamResponse(206, FileChunks(fd, end - start + 1), headers)
@@ -479,7 +479,7 @@ class FilesEndpoint:
     def _write(self, name: str, read, metadata: dict[str, str]) -> dict:
         path = paths.resolve(name, self.config.user_home())
         write_file(path, read, metadata)
-        entry = {"path": path, "name": os.path.basename(path), "type": "file"}
+        entry: dict[str, object] = {"path": path, "name": os.path.basename(path), "type": "file"}
         persisted = read_metadata(path)
         if persisted:
             entry["metadata"] = persisted
@@ -558,7 +558,7 @@ class GzipChunks:
         import zlib
 
         self.chunks = chunks
-        self.compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
+        self.compressor: zlib._Compress | None = zlib.compressobj(1, zlib.DEFLATED, 31)
 
     def __iter__(self):
         return self

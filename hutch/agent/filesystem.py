@@ -27,7 +27,7 @@ from hutch.errors import AlreadyExists, HutchError, InvalidArgument, NotFound, R
 
 TICK = 0.25  # seconds between checks that a streaming client is still there
 MAX_UNREAD_EVENTS = 20_000  # per polling watcher; past that it stops and reports the overflow
-KEEPALIVE = {"keepalive": {}}
+KEEPALIVE: dict[str, object] = {"keepalive": {}}
 
 
 def _field(request: dict, json_name: str, proto_name: str | None = None):
@@ -247,9 +247,9 @@ class FilesystemService:
 
                 failed: list = []
                 shutil.rmtree(path, onerror=lambda func, p, info: failed.append((p, info[1])))
-                for failed_path, exc in failed:
-                    if not isinstance(exc, FileNotFoundError):
-                        raise paths.os_error(exc, failed_path)
+                for failed_path, error in failed:
+                    if not isinstance(error, FileNotFoundError):
+                        raise paths.os_error(error, failed_path)
             else:
                 os.unlink(path)
         except FileNotFoundError:

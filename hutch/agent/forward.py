@@ -67,7 +67,7 @@ def _buffered(conn: Connection) -> bytes:
     """Bytes the reader already pulled off the socket (part of a body, say), without blocking."""
     conn.sock.setblocking(False)
     try:
-        return conn.rfile.read1(SPLICE_CHUNK) or b""
+        return conn.rfile.read1(SPLICE_CHUNK) or b""  # type: ignore[attr-defined]
     except (BlockingIOError, TypeError):
         return b""
     finally:

@@ -123,7 +123,7 @@ class Body:
         return b"".join(parts)
 
     def read_all(self, limit: int) -> bytes:
-        parts = []
+        parts: list[bytes] = []
         total = 0
         while True:
             data = self.read()

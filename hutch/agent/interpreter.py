@@ -286,7 +286,7 @@ class Interpreter:
             kernel_env = dict(self.config.env)
             kernel = Kernel(self._kernel_argv(), ctx.cwd, env, workdir, name, as_user)
             kernel.start()
-        ctx.kernel = kernel
+        ctx.kernel = kernel  # type: ignore[assignment]
         ctx.kernel_env = kernel_env
         return kernel
 
@@ -312,7 +312,7 @@ class Interpreter:
         with ctx.lock:
             if ctx.kernel is dead:
                 ctx.kernel = None
-                dead.shutdown()
+                dead.shutdown()  # type: ignore[attr-defined]
             if ctx.closed or ctx.kernel is not None:
                 return
             try:
@@ -415,9 +415,9 @@ class Interpreter:
             if not finished:
                 self._stop_cell(ctx, kernel, msg_id)
             if ctx.kernel is kernel:
-                if kernel.alive():
+                if kernel.alive():  # type: ignore[attr-defined]
                     if env_vars:
-                        kernel.execute(RESTORE_ENV, silent=True)
+                        kernel.execute(RESTORE_ENV, silent=True)  # type: ignore[attr-defined]
                 elif ctx.stopping is None:
                     threading.Thread(target=self._revive, args=(ctx, kernel), name="kernel-revive", daemon=True).start()
 

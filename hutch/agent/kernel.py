@@ -71,10 +71,10 @@ class Kernel:
             except OSError as exc:
                 self.shutdown()
                 raise Unavailable(f"could not start the kernel: {exc}") from None
-        self.popen = self.km.provisioner.process
+        self.popen = self.km.provisioner.process  # type: ignore[union-attr]
         client = self.km.client(context=ZMQ_CONTEXT)
         client.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
-        self.client = client
+        self.client = client  # type: ignore[assignment]
         try:
             self._wait_ready(timeout)
         except Unavailable:
@@ -90,7 +90,7 @@ class Kernel:
         deadline = time.monotonic() + timeout
         asked: set[str] = set()
         while time.monotonic() < deadline:
-            asked.add(self.client.kernel_info())
+            asked.add(self.client.kernel_info())  # type: ignore[attr-defined]
             retry_at = time.monotonic() + 0.2
             while time.monotonic() < retry_at:
                 msg = self.next_message(0.05)
@@ -172,19 +172,19 @@ class Kernel:
 
     def execute(self, code: str, silent: bool = False) -> str:
         """Send an execute request; returns its msg_id (the parent id of its IOPub messages)."""
-        return self.client.execute(
+        return self.client.execute(  # type: ignore[attr-defined]
             code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=False
         )
 
     def next_message(self, timeout: float) -> dict | None:
         """The next IOPub message, or None when none came within `timeout` seconds."""
         try:
-            return self.client.iopub_channel.get_msg(timeout=timeout)
+            return self.client.iopub_channel.get_msg(timeout=timeout)  # type: ignore[attr-defined]
         except Empty:
             return None
 
     def drain_shell(self) -> None:
         """Drop the shell replies nobody waits for (progress is read on IOPub)."""
-        sock = self.client.shell_channel.socket
+        sock = self.client.shell_channel.socket  # type: ignore[attr-defined]
         while sock.poll(0):
             sock.recv_multipart()

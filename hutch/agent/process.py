@@ -40,7 +40,7 @@ SIGNALS = {
     15: signal.SIGTERM,
     9: signal.SIGKILL,
 }
-KEEPALIVE = {"event": {"keepalive": {}}}
+KEEPALIVE: dict[str, object] = {"event": {"keepalive": {}}}
 
 
 def _exit_fd(pid: int) -> int | None:
@@ -321,8 +321,8 @@ class ProcessService:
         if proc.pty_master is not None:
             streams[proc.pty_master] = "pty"
         else:
-            streams[popen.stdout.fileno()] = "stdout"
-            streams[popen.stderr.fileno()] = "stderr"
+            streams[popen.stdout.fileno()] = "stdout"  # type: ignore[union-attr]
+            streams[popen.stderr.fileno()] = "stderr"  # type: ignore[union-attr]
         exit_fd = _exit_fd(proc.pid)
         try:
             exited = False

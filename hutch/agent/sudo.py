@@ -255,9 +255,9 @@ def _relay_signals(conn: socket.socket, pid: int):
                 message = None
             if done.is_set():
                 return
-            signum = message.get("signal") if message else signal.SIGHUP
+            signum = int(message.get("signal", signal.SIGHUP)) if message else int(signal.SIGHUP)
             try:
-                os.killpg(pid, int(signum))
+                os.killpg(pid, signum)
             except (ProcessLookupError, PermissionError, ValueError):
                 return
             if message is None:

@@ -233,7 +233,7 @@ class DirWatcher:
     # -- events --------------------------------------------------------------------------------
 
     def _event(self, rel: str, kind: str) -> dict:
-        event = {"name": rel, "type": kind}
+        event: dict[str, object] = {"name": rel, "type": kind}
         if self.include_entry:
             path = self.root if rel == "." else os.path.join(self.root, rel)
             try:

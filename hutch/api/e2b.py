@@ -199,7 +199,7 @@ def _policy(body: NewSandbox, template_has_network: bool) -> dict | None:
 def _checked(policy: dict) -> dict:
     """The policy, or a 400 naming what is wrong with it."""
     try:
-        NetworkSpec(allowInternetAccess=policy["internet"], allowOut=policy["allow"], denyOut=policy["deny"])
+        NetworkSpec(allow_internet_access=policy["internet"], allow_out=policy["allow"], deny_out=policy["deny"])
     except ValidationError as exc:
         raise InvalidArgument(f"invalid network: {exc.errors()[0]['msg']}") from None
     return policy

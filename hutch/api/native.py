@@ -1,6 +1,6 @@
 """hutch's own control plane (`/v1/...`): tenants, functions and sessions.
 
-Session fields use the function-platform names (DESIGN.md §3): `sessionId`,
+Session fields use the function-platform names: `sessionId`,
 `sessionTTLInSeconds`, `sessionIdleTimeoutInSeconds`, `sessionStatus`, `containerId`,
 `disableSessionIdReuse`, `sessionAffinityType`, `createdTime`, `lastModifiedTime`.
 Routes stay thin: parse, call a service, render.

@@ -74,7 +74,7 @@ def build_json(build: Build, offset: int = 0) -> dict:
 @router.get("/templates", tags=["templates"], summary="The templates instances can boot from")
 async def list_templates(request: Request, tenant: Caller) -> dict:
     host = {"name": HOST, "source": "the host's own system, read-only (no root inside)"}
-    return {"templates": [host, *(template_json(t) for t in service(request).list())]}
+    return {"templates": [host, *(template_json(t) for t in service(request).templates())]}
 
 
 @router.get("/templates/{name}", tags=["templates"], summary="A template")

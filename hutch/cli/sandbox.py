@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from hutch.errors import HutchError
+from hutch.types import InstanceId
 
 app = typer.Typer(no_args_is_help=True, help="Run a command in a fresh sandbox on this machine.")
 
@@ -39,7 +40,7 @@ def run(
     async def go() -> int:
         runtime = BwrapRuntime(root, DirectoryStore(root / "workspaces"))
         spec = InstanceSpec(
-            instance_id=f"run-{uuid.uuid4().hex[:8]}",
+            instance_id=InstanceId(f"run-{uuid.uuid4().hex[:8]}"),
             resources=Resources(memory_mb=memory_mb, cpu=cpu, disk_mb=0),
         )
         instance = await runtime.start(spec)

@@ -68,9 +68,9 @@ def _run(
     import uvicorn
 
     from hutch.asgi import HutchApp
+    from hutch.cluster.node import NodeApp
     from hutch.errors import HutchError
     from hutch.gateway.wire import GuardedHttpProtocol
-    from hutch.scheduler.node import NodeApp
     from hutch.server import Hutch, Role
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,5 +1,5 @@
 """Session affinity of function invocations: which session key a request carries, and what the
-answer tells the client back (DESIGN.md §1, "Affinity modes").
+answer tells the client back.
 
 - `HEADER_FIELD`: the key is in a header (`x-fc-session-id` unless the function names another).
   Without it the request starts a new session, whose generated id comes back in that header.

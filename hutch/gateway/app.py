@@ -27,20 +27,14 @@ import json
 import logging
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from hutch.errors import HutchError, NotFound, Unavailable
 from hutch.gateway import e2b, invoke, mcp
-from hutch.gateway.cluster import ClusterSessions
 from hutch.gateway.proxy import proxy_http
-from hutch.gateway.types import Header, Message, Receive, Scope, Send, Target
-from hutch.gateway.upstream import Misdirected, UpstreamPool
+from hutch.gateway.types import Header, Host, Message, Receive, Scope, Send, Target
+from hutch.gateway.upstream import MISDIRECTED_HEADER, Misdirected, UpstreamPool
 from hutch.gateway.websocket import proxy_websocket, refuse_with_error
 from hutch.metadb.records import SessionRecord
-from hutch.scheduler.node import HOP_HEADERS, MISDIRECTED_HEADER, NODE_KEY_HEADER, SESSION_HEADER
-
-if TYPE_CHECKING:
-    from hutch.server import Hutch
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +42,7 @@ JSON_HEADERS: list[Header] = [(b"content-type", b"application/json")]
 
 
 class Gateway:
-    def __init__(self, hutch: Hutch) -> None:
+    def __init__(self, hutch: Host) -> None:
         self.hutch = hutch
         self.domain = hutch.config.domain.strip(".").lower()
         self.head_timeout = hutch.config.gateway.head_timeout
@@ -113,7 +107,8 @@ class Gateway:
                 except Misdirected:
                     # A cluster's node does not hold the session (it moved or ended a moment ago):
                     # the cached route is gone; the request goes again if its body can be replayed.
-                    await self.hutch.sessions.misdirected(target.session)  # type: ignore[union-attr]
+                    assert self.hutch.sessions is not None
+                    await self.hutch.sessions.misdirected(target.session)
                     if attempt == 2 or not replay.rewind():
                         raise Unavailable("the session moved to another node just now; retry") from None
         except HutchError as exc:
@@ -171,19 +166,18 @@ class Gateway:
                 address=route.socket_path,
                 pool_key=(route.session.instance_id or "", target.pool_key[1]),
                 node=route.node,
+                hop=route.hop,
             )
         )
 
     def _via_node(self, target: Target) -> Target:
-        """A target on a cluster's node: the connection goes to the node, which serves gateways
-        that hold the cluster's key and finds the instance by the session's row id."""
+        """A target on a cluster's node: the connection goes to the node, with the headers the
+        route gave for it (the cluster's key, the session's row id: `hutch.cluster.wire`)."""
         node = target.node
         if node is None:
             return target
-        sessions = self.hutch.sessions
-        assert isinstance(sessions, ClusterSessions)
-        hop = [(NODE_KEY_HEADER, sessions.client.key.encode()), (SESSION_HEADER, target.session.row_id.encode())]
-        add = [h for h in target.add if h[0] not in HOP_HEADERS] + hop
+        names = {name for name, _ in target.hop}
+        add = [h for h in target.add if h[0] not in names] + list(target.hop)
         return replace(target, address=(node.host, node.port), pool_key=(f"node:{node.node_id}", None), add=add)
 
     # -- the error boundary --------------------------------------------------------------------

@@ -37,16 +37,13 @@ import hashlib
 import hmac
 import re
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 from urllib.parse import parse_qsl
 
 from hutch.agent.config import ENVD_PORT, INTERPRETER_PORT
 from hutch.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from hutch.gateway.affinity import header_value
-from hutch.gateway.types import Header, Scope, Target
-
-if TYPE_CHECKING:
-    from hutch.server import Hutch
+from hutch.gateway.types import Header, Host, Scope, Target
 
 AGENT_PORTS = (ENVD_PORT, INTERPRETER_PORT)
 TOKEN_HEADER = b"x-access-token"
@@ -120,7 +117,7 @@ def _equal(given: str | bytes, expected: str) -> bool:
     return hmac.compare_digest(given_bytes, expected.encode("latin-1"))
 
 
-def check_traffic(scope: Scope, port: int, traffic: dict | None) -> None:
+def check_traffic(scope: Scope, port: int, traffic: dict[str, Any] | None) -> None:
     """A private sandbox's traffic access token, on every port but envd's.
 
     Raises:
@@ -136,7 +133,7 @@ def check_traffic(scope: Scope, port: int, traffic: dict | None) -> None:
         )
 
 
-def masked_host(traffic: dict | None, port: int) -> bytes | None:
+def masked_host(traffic: dict[str, Any] | None, port: int) -> bytes | None:
     """The `Host` a user server sees (`maskRequestHost`, `${PORT}` replaced), or None: the client's."""
     mask = (traffic or {}).get("mask")
     return mask.replace("${PORT}", str(port)).encode("latin-1") if mask else None
@@ -177,7 +174,7 @@ def check_access(scope: Scope, port: int, token: str) -> None:
     raise Unauthenticated("this sandbox needs its access token (X-Access-Token)")
 
 
-async def resolve(hutch: Hutch, scope: Scope, sandbox_id: str, port: int) -> Target:
+async def resolve(hutch: Host, scope: Scope, sandbox_id: str, port: int) -> Target:
     """The target of one request to a sandbox.
 
     Raises:
@@ -217,6 +214,7 @@ async def resolve(hutch: Hutch, scope: Scope, sandbox_id: str, port: int) -> Tar
         session=session,
         address=route.socket_path,
         node=route.node,
+        hop=route.hop,
         pool_key=(session.instance_id or "", None if agent else port),
         path=raw + b"?" + query if query else raw,
         drop=drop,

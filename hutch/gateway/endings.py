@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from typing import Protocol
 
-CONNECT_END_STREAM = 0x02
+from hutch.agent import envelope
 
 
 class Ending(Protocol):
@@ -37,7 +37,7 @@ class Ending(Protocol):
 
 
 class ConnectEnding:
-    """A Connect stream: envelopes of 1 flag byte, a 4-byte big-endian length, the message."""
+    """A Connect stream: envelopes (`hutch.agent.envelope`) followed without buffering them."""
 
     __slots__ = ("_ended", "_header", "_remaining")
 
@@ -54,13 +54,13 @@ class ConnectEnding:
                 self._remaining -= taken
                 i += taken
                 continue
-            needed = 5 - len(self._header)
+            needed = envelope.HEADER.size - len(self._header)
             self._header += data[i : i + needed]
             i += needed
-            if len(self._header) == 5:
-                if self._header[0] & CONNECT_END_STREAM:
+            if len(self._header) == envelope.HEADER.size:
+                flags, self._remaining = envelope.HEADER.unpack(self._header)
+                if flags & envelope.FLAG_END_STREAM:
                     self._ended = True
-                self._remaining = int.from_bytes(self._header[1:5], "big")
                 self._header = b""
 
     def tail(self, message: str) -> bytes | None:
@@ -68,8 +68,7 @@ class ConnectEnding:
             return None
         if self._ended:
             return b""
-        body = json.dumps({"error": {"code": "unavailable", "message": message}}).encode()
-        return bytes([CONNECT_END_STREAM]) + len(body).to_bytes(4, "big") + body
+        return envelope.encode({"error": {"code": "unavailable", "message": message}}, envelope.FLAG_END_STREAM)
 
 
 class NdjsonEnding:

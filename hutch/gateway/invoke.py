@@ -3,7 +3,7 @@
 - `/functions/{name}/sessions/{id}/{path}`: the path names the session (the same key space as
   the affinity header: an unknown id starts a session with that id).
 
-The flow of DESIGN.md §1: API key -> tenant; the function by name (the tenant's own, else the
+The flow (ARCHITECTURE.md, "A request"): API key -> tenant; the function by name (the tenant's own, else the
 built-in); the session key from the path, or the request's affinity header or cookie (MCP
 functions: `hutch.gateway.mcp` decides); its internal id; the in-memory lookup; on a miss a new
 session from the warm pool (`create(existing_ok=True)`, so that racing first requests with one
@@ -25,12 +25,11 @@ from hutch.api.auth import api_key_of
 from hutch.errors import HutchError, NotFound
 from hutch.functions import AffinityType, FunctionSpec
 from hutch.gateway import affinity, mcp
-from hutch.gateway.types import Header, Scope, Target
+from hutch.gateway.types import Header, Host, Scope, Target
 
 if TYPE_CHECKING:
     from hutch.metadb.records import SessionRecord, Tenant
-    from hutch.scheduler.sessions import Route
-    from hutch.server import Hutch
+    from hutch.scheduler.interface import Route
 
 PREFIX = "/functions/"
 MCP_MODES = (AffinityType.MCP_STREAMABLE, AffinityType.MCP_SSE)
@@ -112,7 +111,7 @@ class HeaderView:
         return default if value is None else value.decode("latin-1")
 
 
-async def resolve(hutch: Hutch, scope: Scope, invocation: Invocation, bindings: mcp.McpBindings) -> Target:
+async def resolve(hutch: Host, scope: Scope, invocation: Invocation, bindings: mcp.McpBindings) -> Target:
     """The target of one invocation (creating its session on a miss).
 
     Raises:
@@ -184,6 +183,7 @@ async def resolve(hutch: Hutch, scope: Scope, invocation: Invocation, bindings: 
         session=session,
         address=route.socket_path,
         node=route.node,
+        hop=route.hop,
         pool_key=(session.instance_id or "", route.port),
         path=_target(scope, invocation.prefix, invocation.rest),
         drop=drop,
@@ -195,7 +195,7 @@ async def resolve(hutch: Hutch, scope: Scope, invocation: Invocation, bindings: 
 
 
 async def _session_route(
-    hutch: Hutch, tenant: Tenant, name: str, spec: FunctionSpec, session_key: str | None, session: SessionRecord | None
+    hutch: Host, tenant: Tenant, name: str, spec: FunctionSpec, session_key: str | None, session: SessionRecord | None
 ) -> tuple[Route, bool]:
     """The route of the session `session` (or that `session_key` names, or a new one); (route, created)."""
     sessions = hutch.sessions

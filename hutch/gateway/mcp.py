@@ -1,4 +1,4 @@
-"""MCP session affinity (DESIGN.md §1): one MCP session, one hutch session, one instance.
+"""MCP session affinity: one MCP session, one hutch session, one instance.
 
 The instance runs the function's own MCP server (its `startCommand` and `port`). The gateway
 never speaks MCP: it reads the few things that say which session a request belongs to, and
@@ -42,7 +42,7 @@ MCP_SSE (HTTP+SSE, 2024-11-05):
 
 Every error on an MCP function's traffic is answered with a JSON-RPC error body (`JsonRpcError`),
 which MCP clients parse. This module knows headers, SSE framing and query strings; sessions are
-`SessionManager`'s.
+`Sessions`' (`hutch.scheduler.interface`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from hutch.errors import HutchError
@@ -64,7 +64,7 @@ from hutch.metadb.records import SessionRecord
 
 if TYPE_CHECKING:
     from hutch.metadb.base import MetaDB
-    from hutch.scheduler.sessions import SessionManager
+    from hutch.scheduler.interface import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class Plan:
         return [(self.spec.affinity_config.header_name.encode("latin-1"), session.session_id.encode("latin-1"))]
 
     def exchange(
-        self, sessions: SessionManager, metadb: MetaDB, session: SessionRecord, created: bool, prefix: str
+        self, sessions: Sessions, metadb: MetaDB, session: SessionRecord, created: bool, prefix: str
     ) -> Observer | None:
         if self.mode == AffinityType.MCP_STREAMABLE:
             return StreamableExchange(self, sessions, metadb, session, created)
@@ -253,15 +253,13 @@ class _Binder:
     and in the session's metadata in MetaDB, where other gateways (and this one after a restart)
     look it up; `settle` waits for that write before the client may act on the id."""
 
-    def __init__(
-        self, plan: Plan, sessions: SessionManager, metadb: MetaDB, session: SessionRecord, created: bool
-    ) -> None:
+    def __init__(self, plan: Plan, sessions: Sessions, metadb: MetaDB, session: SessionRecord, created: bool) -> None:
         self.plan = plan
         self.sessions = sessions
         self.metadb = metadb
         self.session = session
         self.created = created
-        self._persisting: asyncio.Future | None = None
+        self._persisting: asyncio.Future[Any] | None = None
 
     def _bind(self, transport: str, mcp_id: str) -> BindingKey:
         session = self.session
@@ -284,9 +282,7 @@ class _Binder:
 class StreamableExchange(_Binder):
     """One Streamable HTTP exchange: binds the id the instance assigns, ends what must end."""
 
-    def __init__(
-        self, plan: Plan, sessions: SessionManager, metadb: MetaDB, session: SessionRecord, created: bool
-    ) -> None:
+    def __init__(self, plan: Plan, sessions: Sessions, metadb: MetaDB, session: SessionRecord, created: bool) -> None:
         super().__init__(plan, sessions, metadb, session, created)
         self.end_reason: str | None = None
         self.answered = False
@@ -328,7 +324,7 @@ class SseStream(_Binder):
     def __init__(
         self,
         plan: Plan,
-        sessions: SessionManager,
+        sessions: Sessions,
         metadb: MetaDB,
         session: SessionRecord,
         created: bool,

@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from hutch.errors import DeadlineExceeded
 from hutch.gateway import endings
@@ -109,7 +110,7 @@ async def _watch_client(receive: Receive, exchange: _Exchange, more: bool, chunk
             more = message.get("more_body", False)
 
 
-async def _body_dropped(exchange: _Exchange, watcher: asyncio.Task) -> None:
+async def _body_dropped(exchange: _Exchange, watcher: asyncio.Task[Any]) -> None:
     """Before an error answer to a request the instance did not take whole: wait (a bounded time)
     for the client watcher to read and drop the rest of its body."""
     if not exchange.body_sent:
@@ -145,12 +146,14 @@ async def _connect(
     pool: UpstreamPool, target: Target, reroute: Callable[[Target], Awaitable[Target]] | None, fresh: bool = False
 ) -> tuple[UpstreamConnection, bool, Target]:
     """A connection to the target's instance, or to its replacement if it is gone; (conn, reused, target)."""
+    assert target.address is not None  # the gateway sets it (a node's, in a cluster) before proxying
     try:
         conn, reused = await pool.acquire(target.pool_key, target.address, fresh=fresh)
     except InstanceGone:
         if reroute is None:
             raise
         target = await reroute(target)
+        assert target.address is not None
         conn, reused = await pool.acquire(target.pool_key, target.address, fresh=fresh)
     return conn, reused, target
 

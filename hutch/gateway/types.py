@@ -13,9 +13,13 @@ from hutch.gateway.upstream import PoolKey
 from hutch.metadb.records import SessionRecord
 
 if TYPE_CHECKING:
-    from hutch.gateway.cluster import NodeAddress
+    from hutch.config import ServerConfig
+    from hutch.metadb.base import MetaDB
+    from hutch.metrics import Metrics
+    from hutch.scheduler.interface import NodeAddress, Sessions
+    from hutch.tenants import TenantService
 
-__all__ = ["Header", "Message", "Observer", "Receive", "Scope", "Send", "Target"]
+__all__ = ["Header", "Host", "Message", "Observer", "Receive", "Scope", "Send", "Target"]
 
 Header = tuple[bytes, bytes]
 
@@ -55,3 +59,19 @@ class Target:
     answer_drop: frozenset[bytes] = frozenset()  # instance answer headers the gateway's replace
     observer: Observer | None = None  # MCP functions: learns session ids from the answer
     node: NodeAddress | None = None  # a cluster's gateway: the node that holds the session
+    hop: tuple[Header, ...] = ()  # and the headers the request to that node carries
+
+
+class Host(Protocol):
+    """What the gateway uses of the process it runs in (`hutch.server.Hutch`)."""
+
+    @property
+    def config(self) -> ServerConfig: ...
+    @property
+    def sessions(self) -> Sessions | None: ...
+    @property
+    def tenants(self) -> TenantService: ...
+    @property
+    def metadb(self) -> MetaDB: ...
+    @property
+    def metrics(self) -> Metrics: ...

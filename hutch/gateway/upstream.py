@@ -25,6 +25,7 @@ import select
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import httptools
 
@@ -53,6 +54,9 @@ class InstanceGone(UpstreamError):
     whatever its method."""
 
 
+MISDIRECTED_HEADER = b"x-hutch-misdirected"  # on a 421: a cluster's node does not hold the session
+
+
 class Misdirected(InstanceCrashed):
     """A cluster's node answered that it does not hold the session (421 `x-hutch-misdirected`):
     the gateway's cached route is stale."""
@@ -72,8 +76,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
-        self._waiter: asyncio.Future | None = None  # the proxy waiting for head, body or EOF
-        self._drain: asyncio.Future | None = None  # the proxy waiting for the instance to read
+        self._waiter: asyncio.Future[Any] | None = None  # the proxy waiting for head, body or EOF
+        self._drain: asyncio.Future[Any] | None = None  # the proxy waiting for the instance to read
         self._write_paused = False
         self._read_paused = False
         self._reset()

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -44,7 +45,7 @@ async def refuse_with_error(
     scope: Scope,
     send: Send,
     exc: HutchError,
-    body: dict,
+    body: dict[str, Any],
     status: int | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
@@ -65,7 +66,7 @@ async def proxy_websocket(target: Target, scope: Scope, receive: Receive, send: 
     if message["type"] != "websocket.connect":
         return
     forwarded = hop.websocket_headers(scope["headers"], target.drop) + target.add
-    options = dict(
+    options: dict[str, Any] = dict(
         additional_headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in forwarded],
         subprotocols=scope.get("subprotocols") or None,
         compression=None,  # each leg negotiates its own; no need to inflate and deflate twice
@@ -91,7 +92,7 @@ async def proxy_websocket(target: Target, scope: Scope, receive: Receive, send: 
             for name, value in response.headers.raw_items()
             if name.lower().encode("latin-1") not in hop.RESPONSE_SKIP and name.lower() != "content-length"
         ]
-        await _refuse(scope, send, response.status_code, passed, response.body or b"")
+        await _refuse(scope, send, response.status_code, passed, bytes(response.body or b""))
         return
     except (OSError, InvalidHandshake, TimeoutError) as exc:
         raise UpstreamError(f"the instance did not accept the WebSocket ({exc})") from None

@@ -138,7 +138,7 @@ class MemoryEventStore(EventStore):
         after = False
         for event_id, message in self.events.get(stream_id, ()):
             if after and message is not None:
-                await send_callback(EventMessage(message, event_id))
+                await send_callback(EventMessage(message, event_id))  # type: ignore[arg-type]
             after = after or event_id == last_event_id
         return stream_id
 

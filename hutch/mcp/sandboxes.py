@@ -18,14 +18,15 @@ server turns them into tool errors.
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import json
-import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 
+from hutch.agent import envelope
 from hutch.client import error_of
 from hutch.errors import DeadlineExceeded, FailedPrecondition, HutchError, InvalidArgument, NotFound, Unavailable
 
@@ -38,23 +39,6 @@ MAX_LINE = RESULTS_CAP + 1024 * 1024
 FILE_CAP = 16 * 1024 * 1024
 KILL_GRACE_S = 2  # after a command's timeout, SIGTERM, then SIGKILL this much later
 EXTRA_WAIT_S = 15  # the HTTP call may take this much longer than the command itself
-
-
-def _envelope(message: dict) -> bytes:
-    data = json.dumps(message).encode()
-    return struct.pack(">BI", 0, len(data)) + data
-
-
-def _take_envelopes(data: bytes) -> tuple[list[tuple[int, dict]], bytes]:
-    """The whole (flags, message) envelopes at the start of a Connect stream, and the rest."""
-    out = []
-    while len(data) >= 5:
-        flags, length = struct.unpack(">BI", data[:5])
-        if len(data) < 5 + length:
-            break
-        out.append((flags, json.loads(data[5 : 5 + length])))
-        data = data[5 + length :]
-    return out, data
 
 
 class Sandboxes:
@@ -217,16 +201,14 @@ class Sandboxes:
         async with self._stream(
             "POST",
             f"{base}/process.Process/Start",
-            content=_envelope({"process": process}),
+            content=envelope.encode({"process": process}),
             headers={"content-type": CONNECT_STREAM},
             timeout=timeout_s + KILL_GRACE_S + EXTRA_WAIT_S,
         ) as response:
-            pending = b""
+            decoder = envelope.Decoder()
             async for chunk in response.aiter_bytes():
-                pending += chunk
-                messages, pending = _take_envelopes(pending)
-                for flags, message in messages:
-                    if flags & 0x02:
+                for flags, message in decoder.feed(chunk):
+                    if flags & envelope.FLAG_END_STREAM:
                         if "error" in message:
                             error = message["error"]
                             raise HutchError(f"the command failed to run: {error.get('message', error)}")
@@ -252,7 +234,7 @@ class Sandboxes:
         }
         if truncated:
             result["truncated"] = True
-            result["stderr"] += f"\n[hutch: more than {OUTPUT_CAP} bytes of output: the command was stopped]"
+            result["stderr"] += f"\n[hutch: more than {OUTPUT_CAP} bytes of output: the command was stopped]"  # type: ignore[operator]
         return result
 
     async def _kill(self, base: str, pid: int) -> None:
@@ -285,7 +267,7 @@ class Sandboxes:
         headers = {"content-type": "application/octet-stream"}
         await self._call("POST", f"{base}/files", params={"path": path}, content=data, headers=headers)
 
-    async def list_files(self, sandbox_id: str, path: str) -> list[dict]:
+    async def list_files(self, sandbox_id: str, path: str) -> builtins.list[dict[str, Any]]:
         base = await self._base(sandbox_id)
         answer = await self._call("POST", f"{base}/filesystem.Filesystem/ListDir", json={"path": path, "depth": 1})
         return answer.json().get("entries", [])

@@ -232,7 +232,7 @@ class PostgresMetaDB:
         self.max_connections = max_connections
         self._pool: asyncpg.Pool | None = None
         self._watchers: list[Callable[[str | None], None]] = []
-        self._listener_task: asyncio.Task | None = None
+        self._listener_task: asyncio.Task[Any] | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -336,7 +336,7 @@ class PostgresMetaDB:
     async def list_tenants(self) -> list[Tenant]:
         return [tenant_from_row(r) for r in await self._fetch("SELECT * FROM tenants ORDER BY created_at")]
 
-    async def update_tenant(self, tenant_id: str, **changes) -> Tenant:
+    async def update_tenant(self, tenant_id: str, **changes: Any) -> Tenant:
         check_tenant_changes(changes)
         changes = _floats(changes)
         assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(changes, start=2))
@@ -441,7 +441,7 @@ class PostgresMetaDB:
 
     async def find_session(self, tenant_id: str, session_id: str, function: str | None = None) -> SessionRecord:
         query = "SELECT * FROM sessions WHERE tenant_id = $1 AND session_id = $2"
-        args: list = [tenant_id, session_id]
+        args: list[Any] = [tenant_id, session_id]
         if function is not None:
             query += " AND function = $3"
             args.append(function)
@@ -474,8 +474,15 @@ class PostgresMetaDB:
     async def internal_id_used(self, internal_id: str) -> bool:
         return await self._fetchrow("SELECT 1 FROM sessions WHERE internal_id = $1 LIMIT 1", internal_id) is not None
 
-    async def list_sessions(self, tenant_id, status=None, function=None, limit=100, after=None):
-        conditions, args = ["tenant_id = $1"], [tenant_id]
+    async def list_sessions(
+        self,
+        tenant_id: str,
+        status: SessionStatus | None = None,
+        function: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> tuple[list[SessionRecord], str | None]:
+        conditions, args = ["tenant_id = $1"], list[Any]([tenant_id])
         if status is not None:
             args.append(SessionStatus(status).value)
             conditions.append(f"status = ${len(args)}")
@@ -493,7 +500,7 @@ class PostgresMetaDB:
         )
         return cut_page([session_from_row(r) for r in await self._fetch(query, *args)], limit, attrgetter("created_at"))
 
-    async def update_session(self, row_id: str, **changes) -> SessionRecord:
+    async def update_session(self, row_id: str, **changes: Any) -> SessionRecord:
         check_session_changes(changes)
         merged = SessionRecord(**{**asdict(await self.get_session(row_id)), **changes})
         values = _floats(session_values(merged, bools_as_int=False))
@@ -541,7 +548,7 @@ class PostgresMetaDB:
         row = await self._fetchrow(
             "SELECT COUNT(*) FROM sessions WHERE tenant_id = $1 AND status = 'Active'", tenant_id
         )
-        return row[0]  # type: ignore[index]
+        return int(row[0])  # type: ignore[index]
 
     async def touch_sessions(self, activity: dict[str, float]) -> None:
         if not activity:
@@ -604,10 +611,10 @@ class PostgresMetaDB:
             self._listener_task = asyncio.create_task(self._listen(connected), name="metadb-listen")
             await connected  # notices announced from now on reach the callback
 
-    async def _listen(self, connected: asyncio.Future) -> None:
+    async def _listen(self, connected: asyncio.Future[Any]) -> None:
         """Hold a LISTEN connection; after losing it, reconnect and tell watchers they missed notices."""
 
-        def deliver(_connection, _pid, _channel, payload: str) -> None:
+        def deliver(_connection: object, _pid: int, _channel: str, payload: str) -> None:
             for callback in self._watchers:
                 callback(payload)
 
@@ -796,7 +803,7 @@ class PostgresMetaDB:
         limit: int = 100,
         after: str | None = None,
     ) -> tuple[list[SessionUsage], str | None]:
-        conditions, args = ["tenant_id = $1"], [tenant_id]
+        conditions, args = ["tenant_id = $1"], list[Any]([tenant_id])
         if start is not None:
             args.append(float(start))
             conditions.append(f"(ended_at IS NULL OR ended_at >= ${len(args)})")
@@ -831,7 +838,7 @@ class PostgresMetaDB:
     ) -> list[tuple[tuple[str | None, str | None, float | None], UsageAmounts]]:
         if step is not None and step <= 0:
             raise InvalidArgument("step must be positive")
-        args: list = [float(start), float(end)]
+        args: list[Any] = [float(start), float(end)]
         conditions = ["start >= $1", "start < $2"]
         time_key = "NULL::float8"
         if step:

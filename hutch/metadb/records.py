@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
+
+from hutch.types import InstanceId
 
 
 class SessionStatus(enum.StrEnum):
@@ -39,7 +42,7 @@ class Tenant:
 class FunctionRecord:
     tenant_id: str  # "*" for the built-in functions every tenant sees
     name: str
-    spec: dict  # a FunctionSpec, as JSON
+    spec: dict[str, Any]  # a FunctionSpec, as JSON
     created_at: float
     updated_at: float
 
@@ -59,7 +62,7 @@ class SessionRecord:
     expires_at: float  # TTL deadline
     ttl_s: int
     idle_timeout_s: int  # 0: never idles out
-    instance_id: str | None = None  # containerId; None while (re)starting
+    instance_id: InstanceId | None = None  # containerId; None while (re)starting
     scheduler_id: str | None = None
     epoch: int = 0  # +1 each time the instance is replaced (in-memory state was lost)
     disable_reuse: bool = False
@@ -67,16 +70,16 @@ class SessionRecord:
     workspace_key: str = ""
     cpu: float = 1.0
     memory_mb: int = 512
-    metadata: dict = field(default_factory=dict)
-    env: dict = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
     access_token: str | None = None  # envd access token (E2B traffic must carry it)
     ended_at: float | None = None
     end_reason: str | None = None
     # The session's own egress policy ({"internet", "allow", "deny"}); None: its function's.
-    network: dict | None = None
+    network: dict[str, Any] | None = None
     # Host-named traffic to its user servers: {"token": traffic access token required (E2B's
     # allowPublicTraffic false), "mask": the Host user servers see, "${PORT}" replaced}; None: open.
-    traffic: dict | None = None
+    traffic: dict[str, Any] | None = None
 
     @property
     def active(self) -> bool:
@@ -102,7 +105,7 @@ class LogEntry:
     at: float
     level: str  # debug | info | warn | error
     message: str
-    fields: dict = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
@@ -126,7 +129,7 @@ class InstanceRole(enum.StrEnum):
 
 @dataclass
 class InstanceRecord:
-    instance_id: str
+    instance_id: InstanceId
     scheduler_id: str
     pool_key: str  # "<tenant>/<function>" of the function it was started for
     role: InstanceRole
@@ -139,7 +142,7 @@ class SchedulerRecord:
     scheduler_id: str
     address: str  # how gateways reach it ("local" inside `hutch serve`)
     heartbeat_at: float
-    capacity: dict = field(default_factory=dict)
+    capacity: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -200,7 +203,7 @@ class SessionUsage:
     disk_bytes: int = 0  # workspace bytes at the last sample
     disk_peak_bytes: int = 0
     samples: int = 0
-    instance_id: str | None = None  # the instance `cpu_base` was read from
+    instance_id: InstanceId | None = None  # the instance `cpu_base` was read from
     cpu_base: float | None = None  # its cgroup CPU counter at the last sample; None: not read yet
 
     @property

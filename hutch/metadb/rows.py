@@ -138,7 +138,7 @@ def page_token(time: float, row_id: str) -> str:
     return base64.urlsafe_b64encode(f"{time!r}|{row_id}".encode()).decode()
 
 
-def cut_page(records: list, limit: int, time_of: Callable[[Any], float]) -> tuple[list, str | None]:
+def cut_page(records: list[Any], limit: int, time_of: Callable[[Any], float]) -> tuple[list[Any], str | None]:
     """A page read with `LIMIT limit + 1`: its first `limit` records, and the token of the next
     page when the extra record came back (`time_of`: the listing's time field of a record)."""
     if len(records) <= limit:

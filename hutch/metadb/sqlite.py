@@ -1,7 +1,7 @@
 """MetaDB on SQLite: the embedded default of `hutch serve` (one file, WAL mode).
 
 sqlite3 is called directly on the event loop: a point read costs ~4 µs and a write ~12 µs here,
-less than a thread hop (aiosqlite adds ~175 µs per call; DESIGN.md §5). `synchronous=NORMAL` in
+less than a thread hop (aiosqlite adds ~175 µs per call). `synchronous=NORMAL` in
 WAL mode survives a crash of hutch (not a power cut of the host) without an fsync per commit.
 
 So SQLite must never wait for a lock itself (`busy_timeout` 0): that would stop the event loop,
@@ -274,7 +274,7 @@ class SQLiteMetaDB:
             self._db = None
 
     async def schema_version(self) -> int:
-        return self.db.execute("PRAGMA user_version").fetchone()[0]
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
 
     # settings ---------------------------------------------------------------------------------
 
@@ -315,7 +315,7 @@ class SQLiteMetaDB:
     async def list_tenants(self) -> list[Tenant]:
         return [tenant_from_row(r) for r in self.db.execute("SELECT * FROM tenants ORDER BY created_at")]
 
-    async def update_tenant(self, tenant_id: str, **changes) -> Tenant:
+    async def update_tenant(self, tenant_id: str, **changes: Any) -> Tenant:
         check_tenant_changes(changes)
         assignments = ", ".join(f"{k} = ?" for k in changes)
         cursor = self.db.execute(
@@ -417,7 +417,7 @@ class SQLiteMetaDB:
 
     async def find_session(self, tenant_id: str, session_id: str, function: str | None = None) -> SessionRecord:
         query = "SELECT * FROM sessions WHERE tenant_id = ? AND session_id = ?"
-        params: list = [tenant_id, session_id]
+        params: list[Any] = [tenant_id, session_id]
         if function is not None:
             query += " AND function = ?"
             params.append(function)
@@ -450,9 +450,16 @@ class SQLiteMetaDB:
             is not None
         )
 
-    async def list_sessions(self, tenant_id, status=None, function=None, limit=100, after=None):
+    async def list_sessions(
+        self,
+        tenant_id: str,
+        status: SessionStatus | None = None,
+        function: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> tuple[list[SessionRecord], str | None]:
         query = "SELECT * FROM sessions WHERE tenant_id = ?"
-        params: list = [tenant_id]
+        params: list[Any] = [tenant_id]
         if status is not None:
             query += " AND status = ?"
             params.append(SessionStatus(status).value)
@@ -467,7 +474,7 @@ class SQLiteMetaDB:
         params.append(limit + 1)
         return cut_page([session_from_row(r) for r in self.db.execute(query, params)], limit, attrgetter("created_at"))
 
-    async def update_session(self, row_id: str, **changes) -> SessionRecord:
+    async def update_session(self, row_id: str, **changes: Any) -> SessionRecord:
         check_session_changes(changes)
         values = session_values(
             SessionRecord(**{**asdict(await self.get_session(row_id)), **changes}), bools_as_int=True
@@ -486,7 +493,9 @@ class SQLiteMetaDB:
             return None
         return await self.get_session(row_id)
 
-    async def rehome_session(self, row_id: str, from_scheduler: str, to_scheduler: str, at: float):
+    async def rehome_session(
+        self, row_id: str, from_scheduler: str, to_scheduler: str, at: float
+    ) -> SessionRecord | None:
         cursor = self.db.execute(
             "UPDATE sessions SET scheduler_id = ?, instance_id = NULL, epoch = epoch + 1, last_modified = ? "
             "WHERE row_id = ? AND status = 'Active' AND scheduler_id = ?",
@@ -506,9 +515,11 @@ class SQLiteMetaDB:
         return [session_from_row(r) for r in rows]
 
     async def count_active(self, tenant_id: str) -> int:
-        return self.db.execute(
-            "SELECT COUNT(*) FROM sessions WHERE tenant_id = ? AND status = 'Active'", (tenant_id,)
-        ).fetchone()[0]
+        return int(
+            self.db.execute(
+                "SELECT COUNT(*) FROM sessions WHERE tenant_id = ? AND status = 'Active'", (tenant_id,)
+            ).fetchone()[0]
+        )
 
     async def touch_sessions(self, activity: dict[str, float]) -> None:
         if not activity:
@@ -728,7 +739,7 @@ class SQLiteMetaDB:
         after: str | None = None,
     ) -> tuple[list[SessionUsage], str | None]:
         query = "SELECT * FROM usage WHERE tenant_id = ?"
-        params: list = [tenant_id]
+        params: list[Any] = [tenant_id]
         if start is not None:
             query += " AND (ended_at IS NULL OR ended_at >= ?)"
             params.append(start)
@@ -770,7 +781,7 @@ class SQLiteMetaDB:
             f"SELECT {keys[0]} AS k0, {keys[1]} AS k1, {keys[2]} AS k2, {sums} FROM usage_buckets "
             "WHERE start >= :start AND start < :end"
         )
-        params: dict = {"start": start, "end": end, "step": step}
+        params: dict[str, Any] = {"start": start, "end": end, "step": step}
         if tenant_id is not None:
             query += " AND tenant_id = :tenant"
             params["tenant"] = tenant_id

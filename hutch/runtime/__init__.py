@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, tuple[str, str]] = {
     "bwrap": ("hutch.runtime.bwrap", "BwrapRuntime"),
     "gvisor": ("hutch.runtime.gvisor", "GVisorRuntime"),
-    "kubernetes": ("hutch.runtime.kubernetes", "KubernetesRuntime"),  # needs the `kubernetes` extra
+    "kubernetes": ("hutch.runtime.kubernetes.runtime", "KubernetesRuntime"),  # needs the `kubernetes` extra
 }
 DEFAULT_BACKEND = "bwrap"
 

@@ -162,7 +162,7 @@ class BwrapRuntime(LocalRuntime):
             fds = [fd for fd in fds if fd not in given]
             # Until it is released, bwrap's child waits on the block fd in bwrap's process group:
             # killing the group ends both, so a failed start can never leave a sandbox running.
-            undo.append(lambda: (_kill_group(popen.pid), popen.wait()))
+            undo.append(lambda: (_kill_group(popen.pid), popen.wait()))  # type: ignore[func-returns-value]
             fds.remove(info_r)  # closed by _read_info, whatever happens
             info = self._read_info(info_r, popen, stderr_r)
             pid = int(info["child-pid"])
@@ -210,6 +210,7 @@ class BwrapRuntime(LocalRuntime):
 
     def _rootfs_agent_config(self, spec: InstanceSpec) -> dict:
         rootfs = spec.rootfs
+        assert rootfs is not None
         return {
             "home": SANDBOX_HOME,
             "user": rootfs.user,

@@ -174,7 +174,7 @@ class Cgroup:
         if self.version == 2:
             path = self.dirs["unified"] / "memory.events"
         try:
-            for line in _read(path).splitlines():
+            for line in _read(path).splitlines():  # type: ignore[arg-type]
                 key, _, value = line.partition(" ")
                 if key in ("oom_kill",):
                     return int(value)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from hutch.agent import envelope
 from hutch.errors import DeadlineExceeded, Unavailable, from_status, from_wire
 
 STREAM_TYPE = "application/connect+json"
@@ -34,11 +34,6 @@ class CommandResult:
     @property
     def text(self) -> str:
         return self.stdout.decode(errors="replace")
-
-
-def _envelope(message: dict) -> bytes:
-    data = json.dumps(message).encode()
-    return struct.pack(">BI", 0, len(data)) + data
 
 
 def user_header(user: str | None) -> dict[str, str]:
@@ -111,7 +106,7 @@ class AgentChannel:
         (None: the instance's default user); `on_output` sees its output as it comes."""
         process = {"cmd": "/bin/bash", "args": ["-l", "-c", cmd]} if shell else {"cmd": cmd, "args": args or []}
         if env:
-            process["envs"] = env
+            process["envs"] = env  # type: ignore[assignment]
         if cwd:
             process["cwd"] = cwd
         result = CommandResult(exit_code=-1)
@@ -120,23 +115,17 @@ class AgentChannel:
                 async with self._client.stream(
                     "POST",
                     "/process.Process/Start",
-                    content=_envelope({"process": process}),
+                    content=envelope.encode({"process": process}),
                     headers={"content-type": STREAM_TYPE, **user_header(user)},
                     timeout=httpx.Timeout(timeout, connect=5),
                 ) as response:
                     if response.status_code != 200:
                         await response.aread()
                         _raise_for(response)
-                    buf = b""
+                    decoder = envelope.Decoder()
                     async for chunk in response.aiter_raw():
-                        buf += chunk
-                        while len(buf) >= 5:
-                            flags, length = struct.unpack(">BI", buf[:5])
-                            if len(buf) < 5 + length:
-                                break
-                            message = json.loads(buf[5 : 5 + length])
-                            buf = buf[5 + length :]
-                            if flags & 0x02:
+                        for flags, message in decoder.feed(chunk):
+                            if flags & envelope.FLAG_END_STREAM:
                                 if "error" in message:
                                     error = message["error"]
                                     raise from_wire(error.get("code", ""), error.get("message", ""))
@@ -144,8 +133,8 @@ class AgentChannel:
                             event = message.get("event", {})
                             _apply_event(result, event)
                             if on_output is not None and "data" in event:
-                                for chunk in event["data"].values():
-                                    on_output(base64.b64decode(chunk))
+                                for data in event["data"].values():
+                                    on_output(base64.b64decode(data))
         except TimeoutError:
             raise DeadlineExceeded(f"command did not finish within {timeout}s") from None
         except httpx.TransportError as exc:
@@ -165,23 +154,19 @@ class AgentChannel:
         async with self._client.stream(
             "POST",
             "/process.Process/Start",
-            content=_envelope(request),
+            content=envelope.encode(request),
             headers={"content-type": STREAM_TYPE, **user_header(user)},
         ) as response:
             if response.status_code != 200:
                 await response.aread()
                 _raise_for(response)
-            buf = b""
+            decoder = envelope.Decoder()
             async for chunk in response.aiter_raw():
-                buf += chunk
-                if len(buf) >= 5:
-                    flags, length = struct.unpack(">BI", buf[:5])
-                    if len(buf) >= 5 + length:
-                        message = json.loads(buf[5 : 5 + length])
-                        if flags & 0x02:
-                            error = message.get("error", {})
-                            raise from_wire(error.get("code", ""), error.get("message", "process did not start"))
-                        return int(message["event"]["start"]["pid"])
+                for flags, message in decoder.feed(chunk):
+                    if flags & envelope.FLAG_END_STREAM:
+                        error = message.get("error", {})
+                        raise from_wire(error.get("code", ""), error.get("message", "process did not start"))
+                    return int(message["event"]["start"]["pid"])
         raise Unavailable("the agent closed the stream before the process started")
 
     async def follow(self, tag: str) -> AsyncIterator[dict]:
@@ -191,23 +176,17 @@ class AgentChannel:
         async with self._client.stream(
             "POST",
             "/process.Process/Connect",
-            content=_envelope(request),
+            content=envelope.encode(request),
             headers={"content-type": STREAM_TYPE},
             timeout=httpx.Timeout(None, connect=5),
         ) as response:
             if response.status_code != 200:
                 await response.aread()
                 _raise_for(response)
-            buf = b""
+            decoder = envelope.Decoder()
             async for chunk in response.aiter_raw():
-                buf += chunk
-                while len(buf) >= 5:
-                    flags, length = struct.unpack(">BI", buf[:5])
-                    if len(buf) < 5 + length:
-                        break
-                    message = json.loads(buf[5 : 5 + length])
-                    buf = buf[5 + length :]
-                    if flags & 0x02:
+                for flags, message in decoder.feed(chunk):
+                    if flags & envelope.FLAG_END_STREAM:
                         return
                     yield message.get("event", {})
 

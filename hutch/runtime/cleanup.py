@@ -142,20 +142,20 @@ def clean_host(data_dir: Path, keep_live: bool = False) -> list[str]:
             InstanceNetwork(layout.addresses(slot)).destroy()
             removed.append(f"network namespace hutch-{layout.tag}-{slot}")
     for name in _host_links(layout.interface_prefix):
-        slot = name.removeprefix(f"{layout.interface_prefix}x")
-        if not (slot.isdigit() and int(slot) in live_slots):
+        suffix = name.removeprefix(f"{layout.interface_prefix}x")
+        if not (suffix.isdigit() and int(suffix) in live_slots):
             subprocess.run(["ip", "link", "delete", name], capture_output=True)
             removed.append(f"link {name}")
     mounts = workspaces / ".mnt"
     if mounts.is_dir():
-        for point in sorted(mounts.iterdir()):
-            if str(point) in live_paths:
+        for mount_point in sorted(mounts.iterdir()):
+            if str(mount_point) in live_paths:
                 continue
-            if str(point) in _mounts_below(mounts):
-                _unmount(str(point))
-                removed.append(f"workspace mount {point.name}")
+            if str(mount_point) in _mounts_below(mounts):
+                _unmount(str(mount_point))
+                removed.append(f"workspace mount {mount_point.name}")
             with contextlib.suppress(OSError):
-                point.rmdir()
+                mount_point.rmdir()
     unclaimed = workspaces / INSTANCE_WORKSPACE_PREFIX.rstrip("/")
     if unclaimed.is_dir():
         for entry in sorted(unclaimed.iterdir()):

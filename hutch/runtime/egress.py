@@ -204,7 +204,7 @@ class EgressProxy:
     def policy(self, sandbox_ip: str) -> EgressPolicy | None:
         return self._policies.get(sandbox_ip)
 
-    def _never(self, address: ipaddress.IPv4Address) -> bool:
+    def _never(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return address in self.subnet or any(address in net for net in ALWAYS_DENIED)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -226,14 +226,14 @@ class EgressProxy:
                 with contextlib.suppress(TimeoutError):
                     first = await asyncio.wait_for(reader.read(16384), SNIFF_TIMEOUT)
                 name = server_name(first)
-            if not policy.allows(dst, name):
+            if not policy.allows(dst, name):  # type: ignore[arg-type]
                 self._deny(peer, dst, port, name)
                 return
             targets = [dst]
             if policy.domain_allowed(name):
                 # Allowed for its name: go where the name leads, not where the client aimed, so a
                 # forged SNI or Host header cannot open the way to any address.
-                targets = [a for a in await self._resolve(name) if not self._never(a)]
+                targets = [a for a in await self._resolve(name) if not self._never(a)]  # type: ignore[arg-type]
                 if not targets:
                     self._deny(peer, dst, port, name)
                     return
@@ -253,7 +253,7 @@ class EgressProxy:
             self._open.setdefault(peer, set()).add(entry)
             if first:
                 upstream_writer.write(first)
-            await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+            await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))  # type: ignore[arg-type]
         except (OSError, struct.error, ValueError):
             pass
         finally:
@@ -355,14 +355,14 @@ class _DNSForwarder(asyncio.DatagramProtocol):
         policy = self.proxy.policy(addr[0])
         name = _qname(data)
         if policy is None or name is None or not policy.resolves(name):
-            self.transport.sendto(_refused(data), addr)
+            self.transport.sendto(_refused(data), addr)  # type: ignore[union-attr]
             return
         pinned = self.proxy.static_hosts.get(name.lower().rstrip("."))
         if pinned is not None:
-            self.transport.sendto(_answer(data, pinned), addr)
+            self.transport.sendto(_answer(data, pinned), addr)  # type: ignore[union-attr]
             return
         if not self.proxy.upstream_dns:
-            self.transport.sendto(_refused(data), addr)
+            self.transport.sendto(_refused(data), addr)  # type: ignore[union-attr]
             return
         asyncio.get_running_loop().create_task(self._forward(data, addr))
 
@@ -375,10 +375,10 @@ class _DNSForwarder(asyncio.DatagramProtocol):
                 await loop.sock_connect(sock, (server, 53))
                 await loop.sock_sendall(sock, data)
                 answer = await asyncio.wait_for(loop.sock_recv(sock, 4096), 3)
-                self.transport.sendto(answer, addr)
+                self.transport.sendto(answer, addr)  # type: ignore[union-attr]
                 return
             except (OSError, TimeoutError):
                 continue
             finally:
                 sock.close()
-        self.transport.sendto(_refused(data), addr)
+        self.transport.sendto(_refused(data), addr)  # type: ignore[union-attr]

@@ -365,7 +365,7 @@ class LocalRuntime(InstanceTable):
         instance.spec = dataclasses.replace(instance.spec, network=dict(policy))
         self._save(instance)
         await self.ensure_networking()
-        self.networking.set_policy(instance.detail["slot"], instance.spec.network)
+        self.networking.set_policy(instance.detail["slot"], instance.spec.network)  # type: ignore[arg-type,union-attr]
 
     def _prepare(self, spec: InstanceSpec, undo: list[Callable[[], object]]) -> Prepared:
         """The first steps of every start: a uid slot, the instance's directory (with `run/` for

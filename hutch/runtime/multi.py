@@ -68,7 +68,7 @@ class MultiRuntime:
                 **self.options.get(backend, {}),
             )
             if self.networking is None:
-                self.networking = runtime.networking = runtime.networking or Networking(runtime.default_layout())
+                self.networking = runtime.networking = runtime.networking or Networking(runtime.default_layout())  # type: ignore[attr-defined]
             runtime.on_exit = self._on_exit
             if self.warm_lease_s is not None and hasattr(runtime, "warm_lease_s"):
                 runtime.warm_lease_s = self.warm_lease_s
@@ -152,7 +152,7 @@ class MultiRuntime:
         for runtime in list(self.runtimes.values()):
             adopted += await runtime.adopt_running()
         # Only now is every live instance on this data directory known, whatever its backend.
-        live = {i.instance_id for i in self.instances()}
+        live: set[str] = {i.instance_id for i in self.instances()}
         for runtime in self.runtimes.values():
             await asyncio.to_thread(runtime.sweep_orphans, live)
         return adopted

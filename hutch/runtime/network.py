@@ -158,9 +158,11 @@ def _host_networks(exclude_prefix: str) -> list[ipaddress.IPv4Network]:
         fields = line.split()
         if len(fields) >= 4 and not fields[1].startswith(exclude_prefix) and fields[2] == "inet":
             try:
-                found.append(ipaddress.ip_interface(fields[3]).network)
+                network = ipaddress.ip_interface(fields[3]).network
             except ValueError:
                 continue
+            if isinstance(network, ipaddress.IPv4Network):
+                found.append(network)
     return found
 
 

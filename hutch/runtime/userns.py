@@ -39,10 +39,13 @@ def create_userns(base: int, owned: bool = False) -> int:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            **({"user": base, "group": base, "extra_groups": []} if owned else {}),
+            user=base if owned else None,
+            group=base if owned else None,
+            extra_groups=[] if owned else None,
         )
     except OSError as exc:
         raise IsolationError(f"cannot run unshare: {exc}") from None
+    assert holder.stdin is not None and holder.stdout is not None and holder.stderr is not None
     try:
         holder.stdin.write(b"x")
         holder.stdin.flush()

@@ -63,6 +63,7 @@ from hutch.metadb.base import MetaDB
 from hutch.metadb.records import MetricSample, SessionRecord, SessionUsage, UsageAmounts, UsageBucket
 from hutch.runtime.base import InstanceStats
 from hutch.scheduler.scheduler import Scheduler
+from hutch.types import InstanceId
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class Meter:
             live.busy_s += max(0.0, at - max(live.busy_since, live.usage.accounted_to))
             live.busy_since = None
 
-    async def instance_down(self, row_id: str, instance_id: str | None) -> None:
+    async def instance_down(self, row_id: str, instance_id: InstanceId | None) -> None:
         """The session's instance died: account up to now (with its last CPU), then down."""
         live = self._live.get(row_id)
         if live is None:
@@ -314,7 +315,7 @@ class Meter:
 
     # -- the accounting ---------------------------------------------------------------------------
 
-    async def _stats(self, instance_id: str | None) -> InstanceStats | None:
+    async def _stats(self, instance_id: InstanceId | None) -> InstanceStats | None:
         if instance_id is None:
             return None
         try:

@@ -22,8 +22,10 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -56,7 +58,7 @@ DEFAULT = Default()
 class Pool:
     key: str
     spec: FunctionSpec
-    warm: deque  # of InstanceId, oldest first
+    warm: deque[InstanceId]  # of InstanceId, oldest first
     starting: int = 0
 
 
@@ -84,10 +86,10 @@ class Scheduler:
         self.health_interval = health_interval
         self.pools: dict[str, Pool] = {}
         self._pool_event = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[Any]] = []
         self._starting = 0
-        self._cleanups: set[asyncio.Task] = set()
-        self.on_crash = None  # callback(instance_id) for instances that die on their own
+        self._cleanups: set[asyncio.Task[Any]] = set()
+        self.on_crash: Callable[[InstanceId], None] | None = None  # for instances that die on their own
         # Root file systems of functions with a template (`hutch.templates`); None: only `host`.
         self.templates: TemplateService | None = templates
         self.stats = {"pool_hits": 0, "pool_misses": 0, "crashes": 0}
@@ -251,7 +253,7 @@ class Scheduler:
         session_row_id: str,
         env: dict[str, str] | None = None,
         fresh_workspace: bool = True,
-        network: dict | None = None,
+        network: dict[str, Any] | None = None,
     ) -> Instance:
         """An instance for a session. `fresh_workspace`: the session has no workspace yet, so a
         warm instance can be used (its fresh workspace becomes the session's). `network`: the
@@ -260,7 +262,7 @@ class Scheduler:
         instance = None
         pool = self.pools.get(pool_key)
         usable = pool is not None and (pool.spec.network is None) == (network is None)
-        while fresh_workspace and usable and pool.warm:
+        while fresh_workspace and usable and pool is not None and pool.warm:
             candidate = pool.warm.popleft()
             self._pool_event.set()  # refill
             if self.is_live(candidate):
@@ -300,7 +302,7 @@ class Scheduler:
         spec: FunctionSpec,
         workspace: str | None,
         env: dict[str, str] | None = None,
-        network: dict | Default | None = DEFAULT,
+        network: dict[str, Any] | Default | None = DEFAULT,
     ) -> Instance:
         rootfs = None
         base_env: dict[str, str] = {}
@@ -318,7 +320,7 @@ class Scheduler:
             rootfs=rootfs,
             workspace=workspace,
             prestart_kernel=spec.prestart_kernel,
-            network=(spec.network.to_runtime() if spec.network else None) if network is DEFAULT else network,
+            network=(spec.network.to_runtime() if spec.network else None) if isinstance(network, Default) else network,
         )
         self._starting += 1
         try:

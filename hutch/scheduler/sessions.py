@@ -21,18 +21,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
-import hmac
 import logging
 import re
 import secrets
 import time
 import uuid
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -41,15 +37,14 @@ from hutch.functions import BUILTIN_TENANT, FunctionSpec
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import EndReason, InstanceRole, SessionRecord, SessionStatus, Tenant
 from hutch.runtime.channel import AgentChannel
+from hutch.scheduler import interface
 from hutch.scheduler.activity import ActivityTracker
+from hutch.scheduler.interface import Route
 from hutch.scheduler.metering import Meter
 from hutch.scheduler.scheduler import USER_SERVER_TAG, Scheduler
 from hutch.scheduler.session_log import SessionLog
 from hutch.storage.base import check_key
 from hutch.types import InstanceId
-
-if TYPE_CHECKING:
-    from hutch.gateway.cluster import NodeAddress
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +75,10 @@ def check_session_id(value: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class Route:
-    """Where a request for a session goes: an instance's socket on this host, or (through a
-    gateway of a cluster) the node that holds the session."""
-
-    session: SessionRecord
-    socket_path: Path | None
-    port: int | None  # the function's user server; None: the agent itself
-    node: NodeAddress | None = None
-
-
 class SessionManager:
+    """The sessions of this host (`hutch.scheduler.interface.Sessions`, and what a node adds:
+    adoption, reconciliation, reaping of dead nodes' sessions)."""
+
     def __init__(
         self,
         metadb: MetaDB,
@@ -126,9 +113,9 @@ class SessionManager:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._specs: dict[str, FunctionSpec] = {}  # pool key -> spec
         self._resolved: dict[tuple[str, str], str] = {}  # (tenant, name) -> pool key: no MetaDB per request
-        self._tasks: list[asyncio.Task] = []
-        self._background: set[asyncio.Task] = set()  # fire-and-forget work, referenced until done
-        self._followers: dict[str, asyncio.Task] = {}  # row id -> the task logging its user server's output
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._background: set[asyncio.Task[Any]] = set()  # fire-and-forget work, referenced until done
+        self._followers: dict[str, asyncio.Task[Any]] = {}  # row id -> the task logging its user server's output
         self.on_end: list[Callable[[SessionRecord], None]] = []
         self.on_created: list[Callable[[SessionRecord, float], None]] = []  # (session, seconds it took)
         scheduler.on_crash = self._on_crash
@@ -155,11 +142,11 @@ class SessionManager:
         for instance_id, instance in adopted.items():
             if instance_id in bound:
                 continue
-            record = records.get(instance_id)
+            role = records.get(instance_id)
             if (
-                record is not None
-                and record.role == InstanceRole.WARM
-                and await self.scheduler.adopt_warm(instance, record.pool_key)
+                role is not None
+                and role.role == InstanceRole.WARM
+                and await self.scheduler.adopt_warm(instance, role.pool_key)
             ):
                 continue
             keep = not instance.workspace.startswith("_instances/")
@@ -198,7 +185,7 @@ class SessionManager:
         await self.meter.sample_once()
         await self.log.flush()
 
-    async def _loop(self, step, interval: float) -> None:
+    async def _loop(self, step: Callable[[], Awaitable[object]], interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
@@ -246,7 +233,7 @@ class SessionManager:
         self._specs[key] = spec
         self.scheduler.set_pool(key, spec)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -254,8 +241,7 @@ class SessionManager:
     # -- ids -----------------------------------------------------------------------------------
 
     def internal_id(self, tenant_id: str, function: str, key: str) -> str:
-        message = f"{tenant_id}\x00{function}\x00{key}".encode()
-        return hmac.new(self.secret, message, hashlib.sha256).hexdigest()[:40]
+        return interface.internal_id(self.secret, tenant_id, function, key)
 
     def _lock(self, internal_id: str) -> asyncio.Lock:
         lock = self._locks.get(internal_id)
@@ -342,11 +328,11 @@ class SessionManager:
         ttl_s: int | None = None,
         idle_timeout_s: int | None = None,
         env: dict[str, str] | None = None,
-        metadata: dict | None = None,
+        metadata: dict[str, Any] | None = None,
         with_token: bool = False,
         existing_ok: bool = False,
-        network: dict | None = None,
-        traffic: dict | None = None,
+        network: dict[str, Any] | None = None,
+        traffic: dict[str, Any] | None = None,
     ) -> tuple[SessionRecord, bool]:
         """A new session with its instance (prewarm + attach). Returns (session, created).
         `network`: the session's own egress policy (`NetworkSpec.to_runtime()`), instead of the
@@ -520,7 +506,11 @@ class SessionManager:
         spec = self._specs.get(self.pool_key(session.tenant_id, session.function)) or self._specs.get(
             self.pool_key(BUILTIN_TENANT, session.function)
         )
+        assert session.instance_id is not None  # routed only once it has a live instance
         return Route(session, self.scheduler.socket_path(session.instance_id), spec.port if spec else None)
+
+    async def misdirected(self, session: SessionRecord) -> None:
+        """Never: a route of this host names no node."""
 
     async def reroute(self, session: SessionRecord) -> Route:
         """Where to send a request whose instance took no connection (its agent is dead, before
@@ -629,7 +619,7 @@ class SessionManager:
             for callback in self.on_end:
                 callback(record)
 
-    def _on_crash(self, instance_id: str) -> None:
+    def _on_crash(self, instance_id: InstanceId) -> None:
         for session in self._active.values():
             if session.instance_id == instance_id:
                 log.warning("instance %s of session %s crashed", instance_id, session.session_id)
@@ -639,13 +629,13 @@ class SessionManager:
     # -- network -------------------------------------------------------------------------------
 
     @staticmethod
-    def network_of(session: SessionRecord, spec: FunctionSpec) -> dict | None:
+    def network_of(session: SessionRecord, spec: FunctionSpec) -> dict[str, Any] | None:
         """The egress policy a session's instance runs with: its own, or its function's."""
         if session.network is not None:
             return session.network
         return spec.network.to_runtime() if spec.network is not None else None
 
-    async def set_network(self, session: SessionRecord, policy: dict) -> SessionRecord:
+    async def set_network(self, session: SessionRecord, policy: dict[str, Any]) -> SessionRecord:
         """Change a live session's egress policy now (and for any instance that replaces it).
 
         Raises:
@@ -655,7 +645,7 @@ class SessionManager:
             current = self._active.get(session.internal_id)
             if current is None or current.row_id != session.row_id:
                 raise FailedPrecondition(f"session {session.session_id} is not active")
-            if self.scheduler.is_live(current.instance_id):
+            if current.instance_id is not None and self.scheduler.is_live(current.instance_id):
                 await self.scheduler.runtime.set_network(current.instance_id, policy)
             updated = await self.metadb.update_session(current.row_id, network=dict(policy), last_modified=self.clock())
             self._remember(updated)
@@ -672,7 +662,7 @@ class SessionManager:
             if current is None or current.row_id != session.row_id:
                 raise FailedPrecondition(f"session {session.session_id} is not active")
             now = self.clock()
-            changes: dict = {"last_modified": now}
+            changes: dict[str, Any] = {"last_modified": now}
             if ttl_s is not None:
                 changes.update(ttl_s=ttl_s, expires_at=now + ttl_s)
             if idle_timeout_s is not None:
@@ -750,7 +740,7 @@ class SessionManager:
         would: they move to a live node only on their next request, which may never come. Each
         is moved here first (the compare-and-set of `adopt`, so a racing adoption wins or loses
         whole), then ended as if it had been reaped here: usage closed, workspace wiped unless
-        kept. A cluster node's job (`hutch.scheduler.node.Lease`)."""
+        kept. A cluster node's job (`hutch.cluster.node.Lease`)."""
         now = self.clock()
         ended = []
         for session in await self.metadb.active_sessions():
@@ -789,3 +779,9 @@ class SessionManager:
         except BaseException:
             self.activity.requeue(dirty)  # written with the next flush
             raise
+
+
+if TYPE_CHECKING:
+
+    def _implements(manager: SessionManager) -> interface.Sessions:  # mypy checks the seam here
+        return manager

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import httpx
 
+from hutch.agent import envelope
 from hutch.runtime.cgroups import Cgroup
 from hutch.selftest.report import Outcome
 from hutch.selftest.stage import LIMITS, Stage, cgroup_procs
-from hutch.selftest.target import Session, envelope, rss_mb
+from hutch.selftest.target import Session, rss_mb
 
 
 class Watch:
@@ -64,7 +65,7 @@ class Watch:
     def _neighbour(self) -> None:
         response = self.http.post(
             f"{self.base}/process.Process/Start",
-            content=envelope({"process": {"cmd": "true"}}),
+            content=envelope.encode({"process": {"cmd": "true"}}),
             headers={"content-type": "application/connect+json"},
             timeout=30,
         )
@@ -78,7 +79,7 @@ class Watch:
         while not self._stop.is_set():
             self._time("neighbour", self._neighbour)
             self._time("health", self._health)
-            self._time("host", lambda: subprocess.run(["/bin/true"], check=True))
+            self._time("host", lambda: subprocess.run(["/bin/true"], check=True))  # type: ignore[arg-type]
             self.peak_rss = max(self.peak_rss, rss_mb(self.hutch_pid))
             self._stop.wait(self.interval)
 
@@ -193,8 +194,8 @@ def fork_bomb(stage: Stage, backend: str) -> Outcome:
             inside, refused = f"no command could start: {type(exc).__name__}", True
         cgroup, _ = _cgroup(session)
         pids_dir = cgroup.dirs.get("pids") or cgroup.dirs.get("unified")
-        current, limit = _read(pids_dir / "pids.current").strip(), _read(pids_dir / "pids.max").strip()
-        hit = _counter(_read(pids_dir / "pids.events"), "max")
+        current, limit = _read(pids_dir / "pids.current").strip(), _read(pids_dir / "pids.max").strip()  # type: ignore[operator]
+        hit = _counter(_read(pids_dir / "pids.events"), "max")  # type: ignore[operator]
         evidence.append(inside + " (11 = EAGAIN)")
         evidence.append(f"host pids cgroup: {current} tasks of at most {limit}, limit hit {hit} times")
         within = current.isdigit() and limit.isdigit() and int(current) <= int(limit)
@@ -239,13 +240,13 @@ def cpu_spin(stage: Stage, backend: str) -> Outcome:
     cgroup, _ = _cgroup(session)
     cpu_dir = cgroup.dirs.get("cpu") or cgroup.dirs.get("unified")
     before = cgroup.stats()[0]
-    throttled_before = _counter(_read(cpu_dir / "cpu.stat"), "nr_throttled")
+    throttled_before = _counter(_read(cpu_dir / "cpu.stat"), "nr_throttled")  # type: ignore[operator]
     with Watch(stage, backend) as watch:
         wall = time.monotonic()
         session.sh("for i in 1 2 3 4; do timeout 3 sh -c 'while :; do :; done' & done; wait", timeout=60)
         wall = time.monotonic() - wall
     used = cgroup.stats()[0] - before
-    throttled = _counter(_read(cpu_dir / "cpu.stat"), "nr_throttled") - throttled_before
+    throttled = _counter(_read(cpu_dir / "cpu.stat"), "nr_throttled") - throttled_before  # type: ignore[operator]
     evidence.append(f"4 spinners for 3 s used {used:.2f} CPU-s in {wall:.1f} s wall with a {LIMITS['cpu']} vCPU quota")
     evidence.append(f"CFS throttled the instance {throttled} times")
     _teardown(session, evidence)
@@ -399,7 +400,7 @@ def stdout_flood(stage: Stage, backend: str) -> Outcome:
         with session.http.stream(
             "POST",
             f"{session.base}/process.Process/Start",
-            content=envelope({"process": {"cmd": "yes"}}),
+            content=envelope.encode({"process": {"cmd": "yes"}}),
             headers={"content-type": "application/connect+json"},
             timeout=60,
         ) as response:
@@ -414,7 +415,7 @@ def stdout_flood(stage: Stage, backend: str) -> Outcome:
         with session.http.stream(
             "POST",
             f"{session.base}/process.Process/Start",
-            content=envelope({"process": {"cmd": "yes"}}),
+            content=envelope.encode({"process": {"cmd": "yes"}}),
             headers={"content-type": "application/connect+json"},
             timeout=60,
         ):
@@ -515,7 +516,7 @@ def plan(backends: tuple[str, ...]) -> list:
     from hutch.selftest.battery import Attack
 
     return [
-        Attack(name, backend, lambda stage, run=run, backend=backend: run(stage, backend))
+        Attack(name, backend, lambda stage, run=run, backend=backend: run(stage, backend))  # type: ignore[misc]
         for name, run in ATTACKS
         for backend in backends
     ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import secrets
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import httpx
 
+from hutch.agent import envelope
 from hutch.selftest.report import Outcome
 from hutch.selftest.stage import LIMITS, Stage
 from hutch.selftest.target import STREAM, Tenant
@@ -47,7 +47,7 @@ class Checks:
                 seen = f"{response.status_code} {response.json().get('code')}"
             except ValueError:
                 seen = f"{response.status_code} {response.text[:80]!r}"
-            allowed = tuple(f"{status} {code}" for status in allowed)
+            allowed = tuple(f"{status} {code}" for status in allowed)  # type: ignore[misc]
         self.expect(what, seen, *allowed)
 
     def note(self, line: str) -> None:
@@ -176,7 +176,7 @@ def e2b_headers(stage: Stage) -> Outcome:
         "start a process without a token",
         http.post(
             "/process.Process/Start",
-            content=_envelope({"process": {"cmd": "id"}}),
+            content=envelope.encode({"process": {"cmd": "id"}}),
             headers={**envd, "content-type": STREAM},
         ),
         401,
@@ -212,11 +212,6 @@ def e2b_headers(stage: Stage) -> Outcome:
     attacker.http.delete(f"/sandboxes/{mine['sandboxID']}")
     title = "E2B traffic to another tenant's sandbox: no, wrong or foreign access tokens, forged file URLs"
     return _outcome(stage, "e2b-headers", title, checks, started)
-
-
-def _envelope(message: dict, flags: int = 0) -> bytes:
-    data = json.dumps(message).encode()
-    return struct.pack(">BI", flags, len(data)) + data
 
 
 COOKIE_FUNCTION = {
@@ -414,13 +409,9 @@ def malformed_json(stage: Stage) -> Outcome:
 
 def _connect_answer(response: httpx.Response) -> str:
     """The end of a Connect stream: its error code, or `ok`."""
-    data = response.content
-    last = None
-    while len(data) >= 5:
-        flags, length = struct.unpack(">BI", data[:5])
-        last = (flags, data[5 : 5 + length])
-        data = data[5 + length :]
-    if last is None or not last[0] & 0x02:
+    envelopes, _ = envelope.split(response.content)
+    last = envelopes[-1] if envelopes else None
+    if last is None or not last[0] & envelope.FLAG_END_STREAM:
         return f"HTTP {response.status_code}, no end of stream"
     error = json.loads(last[1] or b"{}").get("error")
     return error["code"] if error else "ok"
@@ -435,17 +426,17 @@ def connect_envelopes(stage: Stage) -> Outcome:
     good = json.dumps({"process": {"cmd": "true"}}).encode()
     for name, body, expected in (
         ("a truncated envelope head", b"\x00\x00\x00", "invalid_argument"),
-        ("a length longer than the body", struct.pack(">BI", 0, 100) + good, "invalid_argument"),
-        ("the compressed flag", struct.pack(">BI", 1, len(good)) + good, "unimplemented"),
-        ("a 4 GiB length", struct.pack(">BI", 0, 0xFFFFFFFF) + good, "resource_exhausted"),
-        ("a message that is not JSON", struct.pack(">BI", 0, 8) + b"not json", "invalid_argument"),
-        ("a JSON array", struct.pack(">BI", 0, 3) + b"[1]", "invalid_argument"),
+        ("a length longer than the body", envelope.HEADER.pack(0, 100) + good, "invalid_argument"),
+        ("the compressed flag", envelope.HEADER.pack(1, len(good)) + good, "unimplemented"),
+        ("a 4 GiB length", envelope.HEADER.pack(0, 0xFFFFFFFF) + good, "resource_exhausted"),
+        ("a message that is not JSON", envelope.HEADER.pack(0, 8) + b"not json", "invalid_argument"),
+        ("a JSON array", envelope.HEADER.pack(0, 3) + b"[1]", "invalid_argument"),
     ):
         response = session.http.post(url, content=body, headers=stream, timeout=30)
         checks.expect(f"Process/Start with {name}", f"{response.status_code} {_connect_answer(response)}",
                       f"200 {expected}")  # fmt: skip
     garbage = session.http.post(
-        f"{session.base}/process.Process/StreamInput", content=struct.pack(">BI", 0, 50) + b"{", headers=stream
+        f"{session.base}/process.Process/StreamInput", content=envelope.HEADER.pack(0, 50) + b"{", headers=stream
     )
     checks.expect("StreamInput with a broken envelope", _connect_answer(garbage), "invalid_argument")
     wrong_type = session.http.post(url, content=good, headers={"content-type": "text/plain"})
@@ -569,7 +560,7 @@ def mcp_output_flood(stage: Stage) -> Outcome:
                 "run_command", {"sandbox_id": sandbox, "command": "head -c 40000000 /dev/urandom > big"}
             )
             read = await client.call_tool("read_file", {"sandbox_id": sandbox, "path": "big"})
-            said = read.content[0].text if read.content else ""
+            said = read.content[0].text if read.content else ""  # type: ignore[union-attr]
             checks.expect(
                 "read_file of a 40 MB file: refused, saying why", read.is_error and "larger than" in said, True
             )

@@ -64,7 +64,7 @@ def plan(backends: tuple[str, ...] = BACKENDS) -> list[Attack]:
     from hutch.selftest import abuse, api_abuse, file_api, fuzz
 
     steps = [
-        Attack(escape.id, backend, lambda stage, e=escape, b=backend: run_escape(stage, e, b))
+        Attack(escape.id, backend, lambda stage, e=escape, b=backend: run_escape(stage, e, b))  # type: ignore[misc]
         for escape in ESCAPES
         for backend in escape_backends(escape, backends)
     ]

@@ -66,7 +66,7 @@ def traversal(stage: Stage, backend: str) -> Outcome:
         files={"file": ("../../../../etc/cron.d/hutch-selftest", b"* * * * * root id", "text/plain")},
     )
     checks.status("POST /files multipart, filename ../../../../etc/cron.d/...", multipart, 403)
-    for method, message, allowed in (
+    for method, message, allowed in (  # type: ignore[assignment]
         # /usr is another (read-only) file system: the kernel says EXDEV before EROFS
         ("Move", {"source": "/home/user/out-file", "destination": "/usr/bin/moved"}, "400 failed_precondition"),
         ("Move", {"source": "/etc/passwd", "destination": "/etc/passwd.old"}, "403 permission_denied"),
@@ -76,7 +76,7 @@ def traversal(stage: Stage, backend: str) -> Outcome:
         ("ListDir", {"path": stage.target.data_dir.as_posix()}, "404 not_found"),
     ):
         answer = session.rpc(f"filesystem.Filesystem/{method}", message)
-        status, _, code = allowed.partition(" ")
+        status, _, code = allowed.partition(" ")  # type: ignore[union-attr]
         checks.status(f"Filesystem/{method} {list(message.values())}", answer, int(status), code=code)
     title = "path traversal through the file APIs: .., absolute paths, symlinks out, NUL bytes, long names"
     return _outcome(stage, "file-api-traversal", title, backend, checks, started)
@@ -230,7 +230,7 @@ def plan(backends: tuple[str, ...]) -> list:
     from hutch.selftest.battery import Attack
 
     steps = [
-        Attack(name, backend, lambda stage, run=run, backend=backend: run(stage, backend))
+        Attack(name, backend, lambda stage, run=run, backend=backend: run(stage, backend))  # type: ignore[misc]
         for name, run in (("file-api-traversal", traversal), ("file-api-race", race))
         for backend in backends
     ]

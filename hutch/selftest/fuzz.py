@@ -52,7 +52,7 @@ def fuzz(stage: Stage, examples: int = 12) -> Outcome:
         suppress_health_check=list(HealthCheck),
     )
     for result in schema.get_all_operations():
-        operation = result.ok()
+        operation = result.ok()  # type: ignore[union-attr]
         operations += 1
         for mode in schemathesis.GenerationMode:
 

@@ -23,7 +23,6 @@ import random
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from hutch.agent import envelope
 from hutch.runtime.userns import RANGE
 
 STREAM = "application/connect+json"
@@ -49,11 +49,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def envelope(message: dict, flags: int = 0) -> bytes:
-    data = json.dumps(message).encode()
-    return struct.pack(">BI", flags, len(data)) + data
 
 
 def rss_mb(pid: int) -> float:
@@ -147,7 +142,7 @@ class Session:
         with self.http.stream(
             "POST",
             f"{self.base}/process.Process/Start",
-            content=envelope({"process": process}),
+            content=envelope.encode({"process": process}),
             headers={"content-type": STREAM},
             timeout=httpx.Timeout(timeout, connect=10),
         ) as response:
@@ -156,16 +151,10 @@ class Session:
                 response.read()
                 result.error = {"http": response.status_code, "body": response.text[:500]}
                 return result
-            buffer = b""
+            decoder = envelope.Decoder()
             for chunk in response.iter_raw():
-                buffer += chunk
-                while len(buffer) >= 5:
-                    flags, length = struct.unpack(">BI", buffer[:5])
-                    if len(buffer) < 5 + length:
-                        break
-                    message = json.loads(buffer[5 : 5 + length])
-                    buffer = buffer[5 + length :]
-                    if flags & 0x02:
+                for flags, message in decoder.feed(chunk):
+                    if flags & envelope.FLAG_END_STREAM:
                         result.error = message.get("error")
                         return result
                     _apply(result, message.get("event", {}), cap)
@@ -175,7 +164,7 @@ class Session:
 
     def spawn(self, argv: list[str], timeout: float = 60) -> int:
         """Start a process and return its pid as soon as it runs; it outlives the request."""
-        message = envelope({"process": {"cmd": argv[0], "args": argv[1:]}})
+        message = envelope.encode({"process": {"cmd": argv[0], "args": argv[1:]}})
         with self.http.stream(
             "POST",
             f"{self.base}/process.Process/Start",
@@ -183,16 +172,13 @@ class Session:
             headers={"content-type": STREAM},
             timeout=timeout,
         ) as response:
-            buffer = b""
+            decoder = envelope.Decoder()
             for chunk in response.iter_raw():
-                buffer += chunk
-                if len(buffer) >= 5:
-                    _, length = struct.unpack(">BI", buffer[:5])
-                    if len(buffer) >= 5 + length:
-                        event = json.loads(buffer[5 : 5 + length]).get("event", {})
-                        if "start" in event:
-                            return int(event["start"]["pid"])
-                        raise RuntimeError(f"process did not start: {buffer[:300]!r}")
+                for _, message in decoder.feed(chunk):
+                    event = message.get("event", {})
+                    if "start" in event:
+                        return int(event["start"]["pid"])
+                    raise RuntimeError(f"process did not start: {message!r:.300}")
         raise RuntimeError("the stream ended before the process started")
 
     def sh(self, command: str, timeout: float = 60, **kwargs) -> Result:

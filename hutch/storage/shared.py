@@ -338,7 +338,7 @@ def _fs_type(path: Path) -> str | None:
 
 
 @functools.cache
-def _renameat2() -> ctypes._CFuncPtr:
+def _renameat2() -> ctypes._CFuncPtr:  # type: ignore[name-defined]
     function = ctypes.CDLL(None, use_errno=True).renameat2
     function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     return function

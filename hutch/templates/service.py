@@ -123,8 +123,8 @@ class TemplateService:
             return {}
         return {**CA_ENV, **self.config.env, **self.store.get(name).env}
 
-    def list(self) -> list[Template]:
-        return self.store.list()
+    def templates(self) -> list[Template]:
+        return self.store.templates()
 
     def get(self, name: str) -> Template:
         return self.store.get(name)
@@ -195,7 +195,8 @@ class TemplateService:
             raise FailedPrecondition(f"build {build.build_id} was already started")
         if self.runtime is None:
             raise FailedPrecondition("this process runs no sandboxes, so it cannot run build steps")
-        parent = self.store.get(parent_name) if image is None else None  # NotFound: a 404 before anything runs
+        # NotFound: a 404 before anything runs.
+        parent = self.store.get(parent_name) if parent_name is not None and image is None else None
         if build.template in self._building:
             raise FailedPrecondition(f"template {build.template!r} is already being built")
         build.status = "building"

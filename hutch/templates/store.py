@@ -47,7 +47,7 @@ class TemplateStore:
     def exists(self, name: str) -> bool:
         return (self.records_dir / f"{check_name(name)}.json").exists()
 
-    def list(self) -> list[Template]:
+    def templates(self) -> list[Template]:
         found = []
         for path in sorted(self.records_dir.glob("*.json")):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
@@ -73,7 +73,7 @@ class TemplateStore:
             raise FailedPrecondition(f"template {name!r} is in use by running sandboxes; stop them first")
         with self._lock:
             (self.records_dir / f"{name}.json").unlink(missing_ok=True)
-            kept = {layer for other in self.list() for layer in other.layers}
+            kept = {layer for other in self.templates() for layer in other.layers}
             for layer in template.layers:
                 if layer not in kept:
                     self._remove_tree(self.layers_dir / layer)

@@ -17,7 +17,7 @@ yaml = pytest.importorskip("yaml")
 
 from hutch.config import ServerConfig  # noqa: E402
 from hutch.runtime.base import InstanceSpec, Resources  # noqa: E402
-from hutch.runtime.kubernetes import NODE_LABELS, PodSettings, build_network_policy, build_pod  # noqa: E402
+from hutch.runtime.kubernetes.pods import NODE_LABELS, PodSettings, build_network_policy, build_pod  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"

@@ -6,11 +6,9 @@ the tolerances are a sampling window or less.
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import signal
-import struct
 import tempfile
 import time
 import uuid
@@ -20,6 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.connect_wire import envelope, stdout_of
 from tests.e2e.conftest import ADMIN_KEY, Server, _cleanup
 from tests.e2e.test_cli import hutch, ok
 
@@ -62,22 +61,16 @@ def _function(client: httpx.Client, **resources) -> str:
 
 def _run(client: httpx.Client, function: str, session_id: str, command: str) -> tuple[str, float]:
     """Run a command through the gateway; its stdout and how long the request was in flight."""
-    message = json.dumps({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", command]}}).encode()
+    message = {"process": {"cmd": "/bin/bash", "args": ["-l", "-c", command]}}
     started = time.monotonic()
     response = client.post(
         f"/functions/{function}/invoke/process.Process/Start",
-        content=struct.pack(">BI", 0, len(message)) + message,
+        content=envelope(message),
         headers={HEADER: session_id, "content-type": "application/connect+json"},
     )
     took = time.monotonic() - started
     assert response.status_code == 200, response.text
-    data, out = response.content, b""
-    while data:
-        _, length = struct.unpack(">BI", data[:5])
-        event = json.loads(data[5 : 5 + length]).get("event", {})
-        out += base64.b64decode(event.get("data", {}).get("stdout", ""))
-        data = data[5 + length :]
-    return out.decode(), took
+    return stdout_of(response.content), took
 
 
 def _lifetime(record: dict) -> float:

@@ -15,6 +15,8 @@ import uuid
 import pytest
 from e2b import Sandbox
 
+from tests.connect_wire import envelope, stdout_of
+
 FETCH = """
 import socket, sys
 def fetch(ip, port, host=None):
@@ -152,24 +154,14 @@ def test_a_native_session_gets_its_functions_policy_and_can_change_it(world):
     assert session["network"] is None  # the function's applies
 
     def fetch() -> str:
-        import base64
-        import json
-        import struct
-
-        message = json.dumps({"process": {"cmd": "python3", "args": ["-c", FETCH, f"{internet}:8080"]}}).encode()
+        message = {"process": {"cmd": "python3", "args": ["-c", FETCH, f"{internet}:8080"]}}
         answer = client.post(
             f"/functions/{name}/invoke/process.Process/Start",
-            content=struct.pack(">BI", 0, len(message)) + message,
+            content=envelope(message),
             headers={"x-fc-session-id": "n1", "content-type": "application/connect+json"},
             timeout=60,
         )
-        data, out = answer.content, b""
-        while data:
-            _, length = struct.unpack(">BI", data[:5])
-            event = json.loads(data[5 : 5 + length]).get("event", {})
-            out += base64.b64decode(event.get("data", {}).get("stdout", ""))
-            data = data[5 + length :]
-        return out.decode().strip()
+        return stdout_of(answer.content).strip()
 
     assert fetch() == "ok"
     changed = client.patch(f"/v1/functions/{name}/sessions/n1", json={"network": {"allowOut": []}})

@@ -7,29 +7,21 @@ import signal
 import time
 from pathlib import Path
 
+from tests.connect_wire import envelope, stdout_of
+
 HEADER = "x-fc-session-id"
 
 
 def _invoke(client, session_id: str, command: str) -> str:
     """Run a command in the session's instance through the gateway (envd Start over Connect)."""
-    import base64
-    import json
-    import struct
-
-    message = json.dumps({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", command]}}).encode()
+    message = {"process": {"cmd": "/bin/bash", "args": ["-l", "-c", command]}}
     response = client.post(
         "/functions/base/invoke/process.Process/Start",
-        content=struct.pack(">BI", 0, len(message)) + message,
+        content=envelope(message),
         headers={HEADER: session_id, "content-type": "application/connect+json"},
     )
     assert response.status_code == 200, response.text
-    data, out = response.content, b""
-    while data:
-        _, length = struct.unpack(">BI", data[:5])
-        event = json.loads(data[5 : 5 + length]).get("event", {})
-        out += base64.b64decode(event.get("data", {}).get("stdout", ""))
-        data = data[5 + length :]
-    return out.decode()
+    return stdout_of(response.content)
 
 
 def _sandbox_processes(uid_low: int, uid_high: int) -> list[int]:

@@ -12,13 +12,11 @@ sandboxes can be told from every other's.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import tempfile
 import time
@@ -28,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.connect_wire import envelope, stdout_of
 from tests.e2e.conftest import Server, _cleanup
 
 HEADER = "x-fc-session-id"
@@ -67,25 +66,7 @@ def make_server() -> Iterator[Callable[..., Server]]:
 
 
 def connect_request(command: str, envs: dict[str, str] | None = None) -> bytes:
-    message = {"process": {"cmd": "/bin/bash", "args": ["-l", "-c", command], "envs": envs or {}}}
-    data = json.dumps(message).encode()
-    return struct.pack(">BI", 0, len(data)) + data
-
-
-def envelopes(data: bytes) -> list[tuple[int, dict]]:
-    out = []
-    while len(data) >= 5:
-        flags, length = struct.unpack(">BI", data[:5])
-        out.append((flags, json.loads(data[5 : 5 + length])))
-        data = data[5 + length :]
-    return out
-
-
-def stdout_of(data: bytes) -> str:
-    out = b""
-    for _, message in envelopes(data):
-        out += base64.b64decode(message.get("event", {}).get("data", {}).get("stdout", ""))
-    return out.decode()
+    return envelope({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", command], "envs": envs or {}}})
 
 
 def run(client: httpx.Client, key: str, command: str, function: str = "base", timeout: float = 30) -> str:

@@ -22,17 +22,16 @@ an error. At the end every session must still be Active, on the instance it star
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import random
 import secrets
 import statistics
-import struct
 import time
 from dataclasses import dataclass, field
 from http.cookiejar import CookieJar
 
 import httpx
+
+from tests.connect_wire import envelope, split, stdout_of
 
 KINDS = ("header", "cookie", "e2b", "server")
 RESOURCES = {"cpu": 0.25, "memoryMB": 128, "diskMB": 64, "pids": 64, "tmpMB": 16}
@@ -122,21 +121,13 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def _connect(command: str) -> bytes:
-    data = json.dumps({"process": {"cmd": "/bin/bash", "args": ["-c", command]}}).encode()
-    return struct.pack(">BI", 0, len(data)) + data
+    return envelope({"process": {"cmd": "/bin/bash", "args": ["-c", command]}})
 
 
 def _stdout(data: bytes) -> str | None:
     """The stdout of a Connect process stream; None unless it ended cleanly."""
-    out, ended = b"", False
-    while len(data) >= 5:
-        flags, length = struct.unpack(">BI", data[:5])
-        message = json.loads(data[5 : 5 + length])
-        if flags & 2:
-            ended = "error" not in message
-        out += base64.b64decode(message.get("event", {}).get("data", {}).get("stdout", ""))
-        data = data[5 + length :]
-    return out.decode() if ended else None
+    ended = any(flags & 2 and "error" not in message for flags, message in split(data)[0])
+    return stdout_of(data) if ended else None
 
 
 class Load:

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.connect_wire import parse_envelopes as envelopes
 from tests.e2e.conftest import Server, _cleanup
 from tests.faults.conftest import (
     CONNECT,
@@ -26,7 +27,6 @@ from tests.faults.conftest import (
     agent_pid,
     config,
     connect_request,
-    envelopes,
     instance_record,
     resume,
     run,

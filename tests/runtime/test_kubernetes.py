@@ -28,13 +28,11 @@ from hutch.functions import FunctionSpec
 from hutch.runtime import BACKENDS, make_runtime
 from hutch.runtime.base import InstanceSpec, InstanceState, Resources
 from hutch.runtime.channel import AgentChannel
-from hutch.runtime.kubernetes import (
+from hutch.runtime.kubernetes.pods import (
     LABEL_INSTANCE,
     LABEL_OWNER,
     NODE_LABELS,
-    KubernetesRuntime,
     PodSettings,
-    Relay,
     build_network_policy,
     build_pod,
     find_pod_cgroup,
@@ -43,6 +41,8 @@ from hutch.runtime.kubernetes import (
     pod_dead,
     pod_name,
 )
+from hutch.runtime.kubernetes.relay import Relay
+from hutch.runtime.kubernetes.runtime import KubernetesRuntime
 from hutch.runtime.local import LocalRuntime
 from hutch.storage.local import DirectoryStore
 

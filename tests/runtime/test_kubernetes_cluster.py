@@ -62,7 +62,7 @@ def data_dir():
 
 
 def make_runtime(data_dir: Path, namespace: str):
-    from hutch.runtime.kubernetes import KubernetesRuntime
+    from hutch.runtime.kubernetes.runtime import KubernetesRuntime
 
     return KubernetesRuntime(
         data_dir,

@@ -35,7 +35,7 @@ def test_a_template_is_registered_only_once_its_layers_exist_and_comes_back_whol
     store.put(Template(name="t", layers=(LAYER,), env={"A": "1"}, user="dev", workdir="/srv", owner="tenant-1"))
     got = store.get("t")
     assert got.layers == (LAYER,) and got.env == {"A": "1"} and got.user == "dev" and got.owner == "tenant-1"
-    assert [t.name for t in store.list()] == ["t"]
+    assert [t.name for t in store.templates()] == ["t"]
     rootfs = store.rootfs("t")
     assert rootfs.layer_paths == (str(store.layers_dir / LAYER),) and rootfs.workdir == "/srv"
 

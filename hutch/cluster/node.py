@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import json
 import logging
 import time
-from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -40,6 +38,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hutch.api.auth import api_key_of
+from hutch.cluster.wire import (
+    CONTROL_PREFIX,
+    HOP_HEADERS,
+    MISDIRECTED_HEADER,
+    MISDIRECTED_STATUS,
+    NODE_KEY_HEADER,
+    PORT_HEADER,
+    SESSION_HEADER,
+    node_key,
+    session_to_wire,
+    tenant_from_wire,
+)
 from hutch.errors import HutchError, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from hutch.functions import FunctionSpec
 from hutch.gateway.invoke import HeaderView
@@ -48,45 +58,41 @@ from hutch.gateway.types import Header, Receive, Scope, Send, Target
 from hutch.gateway.upstream import UpstreamPool
 from hutch.gateway.websocket import proxy_websocket, refuse_with_error
 from hutch.lifespan import run_lifespan
-from hutch.metadb.records import SchedulerRecord, SessionRecord, SessionStatus, Tenant
+from hutch.metadb.records import SchedulerRecord, SessionRecord
 from hutch.scheduler.sessions import SessionManager
 
 if TYPE_CHECKING:
-    from hutch.server import Hutch
+    from hutch.config import ServerConfig
+    from hutch.metadb.base import MetaDB
+    from hutch.metrics import Metrics
+    from hutch.scheduler.scheduler import Scheduler
+    from hutch.tenants import TenantService
 
 log = logging.getLogger(__name__)
 
-NODE_KEY_HEADER = b"x-hutch-node-key"
-SESSION_HEADER = b"x-hutch-session"
-MISDIRECTED_HEADER = b"x-hutch-misdirected"
-PORT_HEADER = b"e2b-sandbox-port"
-# What only the gateway-node hop carries: never forwarded to an instance.
-HOP_HEADERS = frozenset({NODE_KEY_HEADER, SESSION_HEADER})
-CONTROL_PREFIX = "/_node/v1/"
-MISDIRECTED_STATUS = 421
 
+class NodeHost(Protocol):
+    """What a node uses of the process it runs in (`hutch.server.Hutch`, role `node`)."""
 
-def node_key(secret: bytes) -> str:
-    """The credential gateways present to nodes: derived from the cluster secret, so that every
-    process with MetaDB access has it and nothing else needs distributing."""
-    return hmac.new(secret, b"hutch node access v1", hashlib.sha256).hexdigest()
+    @property
+    def config(self) -> ServerConfig: ...
+    @property
+    def metadb(self) -> MetaDB: ...
+    @property
+    def tenants(self) -> TenantService: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def secret(self) -> bytes: ...
+    @property
+    def scheduler(self) -> Scheduler | None: ...
+    @property
+    def manager(self) -> SessionManager | None:
+        """This host's sessions, once started."""
+        ...
 
-
-# -- wire forms of records ----------------------------------------------------------------------
-
-
-def session_to_wire(record: SessionRecord) -> dict:
-    values = asdict(record)
-    values["status"] = record.status.value
-    return values
-
-
-def session_from_wire(values: dict) -> SessionRecord:
-    return SessionRecord(**{**values, "status": SessionStatus(values["status"])})
-
-
-def tenant_from_wire(values: dict) -> Tenant:
-    return Tenant(**values)
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
 
 
 # -- liveness -----------------------------------------------------------------------------------
@@ -95,7 +101,7 @@ def tenant_from_wire(values: dict) -> Tenant:
 class Lease:
     """This node's heartbeat in MetaDB, and whether it may still serve (not fenced)."""
 
-    def __init__(self, hutch: Hutch, address: str, interval: float, lease_seconds: float) -> None:
+    def __init__(self, hutch: NodeHost, address: str, interval: float, lease_seconds: float) -> None:
         if interval <= 0 or lease_seconds <= 2 * interval:
             raise InvalidArgument("the lease must be longer than two heartbeat intervals")
         self.hutch = hutch
@@ -104,7 +110,7 @@ class Lease:
         self.lease_seconds = lease_seconds
         self._last_renewed = 0.0  # monotonic time of the last heartbeat MetaDB took
         self._fenced = True  # until the first heartbeat and reconciliation
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[Any] | None = None
 
     @property
     def fenced(self) -> bool:
@@ -122,20 +128,20 @@ class Lease:
 
     async def beat(self) -> None:
         hutch = self.hutch
-        assert hutch.scheduler is not None and hutch.sessions is not None
+        assert hutch.scheduler is not None and hutch.manager is not None
         was_fenced = self.fenced
         scheduler = hutch.scheduler
         capacity = {
             "max_instances": scheduler.max_instances,
             "instances": len(scheduler.runtime.instances()),
-            "sessions": len(hutch.sessions.active_sessions()),
+            "sessions": len(hutch.manager.active_sessions()),
         }
         await hutch.metadb.upsert_scheduler(
             SchedulerRecord(scheduler.scheduler_id, self.address, time.time(), capacity)
         )
         if was_fenced:
             # Before serving again: drop what moved or ended while we could not see MetaDB.
-            await hutch.sessions.reconcile()
+            await hutch.manager.reconcile()
         self._last_renewed = time.monotonic()
         if self._fenced:
             log.info("node %s: lease held, serving", scheduler.scheduler_id)
@@ -169,9 +175,9 @@ class Lease:
         """End dead nodes' sessions that expired or went idle. One node does it (the first live
         one by id) so that nodes do not race for the same rows (the compare-and-set would make
         that safe, only wasteful)."""
-        sessions = self.hutch.sessions
+        sessions = self.hutch.manager
         scheduler = self.hutch.scheduler
-        assert isinstance(sessions, SessionManager) and scheduler is not None
+        assert sessions is not None and scheduler is not None
         now = time.time()
         live = {
             record.scheduler_id
@@ -186,12 +192,13 @@ class Lease:
 
 
 class NodeApp:
-    def __init__(self, hutch: Hutch, address: str) -> None:
+    def __init__(self, hutch: NodeHost, address: str) -> None:
         self.hutch = hutch
         settings = hutch.config.cluster
         self.lease = Lease(hutch, address, settings.heartbeat_interval, settings.lease_seconds)
         self.pool = UpstreamPool()
         self.head_timeout = hutch.config.gateway.head_timeout
+        self.sessions: SessionManager  # set by `start`, before any request
         self._key = b""
         self.control = Starlette(
             routes=[
@@ -209,9 +216,12 @@ class NodeApp:
 
     async def start(self) -> None:
         await self.hutch.start()
-        assert self.hutch.sessions is not None
+        manager = self.hutch.manager
+        if manager is None:
+            raise Unavailable("hutch node runs no sessions: is its role `node`?")
+        self.sessions = manager
         self._key = node_key(self.hutch.secret).encode()
-        self.hutch.sessions.on_end.append(lambda s: self.pool.drop_instance(s.instance_id))
+        manager.on_end.append(lambda s: self.pool.drop_instance(s.instance_id))
         await self.lease.start()
 
     async def stop(self) -> None:
@@ -253,7 +263,7 @@ class NodeApp:
         body = {
             "status": "fenced" if self.lease.fenced else "ok",
             "node": scheduler.scheduler_id if scheduler else None,
-            "activeSessions": len(self.hutch.sessions.active_sessions()) if self.hutch.sessions else 0,
+            "activeSessions": len(self.hutch.manager.active_sessions()) if self.hutch.manager else 0,
         }
         await _send_json(send, 503 if self.lease.fenced else 200, body)
 
@@ -287,8 +297,7 @@ class NodeApp:
     # data plane
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sessions = self.hutch.sessions
-        assert sessions is not None
+        sessions = self.sessions
         row_id = port = None
         for name, value in scope["headers"]:
             if name == SESSION_HEADER:
@@ -330,8 +339,7 @@ class NodeApp:
             sessions.activity.end(row_id)
 
     async def _reroute(self, target: Target) -> Target:
-        sessions = self.hutch.sessions
-        assert sessions is not None
+        sessions = self.sessions
         self.pool.drop_instance(target.pool_key[0])
         route = await sessions.reroute(target.session)
         target.session = route.session
@@ -343,8 +351,7 @@ class NodeApp:
 
     async def _create(self, request: Request) -> JSONResponse:
         body = await _json(request)
-        sessions = self.hutch.sessions
-        assert sessions is not None
+        sessions = self.sessions
         record, created = await sessions.create(
             tenant_from_wire(body["tenant"]),
             body["function"],
@@ -363,23 +370,20 @@ class NodeApp:
 
     async def _adopt(self, request: Request) -> JSONResponse:
         body = await _json(request)
-        sessions = self.hutch.sessions
-        assert sessions is not None
+        sessions = self.sessions
         record = await sessions.adopt(request.path_params["row_id"], body["from"])
         return JSONResponse({"session": session_to_wire(record)})
 
     async def _end(self, request: Request) -> JSONResponse:
         body = await _json(request)
-        sessions = self.hutch.sessions
-        assert sessions is not None
+        sessions = self.sessions
         session = await self._held(request)
         ended = await sessions.end(session, body.get("reason", "deleted"))
         return JSONResponse({"session": session_to_wire(ended) if ended else None})
 
     async def _renew(self, request: Request) -> JSONResponse:
         body = await _json(request)
-        sessions = self.hutch.sessions
-        assert sessions is not None
+        sessions = self.sessions
         updated = await sessions.renew(
             await self._held(request), body.get("ttlSeconds"), body.get("idleTimeoutSeconds")
         )
@@ -387,22 +391,19 @@ class NodeApp:
 
     async def _network(self, request: Request) -> JSONResponse:
         body = await _json(request)
-        sessions = self.hutch.sessions
-        assert sessions is not None
+        sessions = self.sessions
         updated = await sessions.set_network(await self._held(request), body["policy"])
         return JSONResponse({"session": session_to_wire(updated)})
 
     async def _function_changed(self, request: Request) -> Response:
         body = await _json(request)
-        sessions = self.hutch.sessions
-        assert sessions is not None
+        sessions = self.sessions
         spec = FunctionSpec.model_validate(body["spec"]) if body.get("spec") is not None else None
         sessions.function_changed(body["tenantId"], spec, body["name"])
         return Response(status_code=204)
 
     async def _held(self, request: Request) -> SessionRecord:
-        sessions = self.hutch.sessions
-        assert sessions is not None
+        sessions = self.sessions
         session = sessions.active_by_row(request.path_params["row_id"])
         if session is None:
             raise NotFound(f"session {request.path_params['row_id']} is not on this node")
@@ -417,7 +418,7 @@ class NodeApp:
         return JSONResponse({"code": "internal", "message": f"internal error: {exc.__class__.__name__}"}, 500)
 
 
-async def _json(request: Request) -> dict:
+async def _json(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
     except ValueError:
@@ -427,7 +428,7 @@ async def _json(request: Request) -> dict:
     return body
 
 
-async def _send_json(send: Send, status: int, body: dict, extra: list[Header] | None = None) -> None:
+async def _send_json(send: Send, status: int, body: dict[str, Any], extra: list[Header] | None = None) -> None:
     data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})

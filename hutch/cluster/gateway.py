@@ -1,8 +1,8 @@
 """The sessions of a cluster, as a stateless gateway (`hutch gateway`) sees them.
 
-`ClusterSessions` offers the gateway and the API what `SessionManager` offers them inside
-`hutch serve` (create, look up, route, end, renew, network), but the sessions live on nodes
-(`hutch node`, `hutch.scheduler.node`) and the truth in a shared MetaDB (PostgreSQL):
+`ClusterSessions` is the `Sessions` of the gateway and the API (`hutch.scheduler.interface`), as
+`SessionManager` is inside `hutch serve` (create, look up, route, end, renew, network), but the sessions live on nodes
+(`hutch node`, `hutch.cluster.node`) and the truth in a shared MetaDB (PostgreSQL):
 
 - **Routes are cached** (internal id -> session -> node): a request with a known key reaches its
   node without touching MetaDB. The cache is kept right by MetaDB's change notices (a node
@@ -27,36 +27,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from hutch.cluster.wire import NODE_KEY_HEADER, SESSION_HEADER, node_key, session_from_wire
 from hutch.errors import HutchError, NotFound, Unavailable, from_wire
 from hutch.functions import FunctionSpec
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import EndReason, SchedulerRecord, SessionRecord, SessionStatus, Tenant, UsageBucket
-from hutch.scheduler.node import NODE_KEY_HEADER, node_key, session_from_wire
-from hutch.scheduler.sessions import Route, check_session_id
+from hutch.scheduler import interface
+from hutch.scheduler.interface import NodeAddress, Route
+from hutch.scheduler.sessions import check_session_id
 
 log = logging.getLogger(__name__)
 
 
 class NodeUnreachable(Unavailable):
     """A node did not answer (refused, reset, timed out)."""
-
-
-@dataclass(frozen=True, slots=True)
-class NodeAddress:
-    node_id: str
-    host: str
-    port: int
 
 
 class NodeDirectory:
@@ -67,7 +60,7 @@ class NodeDirectory:
         self.lease_seconds = lease_seconds
         self.refresh_interval = refresh_interval
         self.nodes: dict[str, SchedulerRecord] = {}
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[Any] | None = None
 
     async def start(self) -> None:
         await self.refresh()
@@ -127,7 +120,7 @@ class NodeClient:
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def call(self, node: NodeAddress, path: str, body: dict) -> dict:
+    async def call(self, node: NodeAddress, path: str, body: dict[str, Any]) -> dict[str, Any]:
         url = f"http://{node.host}:{node.port}/_node/v1/{path}"
         try:
             answer = await self.http.post(url, json=body, headers={NODE_KEY_HEADER.decode(): self.key})
@@ -136,7 +129,7 @@ class NodeClient:
         if answer.status_code == 204:
             return {}
         try:
-            data = answer.json()
+            data: dict[str, Any] = answer.json()
         except ValueError:
             raise Unavailable(f"node {node.node_id} answered {answer.status_code} without JSON") from None
         if answer.status_code >= 400:
@@ -169,6 +162,8 @@ class _NoLiveMeter:
 
 
 class ClusterSessions:
+    """The sessions of a cluster, through a gateway (the module docstring)."""
+
     def __init__(self, metadb: MetaDB, secret: bytes, lease_seconds: float, refresh_interval: float = 1.0) -> None:
         self.metadb = metadb
         self.secret = secret
@@ -182,7 +177,7 @@ class ClusterSessions:
         self._specs: dict[tuple[str, str], tuple[str, FunctionSpec]] = {}  # (tenant, name) -> (pool key, spec)
         self.on_end: list[Callable[[SessionRecord], None]] = []
         self.on_created: list[Callable[[SessionRecord, float], None]] = []
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         await self.metadb.watch(self._notice)
@@ -249,20 +244,19 @@ class ClusterSessions:
             if self.nodes.is_live(node_id):
                 self._spawn(self._tell(node_id, body))
 
-    async def _tell(self, node_id: str, body: dict) -> None:
+    async def _tell(self, node_id: str, body: dict[str, Any]) -> None:
         try:
             await self.client.call(self.nodes.address(node_id), "functions", body)
         except HutchError as exc:
             log.warning("node %s did not take a function change: %s", node_id, exc.message)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     def internal_id(self, tenant_id: str, function: str, key: str) -> str:
-        message = f"{tenant_id}\x00{function}\x00{key}".encode()
-        return hmac.new(self.secret, message, hashlib.sha256).hexdigest()[:40]
+        return interface.internal_id(self.secret, tenant_id, function, key)
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -326,11 +320,11 @@ class ClusterSessions:
         ttl_s: int | None = None,
         idle_timeout_s: int | None = None,
         env: dict[str, str] | None = None,
-        metadata: dict | None = None,
+        metadata: dict[str, Any] | None = None,
         with_token: bool = False,
         existing_ok: bool = False,
-        network: dict | None = None,
-        traffic: dict | None = None,
+        network: dict[str, Any] | None = None,
+        traffic: dict[str, Any] | None = None,
     ) -> tuple[SessionRecord, bool]:
         started = time.perf_counter()
         await self.function(tenant.tenant_id, function)  # NotFound here, before any node is asked
@@ -370,7 +364,7 @@ class ClusterSessions:
                 callback(record, time.perf_counter() - started)
         return record, bool(answer["created"])
 
-    async def _on_live_node(self, path: str, body: dict, none_left: str) -> dict:
+    async def _on_live_node(self, path: str, body: dict[str, Any], none_left: str) -> dict[str, Any]:
         """A control call to a live node with room; up to three nodes are tried, as one may be
         unreachable, fenced or full (all `Unavailable`) while another is not."""
         tried: set[str] = set()
@@ -397,7 +391,9 @@ class ClusterSessions:
     # -- routing -------------------------------------------------------------------------------
 
     def _route(self, session: SessionRecord, spec: FunctionSpec | None) -> Route:
-        return Route(session, None, spec.port if spec else None, node=self.nodes.address(session.scheduler_id or ""))
+        node = self.nodes.address(session.scheduler_id or "")
+        hop = ((NODE_KEY_HEADER, self.client.key.encode()), (SESSION_HEADER, session.row_id.encode()))
+        return Route(session, None, spec.port if spec else None, node=node, hop=hop)
 
     async def route(self, session: SessionRecord) -> Route:
         """The node that holds the session. Its lease is not checked here: a node that answers is
@@ -451,7 +447,7 @@ class ClusterSessions:
 
     # -- changes, on the session's node --------------------------------------------------------
 
-    async def _on_node(self, session: SessionRecord, action: str, body: dict) -> SessionRecord | None:
+    async def _on_node(self, session: SessionRecord, action: str, body: dict[str, Any]) -> SessionRecord | None:
         current = await self.metadb.get_session(session.row_id)
         if not current.active:
             self._forget(current.internal_id)
@@ -486,7 +482,7 @@ class ClusterSessions:
             updated = await self._on_node(session, "renew", body)
         except NodeUnreachable:
             now = time.time()
-            changes: dict = {"last_modified": now}
+            changes: dict[str, Any] = {"last_modified": now}
             if ttl_s is not None:
                 changes.update(ttl_s=ttl_s, expires_at=now + ttl_s)
             if idle_timeout_s is not None:
@@ -496,7 +492,7 @@ class ClusterSessions:
             raise NotFound(f"session {session.session_id} has ended")
         return self._remember(updated)
 
-    async def set_network(self, session: SessionRecord, policy: dict) -> SessionRecord:
+    async def set_network(self, session: SessionRecord, policy: dict[str, Any]) -> SessionRecord:
         try:
             updated = await self._on_node(session, "network", {"policy": policy})
         except NodeUnreachable:
@@ -504,3 +500,9 @@ class ClusterSessions:
         if updated is None:
             raise NotFound(f"session {session.session_id} has ended")
         return self._remember(updated)
+
+
+if TYPE_CHECKING:
+
+    def _implements(sessions: ClusterSessions) -> interface.Sessions:  # mypy checks the seam here
+        return sessions

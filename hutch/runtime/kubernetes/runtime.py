@@ -1,60 +1,16 @@
-"""The `kubernetes` backend: every instance is a pod, reached through a relay on this host.
-
-A hutch node (`hutch node`, or `hutch serve`) asks the Kubernetes API for one pod per instance:
-the hutch image running the agent, listening on TCP (`--listen 0.0.0.0:<agent_port>`), as the
-sandbox user (uid 1000), under a RuntimeClass (`gvisor`, `kata`) when one is configured. What the
-pod gets, and why, is in `build_pod`:
-
-- no service account token (`automountServiceAccountToken: false`) and no service links: nothing
-  in the pod can talk to the API server as anybody, or learn the cluster's services;
-- non-root, read-only root file system, every capability dropped, no privilege escalation, the
-  runtime's default seccomp profile: the `restricted` Pod Security Standard holds;
-- the `Resources` as requests = limits (Guaranteed QoS): cpu, memory (the `/tmp` tmpfs counts in
-  it, as under bwrap), the workspace's size as an emptyDir limit and ephemeral storage; pids as
-  RLIMIT_NPROC where the pod has a kernel or uid range of its own (a RuntimeClass, or
-  `user_namespace`: otherwise uid 1000 is shared by every pod of the node and so is the limit);
-  the wall-clock cap as `activeDeadlineSeconds`;
-- `build_network_policy`: one NetworkPolicy for all sandbox pods denies every egress (DNS
-  included) and lets in only hutch's node pods, on the agent's port.
-
-The contract stays the one of `hutch.runtime.base`: the only channel to an instance is a Unix
-socket on this host (`<data>/instances/<id>/run/agent.sock`). Here that socket is a `Relay`, an
-asyncio listener in the hutch process that pipes each connection to the pod's agent at
-podIP:agent_port, so the scheduler, the gateway and the readiness probe work unchanged.
-
-Pods are found by labels: `hutch.dev/owner` (this node) and `hutch.dev/instance`. A local record
-(`instance.json`, the format the other backends write, so `MultiRuntime` knows to adopt with this
-backend after a restart) keeps what changes while the pod runs (the workspace key). Deaths are
-seen by a watch on this node's pods (a pod that failed, finished, or was deleted by anyone but
-hutch is a crash). Statistics come from the pod's cgroup on the host (`cgroup_root`: the host's
-`/sys/fs/cgroup`, mounted into the node pod), which only works for pods on this node: pods are
-pinned to it (`nodeName`) when `node_name` is known.
-
-Workspaces: an emptyDir by default (it dies with the pod: `persistWorkspace` and recovery after
-a crash get a fresh one). With `workspace_claim` (a ReadWriteMany PVC, e.g. JuiceFS's CSI driver)
-whose file system this host's workspace store also has at `workspace_root`, the store attaches the
-workspace as usual and the pod mounts the claim with the workspace's path as `subPath`; a rename
-at warm-pool claim keeps the pod's bind (it follows the directory).
-
-The Kubernetes client (`lightkube`, the `kubernetes` extra) is imported only when this backend is
-made; without it, or without a cluster configuration, `make_runtime` raises `BackendUnavailable`.
-"""
+"""The `kubernetes` runtime: `KubernetesRuntime`, an instance per pod (the package's docstring)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
-import math
 import os
-import re
 import shutil
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +18,21 @@ from hutch.errors import BackendUnavailable, CapacityError, IsolationError, Unim
 from hutch.runtime.base import Instance, InstanceSpec, InstanceState, InstanceStats, InstanceTable
 from hutch.runtime.cgroups import Cgroup
 from hutch.runtime.channel import AgentChannel
-from hutch.runtime.hostfs import SANDBOX_HOME
+from hutch.runtime.kubernetes.pods import (
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_OWNER,
+    NETWORK_POLICY_NAME,
+    PodSettings,
+    build_network_policy,
+    build_pod,
+    find_pod_cgroup,
+    label_value,
+    pod_address,
+    pod_dead,
+    pod_name,
+)
+from hutch.runtime.kubernetes.relay import Relay
 from hutch.runtime.userns import SANDBOX_UID
 from hutch.types import InstanceId
 
@@ -76,401 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Labels: the first three are the recommended ones (and what deploy/kubernetes selects on).
-LABEL_NAME = "app.kubernetes.io/name"
-LABEL_COMPONENT = "app.kubernetes.io/component"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_INSTANCE = "hutch.dev/instance"
-LABEL_OWNER = "hutch.dev/owner"  # the hutch node that runs the instance
-SANDBOX_LABELS = {LABEL_NAME: "hutch", LABEL_COMPONENT: "sandbox", LABEL_MANAGED_BY: "hutch"}
-NODE_LABELS = {LABEL_NAME: "hutch", LABEL_COMPONENT: "node"}  # the node DaemonSet's pods
-NETWORK_POLICY_NAME = "hutch-sandboxes"
-AGENT_CONTAINER = "agent"
-AGENT_LOG = "/tmp/.hutch-agent.log"  # inside the pod, as under bwrap
 INSTANCE_WORKSPACE_PREFIX = "_instances/"  # as `hutch.runtime.local`: a workspace no session claimed
 READY_TIMEOUT = 15.0  # from a running container to an agent answering /health
-CONNECT_TIMEOUT = 5.0  # the relay's connection to a pod's agent
-RELAY_CHUNK = 256 * 1024
-# A container stuck in one of these will not start by waiting longer.
-FATAL_WAITING_REASONS = frozenset(
-    {
-        "ErrImagePull",
-        "ImagePullBackOff",
-        "InvalidImageName",
-        "ErrImageNeverPull",
-        "CreateContainerConfigError",
-        "CreateContainerError",
-        "RunContainerError",
-        "CrashLoopBackOff",
-    }
-)
-_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
-
-
-@dataclass(frozen=True)
-class PodSettings:
-    """What every pod of one runtime shares (the `[kubernetes]` config table)."""
-
-    namespace: str = "hutch-sandboxes"
-    image: str = "hutch:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
-    runtime_class: str = ""
-    agent_port: int = 49983
-    agent_command: tuple[str, ...] = ("/opt/hutch/bin/python", "-I", "-m", "hutch.agent")
-    node_name: str = ""
-    control_namespace: str = "hutch"
-    user_namespace: bool = False
-    workspace_claim: str = ""
-    ingress_cidrs: tuple[str, ...] = ()
-
-
-# -- pure builders ---------------------------------------------------------------------------------
-
-
-def pod_name(instance_id: str) -> str:
-    """A DNS-1123 name for the instance's pod (hutch's ids are `i-<hex>`; anything else is
-    lowercased, cleaned and, if too long, shortened with a hash)."""
-    name = re.sub(r"[^a-z0-9-]+", "-", f"hutch-{instance_id}".lower()).strip("-")
-    if len(name) > 63:
-        digest = hashlib.sha256(instance_id.encode()).hexdigest()[:10]
-        name = f"{name[:52].rstrip('-')}-{digest}"
-    return name
-
-
-def label_value(text: str) -> str:
-    """`text` as a label value (at most 63 characters of [A-Za-z0-9_.-], alphanumeric at both ends)."""
-    if _LABEL_VALUE.match(text):
-        return text
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-_.")[:50].strip("-_.")
-    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-    return f"{cleaned}-{digest}" if cleaned else digest
-
-
-def cpu_quantity(cpu: float) -> str:
-    return f"{max(1, round(cpu * 1000))}m"
-
-
-def sandbox_path(settings: PodSettings) -> str:
-    """PATH of the sandbox user: hutch's interpreter first (as under bwrap), then the system's."""
-    entries = []
-    interpreter = settings.agent_command[0] if settings.agent_command else ""
-    if interpreter.startswith("/"):
-        entries.append(str(Path(interpreter).parent))
-    entries += ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-    return ":".join(dict.fromkeys(entries))
-
-
-def has_own_kernel_or_uids(settings: PodSettings) -> bool:
-    """Whether RLIMIT_NPROC counts only this pod's processes: a RuntimeClass (gVisor, Kata: a
-    kernel of their own) or a user namespace (uids of its own). Under plain runc without one,
-    every pod's uid 1000 is the same host uid, and the limit would count all of them."""
-    return bool(settings.runtime_class) or settings.user_namespace
-
-
-def agent_boot_config(spec: InstanceSpec, settings: PodSettings) -> dict:
-    """`HUTCH_AGENT` for the pod's agent (`hutch.agent.config`). No secret goes in: the pod's
-    environment is readable by whoever reads the pod."""
-    resources = spec.resources
-    rlimits: dict[str, list[int]] = {"nofile": [resources.nofile, resources.nofile], "core": [0, 0]}
-    if has_own_kernel_or_uids(settings):
-        rlimits["nproc"] = [resources.pids, resources.pids]
-    return {
-        "home": SANDBOX_HOME,
-        "user": "user",
-        "env": {"PATH": sandbox_path(settings), **spec.env},
-        "prestart_kernel": spec.prestart_kernel,
-        "log_path": AGENT_LOG,
-        "rlimits": rlimits,
-    }
-
-
-def pod_labels(instance_id: str, owner: str) -> dict[str, str]:
-    return {**SANDBOX_LABELS, LABEL_INSTANCE: label_value(instance_id), LABEL_OWNER: label_value(owner)}
-
-
-def build_pod(spec: InstanceSpec, settings: PodSettings, owner: str, workspace_subpath: str | None = None) -> dict:
-    """The pod of one instance, as the API's JSON. `workspace_subpath`: the workspace's path in
-    `settings.workspace_claim`; None gives the pod an emptyDir workspace."""
-    resources = spec.resources
-    quantities = {"cpu": cpu_quantity(resources.cpu), "memory": f"{resources.memory_mb}Mi"}
-    workspace_volume: dict[str, Any]
-    home_mount: dict[str, Any] = {"name": "home", "mountPath": SANDBOX_HOME}
-    if workspace_subpath is not None:
-        if not settings.workspace_claim:
-            raise IsolationError("a workspace sub-path needs `workspace_claim`")
-        workspace_volume = {"name": "home", "persistentVolumeClaim": {"claimName": settings.workspace_claim}}
-        home_mount["subPath"] = workspace_subpath
-    else:
-        workspace_volume = {"name": "home", "emptyDir": {}}
-        if resources.disk_mb > 0:
-            workspace_volume["emptyDir"]["sizeLimit"] = f"{resources.disk_mb}Mi"
-            # Scheduling and eviction count emptyDir bytes as ephemeral storage.
-            quantities["ephemeral-storage"] = f"{resources.disk_mb}Mi"
-    security = {
-        "runAsNonRoot": True,
-        "runAsUser": SANDBOX_UID,
-        "runAsGroup": SANDBOX_UID,
-        "allowPrivilegeEscalation": False,
-        "privileged": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-    container = {
-        "name": AGENT_CONTAINER,
-        "image": settings.image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "command": list(settings.agent_command),
-        "args": ["--listen", f"0.0.0.0:{settings.agent_port}"],
-        "workingDir": SANDBOX_HOME,
-        "env": [{"name": "HUTCH_AGENT", "value": json.dumps(agent_boot_config(spec, settings))}],
-        "ports": [{"name": "agent", "containerPort": settings.agent_port, "protocol": "TCP"}],
-        # Informative (kubectl shows it); hutch's own readiness goes through the relay.
-        "readinessProbe": {
-            "httpGet": {"path": "/health", "port": "agent"},
-            "periodSeconds": 10,
-            "timeoutSeconds": 2,
-            "failureThreshold": 3,
-        },
-        "resources": {"requests": dict(quantities), "limits": dict(quantities)},
-        "securityContext": security,
-        "volumeMounts": [home_mount, {"name": "tmp", "mountPath": "/tmp"}],
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",  # a restarted agent would be a new sandbox: report a crash instead
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "hostNetwork": False,
-        "hostPID": False,
-        "hostIPC": False,
-        "shareProcessNamespace": False,
-        "hostname": "sandbox",
-        # Egress is denied anyway; this keeps the cluster's DNS names and search domains out too.
-        "dnsPolicy": "None",
-        "dnsConfig": {"nameservers": ["127.0.0.1"]},
-        "terminationGracePeriodSeconds": 0,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": SANDBOX_UID,
-            "runAsGroup": SANDBOX_UID,
-            "fsGroup": SANDBOX_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [container],
-        "volumes": [
-            workspace_volume,
-            {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": f"{resources.tmp_mb}Mi"}},
-        ],
-    }
-    if settings.runtime_class:
-        pod_spec["runtimeClassName"] = settings.runtime_class
-    if settings.node_name:
-        pod_spec["nodeName"] = settings.node_name  # this node's instances, measured from its cgroups
-    if settings.user_namespace:
-        pod_spec["hostUsers"] = False
-    if resources.max_lifetime_s is not None:
-        pod_spec["activeDeadlineSeconds"] = max(1, math.ceil(resources.max_lifetime_s))
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": pod_name(spec.instance_id),
-            "namespace": settings.namespace,
-            "labels": pod_labels(spec.instance_id, owner),
-        },
-        "spec": pod_spec,
-    }
-
-
-def build_network_policy(settings: PodSettings) -> dict:
-    """The one NetworkPolicy of the sandbox namespace: every sandbox pod may not open any
-    connection (no egress rule), and accepts only hutch's node pods on the agent's port."""
-    sources: list[dict] = [
-        {
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": settings.control_namespace}},
-            "podSelector": {"matchLabels": dict(NODE_LABELS)},
-        }
-    ]
-    sources += [{"ipBlock": {"cidr": cidr}} for cidr in settings.ingress_cidrs]
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {
-            "name": NETWORK_POLICY_NAME,
-            "namespace": settings.namespace,
-            "labels": {LABEL_NAME: "hutch", LABEL_MANAGED_BY: "hutch"},
-        },
-        "spec": {
-            "podSelector": {"matchLabels": {LABEL_COMPONENT: "sandbox", LABEL_MANAGED_BY: "hutch"}},
-            "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": sources, "ports": [{"protocol": "TCP", "port": settings.agent_port}]}],
-            "egress": [],
-        },
-    }
-
-
-# -- reading pods (the API's JSON) -------------------------------------------------------------
-
-
-def _agent_status(pod: dict) -> dict:
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        if status.get("name") == AGENT_CONTAINER:
-            return status
-    return {}
-
-
-def pod_dead(pod: dict) -> str | None:
-    """Why the pod's sandbox is over (failed, finished, restarted, being deleted), or None."""
-    status = pod.get("status") or {}
-    phase = status.get("phase")
-    if phase in ("Failed", "Succeeded"):
-        return f"pod {phase.lower()}: {status.get('reason') or ''} {status.get('message') or ''}".strip()
-    if (pod.get("metadata") or {}).get("deletionTimestamp"):
-        return "pod is being deleted"
-    agent = _agent_status(pod)
-    terminated = (agent.get("state") or {}).get("terminated")
-    if terminated:
-        return f"agent exited ({terminated.get('reason') or terminated.get('exitCode')})"
-    if agent.get("restartCount"):
-        return "agent restarted"
-    return None
-
-
-def pod_address(pod: dict) -> str | None:
-    """The pod's IP once its agent's container runs (None: still starting).
-
-    Raises:
-        CapacityError: the node refused the pod for want of resources.
-        IsolationError: the pod failed, or its container cannot start.
-    """
-    status = pod.get("status") or {}
-    reason = status.get("reason") or ""
-    dead = pod_dead(pod)
-    if dead is not None:
-        if reason.startswith("OutOf") or reason == "Evicted":  # OutOfcpu, OutOfmemory, ...
-            raise CapacityError(f"the node has no room for the instance: {dead}")
-        raise IsolationError(dead)
-    waiting = (_agent_status(pod).get("state") or {}).get("waiting") or {}
-    if waiting.get("reason") in FATAL_WAITING_REASONS:
-        raise IsolationError(f"the agent's container cannot start: {waiting['reason']}: {waiting.get('message', '')}")
-    running = (_agent_status(pod).get("state") or {}).get("running")
-    if status.get("phase") == "Running" and running is not None and status.get("podIP"):
-        return status["podIP"]
-    return None
-
-
-def find_pod_cgroup(root: Path, pod_uid: str, max_depth: int = 6) -> Cgroup | None:
-    """The cgroup kubelet made for the pod `pod_uid` under `root` (a host's /sys/fs/cgroup):
-    `pod<uid>` (cgroupfs driver) or `kubepods-<qos>-pod<uid with _>.slice` (systemd driver), below
-    a `kubepods` parent whose place depends on the distribution (kind nests it in `kubelet.slice`).
-    v2: one directory; v1: the same path in the memory, cpuacct and pids hierarchies."""
-    unified = (root / "cgroup.controllers").exists()
-    hierarchy = root if unified else root / "memory"
-    targets = (f"pod{pod_uid}", f"pod{pod_uid.replace('-', '_')}.slice")
-    level = [(hierarchy, False)]  # (directory, below a kubepods directory)
-    for _ in range(max_depth):
-        below = []
-        for directory, inside in level:
-            try:
-                entries = [e for e in os.scandir(directory) if e.is_dir(follow_symlinks=False)]
-            except OSError:
-                continue
-            for entry in entries:
-                if entry.name.endswith(targets):
-                    relative = Path(entry.path).relative_to(hierarchy)
-                    if unified:
-                        return Cgroup(2, {"unified": Path(entry.path)})
-                    dirs = {"memory": hierarchy / relative}
-                    for controller, names in (("cpuacct", ("cpuacct", "cpu,cpuacct")), ("pids", ("pids",))):
-                        for name in names:
-                            if (root / name / relative).is_dir():
-                                dirs[controller] = root / name / relative
-                                break
-                    return Cgroup(1, dirs) if "pids" in dirs else None
-                # Outside kubelet's tree only its own parents are entered; inside, the QoS classes.
-                if inside or "kubepods" in entry.name or "kubelet" in entry.name:
-                    below.append((Path(entry.path), inside or "kubepods" in entry.name))
-        level = below
-    return None
-
-
-# -- the relay -------------------------------------------------------------------------------------
-
-
-class Relay:
-    """A Unix socket on this host whose every connection is piped to a pod's agent (TCP).
-
-    Bytes go through untouched, both ways, with half-closes passed on (an HTTP client may shut
-    its side after a request), so everything that speaks to an agent's socket (the gateway's
-    pooled connections, WebSocket and port splices, `AgentChannel`) works as with bwrap's. A
-    connection the agent refuses or that cannot be made is closed at once: the same as a dead
-    agent's socket, which the layers above already handle."""
-
-    def __init__(self, path: Path, host: str, port: int) -> None:
-        self.path = Path(path)
-        self.host = host
-        self.port = port
-        self._server: asyncio.AbstractServer | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self._server = await asyncio.start_unix_server(self._handle, path=str(self.path))
-        os.chmod(self.path, 0o600)  # hutch (root) only; the directory is 0700 anyway
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        upstream: asyncio.StreamWriter | None = None
-        try:
-            try:
-                up_reader, upstream = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT
-                )
-            except (OSError, TimeoutError) as exc:
-                log.debug("relay %s: cannot reach %s:%d: %s", self.path, self.host, self.port, exc)
-                return
-            self._writers.add(upstream)
-            await asyncio.gather(_pipe(reader, upstream), _pipe(up_reader, writer))
-        finally:
-            for side in (writer, upstream):
-                if side is not None:
-                    self._writers.discard(side)
-                    side.close()
-
-    def shut(self) -> None:
-        """Stop listening and drop every open connection, at once (from synchronous code)."""
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.close()
-        self._writers.clear()
-        self.path.unlink(missing_ok=True)
-
-    async def close(self) -> None:
-        """`shut`, and wait for the listener to be gone (the pod keeps running)."""
-        server = self._server
-        self.shut()
-        if server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1)
-        self._server = None
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy until EOF, then half-close the other side; on an error, close it (which ends the
-    opposite direction too)."""
-    try:
-        while data := await reader.read(RELAY_CHUNK):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (ConnectionError, OSError):
-        writer.close()
-
-
-# -- the runtime ---------------------------------------------------------------------------------
 
 
 def load_cluster_config(kubeconfig: str = "", context: str = "") -> Any:
@@ -951,7 +528,7 @@ class KubernetesRuntime(InstanceTable):
                 await asyncio.to_thread(self._cleanup, instance, keep)
                 continue
             instance.detail["ip"] = address
-            instance.detail["uid"] = pod["metadata"].get("uid")
+            instance.detail["uid"] = pod["metadata"].get("uid")  # type: ignore[index]
             relay = Relay(instance.socket_path, address, self.settings.agent_port)
             await relay.start()
             self._relays[instance.instance_id] = relay
