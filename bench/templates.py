@@ -30,7 +30,7 @@ from pathlib import Path
 
 from hutch.config import TemplatesConfig
 from hutch.runtime import make_runtime
-from hutch.runtime.base import InstanceSpec, Resources
+from hutch.runtime.base import InstanceSpec, Resources, Runtime
 from hutch.runtime.channel import AgentChannel
 from hutch.storage.local import DirectoryStore, ImageStore
 from hutch.templates import debian
@@ -67,51 +67,60 @@ async def run(runs: int) -> dict:
         workspace_store = ImageStore(workspaces) if ImageStore.available() else DirectoryStore(workspaces)
         (root / "data").mkdir(mode=0o755)
         runtime = make_runtime("bwrap", root / "data", workspace_store)
-        rootfs = store.rootfs("bench")
-
-        def spec(instance_id: str, with_rootfs: bool, workspace: str | None = None) -> InstanceSpec:
-            return InstanceSpec(
-                instance_id=instance_id, resources=Resources(disk_mb=256), rootfs=rootfs if with_rootfs else None,
-                workspace=workspace,
-            )  # fmt: skip
-
-        starts: dict[str, list[float]] = {"host": [], "template": []}
-        echoes: dict[str, list[float]] = {"host": [], "template": []}
-        for i in range(runs + 2):
-            for kind in ("host", "template"):
-                t0 = time.perf_counter()
-                instance = await runtime.start(spec(f"{kind}-{i}", kind == "template"))
-                elapsed = (time.perf_counter() - t0) * 1000
-                async with AgentChannel(instance.socket_path) as channel:
-                    await channel.run("echo hi")
-                    t1 = time.perf_counter()
-                    await channel.run("echo hi")
-                    echo = (time.perf_counter() - t1) * 1000
+        try:
+            return await measure(runtime, store, base, results, runs, root)
+        finally:
+            for instance in runtime.instances():
                 await runtime.stop(instance.instance_id)
-                if i >= 2:
-                    starts[kind].append(elapsed)
-                    echoes[kind].append(echo)
-        results["cold_start_ms"] = {kind: summary(samples) for kind, samples in starts.items()}
-        results["echo_hi_ms"] = {kind: summary(samples) for kind, samples in echoes.items()}
-
-        instance = await runtime.start(spec("untouched", True, workspace="untouched"))
-        upper = instance.workspace_path / "upper"
-        used = subprocess.run(["du", "-sk", str(upper)], capture_output=True, text=True).stdout.split()[0]
-        results["untouched_upper_kb"] = int(used)
-        await runtime.stop(instance.instance_id)
-
-        runner = StepRunner(store, runtime, root / "files", {})
-        steps = [Step("RUN", ("echo layer > /etc/bench-layer", "root"), None)]
-        t0 = time.perf_counter()
-        await runner.build("bench2", base, steps, lambda line: None)
-        results["run_step_first_s"] = round(time.perf_counter() - t0, 2)
-        t0 = time.perf_counter()
-        await runner.build("bench2", base, steps, lambda line: None)
-        results["run_step_cached_ms"] = round((time.perf_counter() - t0) * 1000, 2)
-        await runtime.close(unstage=True)
-        return results
+            await runtime.close(unstage=True)  # its network table, staged binds and cgroups too
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def measure(runtime: Runtime, store: TemplateStore, base: Template, results: dict, runs: int, root: Path) -> dict:
+    """The timed part, on a runtime the caller cleans up."""
+    rootfs = store.rootfs("bench")
+
+    def spec(instance_id: str, with_rootfs: bool, workspace: str | None = None) -> InstanceSpec:
+        return InstanceSpec(
+            instance_id=instance_id, resources=Resources(disk_mb=256), rootfs=rootfs if with_rootfs else None,
+            workspace=workspace,
+        )  # fmt: skip
+
+    starts: dict[str, list[float]] = {"host": [], "template": []}
+    echoes: dict[str, list[float]] = {"host": [], "template": []}
+    for i in range(runs + 2):
+        for kind in ("host", "template"):
+            t0 = time.perf_counter()
+            instance = await runtime.start(spec(f"{kind}-{i}", kind == "template"))
+            elapsed = (time.perf_counter() - t0) * 1000
+            async with AgentChannel(instance.socket_path) as channel:
+                await channel.run("echo hi")
+                t1 = time.perf_counter()
+                await channel.run("echo hi")
+                echo = (time.perf_counter() - t1) * 1000
+            await runtime.stop(instance.instance_id)
+            if i >= 2:
+                starts[kind].append(elapsed)
+                echoes[kind].append(echo)
+    results["cold_start_ms"] = {kind: summary(samples) for kind, samples in starts.items()}
+    results["echo_hi_ms"] = {kind: summary(samples) for kind, samples in echoes.items()}
+
+    instance = await runtime.start(spec("untouched", True, workspace="untouched"))
+    upper = instance.workspace_path / "upper"
+    used = subprocess.run(["du", "-sk", str(upper)], capture_output=True, text=True).stdout.split()[0]
+    results["untouched_upper_kb"] = int(used)
+    await runtime.stop(instance.instance_id)
+
+    runner = StepRunner(store, runtime, root / "files", {})
+    steps = [Step("RUN", ("echo layer > /etc/bench-layer", "root"), None)]
+    t0 = time.perf_counter()
+    await runner.build("bench2", base, steps, lambda line: None)
+    results["run_step_first_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    await runner.build("bench2", base, steps, lambda line: None)
+    results["run_step_cached_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+    return results
 
 
 def main() -> None:
