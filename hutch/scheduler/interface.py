@@ -122,6 +122,7 @@ class Sessions(Protocol):
         with_token: bool = False,
         existing_ok: bool = False,
         network: dict[str, Any] | None = None,
+        traffic: dict[str, Any] | None = None,
     ) -> tuple[SessionRecord, bool]:
         """A new Active session and whether it was created (False: `existing_ok` found one)."""
         ...
