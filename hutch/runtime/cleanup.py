@@ -126,65 +126,69 @@ def clean_host(data_dir: Path, keep_live: bool = False) -> list[str]:
             shutil.rmtree(directory, ignore_errors=True)
             removed.append(f"instance directory {directory.name}")
     cgroups = _cgroups(data_dir)
-    if cgroups is not None:
-        for name in cgroups.children():
-            if name in live:
-                continue
-            cgroup = cgroups.open(name)
-            cgroup.kill_all()
-            try:
-                cgroup.remove()
-                removed.append(f"cgroups of {name}")
-            except IsolationError as exc:
-                log.error("cgroups of %s: %s", name, exc)
-    for slot in layout.leftover_slots():
-        if slot not in live_slots:
-            InstanceNetwork(layout.addresses(slot)).destroy()
-            removed.append(f"network namespace hutch-{layout.tag}-{slot}")
-    for name in _host_links(layout.interface_prefix):
-        suffix = name.removeprefix(f"{layout.interface_prefix}x")
-        if not (suffix.isdigit() and int(suffix) in live_slots):
-            subprocess.run(["ip", "link", "delete", name], capture_output=True)
-            removed.append(f"link {name}")
-    mounts = workspaces / ".mnt"
-    if mounts.is_dir():
-        for mount_point in sorted(mounts.iterdir()):
-            if str(mount_point) in live_paths:
-                continue
-            if str(mount_point) in _mounts_below(mounts):
-                _unmount(str(mount_point))
-                removed.append(f"workspace mount {mount_point.name}")
-            with contextlib.suppress(OSError):
-                mount_point.rmdir()
-    unclaimed = workspaces / INSTANCE_WORKSPACE_PREFIX.rstrip("/")
-    if unclaimed.is_dir():
-        for entry in sorted(unclaimed.iterdir()):
-            if entry.name.removesuffix(".img") in live:
-                continue
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(f"unclaimed workspace {entry.name}")
-
-    # 3. With no instance left: what they all shared.
-    if not live:
-        table = HostNetwork(layout, 0, 0).table
-        if _nft_table_exists(table):
-            HostNetwork(layout, 0, 0).remove()
-            removed.append(f"nftables table inet {table}")
-        for point in _mounts_below(data_dir):
-            if _unmount(point):
-                removed.append(f"mount {point}")
-        for device, backing in _loops_below(data_dir):
-            if subprocess.run(["losetup", "-d", device], capture_output=True).returncode == 0:
-                removed.append(f"loop device {device} ({backing})")
-        stage = data_dir / "host"
-        if stage.is_dir():
-            for entry in stage.iterdir():
-                with contextlib.suppress(OSError):
-                    entry.rmdir()
+    # Opening hutch's cgroups makes their parent directories: they go again at the end, whatever
+    # fails on the way (a data directory removed while this runs, say).
+    try:
         if cgroups is not None:
+            for name in cgroups.children():
+                if name in live:
+                    continue
+                cgroup = cgroups.open(name)
+                cgroup.kill_all()
+                try:
+                    cgroup.remove()
+                    removed.append(f"cgroups of {name}")
+                except IsolationError as exc:
+                    log.error("cgroups of %s: %s", name, exc)
+        for slot in layout.leftover_slots():
+            if slot not in live_slots:
+                InstanceNetwork(layout.addresses(slot)).destroy()
+                removed.append(f"network namespace hutch-{layout.tag}-{slot}")
+        for name in _host_links(layout.interface_prefix):
+            suffix = name.removeprefix(f"{layout.interface_prefix}x")
+            if not (suffix.isdigit() and int(suffix) in live_slots):
+                subprocess.run(["ip", "link", "delete", name], capture_output=True)
+                removed.append(f"link {name}")
+        mounts = workspaces / ".mnt"
+        if mounts.is_dir():
+            for mount_point in sorted(mounts.iterdir()):
+                if str(mount_point) in live_paths:
+                    continue
+                if str(mount_point) in _mounts_below(mounts):
+                    _unmount(str(mount_point))
+                    removed.append(f"workspace mount {mount_point.name}")
+                with contextlib.suppress(OSError):
+                    mount_point.rmdir()
+        unclaimed = workspaces / INSTANCE_WORKSPACE_PREFIX.rstrip("/")
+        if unclaimed.is_dir():
+            for entry in sorted(unclaimed.iterdir()):
+                if entry.name.removesuffix(".img") in live:
+                    continue
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(f"unclaimed workspace {entry.name}")
+
+        # 3. With no instance left: what they all shared.
+        if not live:
+            table = HostNetwork(layout, 0, 0).table
+            if _nft_table_exists(table):
+                HostNetwork(layout, 0, 0).remove()
+                removed.append(f"nftables table inet {table}")
+            for point in _mounts_below(data_dir):
+                if _unmount(point):
+                    removed.append(f"mount {point}")
+            for device, backing in _loops_below(data_dir):
+                if subprocess.run(["losetup", "-d", device], capture_output=True).returncode == 0:
+                    removed.append(f"loop device {device} ({backing})")
+            stage = data_dir / "host"
+            if stage.is_dir():
+                for entry in stage.iterdir():
+                    with contextlib.suppress(OSError):
+                        entry.rmdir()
+    finally:
+        if cgroups is not None and not live:
             cgroups.remove_parents()
     return removed
 

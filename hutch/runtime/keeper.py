@@ -333,6 +333,9 @@ def run(data_dir: Path) -> int:
                 if serve_lock is not None:
                     try:
                         removed = clean_host(data_dir, keep_live=True)
+                    except Exception:  # the directory going away under us, say: the next round sees
+                        log.exception("cleaning up after the hutch of %s", data_dir)
+                        removed = []
                     finally:
                         serve_lock.release()
                     cleaned_since_served = True
