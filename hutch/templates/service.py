@@ -44,6 +44,7 @@ CODE_INTERPRETER_PACKAGES = (
 )  # fmt: skip
 BUILTIN = {"base": BASE_PACKAGES, "code-interpreter-v1": CODE_INTERPRETER_PACKAGES}
 LOG_LINES = 2000  # kept per build
+KEPT_BUILDS = 256  # finished builds whose status and logs can still be read
 
 
 @dataclass
@@ -180,6 +181,9 @@ class TemplateService:
             raise FailedPrecondition(f"template {name!r} is already being built")
         build = Build(name, build_id or str(uuid.uuid4()), status="waiting" if waiting else "building", owner=owner)
         self.builds[build.build_id] = build
+        finished = [b for b in self.builds.values() if b.finished_at is not None]
+        for old in sorted(finished, key=lambda b: b.finished_at or 0)[: max(0, len(finished) - KEPT_BUILDS)]:
+            del self.builds[old.build_id]  # clients follow a build while it runs, and shortly after
         if not waiting:
             self._building[name] = build
         return build
