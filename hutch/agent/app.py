@@ -15,9 +15,25 @@ import threading
 
 from hutch.agent.config import ENVD_PORT, ENVD_VERSION, INTERPRETER_PORT, AgentConfig
 from hutch.agent.http import Request, Response, error_response, json_response
-from hutch.errors import InvalidArgument, NotFound
+from hutch.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 
 AGENT_PORTS = (str(ENVD_PORT), str(INTERPRETER_PORT))
+
+
+def requested_user(authorization: str | None, query_user: str | None = None) -> str | None:
+    """The user a request names: E2B's `Authorization: Basic base64("<user>:")`, or `/files`'s
+    `username` (binascii is built in: no import at request time)."""
+    if authorization and authorization[:6].lower() == "basic ":
+        import binascii
+
+        try:
+            decoded = binascii.a2b_base64(authorization[6:].strip().encode(), strict_mode=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            raise Unauthenticated("malformed Authorization header") from None
+        name = decoded.split(":", 1)[0]
+        if name:
+            return name
+    return query_user or None
 
 
 class AgentApp:
@@ -126,14 +142,21 @@ class AgentApp:
         return error_response(NotFound(f"no route for {req.method} {path}"))
 
     def _act_as(self, req: Request, path: str) -> None:
-        """Take on the identity the request names (`hutch.agent.users`)."""
-        from hutch.agent import users
-
-        name = users.requested(req.headers.get, req.query_params().get("username") if path == "/files" else None)
+        """Take on the identity the request names (`hutch.agent.users`, imported at boot by a root
+        agent: a module imported here, while the warm-up thread imports others, could meet a
+        half-initialized one)."""
+        name = requested_user(
+            req.headers.get("authorization"), req.query_params().get("username") if path == "/files" else None
+        )
         if self.config.rootful:
+            from hutch.agent import users
+
             users.enter(users.lookup(name or self.config.user))
-        else:
-            users.refuse_root_without_root(name, self.config.user)
+        elif name and name not in (self.config.user, "user"):
+            # An agent that is not root (the `host` template) has only the sandbox user.
+            if name == "root":
+                raise PermissionDenied("this sandbox has no root user (its template is the host's read-only system)")
+            raise Unauthenticated(f"error looking up user '{name}': no such user in this sandbox")
 
     def _init(self, req: Request) -> Response:
         """E2B's `/init`: set the environment that later processes and kernels start with."""

@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.rootful:
         import threading
 
+        import hutch.agent.users  # noqa: F401  before serving: requests must not import it concurrently
         from hutch.agent.sudo import serve
 
         threading.Thread(target=serve, name="sudo", daemon=True).start()

@@ -25,7 +25,7 @@ import signal
 import subprocess
 import threading
 
-from hutch.agent import connect, paths, users
+from hutch.agent import connect, paths
 from hutch.agent.config import AgentConfig
 from hutch.agent.http import Request
 from hutch.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -251,7 +251,11 @@ class ProcessService:
             raise InvalidArgument("a NUL byte in the command line")
         env = self.config.process_env()
         as_user: dict = {}
-        user = users.current() if self.config.rootful else None
+        user = None
+        if self.config.rootful:
+            from hutch.agent import users  # imported at boot by a root agent
+
+            user = users.current()
         default_cwd = self.config.user_home()
         if user is not None:
             as_user = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}

@@ -12,7 +12,6 @@ user, and asking for root is an error: that instance has no root to give.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import ctypes
 import os
@@ -21,7 +20,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from hutch.errors import PermissionDenied, Unauthenticated
+from hutch.errors import Unauthenticated
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _local = threading.local()
@@ -54,20 +53,6 @@ def lookup(name: str) -> User:
     return User(name, entry.pw_uid, entry.pw_gid, entry.pw_dir or "/", entry.pw_shell or "/bin/sh", groups)
 
 
-def requested(headers_get, query_user: str | None = None) -> str | None:
-    """The user name a request asks for, if any."""
-    header = headers_get("authorization")
-    if header and header[:6].lower() == "basic ":
-        try:
-            decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
-        except (ValueError, UnicodeDecodeError):
-            raise Unauthenticated("malformed Authorization header") from None
-        name = decoded.split(":", 1)[0]
-        if name:
-            return name
-    return query_user or None
-
-
 def enter(user: User) -> None:
     """Make `user` the identity of this thread's work (file-system ids and `current()`)."""
     _libc.setfsgid(user.gid)
@@ -94,11 +79,3 @@ def acting_as(user: User) -> Iterator[None]:
 def current() -> User | None:
     """The user this thread acts as, in a root instance; None elsewhere."""
     return getattr(_local, "user", None)
-
-
-def refuse_root_without_root(name: str | None, default: str) -> None:
-    """In an instance without root (the agent is the sandbox user), only that user exists."""
-    if name and name not in (default, "user"):
-        if name == "root":
-            raise PermissionDenied("this sandbox has no root user (its template is the host's read-only system)")
-        raise Unauthenticated(f"error looking up user '{name}': no such user in this sandbox")
