@@ -57,10 +57,13 @@ async def _disk_mb(request: Request, session: SessionRecord) -> int:
 
 
 async def _series(request: Request, session: SessionRecord, start: int | None, end: int | None) -> list[dict]:
-    since = float(start) if start is not None else session.created_at
-    until = float(end) if end is not None else time.time()
-    if since > until:
+    if start is not None and end is not None and start > end:
         raise InvalidArgument("start must not be after end")
+    # Whole unix seconds, as the SDKs send them: `end` takes in the second it names (a sample at
+    # 12.9 is "at 12"), and the default start never passes it (a sandbox made at 12.5, asked up
+    # to 12).
+    until = float(end) + 0.999999 if end is not None else time.time()
+    since = float(start) if start is not None else min(session.created_at, until)
     samples = await request.app.state.hutch.metadb.metric_samples(session.row_id, since, until)
     disk_mb = await _disk_mb(request, session)
     return [metric_json(sample, session, disk_mb) for sample in samples]

@@ -212,6 +212,9 @@ def test_get_metrics_reads_the_samples_of_the_sandbox_s_instance(tenant):
     first = box.get_metrics()  # a sample is taken when the sandbox is made
     assert first and first[0].cpu_count == 1 and first[0].mem_total == 512 << 20 and first[0].mem_used > 0
     assert first[0].disk_total > 0 and first[0].disk_used >= 0 and 0 <= first[0].cpu_used_pct <= 100
+    # Up to the second of the create sample (the SDK sends whole seconds: the sandbox was made
+    # within that second, after its start): that sample, not a 400.
+    assert len(box.get_metrics(end=first[0].timestamp)) >= 1
     box.files.write("/home/user/blob", b"x" * 3_000_000)
     box.commands.run("timeout 1 sh -c 'while :; do :; done' || true", timeout=10)  # CPU for the next sample
 
