@@ -69,8 +69,8 @@ async def _series(request: Request, session: SessionRecord, start: int | None, e
     return [metric_json(sample, session, disk_mb) for sample in samples]
 
 
-async def _sandbox(request: Request, tenant: Tenant, sandbox_id: str) -> SessionRecord:
-    """The caller's sandbox, running or ended (its samples outlive it); 404 for any other."""
+async def e2b_sandbox(request: Request, tenant: Tenant, sandbox_id: str) -> SessionRecord:
+    """The caller's E2B sandbox, running or ended (its samples and logs outlive it); 404 for any other."""
     try:
         session = await request.app.state.hutch.sessions.get(tenant.tenant_id, sandbox_id)
     except NotFound:
@@ -96,7 +96,7 @@ async def sandboxes_metrics(
     sessions: dict[str, SessionRecord] = {}
     for sandbox_id in ids:
         try:
-            sessions[sandbox_id] = await _sandbox(request, tenant, sandbox_id)
+            sessions[sandbox_id] = await e2b_sandbox(request, tenant, sandbox_id)
         except NotFound:
             continue  # as E2B: unknown ids are left out
     latest = await request.app.state.hutch.metadb.latest_metric_samples([s.row_id for s in sessions.values()])
@@ -112,7 +112,7 @@ async def sandboxes_metrics(
 async def sandbox_metrics(
     sandbox_id: str, request: Request, tenant: Caller, start: Unix = None, end: Unix = None
 ) -> list[dict]:
-    return await _series(request, await _sandbox(request, tenant, sandbox_id), start, end)
+    return await _series(request, await e2b_sandbox(request, tenant, sandbox_id), start, end)
 
 
 @router.get("/v1/functions/{name}/sessions/{session_id}/metrics", tags=["sessions"], summary="A session's metrics")

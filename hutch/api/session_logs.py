@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from hutch.api.auth import caller
 from hutch.api.native import iso
-from hutch.errors import NotFound
+from hutch.api.sandbox_metrics import e2b_sandbox
 from hutch.metadb.records import LOG_LEVELS, LogEntry, SessionRecord, Tenant
 
 router = APIRouter()
@@ -53,16 +53,6 @@ async def _entries(
     )
 
 
-async def _sandbox(request: Request, tenant: Tenant, sandbox_id: str) -> SessionRecord:
-    try:
-        session = await request.app.state.hutch.sessions.get(tenant.tenant_id, sandbox_id)
-    except NotFound:
-        session = None
-    if session is None or session.affinity != E2B_AFFINITY:
-        raise NotFound(f"sandbox {sandbox_id} not found")
-    return session
-
-
 Cursor = Annotated[int | None, Query(ge=0, description="unix milliseconds")]
 Limit = Annotated[int, Query(ge=0, le=1000)]
 Direction = Annotated[Literal["forward", "backward"], Query()]
@@ -80,7 +70,7 @@ async def sandbox_logs(
     level: Level | None = None,
     search: Search = None,
 ) -> dict:
-    session = await _sandbox(request, tenant, sandbox_id)
+    session = await e2b_sandbox(request, tenant, sandbox_id)
     entries = await _entries(request, session, cursor, limit, direction, level, search)
     return {"logs": [entry_json(e) for e in entries]}
 
@@ -89,7 +79,7 @@ async def sandbox_logs(
 async def sandbox_logs_v1(
     sandbox_id: str, request: Request, tenant: Caller, start: Cursor = None, limit: Limit = 1000
 ) -> dict:
-    session = await _sandbox(request, tenant, sandbox_id)
+    session = await e2b_sandbox(request, tenant, sandbox_id)
     entries = await _entries(request, session, start, limit, "forward", None, None)
     return {
         "logs": [{"timestamp": iso(e.at), "line": e.message} for e in entries],
