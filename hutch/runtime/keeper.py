@@ -27,6 +27,7 @@ keeper's pid) makes it one per directory.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import fcntl
 import json
 import logging
@@ -49,6 +50,7 @@ SERVE_LOCK = "serve.lock"
 WARM = "warm"
 WARM_LEASE_S = 60.0  # a warm instance outlives the last hutch serving its directory by this much
 POLL_S = 1.0  # a round with 300 instances took ~30 ms of CPU on a loaded 2-core machine
+KILL_WAIT_S = 2.0  # for a killed instance's pid 1 to be reaped
 GRACE_S = 2.0  # after a deadline, before the keeper kills: hutch's reaper (every 0.5 s) ends it first
 
 
@@ -248,6 +250,10 @@ def kill_instance(record_path: Path) -> bool:
     if running:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        # Dead only once its parent reaped it: until then a cleanup would take it for live.
+        deadline = time.monotonic() + KILL_WAIT_S
+        while still_running(pid, start_time) and time.monotonic() < deadline:
+            time.sleep(0.01)
     return running
 
 
@@ -295,7 +301,10 @@ def keep_once(data_dir: Path, serving: bool, last_served: float, now: float) -> 
         if not _alive(record):
             dead += 1
             continue
-        at, lease = _deadline(record.parent)
+        try:
+            at, lease = _deadline(record.parent)
+        except OSError:  # removed since the glob (hutch stopped the instance): the next round sees
+            continue
         warm_due = float("inf") if serving else last_served + lease
         due = at + GRACE_S if at is not None else warm_due
         if now >= due:
@@ -305,6 +314,12 @@ def keep_once(data_dir: Path, serving: bool, last_served: float, now: float) -> 
         else:
             left += 1
     return left, dead, killed
+
+
+def _instance_dirs(data_dir: Path) -> list[Path]:
+    with contextlib.suppress(OSError):
+        return list((data_dir / "instances").iterdir())
+    return []
 
 
 def run(data_dir: Path) -> int:
@@ -325,7 +340,12 @@ def run(data_dir: Path) -> int:
             if serving:
                 last_served = now
                 cleaned_since_served = False
-            left, dead, killed = keep_once(data_dir, serving, last_served, now)
+            try:
+                left, dead, killed = keep_once(data_dir, serving, last_served, now)
+            except Exception:  # never die of one bad round: the instances would outlive their deadlines
+                log.exception("keeping the instances of %s", data_dir)
+                time.sleep(POLL_S)
+                continue
             for instance_id in killed:
                 log.warning("instance %s reached its deadline: killed", instance_id)
             if not serving and (dead or left == 0 or not cleaned_since_served):
@@ -341,7 +361,7 @@ def run(data_dir: Path) -> int:
                     cleaned_since_served = True
                     if removed:
                         log.warning("no hutch serves %s: removed %s", data_dir, ", ".join(removed))
-                    if left == 0:
+                    if left == 0 and not _instance_dirs(data_dir):
                         return 0
             time.sleep(POLL_S)
         return 0
@@ -355,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m hutch.runtime.keeper DATA_DIR", file=sys.stderr)
         return 2
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s keeper[%(process)d]: %(message)s")
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` writes where it is to keeper.log
     return run(Path(args[0]))
 
 

@@ -4,6 +4,7 @@ deadline keeper; with `live_restore`, instances outlive hutch only until their d
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import struct
@@ -14,6 +15,7 @@ import time
 
 import httpx
 
+from hutch.runtime.keeper import KEEPER_LOCK, held_by
 from tests.hostleaks import leaks
 
 HEADER = "x-fc-session-id"
@@ -101,6 +103,19 @@ def test_hutch_cleanup_is_refused_while_a_hutch_serves_the_directory(fresh_serve
     assert server.admin.get("/health").status_code in (200, 204)
 
 
+def _where_is_the_keeper(data_dir) -> None:
+    """Have a keeper that did not finish write its stack (and its children's) to keeper.log."""
+    pid = held_by(data_dir / KEEPER_LOCK)
+    with open(data_dir / "keeper.log", "a") as log:
+        log.write(f"-- keeper pid {pid}\n")
+        if pid:
+            children = subprocess.run(["ps", "--ppid", str(pid), "-o", "pid,stat,wchan:30,cmd"], capture_output=True)
+            log.write(children.stdout.decode())
+    if pid:
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.5)
+
+
 def test_with_live_restore_a_killed_hutchs_instances_end_at_their_deadlines(fresh_server):
     server = fresh_server("live_restore = true\nwarm_lease = 3\n" + POOLS)
     made = server.admin.post("/v2/sandboxes", json={"templateID": "base", "timeout": 4})
@@ -113,6 +128,8 @@ def test_with_live_restore_a_killed_hutchs_instances_end_at_their_deadlines(fres
     deadline = time.monotonic() + 30
     while (left := leaks(server.data_dir)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert left == []
+    if left:
+        _where_is_the_keeper(server.data_dir)
     log = (server.data_dir / "keeper.log").read_text()
+    assert left == [], f"keeper.log:\n{log}\nhutch serve's log:\n{server.log.read_text()[-3000:]}"
     assert "reached its deadline" in log
