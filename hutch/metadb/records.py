@@ -80,10 +80,20 @@ class SessionRecord:
     # Host-named traffic to its user servers: {"token": traffic access token required (E2B's
     # allowPublicTraffic false), "mask": the Host user servers see, "${PORT}" replaced}; None: open.
     traffic: dict[str, Any] | None = None
+    # Asleep: {"state": "frozen", "since": unix time, "paused": bool}; None while it runs. A
+    # paused session (E2B's pause, or its TTL with `on_timeout: pause`) wakes only when asked
+    # (connect, resume) or, with `auto_resume`, on traffic; one frozen for idleness wakes on any.
+    sleep: dict[str, Any] | None = None
+    # E2B's lifecycle: {"on_timeout": "kill" | "pause", "auto_resume": bool}; None: kill.
+    lifecycle: dict[str, Any] | None = None
 
     @property
     def active(self) -> bool:
         return self.status == SessionStatus.ACTIVE
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.sleep and self.sleep.get("paused"))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from hutch.metadb.records import (
 )
 
 SESSION_COLUMNS = [f.name for f in fields(SessionRecord)]
-SESSION_JSON_COLUMNS = {"metadata", "env", "network", "traffic"}
+SESSION_JSON_COLUMNS = {"metadata", "env", "network", "traffic", "sleep", "lifecycle"}
 SESSION_BOOL_COLUMNS = {"disable_reuse", "persist_workspace"}
 USAGE_COLUMNS = [f for f in SessionUsage.__dataclass_fields__ if f != "amounts"] + list(USAGE_AMOUNT_FIELDS)
 TENANT_COLUMNS = [f.name for f in fields(Tenant)]

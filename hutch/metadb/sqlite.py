@@ -161,6 +161,12 @@ MIGRATIONS = [
     CREATE INDEX session_logs_at ON session_logs(at);
     ALTER TABLE sessions ADD COLUMN traffic TEXT
     """,
+    # 4 -> 5: a sleeping session's state ({"state", "since", "paused"}; NULL: running) and its
+    # E2B lifecycle ({"on_timeout", "auto_resume"}; NULL: ends at its TTL)
+    """
+    ALTER TABLE sessions ADD COLUMN sleep TEXT;
+    ALTER TABLE sessions ADD COLUMN lifecycle TEXT
+    """,
 ]
 
 

@@ -216,6 +216,24 @@ class Runtime(Protocol):
         instance, which lives while hutch does and a short lease after). Only the host sets it."""
         ...
 
+    async def freeze(self, instance_id: InstanceId) -> None:
+        """Stop every process of the instance where it stands, its memory kept (a sleeping
+        session); returns once all are stopped. Requests to it wait until `thaw`.
+
+        Raises:
+            Unimplemented: this backend cannot freeze.
+            IsolationError: the instance did not freeze (it runs on).
+        """
+        ...
+
+    async def thaw(self, instance_id: InstanceId) -> None:
+        """Let a frozen instance run again (nothing if it is not frozen)."""
+        ...
+
+    def frozen(self, instance_id: InstanceId) -> bool:
+        """Whether the instance is frozen (read from the host: it survives hutch's restarts)."""
+        ...
+
     async def set_network(self, instance_id: InstanceId, policy: dict) -> None:
         """Change a networked instance's egress policy; it applies to new connections at once
         and ends open ones it no longer allows."""

@@ -15,6 +15,7 @@ directory tree.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -204,6 +205,68 @@ class Cgroup:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            # A frozen task takes its SIGKILL only once thawed (v1's freezer).
+            with contextlib.suppress(IsolationError, OSError):
+                self.thaw()
+
+    # -- freezing (a sleeping session: no CPU, its memory kept) ----------------------------------
+
+    def _freezer(self) -> tuple[Path, str, str] | None:
+        """(file, frozen value, thawed value) of this tree's freezer; None without one."""
+        if self.version == 2:
+            return self.dirs["unified"] / "cgroup.freeze", "1", "0"
+        directory = self.dirs.get("freezer")
+        return (directory / "freezer.state", "FROZEN", "THAWED") if directory is not None else None
+
+    def can_freeze(self) -> bool:
+        return self._freezer() is not None
+
+    def frozen(self) -> bool:
+        """Whether the tree is frozen (or being frozen)."""
+        freezer = self._freezer()
+        if freezer is None:
+            return False
+        if self.version == 2:
+            return _read(freezer[0]).strip() == "1"
+        return _read(freezer[0]).strip() in ("FROZEN", "FREEZING")
+
+    def freeze(self, timeout: float = 5.0) -> None:
+        """Stop every process of the tree where it stands (memory kept); returns once all are.
+
+        Raises:
+            IsolationError: no freezer, or the tree did not freeze in time (it is thawed again).
+        """
+        freezer = self._freezer()
+        if freezer is None:
+            raise IsolationError("this host's cgroups have no freezer")
+        path, frozen, _ = freezer
+        try:
+            _write(path, frozen)
+        except OSError as exc:
+            raise IsolationError(f"cannot freeze {path.parent}: {exc.strerror}") from None
+        deadline = time.monotonic() + timeout
+        while not self._all_frozen():
+            if time.monotonic() > deadline:
+                self.thaw()
+                raise IsolationError(f"{path.parent} did not freeze within {timeout:g} s")
+            time.sleep(0.001)
+
+    def _all_frozen(self) -> bool:
+        if self.version == 2:
+            events = _read(self.dirs["unified"] / "cgroup.events")
+            return "frozen 1" in events.splitlines()
+        return _read(self.dirs["freezer"] / "freezer.state").strip() == "FROZEN"
+
+    def thaw(self) -> None:
+        """Let the tree run again (nothing if it has no freezer or is gone)."""
+        freezer = self._freezer()
+        if freezer is not None:
+            try:
+                _write(freezer[0], freezer[2])
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise IsolationError(f"cannot thaw {freezer[0].parent}: {exc.strerror}") from None
 
     def remove(self, timeout: float = 2.0) -> None:
         """rmdir every directory; processes still exiting make it EBUSY for a few ms, so retry."""

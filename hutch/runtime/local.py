@@ -355,6 +355,27 @@ class LocalRuntime(InstanceTable):
         self.get(instance_id)
         write_deadline(self.instances_dir / instance_id, at, self.warm_lease_s)
 
+    async def freeze(self, instance_id: InstanceId) -> None:
+        cgroup = self._running_cgroup(instance_id)
+        if not cgroup.can_freeze():
+            raise Unimplemented("this host's cgroups have no freezer: sessions cannot sleep")
+        await asyncio.to_thread(cgroup.freeze)
+
+    async def thaw(self, instance_id: InstanceId) -> None:
+        await asyncio.to_thread(self._running_cgroup(instance_id).thaw)
+
+    def frozen(self, instance_id: InstanceId) -> bool:
+        try:
+            return self._running_cgroup(instance_id).frozen()
+        except (HutchError, OSError):
+            return False
+
+    def _running_cgroup(self, instance_id: InstanceId) -> Cgroup:
+        instance = self.get(instance_id)
+        if instance.state != InstanceState.RUNNING:
+            raise FailedPrecondition(f"instance {instance_id} is {instance.state.value}")
+        return Cgroup.from_dict(instance.detail["cgroup"])
+
     async def set_network(self, instance_id: InstanceId, policy: dict) -> None:
         instance = self.get(instance_id)
         if instance.spec.network is None:

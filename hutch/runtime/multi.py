@@ -138,6 +138,15 @@ class MultiRuntime:
     async def set_network(self, instance_id: InstanceId, policy: dict) -> None:
         await self._owner(instance_id).set_network(instance_id, policy)
 
+    async def freeze(self, instance_id: InstanceId) -> None:
+        await self._owner(instance_id).freeze(instance_id)
+
+    async def thaw(self, instance_id: InstanceId) -> None:
+        await self._owner(instance_id).thaw(instance_id)
+
+    def frozen(self, instance_id: InstanceId) -> bool:
+        return self._owner(instance_id).frozen(instance_id)
+
     async def claim_workspace(self, instance_id: InstanceId, key: str) -> None:
         await self._owner(instance_id).claim_workspace(instance_id, key)
 

@@ -393,6 +393,16 @@ class Scheduler:
         with contextlib.suppress(HutchError):
             self.runtime.set_deadline(instance_id, at)
 
+    async def freeze(self, instance_id: InstanceId) -> None:
+        """Put a session's instance to sleep (`Runtime.freeze`)."""
+        await self.runtime.freeze(instance_id)
+
+    async def thaw(self, instance_id: InstanceId) -> None:
+        await self.runtime.thaw(instance_id)
+
+    def frozen(self, instance_id: InstanceId) -> bool:
+        return self.runtime.frozen(instance_id)
+
     async def instance_gone(self, instance_id: str | None) -> None:
         """Nothing answers on an instance's socket although its process was not seen to exit (its
         agent died a moment ago, or alone): end it as a crash, so that `is_live` says so."""

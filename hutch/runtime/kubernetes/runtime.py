@@ -494,6 +494,15 @@ class KubernetesRuntime(InstanceTable):
     async def set_network(self, instance_id: InstanceId, policy: dict) -> None:
         raise Unimplemented("kubernetes instances have no network policy (their pods' egress is denied)")
 
+    async def freeze(self, instance_id: InstanceId) -> None:
+        raise Unimplemented("kubernetes instances cannot sleep (pods have no freezer hutch can reach)")
+
+    async def thaw(self, instance_id: InstanceId) -> None:
+        """Nothing: a pod is never frozen."""
+
+    def frozen(self, instance_id: InstanceId) -> bool:
+        return False
+
     # -- records and adoption --------------------------------------------------------------------
 
     async def adopt_running(self) -> list[Instance]:
