@@ -39,6 +39,7 @@ import re
 import secrets
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from hutch.cluster.gateway import ClusterSessions
@@ -73,6 +74,18 @@ class Role(enum.StrEnum):
     NODE = "node"  # `hutch node`: the scheduler and instances of this host
 
 
+@dataclass(frozen=True, slots=True)
+class Started:
+    """What `Hutch.start` made, typed as the role has it. The composition roots (`hutch.asgi`,
+    `hutch.cluster.node`) hand each component the parts it uses, so nothing downstream asks
+    whether the server has started."""
+
+    sessions: Sessions  # what the gateway and the API use, in every role
+    manager: SessionManager | None  # this host's sessions (`serve`, `node`)
+    scheduler: Scheduler | None  # this host's instances (`serve`, `node`)
+    templates: TemplateService | None  # root file systems (`serve`, `node`)
+
+
 class Hutch:
     def __init__(self, config: ServerConfig, default_api_key: str | None = None, role: Role = Role.ALL) -> None:
         self.config = config
@@ -96,7 +109,7 @@ class Hutch:
         self.bootstrap_key: str | None = None
         self.holds_lock = False
 
-    async def start(self) -> None:
+    async def start(self) -> Started:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.chmod(0o755)  # sandboxes are set up under unprivileged uids: they must reach it
         await self.metadb.open()
@@ -111,10 +124,11 @@ class Hutch:
             await self.metadb.put_function(FunctionRecord(BUILTIN_TENANT, spec.name, spec.wire(), now, now))
         if self.role == Role.GATEWAY:
             cluster = self.config.cluster
-            self.sessions = ClusterSessions(self.metadb, self.secret, cluster.lease_seconds, cluster.directory_refresh)
-            await self.sessions.start()
+            gateway = ClusterSessions(self.metadb, self.secret, cluster.lease_seconds, cluster.directory_refresh)
+            self.sessions = gateway
+            await gateway.start()
             self.started_at = time.time()
-            return
+            return Started(gateway, None, None, None)
         await asyncio.to_thread(hold_serve_lock, self.data_dir)
         self.holds_lock = True
         scheduler_id = self.node_id()
@@ -132,25 +146,25 @@ class Hutch:
         template_store = TemplateStore(templates_config.dir or self.data_dir / "templates")
         for scrap in template_store.sweep():
             log.warning("removed %s", scrap)
-        self.templates = TemplateService(
+        templates = self.templates = TemplateService(
             template_store,
             templates_config,
             in_use=lambda: {i.spec.rootfs.template for i in runtime.instances() if i.spec.rootfs is not None},
             runtime=runtime,
         )
-        self.scheduler = Scheduler(
+        scheduler = self.scheduler = Scheduler(
             scheduler_id,
             runtime,
             self.metadb,
             max_instances=self.config.max_instances,
             address=self.config.cluster.advertise if self.role == Role.NODE else "local",
-            templates=self.templates,
+            templates=templates,
         )
-        self.templates.on_ready = self.scheduler.recycle_warm
+        templates.on_ready = scheduler.recycle_warm
         metering = self.config.metering
         meter = Meter(
             self.metadb,
-            self.scheduler,
+            scheduler,
             sample_interval=metering.sample_interval,
             bucket_seconds=metering.bucket_seconds,
             busy_cpu_fraction=metering.busy_cpu_fraction,
@@ -158,7 +172,7 @@ class Hutch:
         )
         manager = SessionManager(
             self.metadb,
-            self.scheduler,
+            scheduler,
             self.secret,
             reap_interval=self.config.reap_interval,
             meter=meter,
@@ -166,9 +180,10 @@ class Hutch:
         )
         self.sessions = self.manager = manager
         await manager.start()
-        self.metrics.attach(manager, self.scheduler)
-        self.templates.prepare_builtins()
+        self.metrics.attach(manager, scheduler)
+        templates.prepare_builtins()
         self.started_at = time.time()
+        return Started(manager, manager, scheduler, templates)
 
     def node_id(self) -> str:
         """The scheduler id of this host in MetaDB. `hutch serve`'s derives from the data dir alone

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from hutch import __version__
+from hutch.api.deps import ControlPlane, ControlPlaneApp
 from hutch.errors import HutchError, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -116,20 +117,17 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def create_app(hutch) -> FastAPI:
-    """The control-plane app for a started `hutch.server.Hutch`."""
+def create_app(plane: ControlPlane) -> FastAPI:
+    """The control-plane app, with the collaborators its routes use (`hutch.api.deps`)."""
     from hutch.api import e2b, e2b_templates, native, sandbox_metrics, session_logs, templates, usage
 
-    app = FastAPI(
+    app = ControlPlaneApp(
+        plane,
         title="hutch",
         version=__version__,
         description="Sessions of isolated sandboxes for AI agents; E2B-compatible.",
-        openapi_url="/openapi.json",
-        docs_url="/docs",
-        redoc_url=None,
     )
-    app.state.hutch = hutch
-    app.add_middleware(BodyLimit, timeout=hutch.config.request_timeout)
+    app.add_middleware(BodyLimit, timeout=plane.config.request_timeout)
 
     @app.exception_handler(HutchError)
     async def hutch_error(request: Request, exc: HutchError) -> JSONResponse:
@@ -153,12 +151,11 @@ def create_app(hutch) -> FastAPI:
 
     @app.get("/health", tags=["health"], summary="200 once the server is ready")
     async def health() -> dict:
-        sessions = hutch.sessions
         return {
             "status": "ok",
             "version": __version__,
-            "activeSessions": len(sessions.active_sessions()) if sessions else 0,
-            "warmPools": hutch.scheduler.pool_sizes() if hutch.scheduler else {},
+            "activeSessions": len(plane.sessions.active_sessions()),
+            "warmPools": plane.warm_pools(),
         }
 
     app.include_router(sandbox_metrics.router)  # before e2b's: its /sandboxes/{id} would take /sandboxes/metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from hutch.api.deps import control_plane
 from hutch.metadb.records import Tenant
 
 
@@ -21,5 +22,5 @@ def api_key_of(headers) -> str | None:
 
 async def caller(request: Request) -> Tenant:
     """FastAPI dependency: the authenticated tenant (401 otherwise)."""
-    hutch = request.app.state.hutch
-    return await hutch.tenants.authenticate(api_key_of(request.headers))
+    plane = control_plane(request)
+    return await plane.tenants.authenticate(api_key_of(request.headers))

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hutch.agent.config import ENVD_VERSION
 from hutch.api.auth import caller
+from hutch.api.deps import control_plane
 from hutch.api.idempotency import create_once, request_hash
 from hutch.api.native import iso
 from hutch.errors import AlreadyExists, InvalidArgument, NotFound, Unimplemented
@@ -105,7 +106,7 @@ class RefreshBody(BaseModel):
 
 
 def _domain(request: Request) -> str | None:
-    return request.app.state.hutch.config.public_domain()
+    return control_plane(request).config.public_domain()
 
 
 def sandbox_json(request: Request, session: SessionRecord) -> dict:
@@ -124,7 +125,7 @@ def sandbox_json(request: Request, session: SessionRecord) -> dict:
 
 async def _disk_mb(request: Request, session: SessionRecord) -> int:
     try:
-        _, spec = await request.app.state.hutch.sessions.function(session.tenant_id, session.function)
+        _, spec = await control_plane(request).sessions.function(session.tenant_id, session.function)
     except NotFound:  # deleted under the session, which is ending
         return 0
     return spec.resources.disk_mb
@@ -210,7 +211,7 @@ def _checked(policy: dict) -> dict:
 
 async def _sandbox(request: Request, tenant: Tenant, sandbox_id: str) -> SessionRecord:
     """The caller's running sandbox; 404 for unknown, ended or another tenant's."""
-    session = await request.app.state.hutch.sessions.find_by_public_id(sandbox_id)
+    session = await control_plane(request).sessions.find_by_public_id(sandbox_id)
     if session is None or session.tenant_id != tenant.tenant_id or session.affinity != AFFINITY:
         raise NotFound(f"sandbox {sandbox_id} not found")
     return session
@@ -219,7 +220,7 @@ async def _sandbox(request: Request, tenant: Tenant, sandbox_id: str) -> Session
 async def _tenant_sandboxes(request: Request, tenant: Tenant) -> list[SessionRecord]:
     return [
         s
-        for s in await request.app.state.hutch.sessions.tenant_sessions(tenant.tenant_id)
+        for s in await control_plane(request).sessions.tenant_sessions(tenant.tenant_id)
         if s.affinity == AFFINITY and s.access_token
     ]
 
@@ -250,8 +251,8 @@ def _refuse_unavailable(body: NewSandbox) -> None:
 async def _function_of_template(request: Request, tenant: Tenant, name: str) -> FunctionSpec:
     """A template with no function of its name: the tenant gets one, like the built-in `base`
     but booting that template (E2B's `Sandbox.create(template)` names templates)."""
-    hutch = request.app.state.hutch
-    templates = getattr(hutch, "templates", None)
+    plane = control_plane(request)
+    templates = plane.templates
     try:
         exists = templates is not None and templates.store.exists(name)
     except InvalidArgument:
@@ -263,14 +264,14 @@ async def _function_of_template(request: Request, tenant: Tenant, name: str) -> 
         update={"name": name, "template": name, "warm_pool_size": 0, "description": f"sandboxes of template {name}"}
     )
     now = time.time()
-    await hutch.metadb.put_function(FunctionRecord(tenant.tenant_id, name, spec.wire(), now, now))
-    hutch.sessions.function_changed(tenant.tenant_id, spec, name)
+    await plane.metadb.put_function(FunctionRecord(tenant.tenant_id, name, spec.wire(), now, now))
+    plane.sessions.function_changed(tenant.tenant_id, spec, name)
     return spec
 
 
 async def _create(request: Request, tenant: Tenant, body: NewSandbox) -> SessionRecord:
     _refuse_unavailable(body)
-    sessions = request.app.state.hutch.sessions
+    sessions = control_plane(request).sessions
     try:
         _, spec = await sessions.function(tenant.tenant_id, body.template_id)
     except NotFound:
@@ -300,7 +301,7 @@ async def create_sandbox(
 ) -> dict:
     """A retry with the same `Idempotency-Key` gets the first create's sandbox (`hutch.api.idempotency`)."""
     fingerprint = request_hash("e2b:create", body.model_dump(mode="json", by_alias=True))
-    metadb = request.app.state.hutch.metadb
+    metadb = control_plane(request).metadb
     session = await create_once(
         metadb, tenant.tenant_id, idempotency_key, fingerprint, lambda: _create(request, tenant, body)
     )
@@ -387,7 +388,7 @@ async def list_sandboxes(
 @router.delete("/sandboxes/{sandbox_id}", status_code=204, summary="Kill a sandbox")
 async def kill_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> Response:
     session = await _sandbox(request, tenant, sandbox_id)
-    if await request.app.state.hutch.sessions.end(session, EndReason.DELETED) is None:
+    if await control_plane(request).sessions.end(session, EndReason.DELETED) is None:
         raise NotFound(f"sandbox {sandbox_id} not found")
     return Response(status_code=204)
 
@@ -395,7 +396,7 @@ async def kill_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> Res
 @router.post("/sandboxes/{sandbox_id}/timeout", status_code=204, summary="End the sandbox `timeout` s from now")
 async def set_timeout(sandbox_id: str, body: TimeoutBody, request: Request, tenant: Caller) -> Response:
     session = await _sandbox(request, tenant, sandbox_id)
-    await request.app.state.hutch.sessions.renew(session, ttl_s=body.timeout)
+    await control_plane(request).sessions.renew(session, ttl_s=body.timeout)
     return Response(status_code=204)
 
 
@@ -403,7 +404,7 @@ async def _extend(request: Request, session: SessionRecord, seconds: int) -> Ses
     """Connect and refresh never shorten a sandbox's life."""
     if time.time() + seconds <= session.expires_at:
         return session
-    return await request.app.state.hutch.sessions.renew(session, ttl_s=seconds)
+    return await control_plane(request).sessions.renew(session, ttl_s=seconds)
 
 
 @router.post("/sandboxes/{sandbox_id}/connect", summary="Connect to a running sandbox (E2B SDK < 2.51)")
@@ -427,7 +428,7 @@ async def update_network(sandbox_id: str, body: NetworkBody, request: Request, t
     session = await _sandbox(request, tenant, sandbox_id)
     internet = session.network["internet"] if session.network is not None else False
     policy = _checked({"internet": internet, "allow": list(body.allow_out), "deny": list(body.deny_out)})
-    await request.app.state.hutch.sessions.set_network(session, policy)
+    await control_plane(request).sessions.set_network(session, policy)
     return Response(status_code=204)
 
 

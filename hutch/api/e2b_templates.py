@@ -29,6 +29,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from hutch.api.auth import caller
+from hutch.api.deps import control_plane
 from hutch.api.native import iso
 from hutch.api.templates import service
 from hutch.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
@@ -75,7 +76,7 @@ def _may_write(request: Request, tenant: Tenant, name: str) -> None:
 
 
 def _upload_token(request: Request, tenant_id: str, files_hash: str) -> str:
-    secret = request.app.state.hutch.secret
+    secret = control_plane(request).secret
     return hmac.new(secret, f"template-files|{tenant_id}|{files_hash}".encode(), hashlib.sha256).hexdigest()
 
 

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from hutch.api.auth import caller
+from hutch.api.deps import ControlPlane, control_plane
 from hutch.api.idempotency import create_once, request_hash
 from hutch.errors import InvalidArgument, NotFound, PermissionDenied
 from hutch.functions import BUILTIN_TENANT, AffinityType, FunctionSpec, NetworkSpec, check_warm_pools
@@ -70,7 +71,7 @@ def tenant_json(tenant: Tenant) -> dict:
 
 @router.post("/tenants", status_code=201, tags=["tenants"], summary="Create a tenant (admin); returns its first key")
 async def create_tenant(body: TenantIn, request: Request, tenant: Caller) -> dict:
-    made, key = await request.app.state.hutch.tenants.create(
+    made, key = await control_plane(request).tenants.create(
         tenant, body.name, body.max_sessions, body.max_vcpu, body.max_memory_mb
     )
     return {**tenant_json(made), "apiKey": key}
@@ -78,8 +79,8 @@ async def create_tenant(body: TenantIn, request: Request, tenant: Caller) -> dic
 
 @router.get("/tenants", tags=["tenants"], summary="List tenants (admin)")
 async def list_tenants(request: Request, tenant: Caller) -> dict:
-    request.app.state.hutch.tenants.require_admin(tenant)
-    return {"tenants": [tenant_json(t) for t in await request.app.state.hutch.metadb.list_tenants()]}
+    control_plane(request).tenants.require_admin(tenant)
+    return {"tenants": [tenant_json(t) for t in await control_plane(request).metadb.list_tenants()]}
 
 
 @router.get("/tenants/me", tags=["tenants"], summary="The calling tenant")
@@ -90,20 +91,20 @@ async def me(tenant: Caller) -> dict:
 @router.patch("/tenants/{tenant_id}", tags=["tenants"], summary="Change a tenant's quotas (admin)")
 async def patch_tenant(tenant_id: str, body: TenantPatch, request: Request, tenant: Caller) -> dict:
     quotas = {name: getattr(body, name) for name in body.model_fields_set}
-    return tenant_json(await request.app.state.hutch.tenants.update_quota(tenant, tenant_id, **quotas))
+    return tenant_json(await control_plane(request).tenants.update_quota(tenant, tenant_id, **quotas))
 
 
 @router.post("/tenants/{tenant_id}/keys", status_code=201, tags=["tenants"], summary="Issue another API key")
 async def add_key(tenant_id: str, body: KeyIn, request: Request, tenant: Caller) -> dict:
-    key = await request.app.state.hutch.tenants.add_key(tenant, tenant_id, body.label)
+    key = await control_plane(request).tenants.add_key(tenant, tenant_id, body.label)
     return {"tenantId": tenant_id, "apiKey": key}
 
 
 @router.get("/nodes", tags=["nodes"], summary="The nodes (schedulers) and whether they are live (admin)")
 async def list_nodes(request: Request, tenant: Caller) -> dict:
-    hutch = request.app.state.hutch
-    hutch.tenants.require_admin(tenant)
-    lease = hutch.config.cluster.lease_seconds
+    plane = control_plane(request)
+    plane.tenants.require_admin(tenant)
+    lease = plane.config.cluster.lease_seconds
     now = time.time()
     return {
         "nodes": [
@@ -114,7 +115,7 @@ async def list_nodes(request: Request, tenant: Caller) -> dict:
                 "heartbeatTime": iso(record.heartbeat_at),
                 "capacity": record.capacity,
             }
-            for record in sorted(await hutch.metadb.list_schedulers(), key=lambda r: r.scheduler_id)
+            for record in sorted(await plane.metadb.list_schedulers(), key=lambda r: r.scheduler_id)
         ]
     }
 
@@ -133,59 +134,61 @@ def function_json(record: FunctionRecord) -> dict:
 
 @router.get("/functions", tags=["functions"], summary="The tenant's functions and the built-ins")
 async def list_functions(request: Request, tenant: Caller) -> dict:
-    records = await request.app.state.hutch.metadb.list_functions(tenant.tenant_id)
+    records = await control_plane(request).metadb.list_functions(tenant.tenant_id)
     return {"functions": [function_json(r) for r in records]}
 
 
 @router.post("/functions", status_code=201, tags=["functions"], summary="Create a function")
 async def create_function(spec: FunctionSpec, request: Request, tenant: Caller) -> dict:
-    hutch = request.app.state.hutch
-    existing = await hutch.metadb.list_functions(tenant.tenant_id)
+    plane = control_plane(request)
+    existing = await plane.metadb.list_functions(tenant.tenant_id)
     if any(r.name == spec.name and r.tenant_id == tenant.tenant_id for r in existing):
         from hutch.errors import AlreadyExists
 
         raise AlreadyExists(f"function {spec.name} already exists")
-    return await _store_function(hutch, tenant, spec)
+    return await _store_function(plane, tenant, spec)
 
 
-async def _store_function(hutch, tenant: Tenant, spec: FunctionSpec, created_at: float | None = None) -> dict:
+async def _store_function(
+    plane: ControlPlane, tenant: Tenant, spec: FunctionSpec, created_at: float | None = None
+) -> dict:
     if spec.warm_pool_size:
-        records = await hutch.metadb.list_functions(tenant.tenant_id)
+        records = await plane.metadb.list_functions(tenant.tenant_id)
         own = [FunctionSpec.model_validate(r.spec) for r in records if r.tenant_id == tenant.tenant_id]
         check_warm_pools(tenant, [s for s in own if s.name != spec.name] + [spec])
     now = time.time()
     record = FunctionRecord(tenant.tenant_id, spec.name, spec.wire(), created_at or now, now)
-    await hutch.metadb.put_function(record)
-    hutch.sessions.function_changed(tenant.tenant_id, spec, spec.name)
+    await plane.metadb.put_function(record)
+    plane.sessions.function_changed(tenant.tenant_id, spec, spec.name)
     return function_json(record)
 
 
 @router.get("/functions/{name}", tags=["functions"], summary="A function")
 async def get_function(name: str, request: Request, tenant: Caller) -> dict:
-    return function_json(await request.app.state.hutch.metadb.get_function(tenant.tenant_id, name))
+    return function_json(await control_plane(request).metadb.get_function(tenant.tenant_id, name))
 
 
 @router.put("/functions/{name}", tags=["functions"], summary="Replace a function's settings")
 async def put_function(name: str, spec: FunctionSpec, request: Request, tenant: Caller) -> dict:
     if spec.name != name:
         raise InvalidArgument(f"the body names function {spec.name!r}, the path {name!r}")
-    hutch = request.app.state.hutch
-    current = await hutch.metadb.get_function(tenant.tenant_id, name)
+    plane = control_plane(request)
+    current = await plane.metadb.get_function(tenant.tenant_id, name)
     if current.tenant_id == BUILTIN_TENANT:
         raise PermissionDenied(f"{name} is built in; create a function of your own (POST /v1/functions)")
-    return await _store_function(hutch, tenant, spec, current.created_at)
+    return await _store_function(plane, tenant, spec, current.created_at)
 
 
 @router.delete(
     "/functions/{name}", status_code=204, tags=["functions"], summary="Delete a function and end its sessions"
 )
 async def delete_function(name: str, request: Request, tenant: Caller) -> Response:
-    hutch = request.app.state.hutch
-    current = await hutch.metadb.get_function(tenant.tenant_id, name)
+    plane = control_plane(request)
+    current = await plane.metadb.get_function(tenant.tenant_id, name)
     if current.tenant_id == BUILTIN_TENANT:
         raise PermissionDenied(f"{name} is built in and cannot be deleted")
-    await hutch.metadb.delete_function(tenant.tenant_id, name)
-    hutch.sessions.function_changed(tenant.tenant_id, None, name)
+    await plane.metadb.delete_function(tenant.tenant_id, name)
+    plane.sessions.function_changed(tenant.tenant_id, None, name)
     return Response(status_code=204)
 
 
@@ -249,7 +252,7 @@ async def create_session(
 ) -> dict:
     """A retry with the same `Idempotency-Key` gets the first create's session (`hutch.api.idempotency`)."""
     fingerprint = request_hash(f"native:create:{name}", body.model_dump(mode="json", by_alias=True))
-    metadb = request.app.state.hutch.metadb
+    metadb = control_plane(request).metadb
     session = await create_once(
         metadb, tenant.tenant_id, idempotency_key, fingerprint, lambda: _create_session(request, tenant, name, body)
     )
@@ -257,7 +260,7 @@ async def create_session(
 
 
 async def _create_session(request: Request, tenant: Tenant, name: str, body: SessionIn) -> SessionRecord:
-    sessions = request.app.state.hutch.sessions
+    sessions = control_plane(request).sessions
     _, spec = await sessions.function(tenant.tenant_id, name)
     if body.session_id is not None and spec.session_affinity != AffinityType.HEADER_FIELD:
         raise InvalidArgument("a client-chosen sessionId is only allowed for HEADER_FIELD functions")
@@ -276,10 +279,10 @@ async def _create_session(request: Request, tenant: Tenant, name: str, body: Ses
 
 
 async def _list(request: Request, tenant: Tenant, function: str | None, status, limit: int, next_token) -> dict:
-    records, token = await request.app.state.hutch.metadb.list_sessions(
+    records, token = await control_plane(request).metadb.list_sessions(
         tenant.tenant_id, status=status, function=function, limit=limit, after=next_token
     )
-    live = request.app.state.hutch.sessions
+    live = control_plane(request).sessions
     return {
         "sessions": [session_json((live.active(r.internal_id) or r) if r.active else r) for r in records],
         "nextToken": token,
@@ -295,7 +298,7 @@ async def list_function_sessions(
     limit: int = Query(100, ge=1, le=1000),
     next_token: str | None = Query(None, alias="nextToken"),
 ) -> dict:
-    await request.app.state.hutch.metadb.get_function(tenant.tenant_id, name)
+    await control_plane(request).metadb.get_function(tenant.tenant_id, name)
     return await _list(request, tenant, name, status, limit, next_token)
 
 
@@ -311,7 +314,7 @@ async def list_sessions(
 
 
 async def _session(request: Request, tenant: Tenant, name: str, session_id: str) -> SessionRecord:
-    return await request.app.state.hutch.sessions.get(tenant.tenant_id, session_id, name)
+    return await control_plane(request).sessions.get(tenant.tenant_id, session_id, name)
 
 
 @router.get("/functions/{name}/sessions/{session_id}", tags=["sessions"], summary="A session")
@@ -323,7 +326,7 @@ async def get_session(name: str, session_id: str, request: Request, tenant: Call
 async def update_session(name: str, session_id: str, body: SessionPatch, request: Request, tenant: Caller) -> dict:
     if body.ttl_s is None and body.idle_timeout_s is None and body.network is None:
         raise InvalidArgument("give sessionTTLInSeconds, sessionIdleTimeoutInSeconds and/or network")
-    sessions = request.app.state.hutch.sessions
+    sessions = control_plane(request).sessions
     session = await _session(request, tenant, name, session_id)
     if body.network is not None:
         session = await sessions.set_network(session, body.network.to_runtime())
@@ -339,5 +342,5 @@ async def delete_session(name: str, session_id: str, request: Request, tenant: C
     session = await _session(request, tenant, name, session_id)
     if not session.active:
         raise NotFound(f"session {session_id} has already ended")
-    await request.app.state.hutch.sessions.end(session, EndReason.DELETED)
+    await control_plane(request).sessions.end(session, EndReason.DELETED)
     return Response(status_code=204)

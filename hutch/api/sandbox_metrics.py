@@ -21,6 +21,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 
 from hutch.api.auth import caller
+from hutch.api.deps import control_plane
 from hutch.api.native import iso
 from hutch.errors import InvalidArgument, NotFound
 from hutch.metadb.records import MetricSample, SessionRecord, Tenant
@@ -50,7 +51,7 @@ def metric_json(sample: MetricSample, session: SessionRecord, disk_mb: int) -> d
 
 async def _disk_mb(request: Request, session: SessionRecord) -> int:
     try:
-        _, spec = await request.app.state.hutch.sessions.function(session.tenant_id, session.function)
+        _, spec = await control_plane(request).sessions.function(session.tenant_id, session.function)
     except NotFound:  # the function was deleted since
         return 0
     return spec.resources.disk_mb
@@ -64,7 +65,7 @@ async def _series(request: Request, session: SessionRecord, start: int | None, e
     # to 12).
     until = float(end) + 0.999999 if end is not None else time.time()
     since = float(start) if start is not None else min(session.created_at, until)
-    samples = await request.app.state.hutch.metadb.metric_samples(session.row_id, since, until)
+    samples = await control_plane(request).metadb.metric_samples(session.row_id, since, until)
     disk_mb = await _disk_mb(request, session)
     return [metric_json(sample, session, disk_mb) for sample in samples]
 
@@ -72,7 +73,7 @@ async def _series(request: Request, session: SessionRecord, start: int | None, e
 async def e2b_sandbox(request: Request, tenant: Tenant, sandbox_id: str) -> SessionRecord:
     """The caller's E2B sandbox, running or ended (its samples and logs outlive it); 404 for any other."""
     try:
-        session = await request.app.state.hutch.sessions.get(tenant.tenant_id, sandbox_id)
+        session = await control_plane(request).sessions.get(tenant.tenant_id, sandbox_id)
     except NotFound:
         session = None
     if session is None or session.affinity != E2B_AFFINITY:
@@ -99,7 +100,7 @@ async def sandboxes_metrics(
             sessions[sandbox_id] = await e2b_sandbox(request, tenant, sandbox_id)
         except NotFound:
             continue  # as E2B: unknown ids are left out
-    latest = await request.app.state.hutch.metadb.latest_metric_samples([s.row_id for s in sessions.values()])
+    latest = await control_plane(request).metadb.latest_metric_samples([s.row_id for s in sessions.values()])
     found = {}
     for sandbox_id, session in sessions.items():
         sample = latest.get(session.row_id)
@@ -119,5 +120,5 @@ async def sandbox_metrics(
 async def session_metrics(
     name: str, session_id: str, request: Request, tenant: Caller, start: Unix = None, end: Unix = None
 ) -> dict:
-    session = await request.app.state.hutch.sessions.get(tenant.tenant_id, session_id, name)
+    session = await control_plane(request).sessions.get(tenant.tenant_id, session_id, name)
     return {"metrics": await _series(request, session, start, end)}

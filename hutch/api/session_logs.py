@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request
 
 from hutch.api.auth import caller
+from hutch.api.deps import control_plane
 from hutch.api.native import iso
 from hutch.api.sandbox_metrics import e2b_sandbox
 from hutch.metadb.records import LOG_LEVELS, LogEntry, SessionRecord, Tenant
@@ -43,7 +44,7 @@ async def _entries(
     search: str | None,
 ) -> list[LogEntry]:
     levels = LOG_LEVELS[LOG_LEVELS.index(level) :] if level else None
-    return await request.app.state.hutch.metadb.session_logs(
+    return await control_plane(request).metadb.session_logs(
         session.row_id,
         start=cursor_ms / 1000 if cursor_ms is not None else None,
         limit=limit,
@@ -99,6 +100,6 @@ async def session_logs(
     level: Level | None = None,
     search: Search = None,
 ) -> dict:
-    session = await request.app.state.hutch.sessions.get(tenant.tenant_id, session_id, name)
+    session = await control_plane(request).sessions.get(tenant.tenant_id, session_id, name)
     entries = await _entries(request, session, cursor, limit, direction, level, search)
     return {"logs": [entry_json(e) for e in entries]}

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from hutch.api.auth import caller
+from hutch.api.deps import control_plane
 from hutch.api.native import iso
 from hutch.errors import Unimplemented
 from hutch.metadb.records import Tenant
@@ -38,7 +39,7 @@ class TemplateIn(BaseModel):
 
 
 def service(request: Request) -> TemplateService:
-    templates = getattr(request.app.state.hutch, "templates", None)
+    templates = control_plane(request).templates
     if templates is None:
         raise Unimplemented("templates live on the nodes of a cluster; ask a `hutch serve` or a node")
     return templates
@@ -84,7 +85,7 @@ async def get_template(name: str, request: Request, tenant: Caller) -> dict:
 
 @router.post("/templates", status_code=202, tags=["templates"], summary="Build a template (admin); follow its build")
 async def build_template(body: TemplateIn, request: Request, tenant: Caller) -> dict:
-    request.app.state.hutch.tenants.require_admin(tenant)
+    control_plane(request).tenants.require_admin(tenant)
     build = service(request).start_debian(body.name, body.debian.packages, body.user, body.workdir, body.env)
     return build_json(build)
 
@@ -96,6 +97,6 @@ async def get_build(build_id: str, request: Request, tenant: Caller, offset: Ann
 
 @router.delete("/templates/{name}", status_code=204, tags=["templates"], summary="Delete a template (admin)")
 async def delete_template(name: str, request: Request, tenant: Caller) -> Response:
-    request.app.state.hutch.tenants.require_admin(tenant)
+    control_plane(request).tenants.require_admin(tenant)
     service(request).delete(name)
     return Response(status_code=204)

@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from hutch.api.auth import api_key_of, caller
+from hutch.api.deps import ControlPlane, control_plane
 from hutch.api.native import iso
 from hutch.errors import InvalidArgument
 from hutch.metadb.records import SessionUsage, Tenant, UsageAmounts
@@ -141,7 +142,7 @@ def session_usage_json(usage: SessionUsage, state: str, pricing: Pricing) -> dic
 
 
 async def _sums(
-    hutch,
+    plane: ControlPlane,
     start: float,
     end: float,
     tenant_id: str | None = None,
@@ -151,11 +152,11 @@ async def _sums(
     step: float | None = None,
 ) -> dict[tuple, UsageAmounts]:
     """Bucket sums from MetaDB plus what the meter has not written yet, grouped alike."""
-    rows = await hutch.metadb.usage_totals(
+    rows = await plane.metadb.usage_totals(
         start, end, tenant_id=tenant_id, function=function, by_tenant=by_tenant, by_function=by_function, step=step
     )
     sums = {key: amounts for key, amounts in rows}
-    for bucket in hutch.sessions.meter.unflushed(tenant_id):
+    for bucket in plane.sessions.meter.unflushed(tenant_id):
         if (function is not None and bucket.function != function) or not start <= bucket.start < end:
             continue
         key = (
@@ -167,9 +168,9 @@ async def _sums(
     return sums
 
 
-def _record(hutch, usage: SessionUsage) -> tuple[SessionUsage, str]:
+def _record(plane: ControlPlane, usage: SessionUsage) -> tuple[SessionUsage, str]:
     """A record and its state, the live view for a live session."""
-    meter = hutch.sessions.meter
+    meter = plane.sessions.meter
     if usage.active:
         live = meter.snapshot(usage.row_id)
         if live is not None:
@@ -186,16 +187,16 @@ async def usage_summary(
     end: str | None = Query(None, alias="to", description="[default: now]"),
     function: str | None = None,
 ) -> dict:
-    hutch = request.app.state.hutch
-    pricing = hutch.config.pricing
+    plane = control_plane(request)
+    pricing = plane.config.pricing
     since, to = _range(start, end)
-    sums = await _sums(hutch, since, to, tenant.tenant_id, function, by_function=True)
+    sums = await _sums(plane, since, to, tenant.tenant_id, function, by_function=True)
     total = UsageAmounts()
     for amounts in sums.values():
         total.add(amounts)
     live = [
         s
-        for s in hutch.sessions.active_sessions()
+        for s in plane.sessions.active_sessions()
         if s.tenant_id == tenant.tenant_id and (function is None or s.function == function)
     ]
     return {
@@ -223,15 +224,15 @@ async def usage_series(
     ),
     function: str | None = None,
 ) -> dict:
-    hutch = request.app.state.hutch
-    pricing = hutch.config.pricing
-    bucket = hutch.config.metering.bucket_seconds
+    plane = control_plane(request)
+    pricing = plane.config.pricing
+    bucket = plane.config.metering.bucket_seconds
     since, to = _range(start, end, default_span=3600)
     step = max(bucket, (step or bucket) // bucket * bucket)
     first = math.floor(since / step) * step
     if (to - first) / step > MAX_POINTS:
         raise InvalidArgument(f"more than {MAX_POINTS} points: choose a larger step or a shorter range")
-    sums = await _sums(hutch, first, to, tenant.tenant_id, function, step=step)
+    sums = await _sums(plane, first, to, tenant.tenant_id, function, step=step)
     points = []
     moment = float(first)
     while moment < to:
@@ -253,17 +254,17 @@ async def usage_sessions(
     next_token: str | None = Query(None, alias="nextToken"),
     format: Literal["json", "csv"] = "json",
 ):
-    hutch = request.app.state.hutch
-    pricing = hutch.config.pricing
+    plane = control_plane(request)
+    pricing = plane.config.pricing
     since = parse_time(start, 0.0) if start else None
     to = parse_time(end, 0.0) if end else None
     active = None if status is None else status == "Active"
 
     async def page(size: int, token: str | None) -> tuple[list[dict], str | None]:
-        records, token = await hutch.metadb.list_usage(
+        records, token = await plane.metadb.list_usage(
             tenant.tenant_id, start=since, end=to, function=function, active=active, limit=size, after=token
         )
-        return [session_usage_json(*_record(hutch, r), pricing) for r in records], token
+        return [session_usage_json(*_record(plane, r), pricing) for r in records], token
 
     if format == "json":
         sessions, token = await page(limit, next_token)
@@ -297,10 +298,10 @@ async def usage_sessions(
 
 @router.get("/v1/functions/{name}/sessions/{session_id}/usage", tags=["usage"], summary="One session's usage")
 async def session_usage(name: str, session_id: str, request: Request, tenant: Caller) -> dict:
-    hutch = request.app.state.hutch
-    session = await hutch.sessions.get(tenant.tenant_id, session_id, name)
-    usage = hutch.sessions.meter.snapshot(session.row_id) or await hutch.metadb.get_usage(session.row_id)
-    return session_usage_json(*_record(hutch, usage), hutch.config.pricing)
+    plane = control_plane(request)
+    session = await plane.sessions.get(tenant.tenant_id, session_id, name)
+    usage = plane.sessions.meter.snapshot(session.row_id) or await plane.metadb.get_usage(session.row_id)
+    return session_usage_json(*_record(plane, usage), plane.config.pricing)
 
 
 @router.get("/v1/usage/tenants", tags=["usage"], summary="Every tenant's usage and cost over a time range (admin)")
@@ -310,13 +311,13 @@ async def usage_tenants(
     start: str | None = Query(None, alias="from"),
     end: str | None = Query(None, alias="to"),
 ) -> dict:
-    hutch = request.app.state.hutch
-    hutch.tenants.require_admin(tenant)
-    pricing = hutch.config.pricing
+    plane = control_plane(request)
+    plane.tenants.require_admin(tenant)
+    pricing = plane.config.pricing
     since, to = _range(start, end)
-    sums = await _sums(hutch, since, to, by_tenant=True)
+    sums = await _sums(plane, since, to, by_tenant=True)
     live: dict[str, int] = {}
-    for session in hutch.sessions.active_sessions():
+    for session in plane.sessions.active_sessions():
         live[session.tenant_id] = live.get(session.tenant_id, 0) + 1
     return {
         "from": iso(since),
@@ -328,7 +329,7 @@ async def usage_tenants(
                 "liveSessions": live.get(t.tenant_id, 0),
                 **amounts_json(sums.get((t.tenant_id, None, None), UsageAmounts()), pricing),
             }
-            for t in await hutch.metadb.list_tenants()
+            for t in await plane.metadb.list_tenants()
         ],
     }
 
@@ -337,7 +338,7 @@ async def usage_tenants(
 async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
-    hutch = request.app.state.hutch
-    if not hutch.config.metrics_public:
-        hutch.tenants.require_admin(await hutch.tenants.authenticate(api_key_of(request.headers)))
-    return Response(hutch.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    plane = control_plane(request)
+    if not plane.config.metrics_public:
+        plane.tenants.require_admin(await plane.tenants.authenticate(api_key_of(request.headers)))
+    return Response(plane.metrics.render(), media_type=CONTENT_TYPE_LATEST)

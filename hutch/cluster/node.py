@@ -65,7 +65,6 @@ if TYPE_CHECKING:
     from hutch.config import ServerConfig
     from hutch.metadb.base import MetaDB
     from hutch.metrics import Metrics
-    from hutch.scheduler.scheduler import Scheduler
     from hutch.tenants import TenantService
 
 log = logging.getLogger(__name__)
@@ -85,26 +84,32 @@ class NodeHost(Protocol):
     @property
     def secret(self) -> bytes: ...
     @property
-    def scheduler(self) -> Scheduler | None: ...
-    @property
     def manager(self) -> SessionManager | None:
         """This host's sessions, once started."""
         ...
 
-    async def start(self) -> None: ...
+    async def start(self) -> object: ...
     async def stop(self) -> None: ...
 
 
 # -- liveness -----------------------------------------------------------------------------------
 
 
+def check_lease(interval: float, lease_seconds: float) -> None:
+    if interval <= 0 or lease_seconds <= 2 * interval:
+        raise InvalidArgument("the lease must be longer than two heartbeat intervals")
+
+
 class Lease:
     """This node's heartbeat in MetaDB, and whether it may still serve (not fenced)."""
 
-    def __init__(self, hutch: NodeHost, address: str, interval: float, lease_seconds: float) -> None:
-        if interval <= 0 or lease_seconds <= 2 * interval:
-            raise InvalidArgument("the lease must be longer than two heartbeat intervals")
-        self.hutch = hutch
+    def __init__(
+        self, metadb: MetaDB, sessions: SessionManager, address: str, interval: float, lease_seconds: float
+    ) -> None:
+        check_lease(interval, lease_seconds)
+        self.metadb = metadb
+        self.sessions = sessions
+        self.scheduler = sessions.scheduler
         self.address = address
         self.interval = interval
         self.lease_seconds = lease_seconds
@@ -127,21 +132,17 @@ class Lease:
                 await self._task
 
     async def beat(self) -> None:
-        hutch = self.hutch
-        assert hutch.scheduler is not None and hutch.manager is not None
         was_fenced = self.fenced
-        scheduler = hutch.scheduler
+        scheduler = self.scheduler
         capacity = {
             "max_instances": scheduler.max_instances,
             "instances": len(scheduler.runtime.instances()),
-            "sessions": len(hutch.manager.active_sessions()),
+            "sessions": len(self.sessions.active_sessions()),
         }
-        await hutch.metadb.upsert_scheduler(
-            SchedulerRecord(scheduler.scheduler_id, self.address, time.time(), capacity)
-        )
+        await self.metadb.upsert_scheduler(SchedulerRecord(scheduler.scheduler_id, self.address, time.time(), capacity))
         if was_fenced:
             # Before serving again: drop what moved or ended while we could not see MetaDB.
-            await hutch.manager.reconcile()
+            await self.sessions.reconcile()
         self._last_renewed = time.monotonic()
         if self._fenced:
             log.info("node %s: lease held, serving", scheduler.scheduler_id)
@@ -175,17 +176,15 @@ class Lease:
         """End dead nodes' sessions that expired or went idle. One node does it (the first live
         one by id) so that nodes do not race for the same rows (the compare-and-set would make
         that safe, only wasteful)."""
-        sessions = self.hutch.manager
-        scheduler = self.hutch.scheduler
-        assert sessions is not None and scheduler is not None
+        scheduler = self.scheduler
         now = time.time()
         live = {
             record.scheduler_id
-            for record in await self.hutch.metadb.list_schedulers()
+            for record in await self.metadb.list_schedulers()
             if now - record.heartbeat_at < self.lease_seconds
         }
         if min(live | {scheduler.scheduler_id}) == scheduler.scheduler_id:
-            await sessions.reap_orphans(live)
+            await self.sessions.reap_orphans(live)
 
 
 # -- the ASGI app -------------------------------------------------------------------------------
@@ -194,11 +193,13 @@ class Lease:
 class NodeApp:
     def __init__(self, hutch: NodeHost, address: str) -> None:
         self.hutch = hutch
+        self.address = address
         settings = hutch.config.cluster
-        self.lease = Lease(hutch, address, settings.heartbeat_interval, settings.lease_seconds)
+        check_lease(settings.heartbeat_interval, settings.lease_seconds)
         self.pool = UpstreamPool()
         self.head_timeout = hutch.config.gateway.head_timeout
-        self.sessions: SessionManager  # set by `start`, before any request
+        self.sessions: SessionManager  # these two are set by `start`, before any request
+        self.lease: Lease
         self._key = b""
         self.control = Starlette(
             routes=[
@@ -222,6 +223,10 @@ class NodeApp:
         self.sessions = manager
         self._key = node_key(self.hutch.secret).encode()
         manager.on_end.append(lambda s: self.pool.drop_instance(s.instance_id))
+        settings = self.hutch.config.cluster
+        self.lease = Lease(
+            self.hutch.metadb, manager, self.address, settings.heartbeat_interval, settings.lease_seconds
+        )
         await self.lease.start()
 
     async def stop(self) -> None:
@@ -259,11 +264,10 @@ class NodeApp:
         await run_lifespan(receive, send, self.start, self.stop, "hutch node")
 
     async def _health(self, send: Send) -> None:
-        scheduler = self.hutch.scheduler
         body = {
             "status": "fenced" if self.lease.fenced else "ok",
-            "node": scheduler.scheduler_id if scheduler else None,
-            "activeSessions": len(self.hutch.manager.active_sessions()) if self.hutch.manager else 0,
+            "node": self.sessions.scheduler.scheduler_id,
+            "activeSessions": len(self.sessions.active_sessions()),
         }
         await _send_json(send, 503 if self.lease.fenced else 200, body)
 

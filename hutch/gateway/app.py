@@ -31,7 +31,7 @@ from dataclasses import replace
 from hutch.errors import HutchError, NotFound, Unavailable
 from hutch.gateway import e2b, invoke, mcp
 from hutch.gateway.proxy import proxy_http
-from hutch.gateway.types import Header, Host, Message, Receive, Scope, Send, Target
+from hutch.gateway.types import DataPlane, Header, Message, Receive, Scope, Send, Target
 from hutch.gateway.upstream import MISDIRECTED_HEADER, Misdirected, UpstreamPool
 from hutch.gateway.websocket import proxy_websocket, refuse_with_error
 from hutch.metadb.records import SessionRecord
@@ -42,19 +42,19 @@ JSON_HEADERS: list[Header] = [(b"content-type", b"application/json")]
 
 
 class Gateway:
-    def __init__(self, hutch: Host) -> None:
-        self.hutch = hutch
-        self.domain = hutch.config.domain.strip(".").lower()
-        self.head_timeout = hutch.config.gateway.head_timeout
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.sessions = plane.sessions
+        self.domain = plane.config.domain.strip(".").lower()
+        self.head_timeout = plane.config.gateway.head_timeout
         self.pool = UpstreamPool()
         self.mcp = mcp.McpBindings()
 
     def start(self) -> None:
         """Called once the sessions are up: bind again the MCP sessions that survived a restart, and
         drop pooled connections and MCP bindings of sessions that end."""
-        assert self.hutch.sessions is not None
-        self.mcp.restore(self.hutch.sessions.active_sessions())
-        self.hutch.sessions.on_end.append(self._session_ended)
+        self.mcp.restore(self.sessions.active_sessions())
+        self.sessions.on_end.append(self._session_ended)
 
     def close(self) -> None:
         self.pool.close()
@@ -95,20 +95,19 @@ class Gateway:
         try:
             for attempt in (1, 2):
                 if parsed is not None:
-                    target = await invoke.resolve(self.hutch, scope, parsed, self.mcp)
+                    target = await invoke.resolve(self.plane, scope, parsed, self.mcp)
                 else:
                     address = e2b.sandbox_address(scope, self.domain)
                     if address is None:  # claimed by a sibling check; should not happen
                         raise e2b.SandboxNotFound("no sandbox named by this request")
-                    target = await e2b.resolve(self.hutch, scope, *address)
+                    target = await e2b.resolve(self.plane, scope, *address)
                 try:
                     await self._forward(target, scope, replay, send, started)
                     return
                 except Misdirected:
                     # A cluster's node does not hold the session (it moved or ended a moment ago):
                     # the cached route is gone; the request goes again if its body can be replayed.
-                    assert self.hutch.sessions is not None
-                    await self.hutch.sessions.misdirected(target.session)
+                    await self.sessions.misdirected(target.session)
                     if attempt == 2 or not replay.rewind():
                         raise Unavailable("the session moved to another node just now; retry") from None
         except HutchError as exc:
@@ -122,8 +121,7 @@ class Gateway:
     async def _forward(self, target: Target, scope: Scope, receive: Receive, send: Send, started: float) -> None:
         """Proxy the request to its target. Raises `Misdirected` when the target's node answered
         that it does not hold the session (nothing has reached the client then)."""
-        sessions = self.hutch.sessions
-        assert sessions is not None
+        sessions = self.sessions
         row_id = target.session.row_id
         target = self._via_node(target)
         watch = _MisdirectWatch(send) if target.node is not None else None
@@ -145,7 +143,7 @@ class Gateway:
                 await proxy_websocket(target, scope, receive, send)
         finally:
             sessions.activity.end(row_id)
-            self.hutch.metrics.observe_request(target.session.affinity, time.perf_counter() - started)
+            self.plane.metrics.observe_request(target.session.affinity, time.perf_counter() - started)
             if target.observer is not None:
                 try:
                     await target.observer.finish()  # may end the session (MCP DELETE, SSE stream closed)
@@ -155,8 +153,7 @@ class Gateway:
     async def _reroute(self, target: Target) -> Target:
         """The target's instance took no connection (its agent is dead): the same request, to the
         instance that replaces it."""
-        sessions = self.hutch.sessions
-        assert sessions is not None
+        sessions = self.sessions
         self.pool.drop_instance(target.pool_key[0])
         route = await sessions.reroute(target.session)
         return self._via_node(

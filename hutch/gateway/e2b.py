@@ -43,7 +43,7 @@ from urllib.parse import parse_qsl
 from hutch.agent.config import ENVD_PORT, INTERPRETER_PORT
 from hutch.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from hutch.gateway.affinity import header_value
-from hutch.gateway.types import Header, Host, Scope, Target
+from hutch.gateway.types import DataPlane, Header, Scope, Target
 
 AGENT_PORTS = (ENVD_PORT, INTERPRETER_PORT)
 TOKEN_HEADER = b"x-access-token"
@@ -174,15 +174,14 @@ def check_access(scope: Scope, port: int, token: str) -> None:
     raise Unauthenticated("this sandbox needs its access token (X-Access-Token)")
 
 
-async def resolve(hutch: Host, scope: Scope, sandbox_id: str, port: int) -> Target:
+async def resolve(plane: DataPlane, scope: Scope, sandbox_id: str, port: int) -> Target:
     """The target of one request to a sandbox.
 
     Raises:
         SandboxNotFound: no live sandbox with that id.
         Unauthenticated: see `check_access`.
     """
-    sessions = hutch.sessions
-    assert sessions is not None
+    sessions = plane.sessions
     session = await sessions.find_by_public_id(sandbox_id)
     if session is None and ROW_ID.fullmatch(sandbox_id):
         session = await sessions.find_by_row(sandbox_id)  # a native session's `previewId`

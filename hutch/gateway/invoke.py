@@ -25,11 +25,11 @@ from hutch.api.auth import api_key_of
 from hutch.errors import HutchError, NotFound
 from hutch.functions import AffinityType, FunctionSpec
 from hutch.gateway import affinity, mcp
-from hutch.gateway.types import Header, Host, Scope, Target
+from hutch.gateway.types import DataPlane, Header, Scope, Target
 
 if TYPE_CHECKING:
     from hutch.metadb.records import SessionRecord, Tenant
-    from hutch.scheduler.interface import Route
+    from hutch.scheduler.interface import Route, Sessions
 
 PREFIX = "/functions/"
 MCP_MODES = (AffinityType.MCP_STREAMABLE, AffinityType.MCP_SSE)
@@ -111,7 +111,7 @@ class HeaderView:
         return default if value is None else value.decode("latin-1")
 
 
-async def resolve(hutch: Host, scope: Scope, invocation: Invocation, bindings: mcp.McpBindings) -> Target:
+async def resolve(plane: DataPlane, scope: Scope, invocation: Invocation, bindings: mcp.McpBindings) -> Target:
     """The target of one invocation (creating its session on a miss).
 
     Raises:
@@ -122,12 +122,11 @@ async def resolve(hutch: Host, scope: Scope, invocation: Invocation, bindings: m
         QuotaExceeded: a new session would exceed the tenant's quota.
         JsonRpcError: any of these (and an unknown MCP session) for an MCP function.
     """
-    sessions = hutch.sessions
-    assert sessions is not None
+    sessions = plane.sessions
     headers: list[Header] = scope["headers"]
     view = HeaderView(headers)
     key = api_key_of(view)
-    tenant = await hutch.tenants.authenticate(key)
+    tenant = await plane.tenants.authenticate(key)
     name = invocation.function
     _, spec = await sessions.function(tenant.tenant_id, name)
     plan: mcp.Plan | None = None
@@ -146,13 +145,13 @@ async def resolve(hutch: Host, scope: Scope, invocation: Invocation, bindings: m
                 raise mcp.SessionNotFound()
             bindings.bind((tenant.tenant_id, name, plan.transport, plan.mcp_id), session)
         try:
-            route, created = await _session_route(hutch, tenant, name, spec, plan.session_key, session)
+            route, created = await _session_route(sessions, tenant, name, spec, plan.session_key, session)
         except HutchError as exc:
             raise mcp.JsonRpcError.of(exc) from None
     else:
         path_key = invocation.session_key
         session_key = affinity.checked_key(path_key, "the path") if path_key else affinity.session_key(spec, headers)
-        route, created = await _session_route(hutch, tenant, name, spec, session_key, None)
+        route, created = await _session_route(sessions, tenant, name, spec, session_key, None)
     drop = ALWAYS_DROPPED
     if headers_have(headers, b"x-api-key"):
         drop = drop | {b"x-api-key"}
@@ -175,7 +174,7 @@ async def resolve(hutch: Host, scope: Scope, invocation: Invocation, bindings: m
     session = route.session
     if plan is not None:
         answer = plan.answer_headers(session)
-        observer = plan.exchange(sessions, hutch.metadb, session, created, invocation.prefix)
+        observer = plan.exchange(sessions, plane.metadb, session, created, invocation.prefix)
     else:
         answer = affinity.response_headers(spec, session.session_id, session.ttl_s, created)
         observer = None
@@ -195,11 +194,14 @@ async def resolve(hutch: Host, scope: Scope, invocation: Invocation, bindings: m
 
 
 async def _session_route(
-    hutch: Host, tenant: Tenant, name: str, spec: FunctionSpec, session_key: str | None, session: SessionRecord | None
+    sessions: Sessions,
+    tenant: Tenant,
+    name: str,
+    spec: FunctionSpec,
+    session_key: str | None,
+    session: SessionRecord | None,
 ) -> tuple[Route, bool]:
     """The route of the session `session` (or that `session_key` names, or a new one); (route, created)."""
-    sessions = hutch.sessions
-    assert sessions is not None
     bound = session is not None
     created = False
     for _attempt in range(2):

@@ -1,5 +1,5 @@
-"""The contracts inside the gateway: where a request goes (`Target`), what watches its answer
-(`Observer`), and the ASGI callables."""
+"""The contracts of the gateway: what it uses of the process it runs in (`DataPlane`), where a
+request goes (`Target`), what watches its answer (`Observer`), and the ASGI callables."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from hutch.scheduler.interface import NodeAddress, Sessions
     from hutch.tenants import TenantService
 
-__all__ = ["Header", "Host", "Message", "Observer", "Receive", "Scope", "Send", "Target"]
+__all__ = ["DataPlane", "Header", "Message", "Observer", "Receive", "Scope", "Send", "Target"]
 
 Header = tuple[bytes, bytes]
 
@@ -62,16 +62,13 @@ class Target:
     hop: tuple[Header, ...] = ()  # and the headers the request to that node carries
 
 
-class Host(Protocol):
-    """What the gateway uses of the process it runs in (`hutch.server.Hutch`)."""
+@dataclass(frozen=True, slots=True)
+class DataPlane:
+    """What the gateway uses of the process it runs in, handed to it once the sessions have
+    started (`hutch.asgi`): the sessions through their seam, and nothing of how they are held."""
 
-    @property
-    def config(self) -> ServerConfig: ...
-    @property
-    def sessions(self) -> Sessions | None: ...
-    @property
-    def tenants(self) -> TenantService: ...
-    @property
-    def metadb(self) -> MetaDB: ...
-    @property
-    def metrics(self) -> Metrics: ...
+    config: ServerConfig
+    sessions: Sessions
+    tenants: TenantService
+    metadb: MetaDB
+    metrics: Metrics

@@ -33,7 +33,7 @@ from hutch.mcp.server import build_server
 from hutch.mcp.transport import StreamingASGITransport
 
 if TYPE_CHECKING:
-    from hutch.server import Hutch
+    from hutch.tenants import TenantService
 
 PATH = "/mcp"
 LOOPBACK = "http://hutch.internal"
@@ -52,8 +52,8 @@ class _Headers:
 class McpEndpoint:
     """`/mcp` on `hutch serve`; `app` is the whole ASGI app, which the tools call back into."""
 
-    def __init__(self, hutch: Hutch, app: Any) -> None:
-        self.hutch = hutch
+    def __init__(self, tenants: TenantService, app: Any) -> None:
+        self.tenants = tenants
         self.app = app
         self.server = build_server(self._sandboxes)
         # The API key authenticates every request; the Host is whatever hutch is reached by.
@@ -76,7 +76,7 @@ class McpEndpoint:
             await send({"type": "websocket.close", "code": 1008})
             return
         try:
-            await self.hutch.tenants.authenticate(api_key_of(_Headers(scope)))
+            await self.tenants.authenticate(api_key_of(_Headers(scope)))
         except HutchError as exc:
             error = {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": exc.message}}
             body = json.dumps(error, separators=(",", ":")).encode()
