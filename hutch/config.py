@@ -15,6 +15,7 @@ live_restore = false              # true: a stop of `hutch serve`/`node` leaves 
                                   # TTL, hutch alive or not); false: a stop ends every session and removes
                                   # every instance and all hutch made on the host
 warm_lease = 60.0                 # seconds a warm (pooled) instance outlives the last hutch on its data dir
+paused_retention = 86400.0        # seconds a paused sandbox is kept (frozen, its memory held), then ended
 [warm_pools]                      # override the built-in functions' pool sizes
 base = 2
 "code-interpreter-v1" = 1
@@ -250,6 +251,7 @@ class ServerConfig(BaseModel):
     reap_interval: float = Field(0.5, gt=0)
     live_restore: bool = False
     warm_lease: float = Field(60.0, gt=0, le=86400)
+    paused_retention: float = Field(86400.0, gt=0, le=30 * 86400)
     metrics_public: bool = False
     request_timeout: float = Field(30.0, gt=0, le=3600)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)

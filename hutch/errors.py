@@ -84,6 +84,13 @@ class FailedPrecondition(HutchError):
     http_status = 400
 
 
+class Paused(FailedPrecondition):
+    """The session is paused: its traffic waits for a resume (E2B's connect), not for a retry."""
+
+    code = "paused"
+    http_status = 409
+
+
 class Canceled(HutchError):
     code = "canceled"
     http_status = 499
@@ -144,6 +151,7 @@ BY_CODE: dict[str, type[HutchError]] = {
         NotFound,
         AlreadyExists,
         FailedPrecondition,
+        Paused,
         Canceled,
         DeadlineExceeded,
         ResourceExhausted,

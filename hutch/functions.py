@@ -84,6 +84,13 @@ class AffinityConfig(BaseModel):
     cookie_name: str = Field("x-fc-cookie-session-id", alias="cookieName", min_length=1, max_length=64)
     session_ttl_s: int = Field(21600, alias="sessionTTLInSeconds", ge=1, le=21600)
     session_idle_timeout_s: int = Field(1800, alias="sessionIdleTimeoutInSeconds", ge=0, le=21600)
+    session_freeze_after_idle_s: int = Field(
+        0,
+        alias="sessionFreezeAfterIdleInSeconds",
+        ge=0,
+        le=21600,
+        description="freeze a session idle this long (no CPU, memory kept; the next request wakes it); 0: never",
+    )
     disable_session_id_reuse: bool = Field(False, alias="disableSessionIdReuse")
 
     @field_validator("header_name", "cookie_name")

@@ -178,6 +178,7 @@ class Hutch:
             meter=meter,
             cluster=self.role == Role.NODE,
         )
+        manager.paused_retention_s = self.config.paused_retention
         self.sessions = self.manager = manager
         await manager.start()
         self.metrics.attach(manager, scheduler)

@@ -17,9 +17,11 @@ Decisions (README "Use" says the same to users):
   make the sandbox's egress policy, enforced by hutch's egress proxy; `PUT .../network`
   replaces the allow and deny lists at once. A sandbox of a template without a network that
   asks for no egress at all gets loopback only (then it cannot be given a network later).
-- Pause: not available. `POST .../pause` answers 501 and the sandbox keeps running; creating
-  with `autoPause`/`autoResume` is refused (400) rather than killed where a pause was asked.
-  MCP gateways and volume mounts are refused the same way.
+- Pause (`hutch.scheduler.sleep`): `POST .../pause` freezes the sandbox (processes and memory
+  kept; `memory: false` keeps only its files), `connect` resumes it (201; 200 when it ran),
+  `autoPause` pauses it at its timeout and `autoResume` lets traffic resume it; traffic to a
+  sandbox paused without `autoResume` is a 409. Snapshots and fork answer 501.
+- MCP gateways and volume mounts are refused (400).
 """
 
 from __future__ import annotations
@@ -78,8 +80,9 @@ class NewSandbox(BaseModel):
     timeout: int = Field(DEFAULT_TIMEOUT_S, ge=1, le=MAX_E2B_TIMEOUT_S, description="seconds from now")
     metadata: dict[str, str] | None = None
     env_vars: dict[str, str] | None = Field(None, alias="envVars")
-    auto_pause: bool | None = Field(None, alias="autoPause")
-    auto_resume: dict[str, Any] | None = Field(None, alias="autoResume")
+    auto_pause: bool | None = Field(None, alias="autoPause", description="pause at the timeout instead of ending")
+    auto_pause_memory: bool | None = Field(None, alias="autoPauseMemory", description="false: a filesystem-only pause")
+    auto_resume: dict[str, Any] | None = Field(None, alias="autoResume", description="{enabled}: traffic resumes it")
     secure: bool | None = Field(None, description="accepted; sandboxes are always secured")
     allow_internet_access: bool | None = Field(None, description="egress beyond allowOut (E2B's default: true)")
     network: NetworkBody | None = None
@@ -95,6 +98,16 @@ class TimeoutBody(BaseModel):
 class ConnectBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     timeout: int = Field(DEFAULT_TIMEOUT_S, ge=1, le=MAX_E2B_TIMEOUT_S, description="seconds from now, extend only")
+
+
+class PauseBody(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    memory: bool = Field(True, description="false: keep only the file system (the resume boots it again)")
+
+
+class ResumeBody(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    timeout: int = Field(DEFAULT_TIMEOUT_S, ge=1, le=MAX_E2B_TIMEOUT_S, description="seconds from now")
 
 
 class RefreshBody(BaseModel):
@@ -143,7 +156,7 @@ async def listed_json(request: Request, session: SessionRecord) -> dict:
         "cpuCount": max(1, round(session.cpu)),
         "memoryMB": session.memory_mb,
         "diskSizeMB": await _disk_mb(request, session),
-        "state": "running",
+        "state": _state(session),
         "envdVersion": ENVD_VERSION,
         "metadata": session.metadata,
     }
@@ -156,8 +169,30 @@ async def detail_json(request: Request, session: SessionRecord) -> dict:
         "envdAccessToken": session.access_token,
         "domain": _domain(request),
         **_network_fields(request, session),
-        "lifecycle": {"autoResume": False, "onTimeout": "kill"},
+        "lifecycle": _lifecycle_json(session),
     }
+
+
+def _state(session: SessionRecord) -> str:
+    return "paused" if session.paused else "running"
+
+
+def _lifecycle_json(session: SessionRecord) -> dict:
+    lifecycle = session.lifecycle or {}
+    return {"autoResume": bool(lifecycle.get("auto_resume")), "onTimeout": lifecycle.get("on_timeout", "kill")}
+
+
+def _lifecycle(body: NewSandbox) -> dict | None:
+    """The sandbox's lifecycle (`SessionRecord.lifecycle`) from E2B's create fields; None: kill."""
+    auto_resume = bool((body.auto_resume or {}).get("enabled"))
+    if not body.auto_pause:
+        if auto_resume:
+            raise InvalidArgument("autoResume needs autoPause (lifecycle on_timeout 'pause')")
+        return None
+    memory = body.auto_pause_memory is not False
+    if auto_resume and not memory:
+        raise InvalidArgument("autoResume cannot resume a filesystem-only pause (autoPauseMemory false)")
+    return {"on_timeout": "pause", "auto_resume": auto_resume, "memory": memory}
 
 
 def _network_fields(request: Request, session: SessionRecord) -> dict:
@@ -240,8 +275,6 @@ def _matches(session: SessionRecord, metadata: dict[str, str]) -> bool:
 
 
 def _refuse_unavailable(body: NewSandbox) -> None:
-    if body.auto_pause or (body.auto_resume or {}).get("enabled"):
-        raise InvalidArgument("pausing sandboxes is not available in hutch: create without autoPause/autoResume")
     if body.mcp:
         raise InvalidArgument("MCP gateway sandboxes are not available in hutch")
     if body.volume_mounts:
@@ -287,6 +320,7 @@ async def _create(request: Request, tenant: Tenant, body: NewSandbox) -> Session
         metadata=body.metadata or {},
         with_token=True,
         traffic=_traffic(body),
+        lifecycle=_lifecycle(body),
     )
     return session
 
@@ -360,14 +394,14 @@ async def list_sandboxes(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     next_token: Annotated[str | None, Query(alias="nextToken")] = None,
 ) -> list[dict]:
-    if "running" not in _states(state):  # nothing is ever paused
-        return []
+    states = _states(state)
     wanted = _metadata_filter(metadata)
     after = started_after.timestamp() if started_after else None
     found = [
         s
         for s in await _tenant_sandboxes(request, tenant)
-        if _matches(s, wanted)
+        if _state(s) in states
+        and _matches(s, wanted)
         and (template is None or s.function == template)
         and (after is None or s.created_at >= after)
     ]
@@ -407,11 +441,22 @@ async def _extend(request: Request, session: SessionRecord, seconds: int) -> Ses
     return await control_plane(request).sessions.renew(session, ttl_s=seconds)
 
 
-@router.post("/sandboxes/{sandbox_id}/connect", summary="Connect to a running sandbox (E2B SDK < 2.51)")
-@router.post("/v2/sandboxes/{sandbox_id}/connect", summary="Connect to a running sandbox; extends its timeout")
-async def connect_sandbox(sandbox_id: str, request: Request, tenant: Caller, body: ConnectBody | None = None) -> dict:
+@router.post("/sandboxes/{sandbox_id}/connect", summary="Connect to a sandbox (E2B SDK < 2.51)")
+@router.post(
+    "/v2/sandboxes/{sandbox_id}/connect",
+    summary="Connect to a sandbox: 200 running (its timeout extended), 201 resumed from a pause",
+)
+async def connect_sandbox(
+    sandbox_id: str, request: Request, response: Response, tenant: Caller, body: ConnectBody | None = None
+) -> dict:
     session = await _sandbox(request, tenant, sandbox_id)
-    session = await _extend(request, session, (body or ConnectBody()).timeout)
+    timeout = (body or ConnectBody()).timeout
+    if session.sleep is not None:
+        session, resumed = await control_plane(request).sessions.wake(session, ttl_s=timeout)
+        if resumed:
+            response.status_code = 201
+            return sandbox_json(request, session)
+    session = await _extend(request, session, timeout)
     return sandbox_json(request, session)
 
 
@@ -432,16 +477,31 @@ async def update_network(sandbox_id: str, body: NetworkBody, request: Request, t
     return Response(status_code=204)
 
 
-@router.post("/sandboxes/{sandbox_id}/pause", summary="Not available: sandboxes keep running")
-async def pause_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> Response:
-    await _sandbox(request, tenant, sandbox_id)
-    raise Unimplemented("pausing sandboxes is not available in hutch; the sandbox keeps running")
+@router.post(
+    "/sandboxes/{sandbox_id}/pause",
+    status_code=204,
+    summary="Pause a sandbox: frozen with its memory, or (memory false) only its files kept; 409 if paused",
+)
+async def pause_sandbox(sandbox_id: str, request: Request, tenant: Caller, body: PauseBody | None = None) -> Response:
+    session = await _sandbox(request, tenant, sandbox_id)
+    if session.paused:
+        raise AlreadyExists(f"sandbox {sandbox_id} is already paused")
+    memory = (body or PauseBody()).memory
+    _, paused = await control_plane(request).sessions.sleep(session, paused=True, memory=memory)
+    if not paused:
+        raise AlreadyExists(f"sandbox {sandbox_id} is already paused")
+    return Response(status_code=204)
 
 
-@router.post("/sandboxes/{sandbox_id}/resume", summary="Nothing is ever paused: 409 for a running sandbox")
-async def resume_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> Response:
-    await _sandbox(request, tenant, sandbox_id)
-    raise AlreadyExists(f"sandbox {sandbox_id} is already running")
+@router.post(
+    "/sandboxes/{sandbox_id}/resume", status_code=201, summary="Resume a paused sandbox (E2B SDK < 2); 409 if running"
+)
+async def resume_sandbox(sandbox_id: str, request: Request, tenant: Caller, body: ResumeBody | None = None) -> dict:
+    session = await _sandbox(request, tenant, sandbox_id)
+    if not session.paused:
+        raise AlreadyExists(f"sandbox {sandbox_id} is already running")
+    session, _ = await control_plane(request).sessions.wake(session, ttl_s=(body or ResumeBody()).timeout)
+    return sandbox_json(request, session)
 
 
 @router.api_route(

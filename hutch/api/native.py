@@ -235,6 +235,9 @@ def session_json(session: SessionRecord) -> dict:
         "lastActivityTime": iso(session.last_activity),
         "expireTime": iso(session.expires_at),
         "epoch": session.epoch,
+        # running, or asleep: frozen (memory kept) / stopped (files kept); paused: only a resume wakes it
+        "state": session.sleep["state"] if session.sleep else "running",
+        "paused": session.paused,
         "previewId": session.row_id,  # host names {port}-{previewId}.{domain} reach its ports
         "metadata": session.metadata,
         "network": _network_json(session.network),
@@ -335,12 +338,46 @@ async def update_session(name: str, session_id: str, body: SessionPatch, request
     return session_json(session)
 
 
+class PauseIn(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+    keep_memory: bool = Field(
+        True, alias="keepMemory", description="true: frozen (processes and memory kept); false: only its files kept"
+    )
+
+
+@router.post(
+    "/functions/{name}/sessions/{session_id}/pause",
+    tags=["sessions"],
+    summary="Pause a session: no CPU; its requests answer 409 until it is resumed",
+)
+async def pause_session(
+    name: str, session_id: str, request: Request, tenant: Caller, body: PauseIn | None = None
+) -> dict:
+    session = await _active_session(request, tenant, name, session_id)
+    keep_memory = (body or PauseIn()).keep_memory
+    paused, _ = await control_plane(request).sessions.sleep(session, paused=True, memory=keep_memory)
+    return session_json(paused)
+
+
+@router.post("/functions/{name}/sessions/{session_id}/resume", tags=["sessions"], summary="Resume a paused session")
+async def resume_session(name: str, session_id: str, request: Request, tenant: Caller) -> dict:
+    session = await _active_session(request, tenant, name, session_id)
+    sessions = control_plane(request).sessions
+    woken, _ = await sessions.wake(session, ttl_s=session.ttl_s if session.paused else None)
+    return session_json(woken)
+
+
+async def _active_session(request: Request, tenant: Tenant, name: str, session_id: str) -> SessionRecord:
+    session = await _session(request, tenant, name, session_id)
+    if not session.active:
+        raise NotFound(f"session {session_id} has already ended")
+    return session
+
+
 @router.delete(
     "/functions/{name}/sessions/{session_id}", status_code=204, tags=["sessions"], summary="End a session now"
 )
 async def delete_session(name: str, session_id: str, request: Request, tenant: Caller) -> Response:
-    session = await _session(request, tenant, name, session_id)
-    if not session.active:
-        raise NotFound(f"session {session_id} has already ended")
+    session = await _active_session(request, tenant, name, session_id)
     await control_plane(request).sessions.end(session, EndReason.DELETED)
     return Response(status_code=204)

@@ -325,6 +325,7 @@ class ClusterSessions:
         existing_ok: bool = False,
         network: dict[str, Any] | None = None,
         traffic: dict[str, Any] | None = None,
+        lifecycle: dict[str, Any] | None = None,
     ) -> tuple[SessionRecord, bool]:
         started = time.perf_counter()
         await self.function(tenant.tenant_id, function)  # NotFound here, before any node is asked
@@ -356,6 +357,7 @@ class ClusterSessions:
             "existingOk": existing_ok,
             "network": network,
             "traffic": traffic,
+            "lifecycle": lifecycle,
         }
         answer = await self._on_live_node("sessions", body, "no live node can take a session now; retry")
         record = self._remember(session_from_wire(answer["session"]))
@@ -447,7 +449,8 @@ class ClusterSessions:
 
     # -- changes, on the session's node --------------------------------------------------------
 
-    async def _on_node(self, session: SessionRecord, action: str, body: dict[str, Any]) -> SessionRecord | None:
+    async def _call_node(self, session: SessionRecord, action: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The answer of the session's node to a change; None if the session has ended."""
         current = await self.metadb.get_session(session.row_id)
         if not current.active:
             self._forget(current.internal_id)
@@ -455,8 +458,11 @@ class ClusterSessions:
         address = self.nodes.address(current.scheduler_id or "") if self.nodes.is_live(current.scheduler_id) else None
         if address is None:
             raise NodeUnreachable(f"the node of session {session.session_id} is down")
-        answer = await self.client.call(address, f"sessions/{current.row_id}/{action}", body)
-        record = answer.get("session")
+        return await self.client.call(address, f"sessions/{current.row_id}/{action}", body)
+
+    async def _on_node(self, session: SessionRecord, action: str, body: dict[str, Any]) -> SessionRecord | None:
+        answer = await self._call_node(session, action, body)
+        record = answer.get("session") if answer else None
         return session_from_wire(record) if record else None
 
     async def end(self, session: SessionRecord, reason: EndReason | str) -> SessionRecord | None:
@@ -491,6 +497,23 @@ class ClusterSessions:
         if updated is None:
             raise NotFound(f"session {session.session_id} has ended")
         return self._remember(updated)
+
+    async def sleep(
+        self, session: SessionRecord, paused: bool = True, memory: bool = True
+    ) -> tuple[SessionRecord, bool]:
+        return await self._on_node_changed(session, "sleep", {"paused": paused, "memory": memory})
+
+    async def wake(self, session: SessionRecord, ttl_s: int | None = None) -> tuple[SessionRecord, bool]:
+        return await self._on_node_changed(session, "wake", {"ttlSeconds": ttl_s})
+
+    async def _on_node_changed(
+        self, session: SessionRecord, action: str, body: dict[str, Any]
+    ) -> tuple[SessionRecord, bool]:
+        """A change only the session's node can make (its instance is there)."""
+        answer = await self._call_node(session, action, body)
+        if answer is None:
+            raise NotFound(f"session {session.session_id} has ended")
+        return self._remember(session_from_wire(answer["session"])), bool(answer.get("changed"))
 
     async def set_network(self, session: SessionRecord, policy: dict[str, Any]) -> SessionRecord:
         try:

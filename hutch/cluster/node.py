@@ -208,6 +208,8 @@ class NodeApp:
                 Route(CONTROL_PREFIX + "sessions/{row_id}/end", self._end, methods=["POST"]),
                 Route(CONTROL_PREFIX + "sessions/{row_id}/renew", self._renew, methods=["POST"]),
                 Route(CONTROL_PREFIX + "sessions/{row_id}/network", self._network, methods=["POST"]),
+                Route(CONTROL_PREFIX + "sessions/{row_id}/sleep", self._sleep, methods=["POST"]),
+                Route(CONTROL_PREFIX + "sessions/{row_id}/wake", self._wake, methods=["POST"]),
                 Route(CONTROL_PREFIX + "functions", self._function_changed, methods=["POST"]),
             ],
             exception_handlers={HutchError: self._error, Exception: self._unexpected},
@@ -369,6 +371,7 @@ class NodeApp:
             existing_ok=bool(body.get("existingOk")),
             network=body.get("network"),
             traffic=body.get("traffic"),
+            lifecycle=body.get("lifecycle"),
         )
         return JSONResponse({"session": session_to_wire(record), "created": created})
 
@@ -398,6 +401,18 @@ class NodeApp:
         sessions = self.sessions
         updated = await sessions.set_network(await self._held(request), body["policy"])
         return JSONResponse({"session": session_to_wire(updated)})
+
+    async def _sleep(self, request: Request) -> JSONResponse:
+        body = await _json(request)
+        updated, changed = await self.sessions.sleep(
+            await self._held(request), bool(body.get("paused", True)), bool(body.get("memory", True))
+        )
+        return JSONResponse({"session": session_to_wire(updated), "changed": changed})
+
+    async def _wake(self, request: Request) -> JSONResponse:
+        body = await _json(request)
+        updated, changed = await self.sessions.wake(await self._held(request), body.get("ttlSeconds"))
+        return JSONResponse({"session": session_to_wire(updated), "changed": changed})
 
     async def _function_changed(self, request: Request) -> Response:
         body = await _json(request)

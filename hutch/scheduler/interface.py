@@ -123,6 +123,7 @@ class Sessions(Protocol):
         existing_ok: bool = False,
         network: dict[str, Any] | None = None,
         traffic: dict[str, Any] | None = None,
+        lifecycle: dict[str, Any] | None = None,
     ) -> tuple[SessionRecord, bool]:
         """A new Active session and whether it was created (False: `existing_ok` found one)."""
         ...
@@ -156,3 +157,8 @@ class Sessions(Protocol):
         self, session: SessionRecord, ttl_s: int | None = None, idle_timeout_s: int | None = None
     ) -> SessionRecord: ...
     async def set_network(self, session: SessionRecord, policy: dict[str, Any]) -> SessionRecord: ...
+    # sleep (`hutch.scheduler.sleep`): (the session, whether its state changed)
+    async def sleep(
+        self, session: SessionRecord, paused: bool = True, memory: bool = True
+    ) -> tuple[SessionRecord, bool]: ...
+    async def wake(self, session: SessionRecord, ttl_s: int | None = None) -> tuple[SessionRecord, bool]: ...

@@ -69,10 +69,12 @@ class SessionLifecycle(SessionTable):
         existing_ok: bool = False,
         network: dict[str, Any] | None = None,
         traffic: dict[str, Any] | None = None,
+        lifecycle: dict[str, Any] | None = None,
     ) -> tuple[SessionRecord, bool]:
         """A new session with its instance (prewarm + attach). Returns (session, created).
         `network`: the session's own egress policy (`NetworkSpec.to_runtime()`), instead of the
-        function's; `traffic`: its rules for host-named traffic (`SessionRecord.traffic`).
+        function's; `traffic`: its rules for host-named traffic (`SessionRecord.traffic`);
+        `lifecycle`: what its timeout does (`SessionRecord.lifecycle`).
 
         Raises:
             InvalidArgument: a malformed session id.
@@ -124,6 +126,7 @@ class SessionLifecycle(SessionTable):
                 access_token=secrets.token_urlsafe(24) if with_token else None,
                 network=dict(network) if network is not None else None,
                 traffic=dict(traffic) if traffic is not None else None,
+                lifecycle=dict(lifecycle) if lifecycle is not None else None,
             )
             try:
                 await self.metadb.insert_session(
@@ -230,6 +233,7 @@ class SessionLifecycle(SessionTable):
                 epoch=session.epoch + 1 if next_epoch else session.epoch,
                 last_modified=self.clock(),
                 scheduler_id=self.scheduler.scheduler_id,
+                sleep=None,  # a new instance runs
             )
         except BaseException:
             # MetaDB did not take the new binding: no instance may run for nobody (the next request

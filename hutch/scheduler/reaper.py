@@ -8,19 +8,22 @@ import logging
 
 from hutch.errors import HutchError
 from hutch.metadb.records import EndReason, SessionRecord
-from hutch.scheduler.lifecycle import SessionLifecycle
+from hutch.scheduler.sleep import SessionSleep
 
 log = logging.getLogger(__name__)
 
 
-class SessionReaper(SessionLifecycle):
-    """Ends sessions at TTL or idle, and flushes their activity."""
+class SessionReaper(SessionSleep):
+    """Ends sessions at TTL or idle (or puts them to sleep: `SessionSleep`), and flushes their activity."""
 
     async def reap_once(self) -> list[SessionRecord]:
-        """End the sessions past their TTL or idle timeout."""
+        """End the sessions past their TTL or idle timeout (unless they pause then), and put to
+        sleep those idle for their function's freeze time."""
         now = self.clock()
         ended = []
         for session in list(self._active.values()):
+            if await self.sleep_or_pause_due(session, now):
+                continue
             if now >= session.expires_at:
                 reason = EndReason.TTL
             elif (

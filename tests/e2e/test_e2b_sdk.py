@@ -173,13 +173,68 @@ def test_a_wrong_key_or_an_unknown_template_is_refused(tenant):
         Sandbox.create(template="no-such-template")
 
 
-def test_pause_is_refused_clearly_and_the_sandbox_keeps_running(tenant):
-    box = Sandbox.create()
-    with pytest.raises(SandboxException, match="501: pausing sandboxes is not available"):
-        box.pause()
-    assert box.get_info().state == SandboxState.RUNNING
-    with pytest.raises(SandboxException, match="pausing sandboxes is not available"):
-        Sandbox.create(lifecycle={"on_timeout": "pause"})
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done"
+
+
+def _count(box) -> int:
+    return int(box.files.read("/tmp/count").strip() or 0)
+
+
+def test_pause_and_connect_keep_variables_a_heap_files_and_processes(tenant):
+    box = CodeSandbox.create(timeout=120)
+    box.run_code("x = 42\nheap = bytearray(80 * 2**20)")
+    box.files.write("/home/user/kept.txt", "still here")
+    box.commands.run(COUNTER, background=True)
+    _wait_for(lambda: box.files.exists("/tmp/count") and _count(box) > 2)
+    for _ in range(3):
+        before = _count(box)
+        assert box.pause() is True
+        assert box.get_info().state == SandboxState.PAUSED
+        paused = Sandbox.list(query=SandboxQuery(state=[SandboxState.PAUSED])).next_items()
+        assert [s.sandbox_id for s in paused] == [box.sandbox_id]
+        assert Sandbox.list(query=SandboxQuery(state=[SandboxState.RUNNING])).next_items() == []
+        assert box.pause() is False  # already paused
+        with pytest.raises(SandboxException, match="paused"):
+            box.run_code("x")  # no auto_resume: traffic does not wake it
+        time.sleep(2)  # the counter would have gone ~20 further if it ran
+        resumed = Sandbox.connect(box.sandbox_id, timeout=120)
+        assert resumed.get_info().state == SandboxState.RUNNING
+        assert _count(box) - before < 10  # frozen while paused
+        assert box.run_code("x").text == "42"
+        assert box.run_code("len(heap)").text == str(80 * 2**20)
+        assert box.files.read("/home/user/kept.txt") == "still here"
+        _wait_for(lambda before=before: _count(box) > before + 3)  # the background process runs on
+    box.kill()
+
+
+def test_auto_pause_at_the_timeout_and_auto_resume_on_the_next_run_code(tenant):
+    box = CodeSandbox.create(timeout=3, lifecycle={"on_timeout": "pause", "auto_resume": True})
+    assert box.get_info().lifecycle == {"on_timeout": "pause", "auto_resume": True}
+    box.run_code("y = 'kept'")
+    _wait_for(lambda: box.get_info().state == SandboxState.PAUSED, timeout=20)
+    assert box.run_code("y").text == "kept"  # traffic resumes it
+    info = box.get_info()
+    assert info.state == SandboxState.RUNNING
+    box.kill()
+
+
+def test_a_filesystem_only_pause_keeps_files_and_drops_processes(tenant):
+    box = Sandbox.create(timeout=120, lifecycle={"on_timeout": "pause"})
+    box.files.write("/home/user/notes.txt", "on disk")
+    box.commands.run("sleep 600", background=True)
+    assert box.pause(mode="filesystem") is True
+    assert box.get_info().state == SandboxState.PAUSED
+    assert Sandbox.connect(box.sandbox_id).get_info().state == SandboxState.RUNNING
+    assert box.files.read("/home/user/notes.txt") == "on disk"
+    assert "sleep 600" not in box.commands.run("ps -eo args").stdout
+    box.kill()
+
+
+def test_auto_resume_without_a_pause_at_the_timeout_is_refused(tenant):
+    refused = tenant.post("/v2/sandboxes", json={"templateID": "base", "autoResume": {"enabled": True}})
+    assert refused.status_code == 400 and "autoPause" in refused.json()["message"]
+    both = {"templateID": "base", "autoPause": True, "autoPauseMemory": False, "autoResume": {"enabled": True}}
+    assert tenant.post("/v2/sandboxes", json=both).status_code == 400
 
 
 def test_the_pre_2_51_endpoints_speak_e2b_shapes(server, tenant):

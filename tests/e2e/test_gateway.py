@@ -480,6 +480,43 @@ def test_requests_and_open_streams_keep_a_session_alive_and_idling_ends_it(tenan
     assert _get(tenant, name, key, "/home/user/alive.txt").status_code == 404
 
 
+def _execute(client: httpx.Client, function: str, key: str, code: str) -> str:
+    answer = client.post(
+        f"/functions/{function}/invoke/execute", json={"code": code}, headers={"x-fc-session-id": key}, timeout=60
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.text
+
+
+def test_an_idle_session_freezes_and_its_next_request_wakes_it_with_its_memory(tenant):
+    name = _function(tenant, sessionAffinityConfig={"sessionFreezeAfterIdleInSeconds": 1})
+    key = "sleeper"
+    _execute(tenant, name, key, "x = 41")
+    awake = _session(tenant, name, key)
+    assert awake["state"] == "running"
+    asleep = _wait_for(lambda: (s := _session(tenant, name, key))["state"] == "frozen" and s)
+    assert asleep["paused"] is False and asleep["containerId"] == awake["containerId"]
+    assert "42" in _execute(tenant, name, key, "x + 1")  # the request wakes it: no error, same memory
+    woken = _session(tenant, name, key)
+    assert woken["epoch"] == awake["epoch"] and woken["containerId"] == awake["containerId"]
+    assert _wait_for(lambda: _session(tenant, name, key)["state"] == "frozen")  # and it sleeps again
+
+
+def test_a_paused_session_answers_409_until_resumed(tenant):
+    name = _function(tenant)
+    key = "paused"
+    assert _put(tenant, name, key, "/home/user/kept.txt", b"kept").status_code == 200
+    paused = tenant.post(f"/v1/functions/{name}/sessions/{key}/pause")
+    assert paused.status_code == 200 and paused.json()["state"] == "frozen" and paused.json()["paused"] is True
+    refused = _get(tenant, name, key, "/home/user/kept.txt")
+    assert refused.status_code == 409 and "paused" in refused.json()["message"]
+    resumed = tenant.post(f"/v1/functions/{name}/sessions/{key}/resume")
+    assert resumed.status_code == 200 and resumed.json()["state"] == "running"
+    assert _get(tenant, name, key, "/home/user/kept.txt").content == b"kept"
+    ghost = tenant.post(f"/v1/functions/{name}/sessions/nobody/pause")
+    assert ghost.status_code == 404 and ghost.json()["code"] == "not_found"
+
+
 # -- E2B traffic -----------------------------------------------------------------------------------
 
 

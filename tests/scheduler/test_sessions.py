@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hutch.errors import AlreadyExists, FailedPrecondition, QuotaExceeded
+from hutch.errors import AlreadyExists, FailedPrecondition, Paused, QuotaExceeded
 from hutch.functions import BUILTIN_FUNCTIONS, BUILTIN_TENANT, AffinityConfig, FunctionSpec, ResourceSpec
 from hutch.metadb.records import FunctionRecord, SessionStatus, Tenant
 from hutch.metadb.sqlite import SQLiteMetaDB
@@ -270,6 +270,64 @@ def test_a_restart_reattaches_live_instances_and_recovers_dead_ones(loop, data_d
         assert recovered.epoch == 1
         assert second.command(recovered, "cat mark").strip() == "d"
         assert len(second.scheduler.pools["*/base"].warm) == 1  # the warm instance was adopted back
+    finally:
+        second.close()
+        second.run(second.scheduler.runtime.close(unstage=True))
+
+
+# -- sleep (`hutch.scheduler.sleep`) ----------------------------------------------------------------
+
+
+def test_a_session_paused_at_its_timeout_keeps_its_memory_until_resumed_then_ends_after_retention(stack):
+    lifecycle = {"on_timeout": "pause", "auto_resume": False, "memory": True}
+    session, _ = stack.run(stack.sessions.create(stack.tenant, "base", ttl_s=10, idle_timeout_s=0, lifecycle=lifecycle))
+    stack.command(session, "sleep 600 & echo started")
+    stack.clock.now += 11
+    assert stack.run(stack.sessions.reap_once()) == []  # paused, not ended
+    paused = stack.sessions.active(session.internal_id)
+    assert paused.paused and paused.sleep["state"] == "frozen"
+    assert stack.scheduler.frozen(paused.instance_id)
+    assert paused.expires_at == stack.clock.now + stack.sessions.paused_retention_s
+    with pytest.raises(Paused):
+        stack.run(stack.sessions.route(paused))
+    woken, slept = stack.run(stack.sessions.wake(paused, ttl_s=30))
+    assert slept and woken.sleep is None and woken.expires_at == stack.clock.now + 30
+    assert not stack.scheduler.frozen(woken.instance_id) and woken.epoch == 0
+    assert "sleep 600" in stack.command(woken, "ps -eo args")  # its processes were kept
+    # Paused again, it is kept for the retention, then ended.
+    stack.run(stack.sessions.sleep(woken, paused=True))
+    stack.clock.now += stack.sessions.paused_retention_s + 1
+    assert [s.end_reason for s in stack.run(stack.sessions.reap_once())] == ["ttl"]
+
+
+def test_an_idle_freeze_wakes_on_route_and_a_filesystem_pause_boots_a_new_instance(stack):
+    session, _ = stack.run(stack.sessions.create(stack.tenant, "base", session_id="dozy"))
+    stack.command(session, "echo on-disk > note")
+    asleep, slept = stack.run(stack.sessions.sleep(session, paused=False))
+    assert slept and not asleep.paused and stack.scheduler.frozen(asleep.instance_id)
+    route = stack.run(stack.sessions.route(asleep))  # any request wakes an idle sleeper
+    assert route.session.sleep is None and route.session.instance_id == session.instance_id
+    stopped, _ = stack.run(stack.sessions.sleep(route.session, paused=True, memory=False))
+    assert stopped.sleep["state"] == "stopped" and stopped.instance_id is None
+    assert not stack.scheduler.is_live(session.instance_id)
+    woken, _ = stack.run(stack.sessions.wake(stopped))
+    assert woken.epoch == 1 and woken.instance_id not in (None, session.instance_id)
+    assert stack.command(woken, "cat note").strip() == "on-disk"
+
+
+def test_a_paused_session_survives_a_restart_still_paused(loop, data_dir):
+    clock = Clock()
+    first = Stack(loop, data_dir, clock)
+    session, _ = first.run(first.sessions.create(first.tenant, "base", session_id="napper"))
+    first.command(session, "echo z > mark")
+    first.run(first.sessions.sleep(session, paused=True))
+    first.close(stop_instances=False)
+    second = Stack(loop, data_dir, clock)
+    try:
+        back = second.sessions.active(session.internal_id)
+        assert back.paused and second.scheduler.frozen(back.instance_id)
+        woken, _ = second.run(second.sessions.wake(back))
+        assert woken.epoch == 0 and second.command(woken, "cat mark").strip() == "z"
     finally:
         second.close()
         second.run(second.scheduler.runtime.close(unstage=True))

@@ -1,0 +1,185 @@
+"""Sleeping sessions: an idle session's instance is frozen (no CPU, its memory and processes
+kept) and woken by the next request, or paused on demand (E2B's `pause`, or its timeout with
+`lifecycle.on_timeout: pause`) and resumed when asked.
+
+Two kinds of sleep:
+- **idle**: a function's `sessionFreezeAfterIdleInSeconds`; any request wakes the session
+  transparently (the client sees a few milliseconds more, never an error). Its TTL and idle
+  timeout keep counting: a sleeping session still ends at them.
+- **paused**: E2B's pause. Traffic wakes it only when its lifecycle says `auto_resume` (its
+  timeout then starts again from the wake); otherwise it answers 409 until `connect`/`resume`.
+  While paused it is kept for `paused_retention_s` from the pause, then ended.
+
+Two ways to sleep: **frozen** (`Runtime.freeze`: RAM held, no CPU, the wake takes
+milliseconds), or **stopped** (E2B's filesystem-only pause: the instance ends and its files stay;
+the wake boots a new instance on them, `epoch` + 1, as after a crash).
+
+The state is the session's `sleep` in MetaDB, so a restart keeps it (with `live_restore` the
+frozen instance is adopted as it is; otherwise the instance is gone and the wake starts a new one
+on the session's files). Metering needs nothing of its own: a frozen instance burns no CPU and
+serves no request, so it is billed at the idle rate; a stopped one is down (disk only).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from hutch.errors import FailedPrecondition, HutchError, Paused
+from hutch.functions import BUILTIN_TENANT, FunctionSpec
+from hutch.metadb.records import SessionRecord
+from hutch.scheduler.interface import Route
+from hutch.scheduler.lifecycle import SessionLifecycle
+
+log = logging.getLogger(__name__)
+
+PAUSED_RETENTION_S = 86400.0  # how long a paused session is kept (`paused_retention` in the config)
+FROZEN = "frozen"  # the instance's processes stopped where they stood, memory kept
+STOPPED = "stopped"  # the instance gone, the session's files kept
+
+
+class SessionSleep(SessionLifecycle):
+    """Puts sessions to sleep and wakes them (see the module docstring)."""
+
+    paused_retention_s: float = PAUSED_RETENTION_S
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cannot_sleep: set[str] = set()  # row ids whose idle freeze failed: not tried again
+
+    def _spec_of(self, session: SessionRecord) -> FunctionSpec | None:
+        return self._specs.get(self.pool_key(session.tenant_id, session.function)) or self._specs.get(
+            self.pool_key(BUILTIN_TENANT, session.function)
+        )
+
+    async def route(self, session: SessionRecord) -> Route:
+        """`SessionLifecycle.route`, waking a sleeping session first. The request counts as
+        activity from here, so the reaper cannot put the session to sleep between its route and
+        its forwarding."""
+        current = self._active.get(session.internal_id)
+        if current is not None:
+            self.activity.touch(current.row_id)
+            if current.sleep is not None:
+                if current.paused and not (current.lifecycle or {}).get("auto_resume"):
+                    raise Paused(
+                        f"sandbox {current.session_id} is paused: resume it first (Sandbox.connect), "
+                        "or create it with lifecycle auto_resume"
+                    )
+                current, _ = await self.wake(current)
+                session = current
+        return await super().route(session)
+
+    async def sleep(
+        self, session: SessionRecord, paused: bool = True, memory: bool = True
+    ) -> tuple[SessionRecord, bool]:
+        """Put the session to sleep. `paused`: E2B's pause (woken only when asked, kept
+        `paused_retention_s`); else idle sleep (any request wakes it). `memory`: freeze the
+        instance (processes and memory kept); False: stop it and keep only its files (E2B's
+        filesystem-only pause: no RAM held; the wake boots a new instance, `epoch` + 1).
+        Returns (the session, whether it fell asleep now: False if it already slept).
+
+        Raises:
+            FailedPrecondition: the session has ended, or has no live instance.
+            Unimplemented: this backend cannot freeze.
+            IsolationError: the freeze failed (the session runs on).
+        """
+        async with self._lock(session.internal_id):
+            current = self._current(session)
+            if current.sleep is not None:
+                if paused and not current.paused:  # an idly frozen session paused by its owner
+                    return await self._record_sleep(current, paused, current.sleep["state"]), True
+                return current, False
+            instance_id = current.instance_id
+            if instance_id is None or not self.scheduler.is_live(instance_id):
+                raise FailedPrecondition(f"session {current.session_id} has no running instance to pause")
+            if not memory:
+                await self.meter.instance_down(current.row_id, instance_id)
+                await self.scheduler.release(instance_id, keep_workspace=True)
+                updated = await self._record_sleep(current, paused, STOPPED, instance_id=None)
+            else:
+                await self.scheduler.freeze(instance_id)
+                try:
+                    updated = await self._record_sleep(current, paused, FROZEN)
+                except BaseException:
+                    await self.scheduler.thaw(instance_id)  # MetaDB did not take it: awake
+                    raise
+        how = "frozen, memory kept" if memory else "stopped, files kept"
+        self.log.add(updated, "info", f"paused: {how}" if paused else f"asleep while idle: {how}")
+        return updated, True
+
+    async def _record_sleep(self, session: SessionRecord, paused: bool, state: str, **more: Any) -> SessionRecord:
+        now = self.clock()
+        changes: dict[str, Any] = {"sleep": {"state": state, "since": now, "paused": paused}, "last_modified": now}
+        if paused:
+            changes["expires_at"] = now + self.paused_retention_s
+        updated = await self.metadb.update_session(session.row_id, **changes, **more)
+        self._remember(updated)
+        await self._announce(updated)
+        return updated
+
+    async def wake(self, session: SessionRecord, ttl_s: int | None = None) -> tuple[SessionRecord, bool]:
+        """Wake a sleeping session (thaw its instance, or start a new one on its files if the
+        instance is gone). A paused one gets a fresh timeout: `ttl_s`, else its own TTL. Returns
+        (the session, whether it slept).
+
+        Raises:
+            FailedPrecondition: the session has ended.
+        """
+        async with self._lock(session.internal_id):
+            current = self._current(session)
+            if current.sleep is None:
+                return current, False
+            now = self.clock()
+            changes: dict[str, Any] = {"sleep": None, "last_modified": now}
+            if current.paused or ttl_s is not None:
+                ttl = ttl_s if ttl_s is not None else current.ttl_s
+                changes.update(ttl_s=ttl, expires_at=now + ttl)
+            if current.instance_id is not None and self.scheduler.is_live(current.instance_id):
+                await self.scheduler.thaw(current.instance_id)
+                updated = await self.metadb.update_session(current.row_id, **changes)
+                self._remember(updated)
+            else:  # its instance ended while it slept (a restart without live_restore): files kept
+                self._remember(await self.metadb.update_session(current.row_id, **changes))
+                updated = await self._recover(self._current(current))
+            await self._announce(updated)
+        self.log.add(updated, "info", "resumed" if current.paused else "woken by a request")
+        return updated, True
+
+    def _forget(self, session: SessionRecord) -> None:
+        super()._forget(session)
+        self._cannot_sleep.discard(session.row_id)
+
+    def _current(self, session: SessionRecord) -> SessionRecord:
+        current = self._active.get(session.internal_id)
+        if current is None or current.row_id != session.row_id:
+            raise FailedPrecondition(f"session {session.session_id} is not active")
+        return current
+
+    # -- the reaper's part ----------------------------------------------------------------------
+
+    async def sleep_or_pause_due(self, session: SessionRecord, now: float) -> bool:
+        """What the reaper does first for each session: at its timeout, a session whose lifecycle
+        says `on_timeout: pause` is paused instead of ended; an idle one whose function sleeps
+        when idle is frozen. True if the session was put to sleep here (the reaper is done with it)."""
+        try:
+            if now >= session.expires_at:
+                if session.paused or (session.lifecycle or {}).get("on_timeout") != "pause":
+                    return False
+                await self.sleep(session, paused=True, memory=bool((session.lifecycle or {}).get("memory", True)))
+                log.info("session %s paused at its timeout", session.session_id)
+                return True
+            if session.sleep is not None or session.row_id in self._cannot_sleep or self.activity.busy(session.row_id):
+                return False
+            spec = self._spec_of(session)
+            after = spec.affinity_config.session_freeze_after_idle_s if spec is not None else 0
+            if after <= 0 or now - self.activity.last(session.row_id, session.last_activity) < after:
+                return False
+            try:
+                await self.sleep(session, paused=False)
+            except HutchError:
+                self._cannot_sleep.add(session.row_id)
+                raise
+            return True
+        except HutchError as exc:
+            log.warning("session %s could not sleep: %s", session.session_id, exc.message)
+            return False
