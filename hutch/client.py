@@ -198,6 +198,13 @@ class HutchClient:
             body["sessionIdleTimeoutInSeconds"] = idle_timeout_s
         return self.request("PATCH", f"/v1/functions/{function}/sessions/{session_id}", json=body)
 
+    def pause_session(self, function: str, session_id: str, keep_memory: bool = True) -> dict:
+        body = {"keepMemory": keep_memory}
+        return self.request("POST", f"/v1/functions/{function}/sessions/{session_id}/pause", json=body)
+
+    def resume_session(self, function: str, session_id: str) -> dict:
+        return self.request("POST", f"/v1/functions/{function}/sessions/{session_id}/resume")
+
     def delete_session(self, function: str, session_id: str) -> None:
         self.request("DELETE", f"/v1/functions/{function}/sessions/{session_id}")
 

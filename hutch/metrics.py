@@ -108,6 +108,20 @@ class _StateCollector(Collector):
             family.add_metric([state], count)
         yield family
 
+        asleep = {(how, why): 0 for how in ("frozen", "stopped") for why in ("paused", "idle")}
+        for session in live:
+            if session.sleep:
+                key = (session.sleep["state"], "paused" if session.paused else "idle")
+                asleep[key] = asleep.get(key, 0) + 1
+        family = GaugeMetricFamily(
+            "hutch_sessions_asleep",
+            "Live sessions asleep: frozen (memory kept) or stopped (files only); paused by their owner or idle",
+            labels=["how", "why"],
+        )
+        for (how, why), count in asleep.items():
+            family.add_metric([how, why], count)
+        yield family
+
         warm = {i for pool in self.scheduler.pools.values() for i in pool.warm}
         bound = {s.instance_id for s in live}
         instances = dict.fromkeys(INSTANCE_STATES, 0)

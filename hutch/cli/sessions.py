@@ -1,4 +1,4 @@
-"""`hutch session create|list|get|renew|logs|delete`: the caller's sessions (E2B sandboxes included)."""
+"""`hutch session create|list|get|renew|pause|resume|logs|delete`: the caller's sessions (E2B sandboxes included)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def _show(session: dict, as_json: bool) -> None:
             ("expires", session["expireTime"]),
             ("last activity", session.get("lastActivityTime")),
             ("epoch", session.get("epoch")),
+            ("state", session.get("state", "running") + (" (paused)" if session.get("paused") else "")),
             ("metadata", session.get("metadata")),
             ("ended", session.get("endTime")),
             ("end reason", session.get("endReason")),
@@ -162,6 +163,27 @@ def logs(
 
 def _millis(timestamp: str) -> int:
     return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+@app.command()
+def pause(
+    session_id: str = SESSION_ID,
+    function: str = FUNCTION,
+    files_only: bool = typer.Option(False, "--files-only", help="Stop it and keep only its files (no RAM held)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Pause a session: frozen with its memory (or only its files kept) until `resume`."""
+    with connected() as client:
+        session = client.pause_session(_function(client, function, session_id), session_id, not files_only)
+    _show(session, as_json)
+
+
+@app.command()
+def resume(session_id: str = SESSION_ID, function: str = FUNCTION, as_json: bool = JSON_OPTION) -> None:
+    """Resume a paused session (its TTL starts again from now)."""
+    with connected() as client:
+        session = client.resume_session(_function(client, function, session_id), session_id)
+    _show(session, as_json)
 
 
 @app.command()

@@ -13,6 +13,8 @@ batches for activity.
   instance died), renew, set the network, end;
 - `hutch.scheduler.recovery.SessionRecovery`: what a restart finds, adoption of a dead node's
   sessions, reconciliation of a node with MetaDB, crashes;
+- `hutch.scheduler.sleep.SessionSleep`: idle sessions frozen and woken by their next request,
+  E2B's pause and resume;
 - `hutch.scheduler.reaper.SessionReaper`: ends at TTL or idle, activity written in batches.
 This module starts and stops them (the background loops) and is the one the rest imports.
 

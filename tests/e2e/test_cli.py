@@ -94,6 +94,9 @@ def test_sessions_are_created_listed_renewed_and_deleted(cli):
     assert "cli-1" in shown and name in shown and "Active" in shown
     renewed = as_json(cli("session", "renew", "cli-1", "--function", name, "--ttl", "1200", "--json"))
     assert renewed["sessionTTLInSeconds"] == 1200 and renewed["sessionIdleTimeoutInSeconds"] == 60
+    assert "frozen (paused)" in ok(cli("session", "pause", "cli-1"))
+    resumed = as_json(cli("session", "resume", "cli-1", "--json"))
+    assert resumed["state"] == "running" and resumed["paused"] is False and resumed["epoch"] == 0
 
     assert "deleted session cli-1" in ok(cli("session", "delete", "cli-1"))
     ended = as_json(cli("session", "get", "cli-1", "--json"))

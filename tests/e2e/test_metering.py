@@ -186,6 +186,8 @@ def test_metrics_parse_with_the_prometheus_text_parser(metered):
     function = _function(client)
     _run(client, function, "m", "echo hi")
     assert client.delete(f"/v1/functions/{function}/sessions/m").status_code == 204
+    _run(client, function, "napping", "echo hi")
+    assert client.post(f"/v1/functions/{function}/sessions/napping/pause").status_code == 200
     assert httpx.get(f"{metered.url}/metrics").status_code == 401
     assert client.get("/metrics").status_code == 403  # a tenant's key is not enough
     response = httpx.get(f"{metered.url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
@@ -198,6 +200,9 @@ def test_metrics_parse_with_the_prometheus_text_parser(metered):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     assert families["hutch_sessions"] == "gauge" and families["hutch_instances"] == "gauge"
+    assert families["hutch_sessions_asleep"] == "gauge"
+    assert samples[("hutch_sessions_asleep", (("how", "frozen"), ("why", "paused")))] == 1
+    assert samples[("hutch_sessions_asleep", (("how", "stopped"), ("why", "idle")))] == 0
     assert families["hutch_session_create_seconds"] == "histogram"
     assert families["hutch_gateway_request_seconds"] == "histogram"
     for name in ("hutch_warm_pool_hits", "hutch_warm_pool_misses", "hutch_instance_crashes", "hutch_sessions_ended"):
