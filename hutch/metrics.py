@@ -111,8 +111,8 @@ class _StateCollector(Collector):
         asleep = {(how, why): 0 for how in ("frozen", "stopped") for why in ("paused", "idle")}
         for session in live:
             if session.sleep:
-                key = (session.sleep["state"], "paused" if session.paused else "idle")
-                asleep[key] = asleep.get(key, 0) + 1
+                how_why = (str(session.sleep["state"]), "paused" if session.paused else "idle")
+                asleep[how_why] = asleep.get(how_why, 0) + 1
         family = GaugeMetricFamily(
             "hutch_sessions_asleep",
             "Live sessions asleep: frozen (memory kept) or stopped (files only); paused by their owner or idle",
