@@ -69,6 +69,7 @@ env = {}                          # set in every build step and sandbox of a tem
                                   # {PIP_INDEX_URL = "https://pypi.internal/simple", npm_config_registry = "…"}
 insecure_registries = []          # OCI registries reached over plain HTTP or unverified TLS, e.g. ["127.0.0.1:5000"]
 registry_auth = {}                # "user:password" per registry host, e.g. {"registry.example.com" = "bot:secret"}
+max_upload_mb = 512               # the files of one COPY step a build may upload (413 beyond)
 [kubernetes]                      # the `kubernetes` backend: an instance per pod (hutch/runtime/kubernetes/)
 namespace = "hutch-sandboxes"     # where the instances' pods live
 image = "hutch:0.1.0"             # an image with hutch installed (deploy/Dockerfile)
@@ -114,6 +115,7 @@ class TemplatesConfig(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     insecure_registries: list[str] = Field(default_factory=list)
     registry_auth: dict[str, str] = Field(default_factory=dict)
+    max_upload_mb: int = Field(512, ge=1, le=65536)  # the files of one COPY step (E2B's upload), 413 beyond
 
     def ca_files(self) -> list[Path]:
         """The extra CA certificates to trust: the configured ones, or the host's own settings."""

@@ -112,6 +112,13 @@ class QuotaExceeded(ResourceExhausted):
     """A tenant's quota would be exceeded."""
 
 
+class TooLarge(HutchError):
+    """A request's body is over the size hutch takes for it."""
+
+    code = "too_large"
+    http_status = 413
+
+
 class Unimplemented(HutchError):
     code = "unimplemented"
     http_status = 501
@@ -155,6 +162,7 @@ BY_CODE: dict[str, type[HutchError]] = {
         Canceled,
         DeadlineExceeded,
         ResourceExhausted,
+        TooLarge,
         Unimplemented,
         Unavailable,
     )

@@ -32,14 +32,13 @@ from hutch.api.auth import caller
 from hutch.api.deps import control_plane
 from hutch.api.native import iso
 from hutch.api.templates import service
-from hutch.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from hutch.errors import InvalidArgument, NotFound, PermissionDenied, TooLarge
 from hutch.metadb.records import Tenant
 from hutch.templates.builder import Step
 from hutch.templates.model import HOST, check_name
 
 router = APIRouter(tags=["e2b templates"])
 Caller = Annotated[Tenant, Depends(caller)]
-MAX_UPLOAD = 512 * 1024 * 1024  # bytes of one COPY archive
 HASH_LENGTH = 64
 
 
@@ -114,9 +113,12 @@ async def upload_files(
     _check_hash(files_hash)
     if not hmac.compare_digest(token, _upload_token(request, tenant, files_hash)):
         raise PermissionDenied("this upload URL is not valid")
+    limit_mb = service(request).config.max_upload_mb
+    limit = limit_mb * 1024 * 1024
+    too_large = TooLarge(f"the files of one COPY may be at most {limit_mb} MiB ([templates] max_upload_mb)")
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_UPLOAD:
-        raise ResourceExhausted(f"the files of one COPY may be at most {MAX_UPLOAD // (1024 * 1024)} MiB")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise too_large
     directory = service(request).files_for(tenant)
     target = directory / files_hash
     scratch = directory / f".{uuid.uuid4().hex}.part"
@@ -125,8 +127,8 @@ async def upload_files(
         with open(scratch, "wb") as out:
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > MAX_UPLOAD:
-                    raise ResourceExhausted(f"the files of one COPY may be at most {MAX_UPLOAD // (1024 * 1024)} MiB")
+                if size > limit:
+                    raise too_large
                 out.write(chunk)
         os.replace(scratch, target)
     finally:

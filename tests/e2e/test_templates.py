@@ -3,6 +3,7 @@ starts sandboxes from it; the native API lists, builds and deletes them."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from e2b import Sandbox, Template
-from e2b.exceptions import BuildException
+from e2b.exceptions import BuildException, FileUploadException
 
 from tests.conftest import TEST_TEMPLATE
 
@@ -184,3 +185,28 @@ def test_the_sdk_builds_from_an_image_in_a_registry_and_a_missing_image_fails_cl
     box.kill()
     with pytest.raises(BuildException, match="pulling image"):
         Template.build(Template().from_image(f"{registry}/test/none:1").run_cmd("true"), f"no-{uuid.uuid4().hex[:6]}")
+
+    # A Dockerfile: the SDK turns it into the image and steps.
+    dockerfile = f"FROM {registry}/test/mini:1\nRUN echo from-dockerfile > /etc/df\nENV DF=yes\nWORKDIR /opt\n"
+    name = f"df-{uuid.uuid4().hex[:8]}"
+    Template.build(Template().from_dockerfile(dockerfile), name)
+    box = Sandbox.create(name, timeout=60)
+    assert box.commands.run("cat /etc/df; echo $DF; pwd").stdout.split() == ["from-dockerfile", "yes", "/opt"]
+    box.kill()
+
+
+def test_an_oversized_copy_upload_is_a_413_and_registers_nothing(fresh_server, template_store, tmp_path, monkeypatch):
+    server = fresh_server(f'[templates]\ndir = "{template_store.root}"\nmax_upload_mb = 1\n')
+    tenant = server.new_tenant("big")
+    monkeypatch.setenv("E2B_API_URL", server.url)
+    monkeypatch.setenv("E2B_API_KEY", tenant.headers["X-API-Key"])
+    (tmp_path / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))  # incompressible: 3 MiB in the archive
+    name = f"big-{uuid.uuid4().hex[:8]}"
+    template = Template(file_context_path=str(tmp_path)).from_template(TEST_TEMPLATE).copy("big.bin", "/srv/")
+    with pytest.raises(FileUploadException, match="Failed to upload file"):
+        Template.build(template, name)
+    assert not Template.exists(name)
+    link = tenant.get(f"/templates/{name}/files/{'a' * 64}")
+    assert link.status_code == 201, link.text
+    refused = httpx.put(link.json()["url"], content=b"x" * (2 * 1024 * 1024))
+    assert refused.status_code == 413 and "at most 1 MiB" in refused.json()["message"]
