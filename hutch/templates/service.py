@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import logging
 import time
 import uuid
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hutch.config import TemplatesConfig
-from hutch.errors import FailedPrecondition, HutchError, InvalidArgument, NotFound, Unavailable
+from hutch.errors import FailedPrecondition, HutchError, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from hutch.runtime.base import RootFS, Runtime
 from hutch.runtime.rootfs import CA_ENV
 from hutch.templates import debian, oci
@@ -129,6 +130,44 @@ class TemplateService:
 
     def get(self, name: str) -> Template:
         return self.store.get(name)
+
+    async def add_snapshot(
+        self, name: str, owner: str, source: str, copy: Callable[[Path], Awaitable[RootFS]]
+    ) -> Template:
+        """A template of a session's files: `copy` fills a new layer with the session's upper
+        layer and returns the root file system it sits on; the snapshot is that root file system's
+        layers (those the session booted from) plus the new one, with the same defaults.
+
+        Raises:
+            PermissionDenied: `name` is another tenant's template.
+            FailedPrecondition: `name` is being built, or the session cannot be copied.
+        """
+        check_name(name)
+        if name in self._building:
+            raise FailedPrecondition(f"template {name!r} is being built")
+        if self.store.exists(name) and self.store.get(name).owner != owner:
+            raise PermissionDenied(f"template {name!r} belongs to someone else")
+        scratch = self.store.scratch()
+        try:
+            rootfs = await copy(scratch)
+            # Named by what made it: this session's files at this moment.
+            layer = hashlib.sha256(f"snapshot:{source}:{uuid.uuid4().hex}".encode()).hexdigest()
+            self.store.commit(scratch, layer)
+        except BaseException:
+            self.store.discard(scratch)
+            raise
+        # The layers the session booted from (its template may have been rebuilt since).
+        booted = tuple(Path(path).name for path in rootfs.layer_paths)
+        try:
+            env = self.store.get(rootfs.template).env
+        except (NotFound, InvalidArgument):  # deleted since the session booted
+            env = {}
+        template = Template(
+            name=name, layers=(*booted, layer), env=dict(env), workdir=rootfs.workdir, user=rootfs.user,
+            start_cmd=rootfs.start_cmd, ready_cmd=rootfs.ready_cmd, source=f"snapshot:{source}", owner=owner,
+        )  # fmt: skip
+        self.store.put(template)
+        return template
 
     def delete(self, name: str) -> None:
         if name in BUILTIN and name in self.config.prepare:
