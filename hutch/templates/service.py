@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hutch.config import TemplatesConfig
-from hutch.errors import FailedPrecondition, HutchError, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from hutch.errors import (
+    FailedPrecondition,
+    HutchError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    Unavailable,
+)
 from hutch.runtime.base import RootFS, Runtime
 from hutch.runtime.rootfs import CA_ENV
 from hutch.templates import debian, oci
@@ -46,6 +54,7 @@ CODE_INTERPRETER_PACKAGES = (
 BUILTIN = {"base": BASE_PACKAGES, "code-interpreter-v1": CODE_INTERPRETER_PACKAGES}
 LOG_LINES = 2000  # kept per build
 KEPT_BUILDS = 256  # finished builds whose status and logs can still be read
+WAITING_COUNTS_S = 600.0  # how long a registered build with no steps yet counts against its tenant
 
 
 @dataclass
@@ -94,6 +103,9 @@ class TemplateService:
         self._tasks: set[asyncio.Task] = set()
         self._fell_back: set[str] = set()  # built-in templates not prepared, warned about once
         self.on_ready: Callable[[str], Awaitable[None]] | None = None  # a template was (re)built
+        # Builds run this many at a time on the host (each runs sandboxes with egress, mmdebstrap
+        # or an image pull); the others wait their turn, saying so in their log.
+        self._slots = asyncio.Semaphore(config.max_concurrent_builds)
 
     # -- what instances mount ------------------------------------------------------------------
 
@@ -218,6 +230,20 @@ class TemplateService:
             raise InvalidArgument(f"{HOST!r} is the host's own system, not a template that can be built")
         if name in self._building and self._building[name].status == "building":
             raise FailedPrecondition(f"template {name!r} is already being built")
+        if owner:
+            # A waiting build whose steps never came stops counting after a while.
+            running = [
+                b
+                for b in self.builds.values()
+                if b.owner == owner
+                and b.finished_at is None
+                and (b.status != "waiting" or time.time() - b.started_at < WAITING_COUNTS_S)
+            ]
+            if len(running) >= self.config.max_builds_per_tenant:
+                raise QuotaExceeded(
+                    f"this tenant has {len(running)} template builds unfinished, its limit "
+                    f"([templates] max_builds_per_tenant); wait for one to end"
+                )
         build = Build(name, build_id or str(uuid.uuid4()), status="waiting" if waiting else "building", owner=owner)
         self.builds[build.build_id] = build
         finished = [b for b in self.builds.values() if b.finished_at is not None]
@@ -271,7 +297,10 @@ class TemplateService:
 
         async def run() -> None:
             try:
-                template = await make()
+                if self._slots.locked():
+                    build.log(f"waiting: {self.config.max_concurrent_builds} builds already run on this host")
+                async with self._slots:
+                    template = await make()
                 self.store.put(template)
                 build.status = "ready"
                 build.log(f"template {name} is ready")
