@@ -198,6 +198,27 @@ def test_environment_set_with_init_reaches_a_running_kernel(agent):
     assert main_text(execute(agent.client, read)) == "from-init"
 
 
+@pytest.mark.parametrize(
+    ("language", "read"),
+    [
+        ("javascript", "console.log(String(Deno.env.get('HUTCH_OTHER')))"),
+        ("bash", "echo -n $HUTCH_OTHER"),
+        ("r", "cat(Sys.getenv('HUTCH_OTHER'))"),
+    ],
+)
+def test_init_and_per_call_env_reach_other_languages_and_a_call_s_env_goes_back(agent, language, read):
+    def value(**fields) -> str:
+        lines = execute(agent.client, read, language=language, **fields)
+        assert not of_type(lines, "error"), lines
+        return "".join(line["text"] for line in of_type(lines, "stdout")).rstrip("\n")
+
+    assert agent.client.post("/init", json={"envVars": {"HUTCH_OTHER": ""}}).status_code == 204
+    value()  # the kernel is running before the next /init
+    assert agent.client.post("/init", json={"envVars": {"HUTCH_OTHER": "from-init"}}).status_code == 204
+    assert value(env_vars={"HUTCH_OTHER": 'it\'s "scoped" $x'}) == 'it\'s "scoped" $x'
+    assert value() == "from-init"  # back to the sandbox's value, not unset
+
+
 def test_executions_on_one_context_run_one_after_another(agent):
     running = threading.Event()
     finished: dict[str, float] = {}
