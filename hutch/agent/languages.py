@@ -34,7 +34,7 @@ MISSING = {
     "typescript": "Deno's Jupyter kernel (npm package 'deno', kernelspec 'deno')",
     "bash": "bash_kernel (PyPI package 'bash_kernel', kernelspec 'bash')",
     "r": "IRkernel (Debian packages 'r-base-core' and 'r-cran-irkernel')",
-    "java": "a Java Jupyter kernel (none is packaged on PyPI, npm or Debian for this template)",
+    "java": "a Java Jupyter kernel, which this template does not install (Debian packages none)",
 }
 
 
