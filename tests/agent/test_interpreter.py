@@ -314,7 +314,7 @@ def test_unknown_contexts_are_404_and_other_languages_are_400(agent):
     assert unknown.status_code == 400
     assert "'cobol' is not supported" in unknown.json()["message"]
     assert isinstance(extract_exception(unknown), SandboxException)
-    # Java has no kernel in any registry these templates install from: the 400 says what is missing.
+    # No Java kernel is installed: the 400 says what is missing.
     for resp in (
         agent.client.post("/execute", json={"code": "1", "language": "java"}),
         agent.client.post("/contexts", json={"language": "Java"}),
