@@ -18,10 +18,14 @@ import argparse
 import asyncio
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.sandbox import pss_kb
 from hutch.config import TemplatesConfig
 from hutch.runtime import make_runtime
 from hutch.runtime.base import InstanceSpec, Resources
@@ -37,16 +41,6 @@ from hutch.templates.store import TemplateStore
 NAME = "code-interpreter-v1"
 CELLS = [("javascript", "let x = 0"), ("typescript", "const y: number = 0"), ("bash", "x=0"), ("r", "x <- 0")]
 SETTLE_S = 3.0
-
-
-def pss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def instance_pss(instance) -> tuple[float, int]:

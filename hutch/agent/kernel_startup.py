@@ -10,6 +10,8 @@ e2b_charts load when the user's code does, or a figure is first displayed. No na
 the user's namespace.
 """
 
+from __future__ import annotations
+
 
 def _setup() -> None:
     import json
@@ -23,31 +25,24 @@ def _setup() -> None:
     if shell is None:
         return
 
-    class DataFormatter(BaseFormatter):
-        format_type = Unicode("e2b/data")
-        print_method = ObjectName("_repr_e2b_data_")
-        _return_type = (dict,)
+    def formatter(mime: str, module: str, name: str, convert):
+        """A formatter for `mime` of the instances of `module.name`, matched by class when the
+        object is displayed: not a printer registered by name, since pandas names its classes'
+        module "pandas" in some versions, and matplotlib's inline backend drops every
+        formatter's Figure printer when it sets up its own (IPython's select_figure_formats)."""
 
-        def __call__(self, obj):
-            # By class, not a printer by name: pandas' classes name their module "pandas" in
-            # some versions and "pandas.core.frame" in others.
-            pandas = sys.modules.get("pandas")
-            if pandas is not None and isinstance(obj, pandas.DataFrame):
-                return frame_data(obj)
-            return super().__call__(obj)
+        class Formatter(BaseFormatter):
+            format_type = Unicode(mime)
+            print_method = ObjectName("_repr_" + mime.replace("/", "_") + "_")
+            _return_type = (dict,)
 
-    class ChartFormatter(BaseFormatter):
-        format_type = Unicode("e2b/chart")
-        print_method = ObjectName("_repr_e2b_chart_")
-        _return_type = (dict,)
+            def __call__(self, obj):
+                loaded = sys.modules.get(module)
+                if loaded is not None and isinstance(obj, getattr(loaded, name)):
+                    return convert(obj)
+                return super().__call__(obj)
 
-        def __call__(self, obj):
-            # Not a printer for Figure: matplotlib's inline backend drops every formatter's
-            # Figure printer when it sets up its own (IPython's select_figure_formats).
-            figure = sys.modules.get("matplotlib.figure")
-            if figure is not None and isinstance(obj, figure.Figure):
-                return figure_chart(obj)
-            return super().__call__(obj)
+        return Formatter(parent=shell.display_formatter)
 
     def frame_data(frame) -> dict:
         # Each column's values as JSON takes them (NaN -> null, timestamps -> ISO text).
@@ -65,8 +60,8 @@ def _setup() -> None:
         return chart or None
 
     formatters = shell.display_formatter.formatters
-    formatters["e2b/data"] = DataFormatter(parent=shell.display_formatter)
-    formatters["e2b/chart"] = ChartFormatter(parent=shell.display_formatter)
+    formatters["e2b/data"] = formatter("e2b/data", "pandas", "DataFrame", frame_data)
+    formatters["e2b/chart"] = formatter("e2b/chart", "matplotlib.figure", "Figure", figure_chart)
     active = shell.display_formatter.active_types
     shell.display_formatter.active_types = [*active, *(t for t in ("e2b/data", "e2b/chart") if t not in active)]
 

@@ -18,10 +18,10 @@ from tests.bridge import TcpToUnixBridge
 pytestmark = pytest.mark.sandbox
 
 
-@pytest.fixture
-def sdk(sandbox):
+def code_sandbox(sandbox, request_timeout: float = 30):
+    """The SDK's Sandbox for this instance, through a TCP bridge to its socket."""
     bridge = TcpToUnixBridge(str(sandbox.instance.socket_path))
-    config = ConnectionConfig(api_key="e2b_unused", sandbox_url=bridge.url, request_timeout=30)
+    config = ConnectionConfig(api_key="e2b_unused", sandbox_url=bridge.url, request_timeout=request_timeout)
     box = CodeSandbox(
         sandbox_id="direct-test",
         envd_version=Version("0.6.4"),
@@ -31,6 +31,11 @@ def sdk(sandbox):
     )
     yield box
     bridge.close()
+
+
+@pytest.fixture
+def sdk(sandbox):
+    yield from code_sandbox(sandbox)
 
 
 def test_commands_run_in_the_sandbox_home_as_user(sdk):
@@ -87,18 +92,7 @@ def test_run_code_keeps_state_and_returns_rich_results(sdk):
 @pytest.fixture
 def roomy_sdk(make_sandbox):
     """A sandbox with room for every kernel at once (Python, Deno, bash and R)."""
-    sandbox = make_sandbox(memory_mb=1536)
-    bridge = TcpToUnixBridge(str(sandbox.instance.socket_path))
-    config = ConnectionConfig(api_key="e2b_unused", sandbox_url=bridge.url, request_timeout=60)
-    box = CodeSandbox(
-        sandbox_id="direct-test",
-        envd_version=Version("0.6.4"),
-        envd_access_token=None,
-        sandbox_domain=None,
-        connection_config=config,
-    )
-    yield box
-    bridge.close()
+    yield from code_sandbox(make_sandbox(memory_mb=1536), request_timeout=60)
 
 
 def test_javascript_typescript_bash_and_r_run_statefully_with_envs_cwd_and_errors(roomy_sdk):
@@ -151,6 +145,7 @@ def test_javascript_typescript_bash_and_r_run_statefully_with_envs_cwd_and_error
 
 
 def test_charts_dataframes_and_images_come_back_as_e2b_shapes_them(sdk):
+    streamed: list = []
     charts = sdk.run_code(
         "import matplotlib.pyplot as plt\n"
         "import datetime\n"
@@ -163,9 +158,11 @@ def test_charts_dataframes_and_images_come_back_as_e2b_shapes_them(sdk):
         "days = [datetime.date(2024, 1, d) for d in (1, 2, 3)]\n"
         "plt.plot(days, [1, 2, 3]); plt.show()\n"
         "fig, (left, right) = plt.subplots(1, 2); left.plot([1, 2]); right.bar(['u'], [1]); fig.suptitle('both')\n"
-        "plt.show()\n"
+        "plt.show()\n",
+        on_result=streamed.append,
     )
     assert charts.error is None, charts.error
+    assert [result.chart for result in streamed] == [result.chart for result in charts.results]  # each as it came
     kinds = [result.chart.type.value for result in charts.results]
     assert kinds == ["line", "bar", "scatter", "pie", "box_and_whisker", "line", "line", "superchart"]
     assert all(result.png for result in charts.results)  # the picture beside the data
