@@ -27,6 +27,7 @@ import json
 import logging
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from hutch.errors import HutchError, NotFound, Unavailable
 from hutch.gateway import e2b, invoke, mcp
@@ -35,6 +36,9 @@ from hutch.gateway.types import DataPlane, Header, Message, Receive, Scope, Send
 from hutch.gateway.upstream import MISDIRECTED_HEADER, Misdirected, UpstreamPool
 from hutch.gateway.websocket import proxy_websocket, refuse_with_error
 from hutch.metadb.records import SessionRecord
+
+if TYPE_CHECKING:
+    from hutch.scheduler.interface import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +140,7 @@ class Gateway:
                     watch.send if watch is not None else send,
                     head_timeout=self.head_timeout,
                     reroute=self._reroute,
+                    ended=lambda target: _has_ended(sessions, target.session),
                 )
                 if watch is not None and watch.misdirected:
                     raise Misdirected()
@@ -240,3 +245,10 @@ class _Replay:
             return first is None
         self.replaying = True
         return True
+
+
+def _has_ended(sessions: Sessions, session: SessionRecord) -> bool:
+    """Whether this session (this row, not a later one of its key) is over: ending a session
+    forgets it before its instance stops, so a stream that instance cut short sees it ended."""
+    current = sessions.active(session.internal_id)
+    return current is None or current.row_id != session.row_id

@@ -204,13 +204,19 @@ class AgentChannel:
         _raise_for(response)
         return response.content
 
-    async def execute(self, code: str, context_id: str | None = None, timeout: float = 120.0) -> list[dict]:
-        """Run code in the interpreter; the NDJSON lines of the answer."""
+    async def execute(
+        self, code: str, context_id: str | None = None, timeout: float = 120.0, language: str | None = None
+    ) -> list[dict]:
+        """Run code in the interpreter (the default context of `language`, Python's if None); the
+        NDJSON lines of the answer."""
         lines = []
+        body: dict = {"code": code, "context_id": context_id}
+        if language is not None:
+            body["language"] = language
         async with self._client.stream(
             "POST",
             "/execute",
-            json={"code": code, "context_id": context_id},
+            json=body,
             timeout=httpx.Timeout(timeout, connect=5),
         ) as response:
             if response.status_code != 200:

@@ -4,11 +4,12 @@ running sandbox.
 
 Built-in templates are Debian systems built from the host's own apt sources (no registry
 needed): `base` (Python with pip and venv, Node.js with npm, git, curl, sudo and the usual
-tools) and `code-interpreter-v1` (base plus Jupyter's kernel and the data-science packages E2B's
-code interpreter offers). The first start prepares those named in `[templates] prepare`, in the
-background, logging its progress; sandboxes of a template still being prepared get a 503 that
-says so. `host` is not a root file system but the host's own system, read-only, as sandboxes had
-before templates (and where no Debian mirror can be reached).
+tools) and `code-interpreter-v1` (base plus the data-science packages and the kernels E2B's code
+interpreter offers: IPython, Deno's for JavaScript and TypeScript, bash_kernel and IRkernel; the
+PyPI and npm ones from `install-kernels.sh`). The first start prepares those named in
+`[templates] prepare`, in the background, logging its progress; sandboxes of a template still
+being prepared get a 503 that says so. `host` is not a root file system but the host's own
+system, read-only, as sandboxes had before templates (and where no Debian mirror can be reached).
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ BASE_PACKAGES = (
 CODE_INTERPRETER_PACKAGES = (
     *BASE_PACKAGES, "python3-ipykernel", "python3-numpy", "python3-pandas", "python3-matplotlib", "python3-scipy",
     "python3-sklearn", "python3-requests", "python3-pil", "python3-bs4", "python3-openpyxl", "python3-seaborn",
+    "r-base-core", "r-cran-irkernel",
 )  # fmt: skip
 BUILTIN = {"base": BASE_PACKAGES, "code-interpreter-v1": CODE_INTERPRETER_PACKAGES}
+# What Debian does not package, installed last in the tree: the kernels from PyPI and npm.
+KERNELS_SCRIPT = Path(__file__).with_name("install-kernels.sh")
+BUILTIN_SETUP = {"code-interpreter-v1": lambda: "set -- /usr/local /usr/bin/python3\n" + KERNELS_SCRIPT.read_text()}
 LOG_LINES = 2000  # kept per build
 KEPT_BUILDS = 256  # finished builds whose status and logs can still be read
 WAITING_COUNTS_S = 600.0  # how long a registered build with no steps yet counts against its tenant
@@ -198,8 +203,10 @@ class TemplateService:
         workdir: str = "/home/user",
         env: dict[str, str] | None = None,
         build_id: str | None = None,
+        setup: str = "",
     ) -> Build:
-        """Begin building template `name` from the configured Debian suite with `packages`."""
+        """Begin building template `name` from the configured Debian suite with `packages` (and a
+        `setup` script run last in its tree)."""
         check_name(name)
         if name == HOST:
             raise InvalidArgument(f"{HOST!r} is the host's own system, not a template that can be built")
@@ -213,7 +220,7 @@ class TemplateService:
         async def make() -> Template:
             layer = await asyncio.to_thread(
                 debian.build, self.store, self.config.debian_suite, packages, self.config.debian_mirror,
-                self.config.ca_files(), build.log,
+                self.config.ca_files(), build.log, setup, {**CA_ENV, **self.config.env},
             )  # fmt: skip
             return Template(
                 name=name, layers=(layer,), env=dict(env or {}), user=user, workdir=workdir,
@@ -346,7 +353,8 @@ class TemplateService:
                 continue
             log.info("preparing the built-in template %s (Debian %s): the first start takes minutes",
                      name, self.config.debian_suite)  # fmt: skip
-            build = self.start_debian(name, list(BUILTIN[name]))
+            setup = BUILTIN_SETUP[name]() if name in BUILTIN_SETUP else ""
+            build = self.start_debian(name, list(BUILTIN[name]), setup=setup)
             build.echo = True
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hutch.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from hutch.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from hutch.runtime import make_runtime
 from hutch.runtime.base import InstanceSpec, Resources
 from hutch.runtime.userns import RANGE, UidSlots
@@ -242,3 +242,16 @@ def test_the_code_interpreter_runs_in_the_templates_python_as_the_user(boot):
     results = [line for line in lines if line.get("type") == "result" and line.get("is_main_result")]
     assert stdout.split() == ["/usr/bin/python3", "1000"], lines
     assert results and results[0]["text"] == "42"
+
+
+def test_a_kernel_the_recipe_s_setup_installed_runs_other_languages_as_the_user(boot):
+    sandbox = boot()
+    lines = sandbox.loop.run(sandbox.channel.execute("X=41; echo $((X + 1)) $(id -u) $HOME; pwd", language="bash"))
+    stdout = "".join(line.get("text", "") for line in lines if line.get("type") == "stdout")
+    assert stdout == "42 1000 /home/user\n/home/user\n", lines
+    # The setup ran with the host's DNS; the tree keeps the sandbox's own resolver.
+    resolv = sandbox.loop.run(sandbox.channel.run("cat /etc/resolv.conf"))
+    assert resolv.stdout == b"nameserver 127.0.0.1\n"
+    # A language whose kernel the template lacks: a 400 that says what is missing.
+    with pytest.raises(InvalidArgument, match="Deno's Jupyter kernel"):
+        sandbox.loop.run(sandbox.channel.execute("1", language="javascript"))
