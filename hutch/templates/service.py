@@ -344,16 +344,24 @@ class TemplateService:
             raise NotFound(f"build {build_id!r} not found") from None
 
     def prepare_builtins(self) -> None:
-        """Build the built-in templates named in the config that do not exist yet."""
+        """Build the built-in templates named in the config that do not exist yet, or whose
+        recipe changed since they were built (a new hutch adds packages or kernels, another
+        Debian suite or mirror is configured): the old one serves until the new one is ready."""
         for name in self.config.prepare:
             if name not in BUILTIN:
                 log.warning("[templates] prepare names %r, which is not a built-in template", name)
                 continue
-            if self.store.exists(name):
-                continue
-            log.info("preparing the built-in template %s (Debian %s): the first start takes minutes",
-                     name, self.config.debian_suite)  # fmt: skip
             setup = BUILTIN_SETUP[name]() if name in BUILTIN_SETUP else ""
+            if self.store.exists(name):
+                wanted = debian.layer_id(
+                    self.config.debian_suite, BUILTIN[name], self.config.debian_mirror, self.config.ca_files(), setup
+                )
+                if self.store.get(name).layers == (wanted,):
+                    continue
+                log.info("the recipe of the built-in template %s changed: rebuilding it in the background", name)
+            else:
+                log.info("preparing the built-in template %s (Debian %s): the first start takes minutes",
+                         name, self.config.debian_suite)  # fmt: skip
             build = self.start_debian(name, list(BUILTIN[name]), setup=setup)
             build.echo = True
 

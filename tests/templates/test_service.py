@@ -61,3 +61,29 @@ def test_builds_beyond_the_hosts_limit_wait_their_turn_and_say_so(tmp_path):
     assert most == 1 and [b.status for b in builds] == ["ready"] * 3
     assert any("waiting: 1 builds already run" in line for _, _, line in builds[2].lines)
     assert service.store.exists("c")
+
+
+def test_a_prepared_built_in_whose_recipe_changed_is_rebuilt_and_an_unchanged_one_is_not(tmp_path):
+    from hutch.templates import debian
+    from hutch.templates.service import BUILTIN, BUILTIN_SETUP
+
+    store = TemplateStore(tmp_path / "templates")
+    config = TemplatesConfig(prepare=["base"], max_concurrent_builds=1)
+    service = TemplateService(store, config, in_use=set)
+    setup = BUILTIN_SETUP["base"]() if "base" in BUILTIN_SETUP else ""
+    current = debian.layer_id(config.debian_suite, BUILTIN["base"], config.debian_mirror, config.ca_files(), setup)
+    for layer in (current, LAYER):
+        scratch = store.scratch()
+        store.commit(scratch, layer)
+
+    async def prepared_with(layer: str) -> bool:
+        store.put(Template(name="base", layers=(layer,)))
+        async with service._slots:  # the build waits for the slot: nothing runs mmdebstrap here
+            service.prepare_builtins()
+            started = "base" in service._building
+            await service.close()
+            service._building.clear()
+        return started
+
+    assert asyncio.run(prepared_with(current)) is False
+    assert asyncio.run(prepared_with(LAYER)) is True  # an older recipe's layer
