@@ -403,11 +403,11 @@ class Scheduler:
     def frozen(self, instance_id: InstanceId) -> bool:
         return self.runtime.frozen(instance_id)
 
-    async def instance_gone(self, instance_id: str | None) -> None:
+    async def instance_gone(self, instance_id: InstanceId | None) -> None:
         """Nothing answers on an instance's socket although its process was not seen to exit (its
         agent died a moment ago, or alone): end it as a crash, so that `is_live` says so."""
         if instance_id is not None and self.is_live(instance_id):
-            await self.runtime.kill(InstanceId(instance_id))
+            await self.runtime.kill(instance_id)
 
     async def forget_workspace(self, workspace: str) -> None:
         """Delete a workspace whose instance is already gone."""
@@ -415,7 +415,7 @@ class Scheduler:
 
     # -- state ---------------------------------------------------------------------------------
 
-    def is_live(self, instance_id: str | None) -> bool:
+    def is_live(self, instance_id: InstanceId | None) -> bool:
         return instance_id is not None and self.runtime.is_running(instance_id)
 
     def socket_path(self, instance_id: InstanceId) -> Path:
