@@ -31,6 +31,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -100,7 +101,7 @@ class NodeDirectory:
             raise Unavailable(f"node {node_id} advertises an unusable address {record.address!r}")
         return NodeAddress(node_id, url.hostname, url.port)
 
-    def choose(self, exclude: set[str] = frozenset()) -> SchedulerRecord:  # type: ignore[assignment]
+    def choose(self, exclude: AbstractSet[str] = frozenset()) -> SchedulerRecord:
         """A live node with room: the freer of two sampled at random."""
         live = [r for r in self.nodes.values() if self.is_live(r.scheduler_id) and r.scheduler_id not in exclude]
         if not live:

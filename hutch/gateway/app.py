@@ -219,19 +219,19 @@ class _Replay:
     """The client's request messages, kept so that a request whose body came in one message
     (most do: small JSON, no body at all) can be sent a second time."""
 
-    __slots__ = ("first", "receive", "replaying", "taken")
+    __slots__ = ("again", "first", "receive", "taken")
 
     def __init__(self, receive: Receive) -> None:
         self.receive = receive
         self.first: Message | None = None
         self.taken = 0
-        self.replaying = False
+        self.again: Message | None = None  # what the next read gives once more (after `rewind`)
 
     async def __call__(self) -> Message:
-        if self.replaying:
-            self.replaying = False
-            assert self.first is not None
-            return self.first
+        again = self.again
+        if again is not None:
+            self.again = None
+            return again
         message = await self.receive()
         self.taken += 1
         if self.taken == 1:
@@ -243,7 +243,7 @@ class _Replay:
         first = self.first
         if first is None or self.taken != 1 or first["type"] != "http.request" or first.get("more_body"):
             return first is None
-        self.replaying = True
+        self.again = first
         return True
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -104,9 +105,11 @@ class AgentChannel:
     ) -> CommandResult:
         """Run a command to its end (`shell`: through `/bin/bash -l -c`, as E2B does), as `user`
         (None: the instance's default user); `on_output` sees its output as it comes."""
-        process = {"cmd": "/bin/bash", "args": ["-l", "-c", cmd]} if shell else {"cmd": cmd, "args": args or []}
+        process: dict[str, Any] = (
+            {"cmd": "/bin/bash", "args": ["-l", "-c", cmd]} if shell else {"cmd": cmd, "args": args or []}
+        )
         if env:
-            process["envs"] = env  # type: ignore[assignment]
+            process["envs"] = env
         if cwd:
             process["cwd"] = cwd
         result = CommandResult(exit_code=-1)
