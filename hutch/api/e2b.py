@@ -20,7 +20,7 @@ Decisions (README "Use" says the same to users):
 - Pause (`hutch.scheduler.sleep`): `POST .../pause` freezes the sandbox (processes and memory
   kept; `memory: false` keeps only its files), `connect` resumes it (201; 200 when it ran),
   `autoPause` pauses it at its timeout and `autoResume` lets traffic resume it; traffic to a
-  sandbox paused without `autoResume` is a 409.
+  sandbox paused without `autoResume` gets E2B's 502 (not running) until it is resumed.
 - Snapshots: filesystem ones (`memory: false`) become templates (`Sandbox.create(snapshotID)`);
   memory snapshots and fork answer 501 until hibernation exists.
 - MCP gateways and volume mounts are refused (400).

@@ -196,7 +196,8 @@ def test_pause_and_connect_keep_variables_a_heap_files_and_processes(tenant):
         assert [s.sandbox_id for s in paused] == [box.sandbox_id]
         assert Sandbox.list(query=SandboxQuery(state=[SandboxState.RUNNING])).next_items() == []
         assert box.pause() is False  # already paused
-        with pytest.raises(SandboxException, match="paused"):
+        assert box.is_running() is False
+        with pytest.raises(TimeoutException, match="is paused"):  # the SDKs' answer to E2B's 502
             box.run_code("x")  # no auto_resume: traffic does not wake it
         time.sleep(2)  # the counter would have gone ~20 further if it ran
         resumed = Sandbox.connect(box.sandbox_id, timeout=120)
