@@ -60,6 +60,9 @@ from hutch.errors import HutchError, InvalidArgument, NotFound, Unavailable
 
 TICK = 0.25  # seconds between checks that the client is still there and the kernel alive
 INTERRUPT_GRACE = 5.0  # seconds an interrupted cell may take to stop before its kernel is replaced
+# How long a late-output kernel's cell that showed nothing by its barrier may still publish (Deno's
+# result can even follow a kernel_info's idle on a loaded machine); cells with output never wait.
+LATE_GRACE = 0.3
 PYTHON = languages.PYTHON
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 NDJSON_HEADERS = [("content-type", "application/x-ndjson")]
@@ -437,12 +440,19 @@ class Interpreter:
             kernel.execute(setup, silent=True)
         msg_id = kernel.execute(code)
         barrier = None  # a kernel_info request whose idle comes after the cell's late output
+        grace_until = None  # after the barrier, for a cell that showed nothing yet (`LATE_GRACE`)
+        shown = False
         finished = False
         errored = False
         try:
             while True:
-                msg = kernel.next_message(TICK)
+                wait = TICK if grace_until is None else grace_until - time.monotonic()
+                if wait <= 0:
+                    break
+                msg = kernel.next_message(wait)
                 if msg is None:
+                    if grace_until is not None:
+                        continue
                     if not kernel.alive():
                         finished = True
                         yield _line(self._death_error(ctx, kernel))
@@ -453,7 +463,9 @@ class Interpreter:
                 parent = msg["parent_header"].get("msg_id")
                 if barrier is not None and parent == barrier:
                     if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
-                        break
+                        if shown:
+                            break
+                        grace_until = time.monotonic() + LATE_GRACE
                     continue
                 if parent != msg_id:
                     continue  # left over from an earlier request, or a silent one
@@ -473,6 +485,7 @@ class Interpreter:
                     errored = True
                 event = _event(msg_type, msg)
                 if event is not None:
+                    shown = True
                     yield _line(event)
             yield END
         finally:
