@@ -232,6 +232,88 @@ def host_identity(stage: Stage, backend: str = ROOT) -> Outcome:
     )  # fmt: skip
 
 
+MOUNT_POINT_PLANTS = r"""
+import errno, json, os
+results = {}
+def attempt(name, fn):
+    try:
+        fn(); results[name] = "ok"
+    except OSError as exc:
+        results[name] = errno.errorcode.get(exc.errno, str(exc.errno))
+# While mounted, bwrap's mount points cannot be swapped for links: busy, or (a directory of
+# the template's) not renamed across the overlay's layers.
+attempt("unlink-sudo", lambda: os.unlink("/usr/bin/sudo"))
+attempt("rename-run-dir", lambda: os.rename("/run/hutch", "/run/hutch.old"))
+attempt("rmdir-agent-root", lambda: os.rmdir("/opt/hutch"))
+attempt("rename-run", lambda: os.rename("/run", "/run.old"))
+attempt("rename-opt", lambda: os.rename("/opt", "/opt.old"))
+attempt("rename-usr-bin", lambda: os.rename("/usr/bin", "/usr/bin.old"))
+attempt("rmdir-tmp", lambda: os.rmdir("/tmp"))
+# Not mounted without a network: root may replace it, for a later instance to follow.
+def plant():
+    os.unlink("/etc/resolv.conf")
+    os.symlink("/oldroot" + __HOST_DIR__ + "/planted", "/etc/resolv.conf")
+attempt("plant-resolv-conf", plant)
+print(json.dumps(results))
+"""
+
+
+def mount_point_links(stage: Stage, backend: str = ROOT) -> Outcome:
+    """Root inside tries to replace the places bwrap mounts on with links into the host (bwrap
+    sets up with the host's root at `/oldroot`); the one it can plant (`/etc/resolv.conf`,
+    mounted only with a network) makes the session's next instance refuse to start, and the
+    host's world-writable directory it pointed at stays empty."""
+    import shutil
+    import signal
+    import tempfile
+
+    started = time.monotonic()
+    checks = Checks()
+    host_dir = Path(tempfile.mkdtemp(prefix="hutch-selftest-plant-", dir="/var/tmp"))
+    host_dir.chmod(0o1777)
+    session = stage.attacker_session(backend, fresh=True)
+    try:
+        ran = session.python(MOUNT_POINT_PLANTS.replace("__HOST_DIR__", repr(str(host_dir))), timeout=60)
+        try:
+            seen = json.loads(ran.text.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            seen = {}
+            checks.expect("the attack ran", ran.describe(), "printed its results")
+        for name, expected in (
+            ("unlink-sudo", ("EBUSY",)),
+            ("rename-run-dir", ("EBUSY",)),
+            ("rmdir-agent-root", ("EBUSY",)),
+            ("rename-run", ("EXDEV",)),
+            ("rename-opt", ("EXDEV",)),
+            ("rename-usr-bin", ("EXDEV",)),
+            ("rmdir-tmp", ("EBUSY",)),
+            ("plant-resolv-conf", ("ok",)),
+        ):
+            checks.expect(name, seen.get(name), *expected)
+        record = session.instance()
+        # The instance dies (as if it crashed): the session's next request starts another on
+        # the same upper layer, which must refuse to follow the link.
+        os.kill(record["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and Path(f"/proc/{record['pid']}").exists():
+            time.sleep(0.1)
+        again = session.run(["true"], timeout=60)
+        answer = json.dumps(again.error)[:300] if again.error else again.describe()
+        checks.note(f"the session's next command: {answer}")
+        checks.expect("the next instance refuses the planted link",
+                      "symbolic link where the sandbox mounts" in answer, True)  # fmt: skip
+        checks.expect("the host directory the link named", sorted(os.listdir(host_dir)), [])
+    finally:
+        session.delete()
+        shutil.rmtree(host_dir, ignore_errors=True)
+    ok, bystanders = stage.bystanders()
+    return Outcome(
+        "rootfs-mount-point-links", "files",
+        "as root inside, swap the places bwrap mounts on for links into the host, for the next instance",
+        backend, checks.ok, checks.evidence, ok, bystanders, seconds=time.monotonic() - started,
+    )  # fmt: skip
+
+
 def _nosuid(path: Path) -> bool | None:
     """Whether `path`'s own mount is nosuid; None when it is no mount point of its own."""
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
@@ -241,7 +323,11 @@ def _nosuid(path: Path) -> bool | None:
     return None
 
 
-ATTACKS = (("rootfs-lower-layer", lower_layer), ("rootfs-host-identity", host_identity))
+ATTACKS = (
+    ("rootfs-lower-layer", lower_layer),
+    ("rootfs-host-identity", host_identity),
+    ("rootfs-mount-point-links", mount_point_links),
+)
 
 
 def plan(backends: tuple[str, ...]) -> list:
