@@ -264,16 +264,18 @@ def _layer_with_links(template_store, links: dict[str, str]) -> str:
     return name
 
 
-@pytest.mark.parametrize("mount_point", ["/run", "/usr/bin/sudo", "/opt/hutch", "/tmp"])
+@pytest.mark.parametrize(
+    ("mount_point", "target"), [("/run", ""), ("/usr/bin/sudo", "/sudo"), ("/opt/hutch", ""), ("/tmp", "")]
+)
 def test_a_template_with_a_link_where_hutch_mounts_is_refused_and_the_host_is_untouched(
-    loop, rootfs_runtime, template_store, mount_point
+    loop, rootfs_runtime, template_store, mount_point, target
 ):
     # bwrap sets up with the host's root at /oldroot and follows links in mount destinations: a
     # template linking /run to /oldroot/<a world-writable host directory> had it create files there.
     host_dir = Path(tempfile.mkdtemp(prefix="hutch-test-links-", dir="/var/tmp"))
     host_dir.chmod(0o1777)
     try:
-        name = _layer_with_links(template_store, {mount_point: f"/oldroot{host_dir}/x"})
+        name = _layer_with_links(template_store, {mount_point: f"/oldroot{host_dir}{target}"})
         spec = InstanceSpec(
             instance_id=f"t-{uuid.uuid4().hex[:10]}", resources=Resources(), backend="bwrap",
             rootfs=template_store.rootfs(name),
