@@ -45,12 +45,16 @@ def selftest(
         typer.echo("note: gVisor (runsc) is not installed here: its attacks are skipped", err=True)
         chosen = tuple(b for b in chosen if b != "gvisor")
     root_template: str | None = None
+    root_cast = "not played (bwrap not chosen)"
     if "bwrap" in chosen:
         # Only look: the operator's store is never created or changed from here.
-        if (templates / "templates" / f"{template}.json").is_file():
+        record = templates / "templates" / f"{template}.json"
+        if record.is_file():
             root_template = template
             chosen = (*chosen, ROOT)
+            root_cast = f"template `{template}` on bwrap ({_describe(record)}), as root inside"
         else:
+            root_cast = f"skipped: template `{template}` is not prepared"
             typer.echo(f"note: template {template!r} is not prepared in {templates} (hutch serve prepares 'base'): "
                        "the root cast (attacks as root inside a template) is skipped", err=True)  # fmt: skip
     wanted = {a for a in only.split(",") if a} or None
@@ -79,6 +83,17 @@ def selftest(
     typer.echo(f"\n{len(outcomes) - len(failed)} of {len(outcomes)} attacks contained in {duration:.0f} s")
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(markdown(outcomes, duration))
+        report.write_text(markdown(outcomes, duration, root_cast))
         typer.echo(f"report written to {report}")
     raise typer.Exit(1 if failed or not outcomes else 0)
+
+
+def _describe(record: Path) -> str:
+    """A template's source and layer count, from its record."""
+    import json
+
+    try:
+        raw = json.loads(record.read_text())
+        return f"{raw.get('source', '?')}, {len(raw.get('layers', []))} layer(s)"
+    except (OSError, ValueError):
+        return "unreadable record"

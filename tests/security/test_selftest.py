@@ -18,8 +18,9 @@ def test_the_report_shows_every_attack_and_the_evidence_of_a_failure():
     text = table(outcomes)
     assert "host-files" in text and "contained" in text
     assert "FAILED" in text and "mount-tmpfs: ok (expected EPERM)" in text
-    report = markdown(outcomes, 12.0)
+    report = markdown(outcomes, 12.0, "skipped: template `base` is not prepared")
     assert "**1 of 2 attacks contained**, **1 FAILED**" in report
+    assert "- Root cast: skipped: template `base` is not prepared" in report
     assert "### `mount` on gvisor: FAILED" in report and "- read-canary: ENOENT" in report
 
 
