@@ -70,6 +70,17 @@ def table(outcomes: Iterable[Outcome]) -> str:
 # What the battery found when it was first run, and where each defect was fixed (with its test).
 DEFECTS = (
     (
+        "Template builds: host root copied each step's upper layer (`cp -a`) while the step's sandbox "
+        "still ran; a process the step left behind, swapping a directory for a link to a host "
+        "directory, had cp copy a root-only host file into the template's layer (2 of 400 copies in a "
+        "tight loop), which the tenant's sessions could then read",
+        "`templates/builder.py`: the step's instance is halted (`Runtime.halt`: every process killed "
+        "through its cgroup, the workspace kept) before its layer is copied",
+        "`tests/runtime/test_templates.py::"
+        "test_halt_ends_every_process_and_leaves_the_upper_layer_still_for_its_reader`, "
+        "`tests/e2e/test_templates.py` (builds still work)",
+    ),
+    (
         "Templates: bwrap sets a sandbox up with the host's root reachable at `/oldroot` and follows "
         "links in mount destinations; a template (a tenant's build or image) with `/run` linked to "
         "`/oldroot/var/tmp` had bwrap create `run/hutch` there, and `/usr/bin/sudo` linked likewise an "

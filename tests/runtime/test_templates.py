@@ -8,6 +8,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 
 from hutch.errors import FailedPrecondition, PermissionDenied, Unauthenticated
 from hutch.runtime import make_runtime
-from hutch.runtime.base import InstanceSpec, Resources
+from hutch.runtime.base import InstanceSpec, InstanceState, Resources
 from hutch.runtime.userns import RANGE, UidSlots
 from hutch.storage.local import DirectoryStore, ImageStore
 from tests.conftest import TEST_TEMPLATE
@@ -303,3 +304,31 @@ def test_a_link_planted_by_root_for_a_later_instance_with_a_network_is_refused(b
     with pytest.raises(FailedPrecondition, match=re.escape("the session's own changes: /etc/resolv.conf -> /oldroot/")):
         boot(workspace=workspace, network={"internet": True})
     rootfs_runtime.store.delete(workspace)
+
+
+def test_halt_ends_every_process_and_leaves_the_upper_layer_still_for_its_reader(boot, rootfs_runtime):
+    # A template build copies each step's upper layer as host root: a process the step left
+    # behind could swap a directory for a link into the host during the copy (cp follows it: seen
+    # copying a root-only host file into a layer). The builder halts the instance first.
+    from hutch.runtime.cgroups import Cgroup
+
+    sandbox = boot()
+    started = sandbox.loop.run(
+        sandbox.channel.run(
+            "setsid nohup sh -c 'while :; do date +%s%N > /usr/local/ticks; sleep 0.02; done' "
+            ">/dev/null 2>&1 </dev/null & echo started",
+            user="root",
+        )
+    )
+    assert started.stdout == b"started\n"
+    cgroup = Cgroup.from_dict(sandbox.instance.detail["cgroup"])
+    assert len(cgroup.procs()) >= 2  # the agent and the loop
+    sandbox.loop.run(rootfs_runtime.halt(sandbox.id))
+    assert cgroup.procs() == []
+    ticks = sandbox.instance.workspace_path / "upper/usr/local/ticks"
+    first = ticks.read_text()
+    time.sleep(0.2)
+    assert ticks.read_text() == first  # nothing writes any more; the layer is still there to read
+    assert rootfs_runtime.get(sandbox.id).state != InstanceState.CRASHED  # ended on purpose, not a crash
+    sandbox.stop()
+    assert sandbox.id not in {i.instance_id for i in rootfs_runtime.instances()}
