@@ -70,6 +70,8 @@ env = {}                          # set in every build step and sandbox of a tem
 insecure_registries = []          # OCI registries reached over plain HTTP or unverified TLS, e.g. ["127.0.0.1:5000"]
 registry_auth = {}                # "user:password" per registry host, e.g. {"registry.example.com" = "bot:secret"}
 max_upload_mb = 512               # the files of one COPY step a build may upload (413 beyond)
+max_concurrent_builds = 2         # template builds running at once on this host; others wait their turn
+max_builds_per_tenant = 4         # a tenant's unfinished builds (queued included); more are a 429
 [kubernetes]                      # the `kubernetes` backend: an instance per pod (hutch/runtime/kubernetes/)
 namespace = "hutch-sandboxes"     # where the instances' pods live
 image = "hutch:0.1.0"             # an image with hutch installed (deploy/Dockerfile)
@@ -116,6 +118,8 @@ class TemplatesConfig(BaseModel):
     insecure_registries: list[str] = Field(default_factory=list)
     registry_auth: dict[str, str] = Field(default_factory=dict)
     max_upload_mb: int = Field(512, ge=1, le=65536)  # the files of one COPY step (E2B's upload), 413 beyond
+    max_concurrent_builds: int = Field(2, ge=1, le=64)  # builds running at once on this host; more wait
+    max_builds_per_tenant: int = Field(4, ge=1, le=1000)  # a tenant's unfinished builds (waiting included)
 
     def ca_files(self) -> list[Path]:
         """The extra CA certificates to trust: the configured ones, or the host's own settings."""

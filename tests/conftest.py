@@ -26,6 +26,9 @@ os.environ.setdefault("HUTCH_TEMPLATES_PREPARE", "")
 
 TEST_TEMPLATE = "mini"
 TEST_TEMPLATE_PACKAGES = ["python3", "python3-pip", "python3-ipykernel"]
+# The recipe's setup script, as the code-interpreter template's installs its kernels: one kernel
+# from PyPI (pip inside the tree, through the host's DNS and CA) with its kernelspec.
+TEST_TEMPLATE_SETUP = "pip install -q bash_kernel\npython3 -m bash_kernel.install --prefix /usr/local"
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -102,13 +105,15 @@ def shared_volume(postgres_server):
 
 @pytest.fixture(scope="session")
 def template_store():
-    """A template store holding `mini` (TEST_TEMPLATE): Debian with Python and pip, built once per
-    test session with mmdebstrap from the host's apt sources (about a minute), removed at the end."""
+    """A template store holding `mini` (TEST_TEMPLATE): Debian with Python, pip and bash_kernel,
+    built once per test session with mmdebstrap from the host's apt sources (about a minute),
+    removed at the end."""
     if os.geteuid() != 0:
         pytest.skip("building a root file system needs root")
     if shutil.which("mmdebstrap") is None:
         pytest.skip("mmdebstrap is not installed (scripts/install-system-deps.sh installs it)")
     from hutch.config import TemplatesConfig
+    from hutch.runtime.rootfs import CA_ENV
     from hutch.templates import debian
     from hutch.templates.model import Template
     from hutch.templates.store import TemplateStore
@@ -117,7 +122,10 @@ def template_store():
     try:
         store = TemplateStore(root)
         config = TemplatesConfig()
-        layer = debian.build(store, config.debian_suite, TEST_TEMPLATE_PACKAGES, "", config.ca_files())
+        layer = debian.build(
+            store, config.debian_suite, TEST_TEMPLATE_PACKAGES, "", config.ca_files(),
+            setup=TEST_TEMPLATE_SETUP, setup_env={**CA_ENV, **config.env},
+        )  # fmt: skip
         store.put(Template(name=TEST_TEMPLATE, layers=(layer,), source="debian", env={"FROM_TEMPLATE": "mini"}))
         yield store
     finally:

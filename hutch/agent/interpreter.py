@@ -2,7 +2,10 @@
 
 Each context owns one kernel (`hutch.agent.kernel.Kernel`), started on demand; executions
 without a `context_id` use a default context per language, created on first use (or by
-`prestart()` right after boot). Only Python is installed; other languages are a 400.
+`prestart()` right after boot). Python's kernel is IPython; the other languages run the Jupyter
+kernels the template has (`hutch.agent.languages`), started only when a context of theirs first
+runs code (their kernels cost memory that most sessions never use). A language without a kernel
+is a 400 that names what is missing.
 
 `POST /execute` answers NDJSON, one line per kernel message, flushed as it comes:
 
@@ -29,9 +32,13 @@ named `ContextRestarting` (E2B's name for it) and is restarted in the background
 next execution runs on the new kernel, with a fresh namespace. One that dies while idle is
 replaced when the next execution comes.
 
-`env_vars` are set in the kernel's `os.environ` just before the cell (a silent request queued
-ahead of it) and put back to their previous values just after (another silent request), as E2B
-does. Environment set later with `/init` is applied to running kernels before their next cell.
+`env_vars` are set in the kernel's process environment just before the cell (a silent request
+queued ahead of it) and put back just after (another silent request), as E2B does: Python's to
+their previous values, other languages' to the sandbox's (or unset). Environment set later with
+`/init` is applied to running kernels before their next cell.
+
+Python kernels run `kernel_startup.py` first: E2B's result formats (charts, DataFrame data,
+`Image.show()`).
 
 Start-up budget: this module imports only lean standard modules; jupyter_client and zmq load
 with `hutch.agent.kernel`, when the first kernel starts.
@@ -47,14 +54,13 @@ import signal
 import threading
 import time
 
-from hutch.agent import paths
+from hutch.agent import languages, paths
 from hutch.agent.http import Request, Response, StreamResponse, error_response, json_response
 from hutch.errors import HutchError, InvalidArgument, NotFound, Unavailable
 
 TICK = 0.25  # seconds between checks that the client is still there and the kernel alive
 INTERRUPT_GRACE = 5.0  # seconds an interrupted cell may take to stop before its kernel is replaced
-PYTHON = "python"
-PYTHON_ALIASES = frozenset({"python", "python3", "py", "ipython"})
+PYTHON = languages.PYTHON
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 NDJSON_HEADERS = [("content-type", "application/x-ndjson")]
 END = b'{"type":"end_of_execution"}\n'
@@ -86,6 +92,7 @@ RESTORE_ENV = (
     "for k, v in s.items()])(__import__('os'), __import__('sys').__dict__.pop('_hutch_saved_env', {}))"
 )
 UPDATE_ENV = "__import__('os').environ.update({env!r})"
+STARTUP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_startup.py")
 
 
 def log(message: str) -> None:
@@ -121,6 +128,7 @@ class Interpreter:
         self.lock = threading.Lock()
         self._workdir: str | None = None
         self._serial = 0
+        self._kernels: dict[str, languages.KernelSpec] | None = None  # found on first need
         atexit.register(self.close)
 
     # -- routing -------------------------------------------------------------------------------
@@ -170,14 +178,42 @@ class Interpreter:
             return ctx
 
     def list_contexts(self) -> Response:
+        # Each language the template offers has its default context listed (its kernel starts
+        # when it first runs code).
+        for language in self.languages():
+            self._default(language)
         with self.lock:
             return json_response([ctx.info() for ctx in self.contexts.values()])
+
+    def kernels(self, rescan: bool = False) -> dict[str, languages.KernelSpec]:
+        """The kernels of the languages other than Python, found once (again with `rescan`)."""
+        found = self._kernels
+        if found is None or rescan:
+            found = self._kernels = languages.find_kernels(self.config.kernel_python)
+        return found
+
+    def languages(self) -> list[str]:
+        return [PYTHON, *sorted(self.kernels())]
+
+    def _language(self, value) -> str:
+        """The language a request names, if this sandbox has its kernel (else a 400 saying why)."""
+        try:
+            language = languages.canonical(value)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if language == PYTHON or language in self.kernels() or language in self.kernels(rescan=True):
+            return language
+        raise InvalidArgument(
+            f"language '{value}' has no kernel in this sandbox's template: it needs "
+            f"{languages.MISSING.get(language, 'a Jupyter kernel for it')}; this sandbox runs "
+            f"{', '.join(self.languages())}"
+        )
 
     def create_context(self, req: Request) -> Response:
         body = req.json() or {}
         if not isinstance(body, dict):
             raise InvalidArgument("the request body must be a JSON object")
-        language = _language(body.get("language"))
+        language = self._language(body.get("language"))
         cwd = paths.resolve(body.get("cwd"), self.config.user_home())
         if not os.path.exists(cwd):
             raise NotFound(f"cwd '{cwd}' does not exist")
@@ -252,6 +288,8 @@ class Interpreter:
             "{connection_file}",
             "--InteractiveShell.colors=nocolor",  # tracebacks as plain text
             "--HistoryManager.hist_file=:memory:",  # no sqlite shared by every kernel in $HOME
+            # E2B's result formats; exec() leaves the user's namespace as it was.
+            f"--IPKernelApp.exec_lines=exec(compile(open({STARTUP!r}).read(), {STARTUP!r}, 'exec'), {{}})",
         ]
 
     def _kernel_slot(self) -> tuple[str, str]:
@@ -282,9 +320,22 @@ class Interpreter:
                 as_user = {"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
                 env.update({"HOME": user.home, "USER": user.name, "LOGNAME": user.name})
             workdir, name = self._kernel_slot()
-            env.setdefault("MPLBACKEND", INLINE_BACKEND)  # figures come back as PNG results
             kernel_env = dict(self.config.env)
-            kernel = Kernel(self._kernel_argv(), ctx.cwd, env, workdir, name, as_user)
+            if ctx.language == PYTHON:
+                env.setdefault("MPLBACKEND", INLINE_BACKEND)  # figures come back as PNG results
+                argv, transport, interrupt_mode = self._kernel_argv(), "ipc", "signal"
+            else:
+                spec = self.kernels().get(ctx.language)
+                if spec is None:
+                    raise Unavailable(f"the {ctx.language} kernel is no longer installed in this sandbox")
+                env = {**spec.env, **env}
+                env.setdefault("NO_COLOR", "1")  # Deno's values and errors as plain text
+                argv, transport, interrupt_mode = spec.argv, spec.transport, spec.interrupt_mode
+            kernel = Kernel(
+                argv, ctx.cwd, env, workdir, name, as_user, language=ctx.language,
+                colon_ipc=transport == "ipc-colon", tcp=transport == "tcp", late_output=transport == "tcp",
+                interrupt_mode=interrupt_mode,
+            )  # fmt: skip
             kernel.start()
         ctx.kernel = kernel  # type: ignore[assignment]
         ctx.kernel_env = kernel_env
@@ -351,7 +402,10 @@ class Interpreter:
         if context_id and language:
             raise InvalidArgument("only one of context_id and language can be given")
         env_vars = _env_vars(body.get("env_vars"))
-        ctx = self._get(context_id) if context_id else self._default(_language(language))
+        ctx = self._get(context_id) if context_id else self._default(self._language(language))
+        for key in env_vars:
+            if not languages.valid_env_name(ctx.language, key):
+                raise InvalidArgument(f"environment variable name {key!r} cannot be set in a {ctx.language} kernel")
         if ctx.kernel is None:
             # The first kernel of a context: start it (or wait for prestart's) before answering,
             # so that a kernel that cannot start is an HTTP error rather than a 200.
@@ -382,6 +436,7 @@ class Interpreter:
         if setup:
             kernel.execute(setup, silent=True)
         msg_id = kernel.execute(code)
+        barrier = None  # a kernel_info request whose idle comes after the cell's late output
         finished = False
         errored = False
         try:
@@ -395,13 +450,22 @@ class Interpreter:
                         return
                     yield None
                     continue
-                if msg["parent_header"].get("msg_id") != msg_id:
+                parent = msg["parent_header"].get("msg_id")
+                if barrier is not None and parent == barrier:
+                    if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+                        break
+                    continue
+                if parent != msg_id:
                     continue  # left over from an earlier request, or a silent one
                 msg_type = msg["msg_type"]
                 if msg_type == "status":
                     if msg["content"].get("execution_state") == "idle":
                         finished = True
-                        break
+                        if not kernel.late_output:
+                            break
+                        # Deno's kernel may publish a cell's result just after its idle: what
+                        # it publishes before the idle of a request sent now belongs to the cell.
+                        barrier = kernel.request_info()
                     continue
                 if msg_type == "error":
                     if errored:
@@ -417,7 +481,7 @@ class Interpreter:
             if ctx.kernel is kernel:
                 if kernel.alive():  # type: ignore[attr-defined]
                     if env_vars:
-                        kernel.execute(RESTORE_ENV, silent=True)  # type: ignore[attr-defined]
+                        kernel.execute(self._env_restore(ctx, env_vars), silent=True)  # type: ignore[attr-defined]
                 elif ctx.stopping is None:
                     threading.Thread(target=self._revive, args=(ctx, kernel), name="kernel-revive", daemon=True).start()
 
@@ -428,10 +492,27 @@ class Interpreter:
         if current != ctx.kernel_env:
             changed = {k: v for k, v in current.items() if ctx.kernel_env.get(k) != v}
             if changed:
-                parts.append(UPDATE_ENV.format(env=changed))
+                python = ctx.language == PYTHON
+                parts.append(UPDATE_ENV.format(env=changed) if python else languages.set_env(ctx.language, changed))
             ctx.kernel_env = current
         if env_vars:
-            parts.append(SET_ENV.format(env=env_vars))
+            if ctx.language == PYTHON:
+                parts.append(SET_ENV.format(env=env_vars))
+            else:
+                parts.append(languages.set_env(ctx.language, env_vars))
+        return "\n".join(parts)
+
+    def _env_restore(self, ctx: Context, env_vars: dict[str, str]) -> str:
+        """Kernel code that takes `env_vars` back out after the cell."""
+        if ctx.language == PYTHON:
+            return RESTORE_ENV
+        # As E2B does for its other kernels: back to the sandbox's value, or unset.
+        sandbox = self.config.env
+        back = {k: sandbox[k] for k in env_vars if k in sandbox}
+        gone = [k for k in env_vars if k not in sandbox]
+        parts = [languages.set_env(ctx.language, back)] if back else []
+        if gone:
+            parts.append(languages.unset_env(ctx.language, gone))
         return "\n".join(parts)
 
     def _stop_cell(self, ctx: Context, kernel, msg_id: str) -> None:
@@ -495,16 +576,6 @@ def _new_id() -> str:
     import uuid
 
     return str(uuid.uuid4())
-
-
-def _language(value) -> str:
-    if value is None or value == "":
-        return PYTHON
-    if not isinstance(value, str):
-        raise InvalidArgument("language must be a string")
-    if value.strip().lower() in PYTHON_ALIASES:
-        return PYTHON
-    raise InvalidArgument(f"language '{value}' is not supported: this sandbox has only a Python kernel")
 
 
 def _env_vars(value) -> dict[str, str]:

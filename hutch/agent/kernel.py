@@ -40,20 +40,33 @@ LOG_TAIL = 2000  # bytes of the kernel's log quoted when it fails to start
 
 class Kernel:
     def __init__(
-        self, argv: list[str], cwd: str, env: dict[str, str], workdir: str, name: str, as_user: dict | None = None
+        self,
+        argv: list[str],
+        cwd: str,
+        env: dict[str, str],
+        workdir: str,
+        name: str,
+        as_user: dict | None = None,
+        language: str = "python",
+        colon_ipc: bool = False,
+        tcp: bool = False,
+        late_output: bool = False,
+        interrupt_mode: str = "signal",
     ) -> None:
         self.name = name
+        self.colon_ipc = colon_ipc  # the kernel names its ipc sockets `{ip}:{port}`, not `{ip}-{port}`
+        self.late_output = late_output  # may publish a cell's output after the cell's idle (Deno's)
         self.as_user = as_user or {}  # Popen's user/group/extra_groups: a root agent's kernels run as the user
         self.cwd = cwd
         self.log_path = os.path.join(workdir, f"{name}.log")
         km = KernelManager(
-            transport="ipc",
-            ip=os.path.join(workdir, name),
+            transport="tcp" if tcp else "ipc",
+            ip="127.0.0.1" if tcp else os.path.join(workdir, name),
             connection_file=os.path.join(workdir, f"{name}.json"),
             context=ZMQ_CONTEXT,
         )
         # The kernel command is ours, not a kernelspec found on disk.
-        km._kernel_spec = KernelSpec(argv=argv, display_name="Python 3", language="python", interrupt_mode="signal")
+        km._kernel_spec = KernelSpec(argv=argv, display_name=language, language=language, interrupt_mode=interrupt_mode)
         self.km = km
         self.env = env
         self.client = None
@@ -63,6 +76,8 @@ class Kernel:
 
     def start(self, timeout: float = READY_TIMEOUT) -> None:
         """Start the process and connect to it; raises Unavailable (with its log) when it fails."""
+        if self.colon_ipc and self.km.transport == "ipc":
+            self._link_colon_sockets()
         with open(self.log_path, "ab") as log:
             try:
                 self.km.start_kernel(
@@ -80,6 +95,19 @@ class Kernel:
         except Unavailable:
             self.shutdown()
             raise
+
+    def _link_colon_sockets(self) -> None:
+        """Kernels not built on ipykernel (tslab, IRkernel) bind `ipc://{ip}:{port}` where
+        jupyter_client connects to `ipc://{ip}-{port}`: each name jupyter_client uses becomes a
+        link to the kernel's (zmq retries the connect until the kernel has bound it)."""
+        km = self.km
+        km.write_connection_file()  # chooses the ports; start_kernel keeps a file already written
+        for port in (km.shell_port, km.iopub_port, km.stdin_port, km.control_port, km.hb_port):
+            link = f"{km.ip}-{port}"
+            try:
+                os.symlink(os.path.basename(f"{km.ip}:{port}"), link)
+            except FileExistsError:
+                pass
 
     def _wait_ready(self, timeout: float) -> None:
         """Until IOPub is known to reach us: after that no output of a cell can be lost.
@@ -122,7 +150,8 @@ class Kernel:
         return None if self.popen is None else self.popen.poll()
 
     def interrupt(self) -> None:
-        """SIGINT to the kernel's process group: a KeyboardInterrupt in the running cell."""
+        """SIGINT to the kernel's process group (a KeyboardInterrupt in a Python cell), or an
+        interrupt_request on the control channel for kernels that ask for it (Deno's)."""
         if self.alive():
             try:
                 self.km.interrupt_kernel()
@@ -167,6 +196,14 @@ class Kernel:
             self.km.cleanup_ipc_files()
         except Exception:
             pass
+        if self.colon_ipc:
+            km = self.km
+            for port in (km.shell_port, km.iopub_port, km.stdin_port, km.control_port, km.hb_port):
+                for path in (f"{km.ip}:{port}", f"{km.ip}-{port}"):
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
 
     # -- messages ------------------------------------------------------------------------------
 
@@ -175,6 +212,10 @@ class Kernel:
         return self.client.execute(  # type: ignore[attr-defined]
             code, silent=silent, store_history=not silent, allow_stdin=False, stop_on_error=False
         )
+
+    def request_info(self) -> str:
+        """Send a kernel_info request; returns its msg_id."""
+        return self.client.kernel_info()  # type: ignore[attr-defined]
 
     def next_message(self, timeout: float) -> dict | None:
         """The next IOPub message, or None when none came within `timeout` seconds."""

@@ -20,7 +20,9 @@ Decisions (README "Use" says the same to users):
 - Pause (`hutch.scheduler.sleep`): `POST .../pause` freezes the sandbox (processes and memory
   kept; `memory: false` keeps only its files), `connect` resumes it (201; 200 when it ran),
   `autoPause` pauses it at its timeout and `autoResume` lets traffic resume it; traffic to a
-  sandbox paused without `autoResume` is a 409. Snapshots and fork answer 501.
+  sandbox paused without `autoResume` gets E2B's 502 (not running) until it is resumed.
+- Snapshots: filesystem ones (`memory: false`) become templates (`Sandbox.create(snapshotID)`);
+  memory snapshots and fork answer 501 until hibernation exists.
 - MCP gateways and volume mounts are refused (400).
 """
 
@@ -45,6 +47,7 @@ from hutch.errors import AlreadyExists, InvalidArgument, NotFound, Unimplemented
 from hutch.functions import BUILTIN_FUNCTIONS, FunctionSpec, NetworkSpec
 from hutch.metadb.records import EndReason, FunctionRecord, SessionRecord, Tenant
 from hutch.scheduler.sessions import MAX_E2B_TIMEOUT_S
+from hutch.templates.model import check_name
 
 router = APIRouter(tags=["e2b"])
 Caller = Annotated[Tenant, Depends(caller)]
@@ -108,6 +111,12 @@ class PauseBody(BaseModel):
 class ResumeBody(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
     timeout: int = Field(DEFAULT_TIMEOUT_S, ge=1, le=MAX_E2B_TIMEOUT_S, description="seconds from now")
+
+
+class SnapshotBody(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str | None = Field(None, max_length=128, description="the snapshot's template name (default: generated)")
+    memory: bool | None = Field(None, description="false: the files only (the one kind hutch takes)")
 
 
 class RefreshBody(BaseModel):
@@ -304,6 +313,8 @@ async def _function_of_template(request: Request, tenant: Tenant, name: str) -> 
 
 async def _create(request: Request, tenant: Tenant, body: NewSandbox) -> SessionRecord:
     _refuse_unavailable(body)
+    # `name:tag` (a snapshot's id, say): hutch keeps one version of a template, the name's.
+    body = body.model_copy(update={"template_id": body.template_id.split(":", 1)[0]})
     sessions = control_plane(request).sessions
     try:
         _, spec = await sessions.function(tenant.tenant_id, body.template_id)
@@ -502,6 +513,67 @@ async def resume_sandbox(sandbox_id: str, request: Request, tenant: Caller, body
         raise AlreadyExists(f"sandbox {sandbox_id} is already running")
     session, _ = await control_plane(request).sessions.wake(session, ttl_s=(body or ResumeBody()).timeout)
     return sandbox_json(request, session)
+
+
+@router.post("/sandboxes/{sandbox_id}/snapshots", status_code=201, summary="A template of the sandbox's files")
+async def create_snapshot(sandbox_id: str, request: Request, tenant: Caller, body: SnapshotBody | None = None) -> dict:
+    """E2B's filesystem snapshot (`create_snapshot(mode="filesystem")`): the sandbox is frozen a
+    moment while its files are copied into a template of their own; `Sandbox.create(snapshotID)`
+    boots new sandboxes from it. Memory snapshots (the default) need hibernation: 501."""
+    body = body or SnapshotBody()
+    session = await _sandbox(request, tenant, sandbox_id)
+    if body.memory is not False:
+        raise Unimplemented(
+            "memory snapshots are not available in hutch yet; create_snapshot(mode='filesystem') keeps the files"
+        )
+    plane = control_plane(request)
+    if plane.templates is None:
+        raise Unimplemented("this server has no template store")
+    name = check_name(body.name.split(":", 1)[0].lower()) if body.name else f"snap-{secrets.token_hex(6)}"
+    sessions = plane.sessions
+    await plane.templates.add_snapshot(
+        name, tenant.tenant_id, session.session_id, lambda into: sessions.copy_files(session, into)
+    )
+    return {"snapshotID": f"{name}:default", "names": [f"{name}:default"]}
+
+
+@router.get("/snapshots", summary="The caller's snapshots (templates made of a sandbox's files)")
+async def list_snapshots(
+    request: Request,
+    response: Response,
+    tenant: Caller,
+    sandbox_id: Annotated[str | None, Query(alias="sandboxID")] = None,
+    name: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    next_token: Annotated[str | None, Query(alias="nextToken")] = None,
+) -> list[dict]:
+    templates = control_plane(request).templates
+    found = sorted(
+        (
+            t
+            for t in (templates.templates() if templates is not None else [])
+            if t.owner == tenant.tenant_id
+            and t.source.startswith("snapshot:")
+            and (sandbox_id is None or t.source == f"snapshot:{sandbox_id}")
+            and (name is None or t.name == name.split(":", 1)[0])
+        ),
+        key=lambda t: t.name,
+    )
+    if next_token:
+        found = [t for t in found if t.name > next_token]
+    page = found[:limit]
+    if len(found) > limit:
+        response.headers["X-Next-Token"] = page[-1].name
+    return [{"snapshotID": f"{t.name}:default", "names": [f"{t.name}:default"]} for t in page]
+
+
+@router.post("/sandboxes/{sandbox_id}/fork", summary="Not available yet: forks carry memory (hibernation)")
+async def fork_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> Response:
+    await _sandbox(request, tenant, sandbox_id)
+    raise Unimplemented(
+        "forking sandboxes needs memory snapshots, not available in hutch yet; "
+        "create_snapshot(mode='filesystem') and Sandbox.create(snapshot_id) copy the files"
+    )
 
 
 @router.api_route(

@@ -31,19 +31,24 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
+from collections.abc import Set as AbstractSet
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
 
 from hutch.cluster.wire import NODE_KEY_HEADER, SESSION_HEADER, node_key, session_from_wire
-from hutch.errors import HutchError, NotFound, Unavailable, from_wire
+from hutch.errors import HutchError, NotFound, Unavailable, Unimplemented, from_wire
 from hutch.functions import FunctionSpec
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import EndReason, SchedulerRecord, SessionRecord, SessionStatus, Tenant, UsageBucket
 from hutch.scheduler import interface
 from hutch.scheduler.interface import NodeAddress, Route
 from hutch.scheduler.sessions import check_session_id
+
+if TYPE_CHECKING:
+    from hutch.runtime.base import RootFS
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +101,7 @@ class NodeDirectory:
             raise Unavailable(f"node {node_id} advertises an unusable address {record.address!r}")
         return NodeAddress(node_id, url.hostname, url.port)
 
-    def choose(self, exclude: set[str] = frozenset()) -> SchedulerRecord:  # type: ignore[assignment]
+    def choose(self, exclude: AbstractSet[str] = frozenset()) -> SchedulerRecord:
         """A live node with room: the freer of two sampled at random."""
         live = [r for r in self.nodes.values() if self.is_live(r.scheduler_id) and r.scheduler_id not in exclude]
         if not live:
@@ -505,6 +510,9 @@ class ClusterSessions:
 
     async def wake(self, session: SessionRecord, ttl_s: int | None = None) -> tuple[SessionRecord, bool]:
         return await self._on_node_changed(session, "wake", {"ttlSeconds": ttl_s})
+
+    async def copy_files(self, session: SessionRecord, into: Path) -> RootFS:
+        raise Unimplemented("snapshots are not available through a cluster's gateway yet")
 
     async def _on_node_changed(
         self, session: SessionRecord, action: str, body: dict[str, Any]

@@ -27,6 +27,7 @@ import json
 import logging
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from hutch.errors import HutchError, NotFound, Unavailable
 from hutch.gateway import e2b, invoke, mcp
@@ -35,6 +36,9 @@ from hutch.gateway.types import DataPlane, Header, Message, Receive, Scope, Send
 from hutch.gateway.upstream import MISDIRECTED_HEADER, Misdirected, UpstreamPool
 from hutch.gateway.websocket import proxy_websocket, refuse_with_error
 from hutch.metadb.records import SessionRecord
+
+if TYPE_CHECKING:
+    from hutch.scheduler.interface import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +140,7 @@ class Gateway:
                     watch.send if watch is not None else send,
                     head_timeout=self.head_timeout,
                     reroute=self._reroute,
+                    ended=lambda target: _has_ended(sessions, target.session),
                 )
                 if watch is not None and watch.misdirected:
                     raise Misdirected()
@@ -214,19 +219,19 @@ class _Replay:
     """The client's request messages, kept so that a request whose body came in one message
     (most do: small JSON, no body at all) can be sent a second time."""
 
-    __slots__ = ("first", "receive", "replaying", "taken")
+    __slots__ = ("again", "first", "receive", "taken")
 
     def __init__(self, receive: Receive) -> None:
         self.receive = receive
         self.first: Message | None = None
         self.taken = 0
-        self.replaying = False
+        self.again: Message | None = None  # what the next read gives once more (after `rewind`)
 
     async def __call__(self) -> Message:
-        if self.replaying:
-            self.replaying = False
-            assert self.first is not None
-            return self.first
+        again = self.again
+        if again is not None:
+            self.again = None
+            return again
         message = await self.receive()
         self.taken += 1
         if self.taken == 1:
@@ -238,5 +243,12 @@ class _Replay:
         first = self.first
         if first is None or self.taken != 1 or first["type"] != "http.request" or first.get("more_body"):
             return first is None
-        self.replaying = True
+        self.again = first
         return True
+
+
+def _has_ended(sessions: Sessions, session: SessionRecord) -> bool:
+    """Whether this session (this row, not a later one of its key) is over: ending a session
+    forgets it before its instance stops, so a stream that instance cut short sees it ended."""
+    current = sessions.active(session.internal_id)
+    return current is None or current.row_id != session.row_id

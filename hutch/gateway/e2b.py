@@ -41,7 +41,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from hutch.agent.config import ENVD_PORT, INTERPRETER_PORT
-from hutch.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from hutch.errors import InvalidArgument, NotFound, Paused, PermissionDenied, Unauthenticated
 from hutch.gateway.affinity import header_value
 from hutch.gateway.types import DataPlane, Header, Scope, Target
 
@@ -200,6 +200,10 @@ async def resolve(plane: DataPlane, scope: Scope, sandbox_id: str, port: int) ->
         route = await sessions.route(session)
     except NotFound:
         raise SandboxNotFound(f"The sandbox {sandbox_id} was not found") from None
+    except Paused as exc:
+        # As E2B's edge: a paused sandbox is not running (the SDKs' is_running() is False, their
+        # calls raise SandboxNotRunningException), until connect resumes it.
+        raise SandboxNotFound(exc.message) from None
     session = route.session
     agent = port in AGENT_PORTS
     raw: bytes = scope.get("raw_path") or scope["path"].encode("latin-1")

@@ -9,7 +9,10 @@ error it can read rather than a broken connection:
   killed mid-command (the SDK then probes the sandbox, and this session's next request brings it
   back on a new instance);
 - NDJSON (`application/x-ndjson`, the code interpreter's `/execute`): an `error` line, which
-  `run_code` returns as the execution's error.
+  `run_code` returns as the execution's error; unless the session itself ended (killed, timed
+  out): then the client's connection is cut, as E2B's proxy does, and the SDK, finding the
+  sandbox gone, raises its own "sandbox was killed while the request was in progress"
+  (`proxy_http`'s `ended`).
 Only at a message boundary: a message cut in its middle cannot be completed, and the client's
 connection is cut instead, as for any other answer. The answers of user servers are never
 touched: their protocols are theirs.

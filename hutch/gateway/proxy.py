@@ -167,12 +167,15 @@ async def proxy_http(
     *,
     head_timeout: float | None = None,
     reroute: Callable[[Target], Awaitable[Target]] | None = None,
+    ended: Callable[[Target], bool] | None = None,
 ) -> None:
     """Forward one HTTP request to `target` and stream its answer back.
 
     `head_timeout`: see the module docstring (None: wait as long as it takes). `reroute`: called
     with the target when its instance is gone before the request reached it; returns the target
-    on the instance that replaces it.
+    on the instance that replaces it. `ended`: whether the target's session has ended (killed,
+    timed out): a code interpreter answer it cut short is then cut for the client too, as E2B's
+    proxy does, and the SDK, finding the sandbox gone, says it was killed mid-request.
 
     Raises:
         UpstreamError: the instance could not be reached or did not answer (no byte was sent yet).
@@ -248,6 +251,13 @@ async def proxy_http(
                 if exchange.client_gone:
                     return
                 tail = ending.tail(_stream_ended(target)) if ending is not None else None
+                if (
+                    tail is not None
+                    and isinstance(ending, endings.NdjsonEnding)
+                    and ended is not None
+                    and ended(target)
+                ):
+                    tail = None  # the sandbox was killed: the SDK probes it and words that itself
                 if tail is not None:
                     log.warning("%s %s: %s; ending the stream with an error", method, scope["path"], exc.message)
                     await send({"type": "http.response.body", "body": tail, "more_body": False})

@@ -226,15 +226,17 @@ class Sandboxes:
                                     await self._kill(base, pid)
                     if "end" in event:
                         exit_code = event["end"].get("exitCode", 0)
+        stderr = output["stderr"].decode(errors="replace")
+        if truncated:
+            stderr += f"\n[hutch: more than {OUTPUT_CAP} bytes of output: the command was stopped]"
         result = {
             "exitCode": exit_code,
             "stdout": output["stdout"].decode(errors="replace"),
-            "stderr": output["stderr"].decode(errors="replace"),
+            "stderr": stderr,
             "timedOut": exit_code in (124, 137),
         }
         if truncated:
             result["truncated"] = True
-            result["stderr"] += f"\n[hutch: more than {OUTPUT_CAP} bytes of output: the command was stopped]"  # type: ignore[operator]
         return result
 
     async def _kill(self, base: str, pid: int) -> None:

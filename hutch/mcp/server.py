@@ -110,7 +110,10 @@ def build_server(open_sandboxes: OpenSandboxes) -> MCPServer:
         ctx: Context,
         sandbox_id: SandboxId,
         code: Annotated[str, Field(description="The code to run.")],
-        language: Annotated[str, Field(description="The interpreter's language.")] = "python",
+        language: Annotated[
+            str,
+            Field(description="The interpreter's language: python, javascript, typescript, bash or r."),
+        ] = "python",
         timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 300,
     ) -> dict[str, Any]:
         """Run code in the sandbox's interpreter; variables and imports persist between calls.

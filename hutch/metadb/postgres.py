@@ -311,6 +311,9 @@ class PostgresMetaDB:
     async def _fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
         return await self._call(lambda db: db.fetchrow(query, *args), idempotent=query.startswith("SELECT"))
 
+    async def _fetchval(self, query: str, *args: Any) -> Any:
+        return await self._call(lambda db: db.fetchval(query, *args), idempotent=query.startswith("SELECT"))
+
     async def _execute(self, query: str, *args: Any) -> str:
         return await self._call(lambda db: db.execute(query, *args))
 
@@ -322,7 +325,7 @@ class PostgresMetaDB:
 
     async def set_setting_if_absent(self, key: str, value: str) -> str:
         await self._execute("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT DO NOTHING", key, value)
-        return await self.get_setting(key)  # type: ignore[return-value]
+        return str(await self._fetchval("SELECT value FROM settings WHERE key = $1", key))
 
     # tenants ----------------------------------------------------------------------------------
 
@@ -551,10 +554,10 @@ class PostgresMetaDB:
         return [session_from_row(r) for r in rows]
 
     async def count_active(self, tenant_id: str) -> int:
-        row = await self._fetchrow(
+        count = await self._fetchval(
             "SELECT COUNT(*) FROM sessions WHERE tenant_id = $1 AND status = 'Active'", tenant_id
         )
-        return int(row[0])  # type: ignore[index]
+        return int(count)
 
     async def touch_sessions(self, activity: dict[str, float]) -> None:
         if not activity:

@@ -290,7 +290,7 @@ class SQLiteMetaDB:
 
     async def set_setting_if_absent(self, key: str, value: str) -> str:
         self.db.execute("INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)", (key, value))
-        return await self.get_setting(key)  # type: ignore[return-value]
+        return str(self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()[0])
 
     # tenants ----------------------------------------------------------------------------------
 

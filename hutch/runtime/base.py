@@ -141,9 +141,9 @@ class InstanceTable:
     def has(self, instance_id: str) -> bool:
         return instance_id in self._instances
 
-    def is_running(self, instance_id: str) -> bool:
+    def is_running(self, instance_id: InstanceId) -> bool:
         """On every proxied request: a dict lookup, no system call."""
-        instance = self._instances.get(instance_id)  # type: ignore[call-overload]
+        instance = self._instances.get(instance_id)
         return instance is not None and instance.state == InstanceState.RUNNING
 
     async def status(self, instance_id: InstanceId) -> InstanceState:
@@ -205,7 +205,7 @@ class Runtime(Protocol):
 
     def instances(self) -> list[Instance]: ...
 
-    def is_running(self, instance_id: str) -> bool:
+    def is_running(self, instance_id: InstanceId) -> bool:
         """Whether the instance is known and its agent answered (a lookup, no system call)."""
         ...
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -104,9 +105,11 @@ class AgentChannel:
     ) -> CommandResult:
         """Run a command to its end (`shell`: through `/bin/bash -l -c`, as E2B does), as `user`
         (None: the instance's default user); `on_output` sees its output as it comes."""
-        process = {"cmd": "/bin/bash", "args": ["-l", "-c", cmd]} if shell else {"cmd": cmd, "args": args or []}
+        process: dict[str, Any] = (
+            {"cmd": "/bin/bash", "args": ["-l", "-c", cmd]} if shell else {"cmd": cmd, "args": args or []}
+        )
         if env:
-            process["envs"] = env  # type: ignore[assignment]
+            process["envs"] = env
         if cwd:
             process["cwd"] = cwd
         result = CommandResult(exit_code=-1)
@@ -204,13 +207,19 @@ class AgentChannel:
         _raise_for(response)
         return response.content
 
-    async def execute(self, code: str, context_id: str | None = None, timeout: float = 120.0) -> list[dict]:
-        """Run code in the interpreter; the NDJSON lines of the answer."""
+    async def execute(
+        self, code: str, context_id: str | None = None, timeout: float = 120.0, language: str | None = None
+    ) -> list[dict]:
+        """Run code in the interpreter (the default context of `language`, Python's if None); the
+        NDJSON lines of the answer."""
         lines = []
+        body: dict = {"code": code, "context_id": context_id}
+        if language is not None:
+            body["language"] = language
         async with self._client.stream(
             "POST",
             "/execute",
-            json={"code": code, "context_id": context_id},
+            json=body,
             timeout=httpx.Timeout(timeout, connect=5),
         ) as response:
             if response.status_code != 200:

@@ -216,7 +216,7 @@ class EgressProxy:
         try:
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
             port = struct.unpack(">H", raw[2:4])[0]
-            dst = ipaddress.ip_address(raw[4:8])
+            dst = ipaddress.IPv4Address(raw[4:8])
             if policy is None or self._never(dst):
                 self._deny(peer, dst, port, None)
                 return
@@ -226,14 +226,14 @@ class EgressProxy:
                 with contextlib.suppress(TimeoutError):
                     first = await asyncio.wait_for(reader.read(16384), SNIFF_TIMEOUT)
                 name = server_name(first)
-            if not policy.allows(dst, name):  # type: ignore[arg-type]
+            if not policy.allows(dst, name):
                 self._deny(peer, dst, port, name)
                 return
             targets = [dst]
-            if policy.domain_allowed(name):
+            if name is not None and policy.domain_allowed(name):
                 # Allowed for its name: go where the name leads, not where the client aimed, so a
                 # forged SNI or Host header cannot open the way to any address.
-                targets = [a for a in await self._resolve(name) if not self._never(a)]  # type: ignore[arg-type]
+                targets = [a for a in await self._resolve(name) if not self._never(a)]
                 if not targets:
                     self._deny(peer, dst, port, name)
                     return
@@ -246,14 +246,14 @@ class EgressProxy:
                     break
                 except (OSError, TimeoutError):
                     continue
-            if upstream_writer is None:
+            if upstream_reader is None or upstream_writer is None:
                 return
             self.stats["allowed"] += 1
             entry = (writer, dst, name)
             self._open.setdefault(peer, set()).add(entry)
             if first:
                 upstream_writer.write(first)
-            await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))  # type: ignore[arg-type]
+            await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
         except (OSError, struct.error, ValueError):
             pass
         finally:
@@ -349,20 +349,24 @@ class _DNSForwarder(asyncio.DatagramProtocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
 
+    def _send(self, data: bytes, addr) -> None:
+        if self.transport is not None:  # set before any datagram arrives
+            self.transport.sendto(data, addr)
+
     def datagram_received(self, data: bytes, addr) -> None:
         if len(data) < 12:
             return
         policy = self.proxy.policy(addr[0])
         name = _qname(data)
         if policy is None or name is None or not policy.resolves(name):
-            self.transport.sendto(_refused(data), addr)  # type: ignore[union-attr]
+            self._send(_refused(data), addr)
             return
         pinned = self.proxy.static_hosts.get(name.lower().rstrip("."))
         if pinned is not None:
-            self.transport.sendto(_answer(data, pinned), addr)  # type: ignore[union-attr]
+            self._send(_answer(data, pinned), addr)
             return
         if not self.proxy.upstream_dns:
-            self.transport.sendto(_refused(data), addr)  # type: ignore[union-attr]
+            self._send(_refused(data), addr)
             return
         asyncio.get_running_loop().create_task(self._forward(data, addr))
 
@@ -375,10 +379,10 @@ class _DNSForwarder(asyncio.DatagramProtocol):
                 await loop.sock_connect(sock, (server, 53))
                 await loop.sock_sendall(sock, data)
                 answer = await asyncio.wait_for(loop.sock_recv(sock, 4096), 3)
-                self.transport.sendto(answer, addr)  # type: ignore[union-attr]
+                self._send(answer, addr)
                 return
             except (OSError, TimeoutError):
                 continue
             finally:
                 sock.close()
-        self.transport.sendto(_refused(data), addr)  # type: ignore[union-attr]
+        self._send(_refused(data), addr)

@@ -42,7 +42,7 @@ ETC_FROM_HOST = (
     "alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezone", "ssl",
     "ca-certificates", "ca-certificates.conf", "mime.types", "protocols", "services", "host.conf",
     "inputrc", "bash.bashrc", "fonts", "terminfo", "magic", "magic.mime", "gai.conf", "debian_version",
-    "os-release", "mailcap", "xdg",
+    "os-release", "mailcap", "xdg", "R",
 )  # fmt: skip
 
 

@@ -132,7 +132,7 @@ class MultiRuntime:
     def sweep_orphans(self, live: set[str]) -> list[str]:
         return [item for runtime in self.runtimes.values() for item in runtime.sweep_orphans(live)]
 
-    def is_running(self, instance_id: str) -> bool:
+    def is_running(self, instance_id: InstanceId) -> bool:
         return any(runtime.is_running(instance_id) for runtime in self.runtimes.values())
 
     def set_deadline(self, instance_id: InstanceId, at: float | None) -> None:

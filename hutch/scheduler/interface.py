@@ -26,6 +26,7 @@ from hutch.metadb.records import EndReason, SessionRecord, Tenant
 if TYPE_CHECKING:
     from hutch.functions import FunctionSpec
     from hutch.metadb.records import SessionUsage, UsageBucket
+    from hutch.runtime.base import RootFS
 
 Header = tuple[bytes, bytes]
 
@@ -162,3 +163,5 @@ class Sessions(Protocol):
         self, session: SessionRecord, paused: bool = True, memory: bool = True
     ) -> tuple[SessionRecord, bool]: ...
     async def wake(self, session: SessionRecord, ttl_s: int | None = None) -> tuple[SessionRecord, bool]: ...
+    # snapshots (`hutch.scheduler.snapshots`): the session's upper layer copied into `into`
+    async def copy_files(self, session: SessionRecord, into: Path) -> RootFS: ...

@@ -8,12 +8,12 @@ import logging
 
 from hutch.errors import HutchError
 from hutch.metadb.records import EndReason, SessionRecord
-from hutch.scheduler.sleep import SessionSleep
+from hutch.scheduler.snapshots import SessionSnapshots
 
 log = logging.getLogger(__name__)
 
 
-class SessionReaper(SessionSleep):
+class SessionReaper(SessionSnapshots):
     """Ends sessions at TTL or idle (or puts them to sleep: `SessionSleep`), and flushes their activity."""
 
     async def reap_once(self) -> list[SessionRecord]:

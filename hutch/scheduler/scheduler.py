@@ -330,8 +330,8 @@ class Scheduler:
         try:
             if rootfs is not None and rootfs.start_cmd:
                 await self._start_template_command(instance, rootfs.start_cmd, rootfs.ready_cmd, rootfs.user)
-            if spec.start_command:
-                await self._start_user_server(instance, spec)
+            if spec.start_command and spec.port is not None:  # together or neither (FunctionSpec)
+                await self._start_user_server(instance, spec.start_command, spec.port)
         except BaseException:
             await self.release(instance.instance_id, keep_workspace=workspace is not None)
             raise
@@ -353,21 +353,20 @@ class Scheduler:
                     raise Unavailable(f"the template's ready command never succeeded: {ready[:200]!r}")
                 await asyncio.sleep(0.2)
 
-    async def _start_user_server(self, instance: Instance, spec: FunctionSpec) -> None:
+    async def _start_user_server(self, instance: Instance, command: list[str], port: int) -> None:
         """Run the function's server in the background and wait until its port answers."""
-        assert spec.start_command is not None and spec.port is not None
         async with AgentChannel(instance.socket_path, timeout=USER_SERVER_TIMEOUT) as channel:
-            await channel.spawn(spec.start_command, tag=USER_SERVER_TAG)
+            await channel.spawn(command, tag=USER_SERVER_TAG)
             deadline = time.monotonic() + USER_SERVER_TIMEOUT
             while True:
                 try:
-                    response = await channel.http.get("/", headers={"E2b-Sandbox-Port": str(spec.port)}, timeout=5)
+                    response = await channel.http.get("/", headers={"E2b-Sandbox-Port": str(port)}, timeout=5)
                     if response.status_code != 503 or "listening" not in response.text:
                         return
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:
-                    raise Unavailable(f"the function's server did not open port {spec.port} in time")
+                    raise Unavailable(f"the function's server did not open port {port} in time")
                 await asyncio.sleep(0.02)
 
     async def release(self, instance_id: InstanceId, keep_workspace: bool) -> bool:
@@ -403,11 +402,11 @@ class Scheduler:
     def frozen(self, instance_id: InstanceId) -> bool:
         return self.runtime.frozen(instance_id)
 
-    async def instance_gone(self, instance_id: str | None) -> None:
+    async def instance_gone(self, instance_id: InstanceId | None) -> None:
         """Nothing answers on an instance's socket although its process was not seen to exit (its
         agent died a moment ago, or alone): end it as a crash, so that `is_live` says so."""
         if instance_id is not None and self.is_live(instance_id):
-            await self.runtime.kill(InstanceId(instance_id))
+            await self.runtime.kill(instance_id)
 
     async def forget_workspace(self, workspace: str) -> None:
         """Delete a workspace whose instance is already gone."""
@@ -415,7 +414,7 @@ class Scheduler:
 
     # -- state ---------------------------------------------------------------------------------
 
-    def is_live(self, instance_id: str | None) -> bool:
+    def is_live(self, instance_id: InstanceId | None) -> bool:
         return instance_id is not None and self.runtime.is_running(instance_id)
 
     def socket_path(self, instance_id: InstanceId) -> Path:

@@ -165,20 +165,22 @@ class SessionTable:
         previous = self._followers.pop(session.row_id, None)
         if previous is not None:
             previous.cancel()
-        task = asyncio.get_running_loop().create_task(self._user_server_output(session), name="user-server-log")
+        task = asyncio.get_running_loop().create_task(
+            self._user_server_output(session, session.instance_id), name="user-server-log"
+        )
         self._followers[session.row_id] = task
 
-    async def _user_server_output(self, session: SessionRecord) -> None:
+    async def _user_server_output(self, session: SessionRecord, instance_id: InstanceId) -> None:
         try:
-            await self._log_user_server(session)
+            await self._log_user_server(session, instance_id)
         finally:
             if self._followers.get(session.row_id) is asyncio.current_task():
                 del self._followers[session.row_id]
 
-    async def _log_user_server(self, session: SessionRecord) -> None:
+    async def _log_user_server(self, session: SessionRecord, instance_id: InstanceId) -> None:
         partial = {"stdout": b"", "stderr": b""}
         try:
-            path = self.scheduler.socket_path(session.instance_id)  # type: ignore[arg-type]
+            path = self.scheduler.socket_path(instance_id)
             async with AgentChannel(path) as channel:
                 async for event in channel.follow(USER_SERVER_TAG):
                     for stream, data in (event.get("data") or {}).items():

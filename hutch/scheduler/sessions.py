@@ -15,6 +15,7 @@ batches for activity.
   sessions, reconciliation of a node with MetaDB, crashes;
 - `hutch.scheduler.sleep.SessionSleep`: idle sessions frozen and woken by their next request,
   E2B's pause and resume;
+- `hutch.scheduler.snapshots.SessionSnapshots`: a session's files copied out (snapshots);
 - `hutch.scheduler.reaper.SessionReaper`: ends at TTL or idle, activity written in batches.
 This module starts and stops them (the background loops) and is the one the rest imports.
 

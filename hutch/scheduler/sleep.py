@@ -7,7 +7,8 @@ Two kinds of sleep:
   transparently (the client sees a few milliseconds more, never an error). Its TTL and idle
   timeout keep counting: a sleeping session still ends at them.
 - **paused**: E2B's pause. Traffic wakes it only when its lifecycle says `auto_resume` (its
-  timeout then starts again from the wake); otherwise it answers 409 until `connect`/`resume`.
+  timeout then starts again from the wake); otherwise its traffic is refused (`Paused`: 409; E2B
+  traffic gets E2B's 502, "not running") until `connect`/`resume`.
   While paused it is kept for `paused_retention_s` from the pause, then ended.
 
 Two ways to sleep: **frozen** (`Runtime.freeze`: RAM held, no CPU, the wake takes

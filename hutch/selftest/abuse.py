@@ -53,7 +53,7 @@ class Watch:
         self._thread.join()
         self.http.close()
 
-    def _time(self, name: str, action: Callable[[], None]) -> None:
+    def _time(self, name: str, action: Callable[[], object]) -> None:
         started = time.perf_counter()
         try:
             action()
@@ -79,7 +79,7 @@ class Watch:
         while not self._stop.is_set():
             self._time("neighbour", self._neighbour)
             self._time("health", self._health)
-            self._time("host", lambda: subprocess.run(["/bin/true"], check=True))  # type: ignore[arg-type]
+            self._time("host", lambda: subprocess.run(["/bin/true"], check=True))
             self.peak_rss = max(self.peak_rss, rss_mb(self.hutch_pid))
             self._stop.wait(self.interval)
 
@@ -193,9 +193,9 @@ def fork_bomb(stage: Stage, backend: str) -> Outcome:
         except Exception as exc:
             inside, refused = f"no command could start: {type(exc).__name__}", True
         cgroup, _ = _cgroup(session)
-        pids_dir = cgroup.dirs.get("pids") or cgroup.dirs.get("unified")
-        current, limit = _read(pids_dir / "pids.current").strip(), _read(pids_dir / "pids.max").strip()  # type: ignore[operator]
-        hit = _counter(_read(pids_dir / "pids.events"), "max")  # type: ignore[operator]
+        pids_dir = cgroup.dirs.get("pids") or cgroup.dirs["unified"]
+        current, limit = _read(pids_dir / "pids.current").strip(), _read(pids_dir / "pids.max").strip()
+        hit = _counter(_read(pids_dir / "pids.events"), "max")
         evidence.append(inside + " (11 = EAGAIN)")
         evidence.append(f"host pids cgroup: {current} tasks of at most {limit}, limit hit {hit} times")
         within = current.isdigit() and limit.isdigit() and int(current) <= int(limit)
@@ -238,15 +238,15 @@ def cpu_spin(stage: Stage, backend: str) -> Outcome:
     session = stage.attacker_session(backend, fresh=True)
     evidence: list[str] = []
     cgroup, _ = _cgroup(session)
-    cpu_dir = cgroup.dirs.get("cpu") or cgroup.dirs.get("unified")
+    cpu_dir = cgroup.dirs.get("cpu") or cgroup.dirs["unified"]
     before = cgroup.stats()[0]
-    throttled_before = _counter(_read(cpu_dir / "cpu.stat"), "nr_throttled")  # type: ignore[operator]
+    throttled_before = _counter(_read(cpu_dir / "cpu.stat"), "nr_throttled")
     with Watch(stage, backend) as watch:
         wall = time.monotonic()
         session.sh("for i in 1 2 3 4; do timeout 3 sh -c 'while :; do :; done' & done; wait", timeout=60)
         wall = time.monotonic() - wall
     used = cgroup.stats()[0] - before
-    throttled = _counter(_read(cpu_dir / "cpu.stat"), "nr_throttled") - throttled_before  # type: ignore[operator]
+    throttled = _counter(_read(cpu_dir / "cpu.stat"), "nr_throttled") - throttled_before
     evidence.append(f"4 spinners for 3 s used {used:.2f} CPU-s in {wall:.1f} s wall with a {LIMITS['cpu']} vCPU quota")
     evidence.append(f"CFS throttled the instance {throttled} times")
     _teardown(session, evidence)
@@ -533,13 +533,9 @@ ROOT_ATTACKS: tuple[tuple[str, Callable[[Stage, str], Outcome]], ...] = (("overl
 
 
 def plan(backends: tuple[str, ...]) -> list:
-    from hutch.selftest.battery import Attack
+    from hutch.selftest.battery import Attack, on_backend
 
-    steps = [
-        Attack(name, backend, lambda stage, run=run, backend=backend: run(stage, backend))  # type: ignore[misc]
-        for name, run in ATTACKS
-        for backend in backends
-    ]
+    steps = [Attack(name, backend, on_backend(run, backend)) for name, run in ATTACKS for backend in backends]
     if ROOT in backends:
-        steps += [Attack(name, ROOT, lambda stage, run=run: run(stage, ROOT)) for name, run in ROOT_ATTACKS]  # type: ignore[misc]
+        steps += [Attack(name, ROOT, on_backend(run, ROOT)) for name, run in ROOT_ATTACKS]
     return steps

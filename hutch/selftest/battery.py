@@ -9,6 +9,7 @@ yields outcomes as they come.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -62,12 +63,17 @@ class Attack:
     run: Callable[[Stage], Outcome]
 
 
+def on_backend(run: Callable[[Stage, str], Outcome], backend: str) -> Callable[[Stage], Outcome]:
+    """An attack that takes its backend, bound to one."""
+    return lambda stage: run(stage, backend)
+
+
 def plan(backends: tuple[str, ...] = BACKENDS) -> list[Attack]:
     """Every attack of the battery, in the order it runs."""
     from hutch.selftest import abuse, api_abuse, file_api, fuzz, rootfs
 
     steps = [
-        Attack(escape.id, backend, lambda stage, e=escape, b=backend: run_escape(stage, e, b))  # type: ignore[misc]
+        Attack(escape.id, backend, functools.partial(run_escape, escape=escape, backend=backend))
         for escape in ESCAPES
         for backend in escape_backends(escape, backends)
     ]

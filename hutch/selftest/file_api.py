@@ -227,10 +227,10 @@ def _outcome(stage: Stage, attack: str, title: str, backend: str, checks: Checks
 
 
 def plan(backends: tuple[str, ...]) -> list:
-    from hutch.selftest.battery import Attack
+    from hutch.selftest.battery import Attack, on_backend
 
     steps = [
-        Attack(name, backend, lambda stage, run=run, backend=backend: run(stage, backend))  # type: ignore[misc]
+        Attack(name, backend, on_backend(run, backend))
         for name, run in (("file-api-traversal", traversal), ("file-api-race", race))
         for backend in backends
     ]

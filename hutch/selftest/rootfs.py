@@ -331,8 +331,8 @@ ATTACKS = (
 
 
 def plan(backends: tuple[str, ...]) -> list:
-    from hutch.selftest.battery import Attack
+    from hutch.selftest.battery import Attack, on_backend
 
     if ROOT not in backends:
         return []
-    return [Attack(name, ROOT, lambda stage, run=run: run(stage)) for name, run in ATTACKS]  # type: ignore[misc]
+    return [Attack(name, ROOT, on_backend(run, ROOT)) for name, run in ATTACKS]

@@ -37,7 +37,7 @@ import shutil
 import socket
 import subprocess
 import sysconfig
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hutch.errors import AlreadyExists, BackendUnavailable, InvalidArgument, IsolationError, NotFound
@@ -338,7 +338,7 @@ def _fs_type(path: Path) -> str | None:
 
 
 @functools.cache
-def _renameat2() -> ctypes._CFuncPtr:  # type: ignore[name-defined]
+def _renameat2() -> Callable[..., int]:
     function = ctypes.CDLL(None, use_errno=True).renameat2
     function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     return function

@@ -5,7 +5,9 @@ The layer is a Debian system with the sandbox user of every template (`user`, ui
 its trust store (hosts behind a TLS-inspecting proxy), and the empty directories the runtime
 mounts on (`/opt/hutch`, `/run/hutch`), so an untouched instance writes nothing to its upper
 layer. Its id is a hash of the recipe: the same suite, packages, mirror and certificates give
-the same layer, built once.
+the same layer, built once. A recipe may add a setup script, run last inside the tree (chrooted, as root,
+with the host's DNS and the CA and index settings of the build) for what Debian does not
+package: the code-interpreter template's kernels from PyPI and npm.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ def _digest(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
-def layer_id(suite: str, packages: Sequence[str], mirror: str, ca_files: Sequence[Path]) -> str:
-    recipe = {
+def layer_id(suite: str, packages: Sequence[str], mirror: str, ca_files: Sequence[Path], setup: str = "") -> str:
+    recipe: dict = {
         "kind": "debian",
         "version": RECIPE_VERSION,
         "suite": suite,
@@ -45,10 +47,14 @@ def layer_id(suite: str, packages: Sequence[str], mirror: str, ca_files: Sequenc
         "mirror": mirror,
         "ca": _digest(ca_files),
     }
+    if setup:  # only then: the layers of recipes without one keep their ids
+        recipe["setup"] = setup
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
-def customize_script(ca_files: Sequence[Path], update_ca: bool = True) -> str:
+def customize_script(
+    ca_files: Sequence[Path], update_ca: bool = True, setup: str = "", setup_env: dict[str, str] | None = None
+) -> str:
     """The shell run on a finished tree (`$1`): mmdebstrap's customize hook, and the same for an
     unpacked image (`update_ca=False`: its tools may not run on this host; the certificates are
     appended to its bundle instead)."""
@@ -86,6 +92,18 @@ def customize_script(ca_files: Sequence[Path], update_ca: bool = True) -> str:
             'if [ -f "$1/etc/ssl/certs/ca-certificates.crt" ]; then '
             'cat "$1"/usr/local/share/ca-certificates/hutch-extra-*.crt >> "$1/etc/ssl/certs/ca-certificates.crt"; fi'
         )
+    if setup:
+        # The host's DNS while it runs (the tree's own resolv.conf points at the sandbox's).
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+               "LANG": "C.UTF-8", **(setup_env or {})}  # fmt: skip
+        assignments = " ".join(shlex.quote(f"{k}={v}") for k, v in env.items())
+        lines += [
+            'cp -L /etc/resolv.conf "$1/etc/resolv.conf"',
+            f"cat > \"$1/tmp/hutch-setup.sh\" <<'HUTCH_SETUP'\n{setup}\nHUTCH_SETUP",
+            f'env -i {assignments} chroot "$1" bash -e /tmp/hutch-setup.sh',
+            'rm -rf "$1/tmp/hutch-setup.sh" "$1/root/.npm" "$1/root/.cache"',
+            'echo "nameserver 127.0.0.1" > "$1/etc/resolv.conf"',
+        ]
     return "\n".join(lines)
 
 
@@ -106,21 +124,24 @@ def build(
     mirror: str = "",
     ca_files: Sequence[Path] = (),
     log: Callable[[str], None] = lambda line: None,
+    setup: str = "",
+    setup_env: dict[str, str] | None = None,
 ) -> str:
-    """Build (or find) the layer of `suite` with `packages`; returns its id.
+    """Build (or find) the layer of `suite` with `packages` (then `setup`, a shell script run in
+    the tree with `setup_env`); returns its id.
 
     Raises:
         BackendUnavailable: mmdebstrap is not installed.
         FailedPrecondition: the build failed (its output's last lines say why).
     """
-    layer = layer_id(suite, packages, mirror, ca_files)
+    layer = layer_id(suite, packages, mirror, ca_files, setup)
     if store.has_layer(layer):
         return layer
     if shutil.which("mmdebstrap") is None:
         raise BackendUnavailable("mmdebstrap is not installed (apt-get install mmdebstrap)")
     scratch = store.scratch()
     hook = scratch.parent / f"{scratch.name}.hook.sh"
-    hook.write_text(customize_script(ca_files))
+    hook.write_text(customize_script(ca_files, setup=setup, setup_env=setup_env))
     argv = [
         "mmdebstrap",
         "--variant=minbase",

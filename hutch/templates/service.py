@@ -4,11 +4,12 @@ running sandbox.
 
 Built-in templates are Debian systems built from the host's own apt sources (no registry
 needed): `base` (Python with pip and venv, Node.js with npm, git, curl, sudo and the usual
-tools) and `code-interpreter-v1` (base plus Jupyter's kernel and the data-science packages E2B's
-code interpreter offers). The first start prepares those named in `[templates] prepare`, in the
-background, logging its progress; sandboxes of a template still being prepared get a 503 that
-says so. `host` is not a root file system but the host's own system, read-only, as sandboxes had
-before templates (and where no Debian mirror can be reached).
+tools) and `code-interpreter-v1` (base plus the data-science packages and the kernels E2B's code
+interpreter offers: IPython, Deno's for JavaScript and TypeScript, bash_kernel and IRkernel; the
+PyPI and npm ones from `install-kernels.sh`). The first start prepares those named in
+`[templates] prepare`, in the background, logging its progress; sandboxes of a template still
+being prepared get a 503 that says so. `host` is not a root file system but the host's own
+system, read-only, as sandboxes had before templates (and where no Debian mirror can be reached).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import logging
 import time
 import uuid
@@ -24,7 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hutch.config import TemplatesConfig
-from hutch.errors import FailedPrecondition, HutchError, InvalidArgument, NotFound, Unavailable
+from hutch.errors import (
+    FailedPrecondition,
+    HutchError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    Unavailable,
+)
 from hutch.runtime.base import RootFS, Runtime
 from hutch.runtime.rootfs import CA_ENV
 from hutch.templates import debian, oci
@@ -41,10 +51,15 @@ BASE_PACKAGES = (
 CODE_INTERPRETER_PACKAGES = (
     *BASE_PACKAGES, "python3-ipykernel", "python3-numpy", "python3-pandas", "python3-matplotlib", "python3-scipy",
     "python3-sklearn", "python3-requests", "python3-pil", "python3-bs4", "python3-openpyxl", "python3-seaborn",
+    "r-base-core", "r-cran-irkernel",
 )  # fmt: skip
 BUILTIN = {"base": BASE_PACKAGES, "code-interpreter-v1": CODE_INTERPRETER_PACKAGES}
+# What Debian does not package, installed last in the tree: the kernels from PyPI and npm.
+KERNELS_SCRIPT = Path(__file__).with_name("install-kernels.sh")
+BUILTIN_SETUP = {"code-interpreter-v1": lambda: "set -- /usr/local /usr/bin/python3\n" + KERNELS_SCRIPT.read_text()}
 LOG_LINES = 2000  # kept per build
 KEPT_BUILDS = 256  # finished builds whose status and logs can still be read
+WAITING_COUNTS_S = 600.0  # how long a registered build with no steps yet counts against its tenant
 
 
 @dataclass
@@ -93,6 +108,9 @@ class TemplateService:
         self._tasks: set[asyncio.Task] = set()
         self._fell_back: set[str] = set()  # built-in templates not prepared, warned about once
         self.on_ready: Callable[[str], Awaitable[None]] | None = None  # a template was (re)built
+        # Builds run this many at a time on the host (each runs sandboxes with egress, mmdebstrap
+        # or an image pull); the others wait their turn, saying so in their log.
+        self._slots = asyncio.Semaphore(config.max_concurrent_builds)
 
     # -- what instances mount ------------------------------------------------------------------
 
@@ -130,6 +148,44 @@ class TemplateService:
     def get(self, name: str) -> Template:
         return self.store.get(name)
 
+    async def add_snapshot(
+        self, name: str, owner: str, source: str, copy: Callable[[Path], Awaitable[RootFS]]
+    ) -> Template:
+        """A template of a session's files: `copy` fills a new layer with the session's upper
+        layer and returns the root file system it sits on; the snapshot is that root file system's
+        layers (those the session booted from) plus the new one, with the same defaults.
+
+        Raises:
+            PermissionDenied: `name` is another tenant's template.
+            FailedPrecondition: `name` is being built, or the session cannot be copied.
+        """
+        check_name(name)
+        if name in self._building:
+            raise FailedPrecondition(f"template {name!r} is being built")
+        if self.store.exists(name) and self.store.get(name).owner != owner:
+            raise PermissionDenied(f"template {name!r} belongs to someone else")
+        scratch = self.store.scratch()
+        try:
+            rootfs = await copy(scratch)
+            # Named by what made it: this session's files at this moment.
+            layer = hashlib.sha256(f"snapshot:{source}:{uuid.uuid4().hex}".encode()).hexdigest()
+            self.store.commit(scratch, layer)
+        except BaseException:
+            self.store.discard(scratch)
+            raise
+        # The layers the session booted from (its template may have been rebuilt since).
+        booted = tuple(Path(path).name for path in rootfs.layer_paths)
+        try:
+            env = self.store.get(rootfs.template).env
+        except (NotFound, InvalidArgument):  # deleted since the session booted
+            env = {}
+        template = Template(
+            name=name, layers=(*booted, layer), env=dict(env), workdir=rootfs.workdir, user=rootfs.user,
+            start_cmd=rootfs.start_cmd, ready_cmd=rootfs.ready_cmd, source=f"snapshot:{source}", owner=owner,
+        )  # fmt: skip
+        self.store.put(template)
+        return template
+
     def delete(self, name: str) -> None:
         if name in BUILTIN and name in self.config.prepare:
             raise FailedPrecondition(f"template {name!r} is built in (remove it from [templates] prepare first)")
@@ -147,8 +203,10 @@ class TemplateService:
         workdir: str = "/home/user",
         env: dict[str, str] | None = None,
         build_id: str | None = None,
+        setup: str = "",
     ) -> Build:
-        """Begin building template `name` from the configured Debian suite with `packages`."""
+        """Begin building template `name` from the configured Debian suite with `packages` (and a
+        `setup` script run last in its tree)."""
         check_name(name)
         if name == HOST:
             raise InvalidArgument(f"{HOST!r} is the host's own system, not a template that can be built")
@@ -162,7 +220,7 @@ class TemplateService:
         async def make() -> Template:
             layer = await asyncio.to_thread(
                 debian.build, self.store, self.config.debian_suite, packages, self.config.debian_mirror,
-                self.config.ca_files(), build.log,
+                self.config.ca_files(), build.log, setup, {**CA_ENV, **self.config.env},
             )  # fmt: skip
             return Template(
                 name=name, layers=(layer,), env=dict(env or {}), user=user, workdir=workdir,
@@ -179,6 +237,20 @@ class TemplateService:
             raise InvalidArgument(f"{HOST!r} is the host's own system, not a template that can be built")
         if name in self._building and self._building[name].status == "building":
             raise FailedPrecondition(f"template {name!r} is already being built")
+        if owner:
+            # A waiting build whose steps never came stops counting after a while.
+            running = [
+                b
+                for b in self.builds.values()
+                if b.owner == owner
+                and b.finished_at is None
+                and (b.status != "waiting" or time.time() - b.started_at < WAITING_COUNTS_S)
+            ]
+            if len(running) >= self.config.max_builds_per_tenant:
+                raise QuotaExceeded(
+                    f"this tenant has {len(running)} template builds unfinished, its limit "
+                    f"([templates] max_builds_per_tenant); wait for one to end"
+                )
         build = Build(name, build_id or str(uuid.uuid4()), status="waiting" if waiting else "building", owner=owner)
         self.builds[build.build_id] = build
         finished = [b for b in self.builds.values() if b.finished_at is not None]
@@ -232,7 +304,10 @@ class TemplateService:
 
         async def run() -> None:
             try:
-                template = await make()
+                if self._slots.locked():
+                    build.log(f"waiting: {self.config.max_concurrent_builds} builds already run on this host")
+                async with self._slots:
+                    template = await make()
                 self.store.put(template)
                 build.status = "ready"
                 build.log(f"template {name} is ready")
@@ -269,16 +344,25 @@ class TemplateService:
             raise NotFound(f"build {build_id!r} not found") from None
 
     def prepare_builtins(self) -> None:
-        """Build the built-in templates named in the config that do not exist yet."""
+        """Build the built-in templates named in the config that do not exist yet, or whose
+        recipe changed since they were built (a new hutch adds packages or kernels, another
+        Debian suite or mirror is configured): the old one serves until the new one is ready."""
         for name in self.config.prepare:
             if name not in BUILTIN:
                 log.warning("[templates] prepare names %r, which is not a built-in template", name)
                 continue
+            setup = BUILTIN_SETUP[name]() if name in BUILTIN_SETUP else ""
             if self.store.exists(name):
-                continue
-            log.info("preparing the built-in template %s (Debian %s): the first start takes minutes",
-                     name, self.config.debian_suite)  # fmt: skip
-            build = self.start_debian(name, list(BUILTIN[name]))
+                wanted = debian.layer_id(
+                    self.config.debian_suite, BUILTIN[name], self.config.debian_mirror, self.config.ca_files(), setup
+                )
+                if self.store.get(name).layers == (wanted,):
+                    continue
+                log.info("the recipe of the built-in template %s changed: rebuilding it in the background", name)
+            else:
+                log.info("preparing the built-in template %s (Debian %s): the first start takes minutes",
+                         name, self.config.debian_suite)  # fmt: skip
+            build = self.start_debian(name, list(BUILTIN[name]), setup=setup)
             build.echo = True
 
     async def close(self) -> None:

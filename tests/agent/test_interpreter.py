@@ -198,6 +198,27 @@ def test_environment_set_with_init_reaches_a_running_kernel(agent):
     assert main_text(execute(agent.client, read)) == "from-init"
 
 
+@pytest.mark.parametrize(
+    ("language", "read"),
+    [
+        ("javascript", "console.log(String(Deno.env.get('HUTCH_OTHER')))"),
+        ("bash", "echo -n $HUTCH_OTHER"),
+        ("r", "cat(Sys.getenv('HUTCH_OTHER'))"),
+    ],
+)
+def test_init_and_per_call_env_reach_other_languages_and_a_call_s_env_goes_back(agent, language, read):
+    def value(**fields) -> str:
+        lines = execute(agent.client, read, language=language, **fields)
+        assert not of_type(lines, "error"), lines
+        return "".join(line["text"] for line in of_type(lines, "stdout")).rstrip("\n")
+
+    assert agent.client.post("/init", json={"envVars": {"HUTCH_OTHER": ""}}).status_code == 204
+    value()  # the kernel is running before the next /init
+    assert agent.client.post("/init", json={"envVars": {"HUTCH_OTHER": "from-init"}}).status_code == 204
+    assert value(env_vars={"HUTCH_OTHER": 'it\'s "scoped" $x'}) == 'it\'s "scoped" $x'
+    assert value() == "from-init"  # back to the sandbox's value, not unset
+
+
 def test_executions_on_one_context_run_one_after_another(agent):
     running = threading.Event()
     finished: dict[str, float] = {}
@@ -289,13 +310,21 @@ def test_unknown_contexts_are_404_and_other_languages_are_400(agent):
     assert isinstance(extract_exception(missing), NotFoundException)
     assert agent.client.post("/contexts/no-such-context/restart").status_code == 404
 
+    unknown = agent.client.post("/execute", json={"code": "1", "language": "cobol"})
+    assert unknown.status_code == 400
+    assert "'cobol' is not supported" in unknown.json()["message"]
+    assert isinstance(extract_exception(unknown), SandboxException)
+    # No Java kernel is installed: the 400 says what is missing.
     for resp in (
-        agent.client.post("/execute", json={"code": "1", "language": "r"}),
-        agent.client.post("/contexts", json={"language": "javascript"}),
+        agent.client.post("/execute", json={"code": "1", "language": "java"}),
+        agent.client.post("/contexts", json={"language": "Java"}),
     ):
         assert resp.status_code == 400
-        assert "not supported" in resp.json()["message"]
-        assert isinstance(extract_exception(resp), SandboxException)
+        assert resp.json()["code"] == 400
+        assert "needs a Java Jupyter kernel" in resp.json()["message"]
+        assert "this sandbox runs python, bash, javascript, r, typescript" in resp.json()["message"]
+    bad_name = agent.client.post("/execute", json={"code": "true", "language": "bash", "env_vars": {"A-B": "1"}})
+    assert bad_name.status_code == 400 and "A-B" in bad_name.json()["message"]
 
     assert agent.client.post("/contexts", json={"cwd": "does/not/exist"}).status_code == 404
     both = agent.client.post("/execute", json={"code": "1", "language": "python", "context_id": "x"})
@@ -318,6 +347,62 @@ def test_a_client_that_disconnects_interrupts_the_running_cell(agent):
     lines = execute(agent.client, "interrupt_marker")
     assert time.monotonic() - started < 3
     assert main_text(lines) == "kept"  # same kernel, state intact
+
+
+@pytest.mark.parametrize(
+    ("language", "setup", "loop", "check", "expected"),
+    [
+        ("javascript", "let marker = 'kept'", "while (true) {}", "marker", "kept"),
+        ("bash", "MARKER=kept", "while true; do :; done", "echo $MARKER", "kept\n"),
+        ("r", "marker <- 'kept'", "repeat {}", "cat(marker)", "kept"),
+    ],
+)
+def test_a_hang_up_interrupts_a_cell_of_any_language_and_keeps_its_state(agent, language, setup, loop, check, expected):
+    execute(agent.client, setup, language=language)
+    with agent.client.stream("POST", "/execute", json={"code": loop, "language": language}) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if json.loads(line)["type"] == "number_of_executions":
+                break
+    started = time.monotonic()
+    lines = execute(agent.client, check, language=language)
+    assert time.monotonic() - started < 4
+    assert "".join(line["text"] for line in of_type(lines, "stdout")) + (main_text(lines) or "") == expected
+
+
+def child_commands(pid: int) -> list[bytes]:
+    """The command lines of `pid`'s children."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) != pid:
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found.append(f.read())
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def test_kernels_of_other_languages_start_only_when_their_language_first_runs(tmp_path):
+    running = start_agent(tmp_path)
+    try:
+        listed = running.client.get("/contexts").json()
+        assert sorted(ctx["language"] for ctx in listed) == ["bash", "javascript", "python", "r", "typescript"]
+        assert len({ctx["id"] for ctx in listed}) == 5
+        assert child_commands(running.proc.pid) == []  # listed, none started
+        assert (
+            "".join(line["text"] for line in of_type(execute(running.client, "echo hi", language="sh"), "stdout"))
+            == "hi\n"
+        )
+        children = child_commands(running.proc.pid)
+        assert len(children) == 1 and b"bash_kernel" in children[0]
+        # The default bash context ran it; the listing does not grow.
+        assert running.client.get("/contexts").json() == listed
+    finally:
+        running.client.close()
+        stop_agent(running.proc)
 
 
 def test_a_kernel_that_dies_reports_an_error_and_the_next_execution_gets_a_fresh_kernel(agent):

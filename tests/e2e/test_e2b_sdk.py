@@ -9,6 +9,7 @@ gateway.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -24,6 +25,7 @@ from e2b import (
     SandboxNotRunningException,
     SandboxQuery,
     SandboxState,
+    TimeoutException,
 )
 from e2b_code_interpreter import Sandbox as CodeSandbox
 
@@ -194,7 +196,8 @@ def test_pause_and_connect_keep_variables_a_heap_files_and_processes(tenant):
         assert [s.sandbox_id for s in paused] == [box.sandbox_id]
         assert Sandbox.list(query=SandboxQuery(state=[SandboxState.RUNNING])).next_items() == []
         assert box.pause() is False  # already paused
-        with pytest.raises(SandboxException, match="paused"):
+        assert box.is_running() is False
+        with pytest.raises(TimeoutException, match="is paused"):  # the SDKs' answer to E2B's 502
             box.run_code("x")  # no auto_resume: traffic does not wake it
         time.sleep(2)  # the counter would have gone ~20 further if it ran
         resumed = Sandbox.connect(box.sandbox_id, timeout=120)
@@ -385,6 +388,20 @@ def test_run_code_keeps_state_across_calls(tenant):
     failure = box.run_code("undefined_name")
     assert failure.error is not None and failure.error.name == "NameError"
     box.kill()
+
+
+def test_run_code_whose_sandbox_is_killed_ends_in_the_sdk_s_killed_sandbox_error(tenant):
+    box = CodeSandbox.create(timeout=120)
+    assert box.run_code("[1, 2].length + 1", language="js").text == "3"  # other languages, through the gateway
+    box.run_code("import time")
+    killer = threading.Timer(1.0, Sandbox.kill, (box.sandbox_id,))
+    killer.start()
+    try:
+        with pytest.raises(TimeoutException) as caught:
+            box.run_code("time.sleep(30)")
+    finally:
+        killer.join()
+    assert str(caught.value).startswith("The sandbox was killed while the request was in progress.")
 
 
 def test_another_tenant_cannot_reach_the_inside_of_a_sandbox(server, tenant, other_key):

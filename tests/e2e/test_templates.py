@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2b import Sandbox, Template
+from e2b import Sandbox, SandboxException, Template
 from e2b.exceptions import BuildException, FileUploadException
 
 from tests.conftest import TEST_TEMPLATE
@@ -210,3 +210,27 @@ def test_an_oversized_copy_upload_is_a_413_and_registers_nothing(fresh_server, t
     assert link.status_code == 201, link.text
     refused = httpx.put(link.json()["url"], content=b"x" * (2 * 1024 * 1024))
     assert refused.status_code == 413 and "at most 1 MiB" in refused.json()["message"]
+
+
+def test_a_filesystem_snapshot_boots_new_sandboxes_with_the_files_and_memory_ones_are_refused(e2b_tenant):
+    box = Sandbox.create(TEST_TEMPLATE, timeout=120)
+    box.commands.run("echo snap > /etc/snapped && echo home > /home/user/h.txt", user="root")
+    box.commands.run("sleep 600", background=True)
+    with pytest.raises(SandboxException, match="memory snapshots are not available"):
+        box.create_snapshot()  # E2B's default keeps memory: refused, never silently downgraded
+    with pytest.raises(SandboxException, match="forking sandboxes needs memory snapshots"):
+        box.fork()
+    info = box.create_snapshot(mode="filesystem")
+    assert info.snapshot_id.endswith(":default")
+    assert [s.snapshot_id for s in box.list_snapshots().next_items()] == [info.snapshot_id]
+    box.commands.run("echo changed > /etc/snapped", user="root")  # the source runs on after the snapshot
+
+    copy = Sandbox.create(info.snapshot_id, timeout=60)
+    assert copy.commands.run("cat /etc/snapped /home/user/h.txt").stdout.split() == ["snap", "home"]
+    assert "sleep 600" not in copy.commands.run("ps -eo args").stdout  # its files, not its memory
+    copy.commands.run("echo mine > /etc/snapped", user="root")
+    assert box.commands.run("cat /etc/snapped").stdout.strip() == "changed"  # copies are apart
+    copy.kill()
+    box.kill()
+    assert Sandbox.delete_snapshot(info.snapshot_id) is True
+    assert Sandbox.list_snapshots().next_items() == []

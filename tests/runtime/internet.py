@@ -49,7 +49,20 @@ class Internet:
                 )
             )
         self.servers.append(subprocess.Popen(["ip", "netns", "exec", NETNS, "python3", "-c", DNS_SERVER]))
-        time.sleep(0.5)
+        self._wait_listening()
+
+    @staticmethod
+    def _wait_listening(timeout: float = 30.0) -> None:
+        """Until the web servers and the DNS server listen (a loaded machine starts Pythons slowly)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = _sh("ip", "netns", "exec", NETNS, "ss", "-Hltun", check=False).stdout
+            ports = {line.split()[4].rsplit(":", 1)[-1] for line in out.splitlines() if len(line.split()) > 4}
+            if {"53", "8080", "8081"} <= ports:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the test internet's servers did not start: {out!r}")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         for server in self.servers:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hutch.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from hutch.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from hutch.runtime import make_runtime
 from hutch.runtime.base import InstanceSpec, InstanceState, Resources
 from hutch.runtime.userns import RANGE, UidSlots
@@ -332,3 +332,16 @@ def test_halt_ends_every_process_and_leaves_the_upper_layer_still_for_its_reader
     assert rootfs_runtime.get(sandbox.id).state != InstanceState.CRASHED  # ended on purpose, not a crash
     sandbox.stop()
     assert sandbox.id not in {i.instance_id for i in rootfs_runtime.instances()}
+
+
+def test_a_kernel_the_recipe_s_setup_installed_runs_other_languages_as_the_user(boot):
+    sandbox = boot()
+    lines = sandbox.loop.run(sandbox.channel.execute("X=41; echo $((X + 1)) $(id -u) $HOME; pwd", language="bash"))
+    stdout = "".join(line.get("text", "") for line in lines if line.get("type") == "stdout")
+    assert stdout == "42 1000 /home/user\n/home/user\n", lines
+    # The setup ran with the host's DNS; the tree keeps the sandbox's own resolver.
+    resolv = sandbox.loop.run(sandbox.channel.run("cat /etc/resolv.conf"))
+    assert resolv.stdout == b"nameserver 127.0.0.1\n"
+    # A language whose kernel the template lacks: a 400 that says what is missing.
+    with pytest.raises(InvalidArgument, match="Deno's Jupyter kernel"):
+        sandbox.loop.run(sandbox.channel.execute("1", language="javascript"))

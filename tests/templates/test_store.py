@@ -83,6 +83,9 @@ def test_a_debian_recipe_names_its_layer_and_every_input_changes_it(tmp_path):
     assert first != debian.layer_id("trixie", ["python3", "git"], "", [ca])
     assert first != debian.layer_id("bookworm", ["python3"], "", [ca])
     assert first != debian.layer_id("bookworm", ["python3", "git"], "http://mirror.internal/debian", [ca])
+    setup = debian.layer_id("bookworm", ["python3", "git"], "", [ca], "pip install bash_kernel")
+    assert setup not in (first, debian.layer_id("bookworm", ["python3", "git"], "", [ca], "pip install e2b-charts"))
+    assert first == debian.layer_id("bookworm", ["python3", "git"], "", [ca], "")  # no setup: the old ids
     ca.write_text("-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n")
     assert first != debian.layer_id("bookworm", ["python3", "git"], "", [ca])
 

@@ -40,14 +40,15 @@ class Relay:
         upstream: asyncio.StreamWriter | None = None
         try:
             try:
-                up_reader, upstream = await asyncio.wait_for(
+                up_reader, up_writer = await asyncio.wait_for(
                     asyncio.open_connection(self.host, self.port), CONNECT_TIMEOUT
                 )
             except (OSError, TimeoutError) as exc:
                 log.debug("relay %s: cannot reach %s:%d: %s", self.path, self.host, self.port, exc)
                 return
-            self._writers.add(upstream)  # type: ignore[arg-type]
-            await asyncio.gather(_pipe(reader, upstream), _pipe(up_reader, writer))  # type: ignore[arg-type]
+            upstream = up_writer
+            self._writers.add(up_writer)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         finally:
             for side in (writer, upstream):
                 if side is not None:

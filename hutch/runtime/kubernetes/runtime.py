@@ -418,7 +418,7 @@ class KubernetesRuntime(InstanceTable):
         """A pod of this node changed: `dead` says why its instance is over, or None."""
         if dead is None:
             return
-        instance = self._instances.get(label)  # type: ignore[call-overload]
+        instance = self._instances.get(InstanceId(label))
         if instance is None:  # an id that is no label value as it is (never one of hutch's `i-<hex>`)
             instance = next((i for i in self._instances.values() if label_value(i.instance_id) == label), None)
         if instance is None or instance.state != InstanceState.RUNNING or instance.instance_id in self._stopping:
