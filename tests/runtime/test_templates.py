@@ -316,7 +316,8 @@ def test_halt_ends_every_process_and_leaves_the_upper_layer_still_for_its_reader
     started = sandbox.loop.run(
         sandbox.channel.run(
             "setsid nohup sh -c 'while :; do date +%s%N > /usr/local/ticks; sleep 0.02; done' "
-            ">/dev/null 2>&1 </dev/null & echo started",
+            ">/dev/null 2>&1 </dev/null & "
+            "for i in $(seq 100); do test -s /usr/local/ticks && break; sleep 0.05; done; echo started",
             user="root",
         )
     )
