@@ -177,6 +177,16 @@ class Runtime(Protocol):
         `on_exit`, its workspace and records stay for `stop`); returns once its exit was seen."""
         ...
 
+    async def halt(self, instance_id: InstanceId) -> None:
+        """Kill every process of the instance and keep the rest (its workspace stays attached, no
+        crash is reported) until `stop`: what it wrote can then be read with nothing of it left
+        to change the files under the reader; returns once its exit was seen.
+
+        Raises:
+            Unimplemented: this backend keeps nothing of an instance without its processes.
+        """
+        ...
+
     def broken(self, instance_id: InstanceId) -> str | None:
         """Why a running instance can no longer work (e.g. its workspace failed), or None; cheap."""
         ...

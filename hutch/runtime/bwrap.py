@@ -32,7 +32,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from hutch.errors import IsolationError
+from hutch.errors import FailedPrecondition, IsolationError
 from hutch.runtime import seccomp
 from hutch.runtime.base import Instance, InstanceSpec, Resources
 from hutch.runtime.cgroups import CgroupManager
@@ -49,10 +49,12 @@ from hutch.runtime.local import (
 )
 from hutch.runtime.network import Networking
 from hutch.runtime.rootfs import (
+    AGENT_ROOT,
     CA_ENV,
     CAPABILITIES,
     SANDBOX_PATH,
     AgentRuntime,
+    linked_mount_points,
     mount_layers,
     template_has,
     unmount_layers,
@@ -99,6 +101,8 @@ class BwrapRuntime(LocalRuntime):
         fds: list[int] = []
         try:
             prepared = self._prepare(spec, undo)
+            if spec.rootfs is not None:
+                self._check_mount_points(spec, prepared.workspace_path)
             socket_path = prepared.instance_dir / "run" / "agent.sock"
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listener.bind(str(socket_path))
@@ -207,6 +211,33 @@ class BwrapRuntime(LocalRuntime):
             "--seccomp", str(seccomp_fd),
             "--hostname", "sandbox",
         ]  # fmt: skip
+
+    @staticmethod
+    def _mount_points(spec: InstanceSpec) -> list[str]:
+        """Where `_rootfs_argv` mounts on the template's tree (what it mounts inside its own
+        tmpfs at `/opt/hutch` is out of the template's reach)."""
+        assert spec.rootfs is not None
+        points = ["/proc", "/dev", "/tmp", AGENT_ROOT, RUN_DIR, "/usr/bin/sudo"]
+        if spec.network:
+            points.append("/etc/resolv.conf")
+        return points
+
+    def _check_mount_points(self, spec: InstanceSpec, workspace_path: Path) -> None:
+        """Refuse a root file system that has a link where bwrap mounts (`linked_mount_points`):
+        in the template's layers, or in the session's upper layer. Every network setting's
+        mount points are checked, so that an upper layer made without a network cannot plant a
+        link for a later instance with one."""
+        assert spec.rootfs is not None
+        points = {*self._mount_points(spec), "/etc/resolv.conf"}
+        # Named by layer id, never by host path: the message reaches the tenant.
+        trees = {"the session's own changes": workspace_path / "upper"}
+        trees |= {f"layer {Path(layer).name[:12]}": Path(layer) for layer in spec.rootfs.layer_paths}
+        linked = linked_mount_points(trees, sorted(points))
+        if linked:
+            raise FailedPrecondition(
+                f"template {spec.rootfs.template!r}: a symbolic link where the sandbox mounts hutch's files, "
+                f"refused: {'; '.join(linked)}"
+            )
 
     def _rootfs_agent_config(self, spec: InstanceSpec) -> dict:
         rootfs = spec.rootfs

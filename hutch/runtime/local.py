@@ -511,6 +511,18 @@ class LocalRuntime(InstanceTable):
             except TimeoutError:
                 log.error("instance %s did not exit after SIGKILL", instance_id)
 
+    async def halt(self, instance_id: InstanceId) -> None:
+        instance = self.get(instance_id)
+        watch = self._watches.get(instance_id)
+        if watch is not None:
+            watch.stopping = True  # ended on purpose: no crash to report
+        await asyncio.to_thread(self._kill, instance, Cgroup.from_dict(instance.detail["cgroup"]))
+        if watch is not None:
+            try:
+                await asyncio.wait_for(watch.exited.wait(), 5)
+            except TimeoutError:
+                raise IsolationError(f"instance {instance_id} did not exit after SIGKILL") from None
+
     def _kill_for_lifetime(self, instance_id: InstanceId) -> None:
         instance = self._instances.get(instance_id)
         if instance is not None:

@@ -102,6 +102,9 @@ class MultiRuntime:
     async def kill(self, instance_id: InstanceId) -> None:
         await self._owner(instance_id).kill(instance_id)
 
+    async def halt(self, instance_id: InstanceId) -> None:
+        await self._owner(instance_id).halt(instance_id)
+
     def broken(self, instance_id: InstanceId) -> str | None:
         for runtime in self.runtimes.values():
             if runtime.has(instance_id):

@@ -24,9 +24,11 @@ default and as root when asked.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import sys
 import sysconfig
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,6 +197,33 @@ def unmount_layers(instance_dir: Path) -> None:
         except OSError as exc:
             raise IsolationError(f"cannot remove {entry}: {exc.strerror}") from None
     base.rmdir()
+
+
+def linked_mount_points(trees: Mapping[str, Path], targets: Iterable[str]) -> list[str]:
+    """The mount points, or directories above them, that some tree (a template's layer, an
+    upper layer; by name) holds as a symbolic link: "<name>: <path> -> <link>".
+
+    bwrap builds the sandbox under `/newroot` while the host's root is still reachable at
+    `/oldroot`, and follows links in a mount's destination: a template with `/run` linked to
+    `/oldroot/var/tmp` had bwrap create `run/hutch` (and an empty file for `/usr/bin/sudo`) in the
+    host's `/var/tmp`, as the instance's host uid. Each tree is walked one component at a time
+    with `lstat`, never through a link (the trees are the tenant's)."""
+    found = []
+    for name, tree in trees.items():
+        for target in targets:
+            current = Path(tree)
+            for part in Path(target).relative_to("/").parts:
+                current = current / part
+                try:
+                    st = os.lstat(current)
+                except OSError:
+                    break
+                if stat.S_ISLNK(st.st_mode):
+                    found.append(f"{name}: /{current.relative_to(tree)} -> {os.readlink(current)}")
+                    break
+                if not stat.S_ISDIR(st.st_mode):
+                    break
+    return sorted(set(found))
 
 
 def template_has(layer_paths: tuple[str, ...], path: str) -> bool:

@@ -24,7 +24,7 @@ import httpx
 from hutch.agent import envelope
 from hutch.runtime.cgroups import Cgroup
 from hutch.selftest.report import Outcome
-from hutch.selftest.stage import LIMITS, Stage, cgroup_procs
+from hutch.selftest.stage import LIMITS, ROOT, Stage, cgroup_procs
 from hutch.selftest.target import Session, rss_mb
 
 
@@ -300,6 +300,22 @@ def disk_fill(stage: Stage, backend: str) -> Outcome:
     return _fill(stage, backend, "workspace-disk-fill", "fill the workspace's disk", FILL_DISK, judge)
 
 
+FILL_SYSTEM = FILL_DISK.replace('os.path.expanduser("~/fill")', '"/usr/lib/hutch-selftest-fill"')
+
+
+def overlay_fill(stage: Stage, backend: str) -> Outcome:
+    """Root inside fills the disk through its root file system (the overlay's upper layer, in the
+    session's workspace): the workspace's limit stops it, the template's layer takes nothing."""
+    limit = LIMITS["diskMB"]
+
+    def judge(text: str) -> bool:
+        name, _, written = text.partition(" ")
+        return name in ("ENOSPC", "EDQUOT") and written.isdigit() and int(written) <= limit
+
+    return _fill(stage, backend, "overlay-disk-fill", "as root, fill the disk through /usr (the overlay)",
+                 FILL_SYSTEM, judge)  # fmt: skip
+
+
 FILL_INODES = """
 import errno, os
 os.makedirs(os.path.expanduser("~/many"), exist_ok=True)
@@ -512,7 +528,14 @@ ATTACKS: tuple[tuple[str, Callable[[Stage, str], Outcome]], ...] = (
 )
 
 
+# Only where root inside has a root file system of its own to write.
+ROOT_ATTACKS: tuple[tuple[str, Callable[[Stage, str], Outcome]], ...] = (("overlay-disk-fill", overlay_fill),)
+
+
 def plan(backends: tuple[str, ...]) -> list:
     from hutch.selftest.battery import Attack, on_backend
 
-    return [Attack(name, backend, on_backend(run, backend)) for name, run in ATTACKS for backend in backends]
+    steps = [Attack(name, backend, on_backend(run, backend)) for name, run in ATTACKS for backend in backends]
+    if ROOT in backends:
+        steps += [Attack(name, ROOT, on_backend(run, ROOT)) for name, run in ROOT_ATTACKS]
+    return steps

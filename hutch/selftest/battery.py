@@ -17,14 +17,17 @@ from dataclasses import dataclass
 from hutch.selftest.escape import ESCAPES
 from hutch.selftest.probes import Escape, outcomes, program
 from hutch.selftest.report import Outcome
-from hutch.selftest.stage import BACKENDS, Stage
+from hutch.selftest.stage import BACKENDS, ROOT, Stage
 
 
 def escape_backends(escape: Escape, backends: tuple[str, ...] = BACKENDS) -> list[str]:
-    """The backends an escape is played on: a networked attack needs a function with a network,
-    which only bwrap instances can have (`net`); every other one runs on each backend."""
+    """The casts an escape is played on: a networked attack needs a function with a network,
+    which only bwrap instances can have (`net`); an attack of root inside needs the root cast
+    (`ROOT`, in `backends` when the stage has a template); every other one runs on each."""
     if "network" in escape.needs:
         return ["net"] if "bwrap" in backends else []
+    if ROOT in escape.needs:
+        return [ROOT] if ROOT in backends else []
     return list(backends)
 
 
@@ -67,14 +70,16 @@ def on_backend(run: Callable[[Stage, str], Outcome], backend: str) -> Callable[[
 
 def plan(backends: tuple[str, ...] = BACKENDS) -> list[Attack]:
     """Every attack of the battery, in the order it runs."""
-    from hutch.selftest import abuse, api_abuse, file_api, fuzz
+    from hutch.selftest import abuse, api_abuse, file_api, fuzz, rootfs
 
     steps = [
         Attack(escape.id, backend, functools.partial(run_escape, escape=escape, backend=backend))
         for escape in ESCAPES
         for backend in escape_backends(escape, backends)
     ]
-    steps += file_api.plan(backends)
+    # The file APIs' expectations are the host view's (as root, /etc is the session's to write).
+    steps += file_api.plan(tuple(b for b in backends if b != ROOT))
+    steps += rootfs.plan(backends)
     steps += abuse.plan(backends)
     steps += api_abuse.plan()
     steps += fuzz.plan()

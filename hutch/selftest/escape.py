@@ -1,7 +1,8 @@
 """Escape attempts: what untrusted code inside a session tries, and the exact failure each must meet.
 
 Every attack is an `Escape` (see `hutch.selftest.probes`): a program run as the sandbox user in a
-real session, and for each of its probes the outcomes that mean "contained". Expectations are
+real session (as root inside, for the root cast: a template's own root file system), and for
+each of its probes the outcomes that mean "contained". Expectations are
 the specific errors the kernel (or gVisor's) gives, not just "it failed": `ENOENT` where a host
 path must not exist at all, `EROFS` where the system is read-only, `EPERM` where seccomp or
 missing capabilities refuse a call, `ESRCH` where another pid namespace hides a process.
@@ -10,11 +11,19 @@ missing capabilities refuse a call, `ESRCH` where another pid namespace hides a 
 a canary file, of the data directory and MetaDB, of another session's workspace and agent
 socket; the host pids of hutch and of another session's processes; hutch's port and the host's
 addresses; a secret of the server's environment; an abstract Unix socket bound on the host.
+
+The root cast (`ROOT`): root inside owns its `/`, `/etc` and `/usr` (its own copies in the
+session's overlay upper layer, never the template's or the host's), so writing them is no escape;
+there each probe checks instead that what it reached is the template's, not the host's, and that
+the host's and the other sessions' things stay out of reach, with the same exact errors.
+`ROOT_KERNEL` holds the attacks root inside enables, `hutch.selftest.rootfs` the ones judged on
+the host (the template's shared lower layer, root's host uid).
 """
 
 from __future__ import annotations
 
-from hutch.selftest.probes import Escape, allowed
+from hutch.selftest.probes import NOT_PLAYED, Escape, allowed
+from hutch.selftest.stage import ROOT
 
 DENIED = allowed("EPERM")
 MISSING = allowed("ENOENT")
@@ -29,20 +38,37 @@ HOST_FILES = Escape(
     r"""
 probe("read-canary", lambda: read(CTX["canary_path"]))
 probe("list-canary-dir", lambda: os.listdir(CTX["canary_dir"]))
-probe("read-shadow", lambda: read("/etc/shadow"))
-# hutch's Python may live under /root (pyenv): then /root holds that read-only bind, nothing else.
-probe("root-home-holds-only-python", lambda: "clean" if not os.path.exists("/root") or
-      set(os.listdir("/root")) <= {".pyenv"} else "LEAK: " + ",".join(os.listdir("/root")))
+probe("read-shadow", lambda: read("/etc/shadow") and None)
+if not ROOT:
+    # hutch's Python may live under /root (pyenv): then /root holds that read-only bind, nothing else.
+    probe("root-home-holds-only-python", lambda: "clean" if not os.path.exists("/root") or
+          set(os.listdir("/root")) <= {".pyenv"} else "LEAK: " + ",".join(os.listdir("/root")))
 probe("read-metadb", lambda: read(CTX["metadb_path"]))
 probe("list-data-dir", lambda: os.listdir(CTX["data_dir"]))
-probe("write-passwd", lambda: write("/etc/passwd"))
-probe("write-usr", lambda: write("/usr/bin/hutch-selftest"))
+probe("write-passwd", lambda: touch("/etc/passwd"))
+probe("write-usr", lambda: touch("/usr/bin/hutch-selftest"))
 probe("write-agent-code", lambda: write("/opt/hutch/lib/hutch/__init__.py"))
-probe("write-root", lambda: os.mkdir("/hutch-selftest"))
+probe("write-host-usr", lambda: touch("/opt/hutch/host/usr/bin/hutch-selftest"))
+probe("write-root", lambda: os.makedirs("/hutch-selftest", exist_ok=True))
 probe("write-canary-path", lambda: write(CTX["canary_path"]))
 HOST_DIRS = {"boot", "srv", "var", "mnt", "media", "snap", "lost+found"}
-probe("root-listing", lambda: "clean" if not HOST_DIRS & set(os.listdir("/")) else
-      "LEAK: " + ",".join(sorted(HOST_DIRS & set(os.listdir("/")))))
+if not ROOT:
+    probe("root-listing", lambda: "clean" if not HOST_DIRS & set(os.listdir("/")) else
+          "LEAK: " + ",".join(sorted(HOST_DIRS & set(os.listdir("/")))))
+else:
+    # Root reads /etc/shadow: it must be the template's copy, never the host's.
+    def own_copy(path):
+        import hashlib
+        seen = hashlib.sha256(read(path, 1 << 24)).hexdigest()
+        if seen == ROOT["template_digests"].get(path):
+            return "template's own"
+        return "LEAK: the host's " + path if seen == ROOT["host_digests"].get(path) else "changed"
+    probe_each("system-files-are-the-templates", own_copy, sorted(ROOT["template_digests"]))
+    # Nothing at the top of / but the template's names, and the directory `write-root` made.
+    extra = set(os.listdir("/")) - set(ROOT["template_top"]) - {"hutch-selftest"}
+    probe("root-listing-is-the-templates", lambda: "clean" if not extra else "LEAK: " + ",".join(sorted(extra)))
+    home = set(os.listdir("/root")) - set(ROOT["template_root_home"])
+    probe("root-home-is-the-templates", lambda: "clean" if not home else "LEAK: " + ",".join(sorted(home)))
 """,
     {
         "read-canary": MISSING,
@@ -54,9 +80,28 @@ probe("root-listing", lambda: "clean" if not HOST_DIRS & set(os.listdir("/")) el
         "write-passwd": READ_ONLY,
         "write-usr": READ_ONLY,
         "write-agent-code": READ_ONLY,
+        "write-host-usr": allowed("ENOENT", "EROFS"),
         "write-root": READ_ONLY,
         "write-canary-path": allowed("ENOENT", "EROFS"),
         "root-listing": CLEAN,
+    },
+    overrides={
+        ROOT: {
+            # The template's own files, in the session's overlay (`system-files-are-the-templates`,
+            # `rootfs-lower-layer` check that they are theirs and that nothing else sees a write).
+            "read-shadow": allowed("ok"),
+            "write-passwd": allowed("ok"),
+            "write-usr": allowed("ok"),
+            "write-root": allowed("ok"),
+            "root-home-holds-only-python": NOT_PLAYED,
+            "root-listing": NOT_PLAYED,
+            "system-files-are-the-templates": allowed("template's own"),
+            "root-listing-is-the-templates": CLEAN,
+            "root-home-is-the-templates": CLEAN,
+            # hutch's own code and the host's /usr under /opt/hutch: read-only binds.
+            "write-agent-code": allowed("EROFS"),
+            "write-host-usr": allowed("EROFS"),
+        }
     },
 )
 
@@ -115,6 +160,8 @@ probe("open-by-handle", lambda: call(304, -100, 0, 0))  # open_by_handle_at ("sh
         "proc-roots-hold-only-own-files": CLEAN,
         "open-by-handle": DENIED,
     },
+    # Root's home and /etc are both in the session's own overlay: a link between its own files.
+    overrides={ROOT: {"hardlink-system-file": allowed("ok")}},
 )
 
 AGENT_SOCKETS = Escape(
@@ -335,7 +382,8 @@ def setuid_binary():
         euid = "gone"
     proc.kill(); proc.wait()
     return "not root (euid " + euid + ")" if euid != "0" else "LEAK: euid 0"
-probe("setuid-binary", setuid_binary)
+if not ROOT:  # root inside runs a setuid-root binary as root: `root-kernel` makes one and runs it as user
+    probe("setuid-binary", setuid_binary)
 probe("setuid-0", lambda: os.setuid(0))
 probe("setresuid-0", lambda: os.setresuid(0, 0, 0))
 probe("capset-all", lambda: call(126, struct.pack("II", 0x20080522, 0), struct.pack("6I", *([0xFFFFFFFF] * 6))))
@@ -399,8 +447,13 @@ probe("unshare-command", lambda: "refused" if subprocess.run(["unshare", "-U", "
         "reboot": DENIED,
         "unshare-command": allowed("refused"),
     },
-    # gVisor's kernel refuses some calls before the seccomp policy sees them.
-    overrides={"gvisor": {"ambient-raise": allowed("EINVAL"), "pidfd-getfd": allowed("ENOSYS")}},
+    overrides={
+        # gVisor's kernel refuses some calls before the seccomp policy sees them.
+        "gvisor": {"ambient-raise": allowed("EINVAL"), "pidfd-getfd": allowed("ENOSYS")},
+        # Root inside is uid 0 of its namespace already (who that is on the host:
+        # `rootfs-host-identity`); setuid binaries as the user: `root-kernel`.
+        ROOT: {"setuid-binary": NOT_PLAYED, "setuid-0": allowed("ok"), "setresuid-0": allowed("ok")},
+    },
 )
 
 DEVICES = Escape(
@@ -478,8 +531,201 @@ probe("tiocsti", lambda: fcntl.ioctl(0, termios.TIOCSTI, b"x"))
             "lower-oom-score": allowed("ok"),
             "write-sysrq": allowed("EACCES"),
             "write-sys-uevent-helper": allowed("EACCES"),
-        }
+        },
+        # The UTS namespace's sysctls belong to the host's root, not to root inside.
+        ROOT: {"write-proc-sys": allowed("EACCES")},
     },
+)
+
+# Capabilities root inside must never hold, effective or in its bounding set (by number).
+FORBIDDEN_CAPS = {
+    "CAP_DAC_READ_SEARCH": 2, "CAP_LINUX_IMMUTABLE": 9, "CAP_NET_BROADCAST": 11, "CAP_NET_ADMIN": 12,
+    "CAP_NET_RAW": 13, "CAP_IPC_LOCK": 14, "CAP_SYS_MODULE": 16, "CAP_SYS_RAWIO": 17, "CAP_SYS_CHROOT": 18,
+    "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21, "CAP_SYS_BOOT": 22, "CAP_SYS_NICE": 23, "CAP_SYS_RESOURCE": 24,
+    "CAP_SYS_TIME": 25, "CAP_MKNOD": 27, "CAP_AUDIT_WRITE": 29, "CAP_AUDIT_CONTROL": 30, "CAP_MAC_ADMIN": 33,
+    "CAP_SYSLOG": 34, "CAP_WAKE_ALARM": 35, "CAP_BLOCK_SUSPEND": 36, "CAP_PERFMON": 38, "CAP_BPF": 39,
+    "CAP_CHECKPOINT_RESTORE": 40,
+}  # fmt: skip
+
+# What root inside (namespaced root of a template's instance) tries that the sandbox user cannot
+# even attempt: each is refused by the seccomp filter (EPERM), by a capability root inside does
+# not hold (EPERM), by a read-only kernel file system (EROFS), or by a file that does not exist.
+ROOT_KERNEL = Escape(
+    "root-kernel",
+    "privilege",
+    "as root inside: mount, device nodes, /proc/sys, kernel keyrings, unshare and nested user "
+    "namespaces, setuid and file-capability binaries run as user, raw sockets, the network stack",
+    r"""
+import subprocess, fcntl
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return line.split()[1]
+def uid_map():
+    inside, outside, count = open("/proc/self/uid_map").read().split()[:3]
+    # Root inside is host uid `outside`: never 0, and a range of this instance's own.
+    if inside == "0" and int(outside) >= 65536 and count == "65536":
+        return "namespaced root"
+    return "LEAK: " + open("/proc/self/uid_map").read().strip()
+probe("is-root-inside", lambda: "root" if os.geteuid() == 0 else "not root: " + str(os.geteuid()))
+probe("uid-map", uid_map)
+probe("gid-map", lambda: "namespaced" if open("/proc/self/gid_map").read().split()[1] != "0" else "LEAK: gid 0")
+def caps(key):
+    mask = int(status(key), 16)
+    held = [name for name, bit in __FORBIDDEN__.items() if mask >> bit & 1]
+    return "none" if not held else "LEAK: " + ",".join(held)
+probe("forbidden-effective-capabilities", lambda: caps("CapEff"))
+probe("forbidden-bounding-capabilities", lambda: caps("CapBnd"))
+probe("no-new-privs", lambda: "set" if status("NoNewPrivs") == "1" else "LEAK: unset")
+probe("seccomp", lambda: "filtered" if status("Seccomp") == "2" else "LEAK: " + str(status("Seccomp")))
+# mount: every form (seccomp), and the mount command
+probe("mount-tmpfs", lambda: call(165, b"none", b"/mnt", b"tmpfs", 0, 0))
+probe("mount-proc", lambda: call(165, b"proc", b"/mnt", b"proc", 0, 0))
+probe("remount-root-rw", lambda: call(165, b"none", b"/", 0, 0x20 | 0x1000, 0))  # MS_REMOUNT|MS_BIND
+probe("remount-proc-sys-rw", lambda: call(165, b"none", b"/proc/sys", 0, 0x20 | 0x1000, 0))
+probe("umount-agent-code", lambda: call(166, b"/opt/hutch/lib/hutch", 2))
+probe("umount-run-dir", lambda: call(166, b"/run/hutch", 2))
+probe("open-tree", lambda: call(428, -100, b"/", 1))
+probe("fsopen-overlay", lambda: call(430, b"overlay", 0))
+probe("mount-command", lambda: "refused" if subprocess.run(["mount", "-t", "tmpfs", "none", "/mnt"],
+      capture_output=True).returncode != 0 else "LEAK: mount ran")
+probe("chroot", lambda: call(161, b"/tmp"))
+# device nodes
+probe("mknod-char-mem", lambda: os.mknod("/root/mem", 0o600 | 0o020000, os.makedev(1, 1)))
+probe("mknod-block-disk", lambda: os.mknod("/root/disk", 0o600 | 0o060000, os.makedev(8, 0)))
+probe("mknod-kmsg-in-dev", lambda: os.mknod("/dev/kmsg", 0o600 | 0o020000, os.makedev(1, 11)))
+probe("open-made-char-mem", lambda: os.open("/root/mem", os.O_RDWR))
+probe("mknod-command", lambda: "refused" if subprocess.run(["mknod", "/tmp/sda", "b", "8", "0"],
+      capture_output=True).returncode != 0 else "LEAK: mknod ran")
+# /proc/sys, /proc's kernel knobs and /sys
+# The kernel's knobs belong to the host's root (EACCES); sysrq where the kernel has no magic SysRq: ENOENT.
+probe("write-core-pattern", lambda: write("/proc/sys/kernel/core_pattern", b"|/tmp/x"))
+probe("write-sysrq-sysctl", lambda: write("/proc/sys/kernel/sysrq", b"1"))
+probe("write-drop-caches", lambda: write("/proc/sys/vm/drop_caches", b"3"))
+probe("write-ip-forward", lambda: write("/proc/sys/net/ipv4/ip_forward", b"1"))
+probe("write-sysrq-trigger", lambda: write("/proc/sysrq-trigger", b"h"))
+probe("sys-is-empty", lambda: "clean" if not os.listdir("/sys") else "LEAK: " + ",".join(os.listdir("/sys")))
+probe("sethostname", lambda: call(170, b"owned", 5))
+probe("lower-oom-score", lambda: write("/proc/self/oom_score_adj", b"-1000"))
+import resource
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard * 4, hard * 4))
+probe("raise-nofile", raise_nofile)
+probe("ptrace-agent", lambda: call(101, 16, 1, 0, 0))
+probe("agent-memory", lambda: os.close(os.open("/proc/1/mem", os.O_RDWR)))
+# overlayfs's trusted.* metadata needs the host's CAP_SYS_ADMIN (its user.* form, which the
+# kernel stores escaped: `rootfs-lower-layer`).
+probe("overlay-xattr-trusted", lambda: os.setxattr("/usr", "trusted.overlay.redirect", b"/../../.."))
+# kernel keyrings
+probe("keyctl-join-session", lambda: call(250, 1, 0))  # KEYCTL_JOIN_SESSION_KEYRING
+probe("keyctl-user-keyring", lambda: call(250, 0, -4, 0))
+probe("add-key-user-keyring", lambda: call(248, b"user", b"selftest", b"x", 1, -4))
+probe("request-key", lambda: call(249, b"user", b"selftest", 0, -4))
+# unshare and nested user namespaces
+probe("unshare-user", lambda: call(272, 0x10000000))
+probe("unshare-mount", lambda: call(272, 0x00020000))
+probe("unshare-net", lambda: call(272, 0x40000000))
+probe("unshare-pid", lambda: call(272, 0x20000000))
+probe("clone-newuser", lambda: call(56, 0x10000000 | 17, 0, 0, 0, 0))
+probe("clone3", lambda: call(435, 0, 0))
+probe("setns-pid-1-mnt", lambda: call(308, os.open("/proc/1/ns/mnt", os.O_RDONLY), 0))
+for flags in ("-U", "-m", "-n", "-Ur"):
+    probe(f"unshare-command{flags}", lambda flags=flags: "refused" if subprocess.run(["unshare", flags, "true"],
+          capture_output=True).returncode != 0 else "LEAK: unshare " + flags + " ran")
+# setuid-root and file-capability binaries made by root, run as the sandbox user
+import shutil
+shutil.copy("/usr/bin/python3", "/usr/local/bin/rootpy")
+os.chmod("/usr/local/bin/rootpy", 0o4755)
+def file_caps(name, caps):
+    # security.capability v2: `caps` permitted and effective
+    shutil.copy("/usr/bin/python3", name)
+    os.setxattr(name, "security.capability", struct.pack("<IIIII", 0x02000001, caps, 0, 0, 0))
+probe("set-file-capability-admin", lambda: file_caps("/usr/local/bin/cappy", (1 << 21) | (1 << 2)))
+probe("set-file-capability-dac", lambda: file_caps("/usr/local/bin/dacpy", 1 << 1))
+AS_USER = ("import os; s = open('/proc/self/status').read(); "
+           "print(os.geteuid(), [l.split()[1] for l in s.splitlines() if l.startswith('CapEff')][0])")
+def as_user(binary):
+    out = subprocess.run([binary, "-c", AS_USER], user=1000, group=1000, extra_groups=[], capture_output=True,
+                         text=True)
+    euid, cap = (out.stdout.split() + ["?", "?"])[:2]
+    return "user, no capabilities" if euid == "1000" and int(cap, 16) == 0 else "LEAK: euid " + euid + " caps " + cap
+probe("setuid-root-binary-run-as-user", lambda: as_user("/usr/local/bin/rootpy"))
+probe("file-capability-binary-run-as-user", lambda: as_user("/usr/local/bin/cappy"))
+probe("dac-override-binary-run-as-user", lambda: as_user("/usr/local/bin/dacpy"))
+# raw sockets and the network stack
+probe("raw-socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+probe("raw-socket-v6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6))
+probe("packet-socket", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW))
+def link_down():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    fcntl.ioctl(s, 0x8914, struct.pack("16sH14x", b"lo", 0))  # SIOCSIFFLAGS: lo down
+probe("set-link-down", link_down)
+probe("bind-privileged-port", lambda: socket.socket().bind(("127.0.0.1", 80)))
+""".replace("__FORBIDDEN__", repr(FORBIDDEN_CAPS)),
+    {
+        "is-root-inside": allowed("root"),
+        "uid-map": allowed("namespaced root"),
+        "gid-map": allowed("namespaced"),
+        "forbidden-effective-capabilities": allowed("none"),
+        "forbidden-bounding-capabilities": allowed("none"),
+        "no-new-privs": allowed("set"),
+        "seccomp": allowed("filtered"),
+        "mount-tmpfs": DENIED,
+        "mount-proc": DENIED,
+        "remount-root-rw": DENIED,
+        "remount-proc-sys-rw": DENIED,
+        "umount-agent-code": DENIED,
+        "umount-run-dir": DENIED,
+        "open-tree": DENIED,
+        "fsopen-overlay": DENIED,
+        "mount-command": allowed("refused"),
+        "chroot": DENIED,
+        "mknod-char-mem": DENIED,
+        "mknod-block-disk": DENIED,
+        "mknod-kmsg-in-dev": DENIED,
+        "open-made-char-mem": MISSING,
+        "mknod-command": allowed("refused"),
+        "write-core-pattern": allowed("EACCES"),
+        "write-sysrq-sysctl": allowed("EACCES", "ENOENT"),
+        "write-drop-caches": allowed("EACCES"),
+        "write-ip-forward": allowed("EACCES"),
+        "write-sysrq-trigger": allowed("EACCES", "ENOENT"),
+        "sys-is-empty": CLEAN,
+        "sethostname": DENIED,
+        "lower-oom-score": allowed("EACCES"),
+        "raise-nofile": allowed("ValueError"),
+        "ptrace-agent": DENIED,
+        # The agent is root of the same namespaces, holding nothing of the host's (hutch treats
+        # what its socket answers as untrusted): root inside may already do all it can.
+        "agent-memory": allowed("ok"),
+        "overlay-xattr-trusted": DENIED,
+        "keyctl-join-session": DENIED,
+        "keyctl-user-keyring": DENIED,
+        "add-key-user-keyring": DENIED,
+        "request-key": DENIED,
+        "unshare-user": DENIED,
+        "unshare-mount": DENIED,
+        "unshare-net": DENIED,
+        "unshare-pid": DENIED,
+        "clone-newuser": DENIED,
+        "clone3": allowed("ENOSYS"),
+        "setns-pid-1-mnt": DENIED,
+        **{f"unshare-command{flags}": allowed("refused") for flags in ("-U", "-m", "-n", "-Ur")},
+        "set-file-capability-admin": allowed("ok"),
+        "set-file-capability-dac": allowed("ok"),
+        "setuid-root-binary-run-as-user": allowed("user, no capabilities"),
+        # Capabilities beyond the bounding set with the effective bit: the kernel refuses the exec.
+        "file-capability-binary-run-as-user": allowed("EPERM"),
+        # One within it: no_new_privs grants nothing.
+        "dac-override-binary-run-as-user": allowed("user, no capabilities"),
+        "raw-socket": DENIED,
+        "raw-socket-v6": DENIED,
+        "packet-socket": DENIED,
+        "set-link-down": DENIED,
+        "bind-privileged-port": allowed("ok"),
+    },
+    needs=(ROOT,),
 )
 
 ESCAPES: tuple[Escape, ...] = (
@@ -492,4 +738,5 @@ ESCAPES: tuple[Escape, ...] = (
     NETWORKED,
     PRIVILEGE,
     DEVICES,
+    ROOT_KERNEL,
 )

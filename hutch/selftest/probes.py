@@ -68,6 +68,13 @@ def write(path, data=b"hutch-selftest"):
     with open(path, "wb") as f:
         f.write(data)
 
+def touch(path):
+    # Open for writing and change nothing: where root inside may write (its own copy of a
+    # template's file), the session's system stays whole for the attacks after this one.
+    os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+
+ROOT = CTX.get("root")  # the root cast's extra knowledge (None elsewhere)
+
 def leak_check(data, *tokens):
     found = [t for t in tokens if t and t.encode() in data]
     return "LEAK: " + ", ".join(found) if found else "clean"
@@ -112,6 +119,9 @@ def outcomes(stdout: str) -> dict[str, str] | None:
 
 
 Expectation = frozenset[str]
+# An override saying a probe is not played on that cast: it means nothing there (`setuid(0)` by
+# root inside is root being root); another probe of the cast tests what it stood for.
+NOT_PLAYED: Expectation = frozenset({"(not played)"})
 
 
 def allowed(*outcomes: str) -> Expectation:
@@ -129,10 +139,11 @@ class Escape:
     expect: Mapping[str, Expectation]
     # Per backend, expectations that differ (gVisor's kernel answers some calls differently).
     overrides: Mapping[str, Mapping[str, Expectation]] = field(default_factory=dict)
-    needs: tuple[str, ...] = ()  # what the attack needs from the context ("network", ...)
+    needs: tuple[str, ...] = ()  # what the attack needs from the context ("network", "root")
 
     def expectations(self, backend: str) -> dict[str, Expectation]:
-        return {**self.expect, **self.overrides.get(backend, {})}
+        merged = {**self.expect, **self.overrides.get(backend, {})}
+        return {name: expected for name, expected in merged.items() if expected is not NOT_PLAYED}
 
     def judge(self, backend: str, seen: Mapping[str, str] | None) -> tuple[bool, list[str]]:
         """(contained, evidence lines): every expected probe ran and ended as allowed."""

@@ -3,7 +3,8 @@ on every backend, and the host-side things an attack must never reach.
 
 What it owns:
 - the cast: tenants `attacker` and `victim`, the same functions in both (`sec-bwrap`,
-  `sec-gvisor`: no network, small limits; `sec-net`: bwrap with the internet allowed), one
+  `sec-gvisor`: no network, small limits; `sec-net`: bwrap with the internet allowed; `sec-root`:
+  bwrap booting a template, whose sessions act as root inside, when the stage is given one), one
   victim session per function holding a secret file, a marked background process and a user
   server on port 8080, and attacker sessions made on demand;
 - the host's side: a canary file (readable by anyone on the host), a TCP service on the host's
@@ -15,7 +16,9 @@ What it owns:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
 import shutil
 import socket
@@ -29,17 +32,30 @@ from pathlib import Path
 from hutch.selftest.target import Session, Target, Tenant
 
 BACKENDS = ("bwrap", "gvisor")
+# The root cast: bwrap instances of a template (a root file system of their own), every command
+# and file call of theirs acting as root inside, as E2B's `user="root"` does. gVisor cannot boot
+# templates yet: its cast stays the host view.
+ROOT = "root"
 LIMITS = {"cpu": 1.0, "memoryMB": 256, "pids": 128, "diskMB": 64, "tmpMB": 16}
 SERVER_PORT = 8080
 
 
-def functions() -> list[dict]:
-    """The functions both tenants get."""
+def functions(template: str | None = None) -> list[dict]:
+    """The functions both tenants get (`sec-root` with a template only)."""
     specs = [
         {"name": f"sec-{backend}", "runtime": backend, "resources": LIMITS, "warmPoolSize": 0} for backend in BACKENDS
     ]
     specs.append({"name": "sec-net", "runtime": "bwrap", "resources": LIMITS, "network": {"allowInternetAccess": True}})
+    if template is not None:
+        specs.append(
+            {"name": f"sec-{ROOT}", "runtime": "bwrap", "template": template, "resources": LIMITS, "warmPoolSize": 0}
+        )
     return specs
+
+
+def user_of(backend: str) -> str | None:
+    """Who a cast's sessions act as inside (None: the sandbox's default user)."""
+    return "root" if backend == ROOT else None
 
 
 def host_addresses() -> list[str]:
@@ -110,16 +126,21 @@ class Stage:
         self.victim_tenant: Tenant | None = None
         self.victims: dict[str, Victim] = {}
         self._sessions: dict[str, Session] = {}
+        self.template: str | None = None  # the root cast's template, when it plays
 
     # -- setting up ----------------------------------------------------------------------------
 
-    def setup(self, backends: tuple[str, ...] = BACKENDS, network: bool = True) -> None:
+    def setup(self, backends: tuple[str, ...] = BACKENDS, network: bool = True, template: str | None = None) -> None:
+        """Tenants, functions and victims; `template`: the template the root cast boots (None:
+        no root cast)."""
+        self.template = template
         self.attacker = self.target.tenant("attacker")
         self.victim_tenant = self.target.tenant("victim")
         for tenant in (self.attacker, self.victim_tenant):
-            for spec in functions():
+            for spec in functions(template):
                 tenant.function(spec)
-        for backend in (*backends, *(("net",) if network else ())):
+        casts = (*backends, *(("net",) if network else ()), *((ROOT,) if template is not None else ()))
+        for backend in casts:
             self.victims[backend] = self._victim(backend)
 
     @staticmethod
@@ -128,7 +149,7 @@ class Stage:
 
     def _victim(self, backend: str) -> Victim:
         assert self.victim_tenant is not None
-        session = self.victim_tenant.session(self.function_of(backend), f"victim-{backend}")
+        session = self.victim_tenant.session(self.function_of(backend), f"victim-{backend}", user=user_of(backend))
         secret = "victim-secret-" + uuid.uuid4().hex
         marker = "hutch-victim-" + uuid.uuid4().hex[:12]
         put = session.upload("/home/user/victim-secret.txt", secret.encode())
@@ -146,9 +167,11 @@ class Stage:
         """The attacker's shared session on a backend, or a fresh one (for attacks that spoil it)."""
         assert self.attacker is not None
         if fresh:
-            return self.attacker.session(self.function_of(backend))
+            return self.attacker.session(self.function_of(backend), user=user_of(backend))
         if backend not in self._sessions:
-            self._sessions[backend] = self.attacker.session(self.function_of(backend), f"attacker-{backend}")
+            self._sessions[backend] = self.attacker.session(
+                self.function_of(backend), f"attacker-{backend}", user=user_of(backend)
+            )
         return self._sessions[backend]
 
     # -- what attacks get ----------------------------------------------------------------------
@@ -178,6 +201,17 @@ class Stage:
                 "server_port": SERVER_PORT,
             },
         }
+        if backend == ROOT:
+            # Where the template's shared layers are on the host (an attacker may guess them: the
+            # data directory's layout is public), and the host's own files of the same names.
+            layers = victim.record["spec"]["rootfs"]["layer_paths"]
+            ctx["root"] = {
+                "layers": list(layers),
+                "host_digests": digests(Path("/")),
+                "template_digests": template_digests(layers),
+                "template_top": listing(layers, ""),
+                "template_root_home": listing(layers, "root"),
+            }
         if backend == "net" and attacker is not None:
             from hutch.runtime.network import layout_for
 
@@ -231,6 +265,38 @@ class Stage:
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# Files a template has too: root inside reads its own copies, never the host's.
+SYSTEM_FILES = ("/etc/passwd", "/etc/shadow")
+
+
+def digests(root: Path) -> dict[str, str]:
+    """SHA-256 of the copies of `SYSTEM_FILES` under `root` (a digest, never the content)."""
+    found = {}
+    for name in SYSTEM_FILES:
+        try:
+            found[name] = _digest(root / name.lstrip("/"))
+        except OSError:
+            pass
+    return found
+
+
+def listing(layers: list[str], directory: str) -> list[str]:
+    """The names in a directory of a template, over all its layers."""
+    names: set[str] = set()
+    for layer in layers:
+        with contextlib.suppress(OSError):
+            names |= set(os.listdir(Path(layer) / directory))
+    return sorted(names)
+
+
+def template_digests(layers: list[str]) -> dict[str, str]:
+    """The digests of `SYSTEM_FILES` as a template's layers hold them (the upper layers win)."""
+    found: dict[str, str] = {}
+    for layer in layers:  # lowest first, as bwrap's --overlay-src takes them
+        found.update(digests(Path(layer)))
+    return found
 
 
 def cgroup_procs(record: dict) -> list[int]:

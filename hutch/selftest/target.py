@@ -108,6 +108,16 @@ class Session:
     function: str
     key: str
     info: dict = field(default_factory=dict)
+    # Who the session's commands and file calls act as inside: None is the template's default
+    # user; a name goes to the agent as E2B's SDK sends it (`user="root"`).
+    user: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """E2B's `Authorization: Basic base64("<user>:")` when the session acts as a named user."""
+        if self.user is None:
+            return {}
+        return {"authorization": "Basic " + base64.b64encode(f"{self.user}:".encode()).decode()}
 
     @property
     def base(self) -> str:
@@ -143,7 +153,7 @@ class Session:
             "POST",
             f"{self.base}/process.Process/Start",
             content=envelope.encode({"process": process}),
-            headers={"content-type": STREAM},
+            headers={"content-type": STREAM, **self.headers},
             timeout=httpx.Timeout(timeout, connect=10),
         ) as response:
             result.http_status = response.status_code
@@ -169,7 +179,7 @@ class Session:
             "POST",
             f"{self.base}/process.Process/Start",
             content=message,
-            headers={"content-type": STREAM},
+            headers={"content-type": STREAM, **self.headers},
             timeout=timeout,
         ) as response:
             decoder = envelope.Decoder()
@@ -189,13 +199,13 @@ class Session:
 
     def rpc(self, method: str, message: dict, timeout: float = 30) -> httpx.Response:
         """A unary Connect call to the agent (e.g. `filesystem.Filesystem/Stat`)."""
-        return self.http.post(f"{self.base}/{method}", json=message, timeout=timeout)
+        return self.http.post(f"{self.base}/{method}", json=message, headers=self.headers, timeout=timeout)
 
     def download(self, path: str, timeout: float = 30) -> httpx.Response:
-        return self.http.get(f"{self.base}/files", params={"path": path}, timeout=timeout)
+        return self.http.get(f"{self.base}/files", params={"path": path}, headers=self.headers, timeout=timeout)
 
     def upload(self, path: str, data: bytes, timeout: float = 30) -> httpx.Response:
-        headers = {"content-type": "application/octet-stream"}
+        headers = {"content-type": "application/octet-stream", **self.headers}
         params = {"path": path}
         return self.http.post(f"{self.base}/files", params=params, content=data, headers=headers, timeout=timeout)
 
@@ -240,17 +250,22 @@ class Tenant:
     def function(self, spec: dict) -> None:
         self.api("POST", "/v1/functions", json=spec)
 
-    def session(self, function: str, key: str | None = None, **body) -> Session:
+    def session(self, function: str, key: str | None = None, user: str | None = None, **body) -> Session:
         key = key or f"s-{uuid.uuid4().hex[:12]}"
         info = self.api("POST", f"/v1/functions/{function}/sessions", json={"sessionId": key, **body}, timeout=120)
-        return Session(self, function, key, info.json())
+        return Session(self, function, key, info.json(), user)
 
 
 class Target:
     """A `hutch serve` of the battery's own (see the module docstring)."""
 
     def __init__(
-        self, root: Path | None = None, log_level: str = "warning", config: str = "", request_timeout: float = 3.0
+        self,
+        root: Path | None = None,
+        log_level: str = "warning",
+        config: str = "",
+        request_timeout: float = 3.0,
+        templates_dir: Path | None = None,
     ) -> None:
         self.root = Path(root or tempfile.mkdtemp(prefix="hutch-selftest-", dir="/var/tmp"))
         self.root.chmod(0o755)
@@ -265,9 +280,12 @@ class Target:
         self.config_path = self.root / "serve.toml"
         # A short deadline for request heads and bodies, so that slow-loris clients are cut in seconds.
         self.request_timeout = request_timeout
+        # Templates: never built here (a throwaway server); `templates_dir`, a store whose templates
+        # the root cast boots (read, never changed).
+        templates = "[templates]\nprepare = []\n" + (f'dir = "{templates_dir}"\n' if templates_dir else "")
         self.config_path.write_text(
             f"uid_base = {self.uid_base}\nrequest_timeout = {request_timeout}\n"
-            f'[warm_pools]\nbase = 0\n"code-interpreter-v1" = 0\n{config}'
+            f'[warm_pools]\nbase = 0\n"code-interpreter-v1" = 0\n{templates}{config}'
         )
         self.log_level = log_level
         self.proc: subprocess.Popen | None = None

@@ -199,6 +199,10 @@ class StepRunner:
                 if result.exit_code != 0:
                     raise StepFailed(index, f"step {index} ({step.describe()[:200]}) failed with exit code "
                                             f"{result.exit_code}", tail)  # fmt: skip
+            # Nothing of the step may run while host root copies its layer: a process it left
+            # behind could swap a directory for a link to a host directory between cp's look
+            # and its descent, and cp would copy the host's files into the template.
+            await self.runtime.halt(instance.instance_id)
             scratch = self.store.scratch()
             try:
                 copied = subprocess.run(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 
 from hutch.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
 from hutch.runtime import make_runtime
-from hutch.runtime.base import InstanceSpec, Resources
+from hutch.runtime.base import InstanceSpec, InstanceState, Resources
 from hutch.runtime.userns import RANGE, UidSlots
 from hutch.storage.local import DirectoryStore, ImageStore
 from tests.conftest import TEST_TEMPLATE
@@ -242,6 +244,95 @@ def test_the_code_interpreter_runs_in_the_templates_python_as_the_user(boot):
     results = [line for line in lines if line.get("type") == "result" and line.get("is_main_result")]
     assert stdout.split() == ["/usr/bin/python3", "1000"], lines
     assert results and results[0]["text"] == "42"
+
+
+def _layer_with_links(template_store, links: dict[str, str]) -> str:
+    """A template: the test template under a layer holding `links` (path inside -> target)."""
+    import hashlib
+
+    from hutch.templates.model import Template
+
+    layer = hashlib.sha256(repr(sorted(links.items())).encode()).hexdigest()
+    path = template_store.layer_path(layer)
+    if not path.exists():
+        scratch = template_store.scratch()
+        for inside, target in links.items():
+            (scratch / inside.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(target, scratch / inside.lstrip("/"))
+        template_store.commit(scratch, layer)
+    name = f"links-{layer[:8]}"
+    template_store.put(Template(name=name, layers=(*template_store.get(TEST_TEMPLATE).layers, layer), source="test"))
+    return name
+
+
+@pytest.mark.parametrize(
+    ("mount_point", "target"), [("/run", ""), ("/usr/bin/sudo", "/sudo"), ("/opt/hutch", ""), ("/tmp", "")]
+)
+def test_a_template_with_a_link_where_hutch_mounts_is_refused_and_the_host_is_untouched(
+    loop, rootfs_runtime, template_store, mount_point, target
+):
+    # bwrap sets up with the host's root at /oldroot and follows links in mount destinations: a
+    # template linking /run to /oldroot/<a world-writable host directory> had it create files there.
+    host_dir = Path(tempfile.mkdtemp(prefix="hutch-test-links-", dir="/var/tmp"))
+    host_dir.chmod(0o1777)
+    try:
+        name = _layer_with_links(template_store, {mount_point: f"/oldroot{host_dir}{target}"})
+        spec = InstanceSpec(
+            instance_id=f"t-{uuid.uuid4().hex[:10]}", resources=Resources(), backend="bwrap",
+            rootfs=template_store.rootfs(name),
+        )  # fmt: skip
+        refused = f"symbolic link where the sandbox mounts.*{re.escape(mount_point)} -> "
+        with pytest.raises(FailedPrecondition, match=refused):
+            loop.run(rootfs_runtime.start(spec))
+        assert os.listdir(host_dir) == []
+        assert spec.instance_id not in {i.instance_id for i in rootfs_runtime.instances()}
+        template_store.delete(name)
+    finally:
+        shutil.rmtree(host_dir, ignore_errors=True)
+
+
+def test_a_link_planted_by_root_for_a_later_instance_with_a_network_is_refused(boot, rootfs_runtime):
+    # /etc/resolv.conf is a mount point only where the session has a network: root inside an
+    # instance without one may replace it; the session's next instance must not follow it.
+    workspace = f"t/{uuid.uuid4().hex}"
+    first = boot(workspace=workspace)
+    planted = first.loop.run(
+        first.channel.run("rm -f /etc/resolv.conf && ln -s /oldroot/var/tmp/x /etc/resolv.conf && echo ok", user="root")
+    )
+    assert planted.stdout == b"ok\n", planted.stderr
+    first.stop(keep_workspace=True)
+    with pytest.raises(FailedPrecondition, match=re.escape("the session's own changes: /etc/resolv.conf -> /oldroot/")):
+        boot(workspace=workspace, network={"internet": True})
+    rootfs_runtime.store.delete(workspace)
+
+
+def test_halt_ends_every_process_and_leaves_the_upper_layer_still_for_its_reader(boot, rootfs_runtime):
+    # A template build copies each step's upper layer as host root: a process the step left
+    # behind could swap a directory for a link into the host during the copy (cp follows it: seen
+    # copying a root-only host file into a layer). The builder halts the instance first.
+    from hutch.runtime.cgroups import Cgroup
+
+    sandbox = boot()
+    started = sandbox.loop.run(
+        sandbox.channel.run(
+            "setsid nohup sh -c 'while :; do date +%s%N > /usr/local/ticks; sleep 0.02; done' "
+            ">/dev/null 2>&1 </dev/null & "
+            "for i in $(seq 100); do test -s /usr/local/ticks && break; sleep 0.05; done; echo started",
+            user="root",
+        )
+    )
+    assert started.stdout == b"started\n"
+    cgroup = Cgroup.from_dict(sandbox.instance.detail["cgroup"])
+    assert len(cgroup.procs()) >= 2  # the agent and the loop
+    sandbox.loop.run(rootfs_runtime.halt(sandbox.id))
+    assert cgroup.procs() == []
+    ticks = sandbox.instance.workspace_path / "upper/usr/local/ticks"
+    first = ticks.read_text()
+    time.sleep(0.2)
+    assert ticks.read_text() == first  # nothing writes any more; the layer is still there to read
+    assert rootfs_runtime.get(sandbox.id).state != InstanceState.CRASHED  # ended on purpose, not a crash
+    sandbox.stop()
+    assert sandbox.id not in {i.instance_id for i in rootfs_runtime.instances()}
 
 
 def test_a_kernel_the_recipe_s_setup_installed_runs_other_languages_as_the_user(boot):

@@ -1,16 +1,19 @@
 """Resource abuse in a session of its own (fork bomb, memory hog, CPU spin, disk, inodes, /tmp,
 file descriptors, threads, endless output, a cell printing without end, processes ignoring
-SIGTERM): each is stopped by the limit it runs into, judged on the kernel's evidence, and the
-other tenant's session, `/health` and the host keep answering (their response times during the
-abuse are measured and reported, never asserted). The attacks: `hutch.selftest.abuse`."""
+SIGTERM; as root inside a template's session too, and filling the disk through its overlay):
+each is stopped by the limit it runs into, judged on the kernel's evidence, and the other
+tenant's session, `/health` and the host keep answering (their response times during the abuse
+are measured and reported, never asserted). The attacks: `hutch.selftest.abuse`."""
 
 from __future__ import annotations
 
 import pytest
 
 from hutch.selftest import abuse
+from hutch.selftest.stage import ROOT
 
-CASES = [pytest.param(run, b, id=f"{name}-{b}") for name, run in abuse.ATTACKS for b in ("bwrap", "gvisor")]
+CASES = [pytest.param(run, b, id=f"{name}-{b}") for name, run in abuse.ATTACKS for b in ("bwrap", "gvisor", ROOT)]
+CASES += [pytest.param(run, ROOT, id=f"{name}-{ROOT}") for name, run in abuse.ROOT_ATTACKS]
 
 
 @pytest.mark.parametrize(("attack", "backend"), CASES, indirect=["backend"])

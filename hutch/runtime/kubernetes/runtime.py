@@ -438,6 +438,9 @@ class KubernetesRuntime(InstanceTable):
         if self.on_exit is not None:
             self.on_exit(instance)
 
+    async def halt(self, instance_id: InstanceId) -> None:
+        raise Unimplemented("the kubernetes backend keeps nothing of an instance without its pod")
+
     async def kill(self, instance_id: InstanceId) -> None:
         """End an instance that stopped working: its pod is deleted and its death reported, and
         `stop` cleans up later."""
