@@ -121,7 +121,9 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="hutch-bench-sleep-", dir="/var/tmp"))
     root.chmod(0o755)
-    server = Server(root / "data", '[warm_pools]\nbase = 0\n"code-interpreter-v1" = 1\n')
+    # No template is prepared: the sandboxes run on the host's system, as the README's numbers say.
+    config = '[warm_pools]\nbase = 0\n"code-interpreter-v1" = 1\n[templates]\nprepare = []\n'
+    server = Server(root / "data", config)
     try:
         server.start()
         tenant = server.new_tenant("bench-sleep")

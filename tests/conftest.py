@@ -8,10 +8,12 @@ nftables tables, counted only where they belong to this run's own directories
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,26 @@ def pytest_sessionfinish(session, exitstatus):
             reporter.ensure_newline()
             reporter.write_line("\n".join(lines), red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@contextlib.contextmanager
+def throwaway_data_dir(prefix: str) -> Iterator[Path]:
+    """A data directory under /var/tmp, removed afterwards with its deadline keeper: the keeper
+    goes first, since one still starting would write its lock into the directory being removed."""
+    from hutch.runtime.keeper import stop_keeper
+
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        stop_keeper(path)
+        shutil.rmtree(path, ignore_errors=True)
+        deadline = time.monotonic() + 10
+        while path.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+            stop_keeper(path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

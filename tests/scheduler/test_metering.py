@@ -7,8 +7,6 @@ are real, read from the instances' cgroups. The meter samples only when a test s
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from hutch.scheduler.metering import Meter
 from hutch.scheduler.scheduler import Scheduler
 from hutch.scheduler.sessions import SessionManager
 from hutch.storage.local import DirectoryStore
+from tests.conftest import throwaway_data_dir
 from tests.loop_thread import LoopThread
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts sandboxes: root only")
@@ -118,10 +117,8 @@ def loop():
 
 @pytest.fixture
 def data_dir():
-    path = Path(tempfile.mkdtemp(prefix="hutch-meter-", dir="/var/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with throwaway_data_dir("hutch-meter-") as path:
+        yield path
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,10 +18,10 @@ from hutch.metadb.records import FunctionRecord, SessionStatus, Tenant
 from hutch.metadb.sqlite import SQLiteMetaDB
 from hutch.runtime.bwrap import BwrapRuntime
 from hutch.runtime.channel import AgentChannel
-from hutch.runtime.keeper import stop_keeper
 from hutch.scheduler.scheduler import Scheduler
 from hutch.scheduler.sessions import SessionManager
 from hutch.storage.local import DirectoryStore
+from tests.conftest import throwaway_data_dir
 from tests.loop_thread import LoopThread
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts sandboxes: root only")
@@ -108,17 +106,8 @@ def loop():
 
 @pytest.fixture
 def data_dir():
-    path = Path(tempfile.mkdtemp(prefix="hutch-sched-", dir="/var/tmp"))
-    path.chmod(0o755)
-    yield path
-    # The instances' keeper first; one still starting may write its lock into the directory
-    # while it is being removed: it exits once it sees no instances, and the rest goes then.
-    stop_keeper(path)
-    shutil.rmtree(path, ignore_errors=True)
-    deadline = time.monotonic() + 10
-    while path.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-        shutil.rmtree(path, ignore_errors=True)
+    with throwaway_data_dir("hutch-sched-") as path:
+        yield path
 
 
 @pytest.fixture
