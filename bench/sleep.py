@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -33,20 +32,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.sandbox import summary
 from hutch.runtime.cgroups import Cgroup
 from tests.e2e.conftest import Server
 from tests.e2e.teardown import stop_leftover_instances
 
 HEAP = "heap = bytearray(80 * 2**20)\nfor i in range(0, len(heap), 4096):\n    heap[i] = 1"
-
-
-def summary(samples: list[float]) -> dict:
-    ordered = sorted(samples)
-    return {
-        "p50": round(statistics.median(ordered), 2),
-        "p90": round(ordered[max(0, int(len(ordered) * 0.9) - 1)], 2),
-        "n": len(ordered),
-    }
 
 
 def _ms(since: float) -> float:
