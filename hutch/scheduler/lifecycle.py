@@ -17,7 +17,7 @@ import uuid
 from typing import Any
 
 from hutch.errors import AlreadyExists, FailedPrecondition, HutchError, NotFound
-from hutch.functions import BUILTIN_TENANT, FunctionSpec
+from hutch.functions import FunctionSpec
 from hutch.metadb.records import EndReason, SessionRecord, SessionStatus, Tenant
 from hutch.scheduler.interface import Route
 from hutch.scheduler.session_table import SessionTable, check_session_id, new_session_id
@@ -190,9 +190,7 @@ class SessionLifecycle(SessionTable):
             return self._route(current)
 
     def _route(self, session: SessionRecord) -> Route:
-        spec = self._specs.get(self.pool_key(session.tenant_id, session.function)) or self._specs.get(
-            self.pool_key(BUILTIN_TENANT, session.function)
-        )
+        spec = self._spec_of(session)
         assert session.instance_id is not None  # routed only once it has a live instance
         return Route(session, self.scheduler.socket_path(session.instance_id), spec.port if spec else None)
 

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from hutch.errors import HutchError, InvalidArgument, NotFound
-from hutch.functions import FunctionSpec
+from hutch.functions import BUILTIN_TENANT, FunctionSpec
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import SessionRecord
 from hutch.runtime.channel import AgentChannel
@@ -117,6 +117,12 @@ class SessionTable:
             self._specs[key] = spec
         self._resolved[(tenant_id, name)] = key
         return key, spec
+
+    def _spec_of(self, session: SessionRecord) -> FunctionSpec | None:
+        """The spec of a session's function: the tenant's own, else the built-in of that name."""
+        return self._specs.get(self.pool_key(session.tenant_id, session.function)) or self._specs.get(
+            self.pool_key(BUILTIN_TENANT, session.function)
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -27,7 +27,6 @@ import logging
 from typing import Any
 
 from hutch.errors import FailedPrecondition, HutchError, Paused
-from hutch.functions import BUILTIN_TENANT, FunctionSpec
 from hutch.metadb.records import SessionRecord
 from hutch.scheduler.interface import Route
 from hutch.scheduler.lifecycle import SessionLifecycle
@@ -47,11 +46,6 @@ class SessionSleep(SessionLifecycle):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._cannot_sleep: set[str] = set()  # row ids whose idle freeze failed: not tried again
-
-    def _spec_of(self, session: SessionRecord) -> FunctionSpec | None:
-        return self._specs.get(self.pool_key(session.tenant_id, session.function)) or self._specs.get(
-            self.pool_key(BUILTIN_TENANT, session.function)
-        )
 
     async def route(self, session: SessionRecord) -> Route:
         """`SessionLifecycle.route`, waking a sleeping session first. The request counts as
