@@ -83,6 +83,44 @@ def test_the_sdk_builds_a_template_and_sandboxes_of_it_show_every_step(e2b_tenan
     assert not any(line.startswith("[") and "RUN" in line for line in again)
 
 
+def test_tags_name_builds_that_sandboxes_boot_after_newer_builds(e2b_tenant, template_server):
+    name = f"tagged-{uuid.uuid4().hex[:8]}"
+
+    def build(version: str, tags: list[str] | None = None, ref: str = name) -> str:
+        template = Template().from_template(TEST_TEMPLATE).run_cmd(f"echo {version} > /etc/version", user="root")
+        return Template.build(template, ref, tags=tags).build_id
+
+    first = build("one", tags=["v1", "stable"])  # the bare name: the default tag too
+    second = build("two")  # the default tag moves; v1 and stable stay
+    build("three", ref=f"{name}:canary")  # a tag only: the default stays
+
+    def version(ref: str) -> str:
+        box = Sandbox.create(ref, timeout=60)
+        try:
+            return box.commands.run("cat /etc/version").stdout.strip()
+        finally:
+            box.kill()
+
+    assert [version(ref) for ref in (name, f"{name}:v1", f"{name}:stable", f"{name}:canary")] == [
+        "two", "one", "one", "three",
+    ]  # fmt: skip
+    tags = {tag.tag: tag.build_id for tag in Template.get_tags(name)}
+    assert tags == {"default": second, "v1": first, "stable": first, "canary": tags["canary"]}
+
+    assigned = Template.assign_tags(f"{name}:v1", ["production"])
+    assert assigned.build_id == first and assigned.tags == ["production"]
+    Template.remove_tags(name, ["stable", "canary"])
+    assert sorted(tag.tag for tag in Template.get_tags(name)) == ["default", "production", "v1"]
+    assert version(f"{name}:production") == "one"
+    with pytest.raises(SandboxException, match="no tag 'stable'"):
+        Sandbox.create(f"{name}:stable", timeout=30)
+    # Another tenant cannot move this tenant's tags.
+    other = template_server.new_tenant(f"other-{uuid.uuid4().hex[:6]}")
+    assert other.post("/templates/tags", json={"target": name, "tags": ["x"]}).status_code == 403
+    assert other.request("DELETE", "/templates/tags", json={"name": name, "tags": ["v1"]}).status_code == 403
+    assert sorted(tag.tag for tag in Template.get_tags(name)) == ["default", "production", "v1"]
+
+
 def test_a_failing_step_fails_the_build_with_its_exit_code_and_registers_nothing(e2b_tenant):
     name = f"broken-{uuid.uuid4().hex[:8]}"
     template = Template().from_template(TEST_TEMPLATE).run_cmd("echo about to fail; exit 3")
