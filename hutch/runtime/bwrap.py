@@ -49,9 +49,9 @@ from hutch.runtime.local import (
 )
 from hutch.runtime.network import Networking
 from hutch.runtime.rootfs import (
-    AGENT_ROOT,
     CA_ENV,
     CAPABILITIES,
+    MOUNT_POINTS,
     SANDBOX_PATH,
     AgentRuntime,
     linked_mount_points,
@@ -212,23 +212,13 @@ class BwrapRuntime(LocalRuntime):
             "--hostname", "sandbox",
         ]  # fmt: skip
 
-    @staticmethod
-    def _mount_points(spec: InstanceSpec) -> list[str]:
-        """Where `_rootfs_argv` mounts on the template's tree (what it mounts inside its own
-        tmpfs at `/opt/hutch` is out of the template's reach)."""
-        assert spec.rootfs is not None
-        points = ["/proc", "/dev", "/tmp", AGENT_ROOT, RUN_DIR, "/usr/bin/sudo"]
-        if spec.network:
-            points.append("/etc/resolv.conf")
-        return points
-
     def _check_mount_points(self, spec: InstanceSpec, workspace_path: Path) -> None:
         """Refuse a root file system that has a link where bwrap mounts (`linked_mount_points`):
         in the template's layers, or in the session's upper layer. Every network setting's
         mount points are checked, so that an upper layer made without a network cannot plant a
         link for a later instance with one."""
         assert spec.rootfs is not None
-        points = {*self._mount_points(spec), "/etc/resolv.conf"}
+        points = set(MOUNT_POINTS)
         # Named by layer id, never by host path: the message reaches the tenant.
         trees = {"the session's own changes": workspace_path / "upper"}
         trees |= {f"layer {Path(layer).name[:12]}": Path(layer) for layer in spec.rootfs.layer_paths}

@@ -233,6 +233,33 @@ def test_the_sdk_builds_from_an_image_in_a_registry_and_a_missing_image_fails_cl
     box.kill()
 
 
+def test_an_image_with_a_link_where_sandboxes_mount_fails_its_build_and_registers_nothing(
+    registry, fresh_server, template_store, monkeypatch, tmp_path
+):
+    # No sandbox could boot from such a tree (bwrap would follow the link out of the sandbox's
+    # root): the build says so when it pulls the image, not the first sandbox at its boot.
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/os-release").write_text("ID=linked\n")
+    os.symlink("/oldroot/var/tmp", tree / "tmp")
+    image = f"{tmp_path}/oci:linked"
+    for argv in (
+        ["umoci", "init", "--layout", f"{tmp_path}/oci"],
+        ["umoci", "new", "--image", image],
+        ["umoci", "insert", "--image", image, str(tree), "/"],
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{image}", f"docker://{registry}/test/linked:1"],
+    ):
+        subprocess.run(argv, check=True, capture_output=True)
+    server = fresh_server(f'[templates]\ndir = "{template_store.root}"\ninsecure_registries = ["{registry}"]\n')
+    monkeypatch.setenv("E2B_API_URL", server.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", server.url)
+    monkeypatch.setenv("E2B_API_KEY", server.new_tenant("linked").headers["X-API-Key"])
+    name = f"linked-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(BuildException, match=r"symbolic link where sandboxes mount.*/tmp -> /oldroot/var/tmp"):
+        Template.build(Template().from_image(f"{registry}/test/linked:1"), name)  # no step: nothing would boot it
+    assert not Template.exists(name)
+
+
 def test_an_oversized_copy_upload_is_a_413_and_registers_nothing(fresh_server, template_store, tmp_path, monkeypatch):
     server = fresh_server(f'[templates]\ndir = "{template_store.root}"\nmax_upload_mb = 1\n')
     tenant = server.new_tenant("big")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,19 @@ def test_image_references_name_their_registry_and_image_config_gives_defaults():
     config = {"Env": ["PATH=/x", "A=1"], "WorkingDir": "/srv", "User": "app:app"}
     assert oci.defaults(config) == {"env": {"A": "1"}, "workdir": "/srv", "user": "app"}
     assert oci.defaults({"User": "1000"})["user"] == "user"
+
+
+@pytest.mark.parametrize("linked", ["run", "usr", "usr/bin/sudo", "etc/resolv.conf", "tmp", "opt"])
+def test_a_layer_with_a_link_at_or_above_a_mount_point_is_refused(tmp_path, linked):
+    from hutch.runtime.rootfs import refuse_linked_mount_points
+
+    tree = tmp_path / "layer"
+    for directory in ("etc", "usr/bin", "opt", "run"):
+        (tree / directory).mkdir(parents=True)
+    refuse_linked_mount_points(tree, "a clean layer")  # directories where sandboxes mount: fine
+    target = tree / linked
+    if target.is_dir():
+        shutil.rmtree(target)
+    os.symlink("/oldroot/var/tmp", target)
+    with pytest.raises(FailedPrecondition, match=f"step 3 left a symbolic link .*/{linked} -> /oldroot/var/tmp"):
+        refuse_linked_mount_points(tree, "step 3")
