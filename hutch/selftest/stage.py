@@ -4,7 +4,8 @@ on every backend, and the host-side things an attack must never reach.
 What it owns:
 - the cast: tenants `attacker` and `victim`, the same functions in both (`sec-bwrap`,
   `sec-gvisor`: no network, small limits; `sec-net`: bwrap with the internet allowed; `sec-root`:
-  bwrap booting a template, whose sessions act as root inside, when the stage is given one), one
+  bwrap booting a template, whose sessions act as root inside, when the stage is given one, and
+  `sec-root-net`, the same with the internet allowed), one
   victim session per function holding a secret file, a marked background process and a user
   server on port 8080, and attacker sessions made on demand;
 - the host's side: a canary file (readable by anyone on the host), a TCP service on the host's
@@ -36,6 +37,7 @@ BACKENDS = ("bwrap", "gvisor")
 # and file call of theirs acting as root inside, as E2B's `user="root"` does. gVisor cannot boot
 # templates yet: its cast stays the host view.
 ROOT = "root"
+ROOT_NET = "root-net"  # the root cast with a network: the networked attacks as root inside
 LIMITS = {"cpu": 1.0, "memoryMB": 256, "pids": 128, "diskMB": 64, "tmpMB": 16}
 SERVER_PORT = 8080
 
@@ -50,12 +52,16 @@ def functions(template: str | None = None) -> list[dict]:
         specs.append(
             {"name": f"sec-{ROOT}", "runtime": "bwrap", "template": template, "resources": LIMITS, "warmPoolSize": 0}
         )
+        specs.append(
+            {"name": f"sec-{ROOT_NET}", "runtime": "bwrap", "template": template, "resources": LIMITS,
+             "warmPoolSize": 0, "network": {"allowInternetAccess": True}}
+        )  # fmt: skip
     return specs
 
 
 def user_of(backend: str) -> str | None:
     """Who a cast's sessions act as inside (None: the sandbox's default user)."""
-    return "root" if backend == ROOT else None
+    return "root" if backend in (ROOT, ROOT_NET) else None
 
 
 def host_addresses() -> list[str]:
@@ -99,7 +105,7 @@ class Listener:
 
 @dataclass
 class Victim:
-    backend: str  # bwrap, gvisor, or "net" (bwrap with a network)
+    backend: str  # bwrap, gvisor, "net" (bwrap with a network), root, root-net
     session: Session
     secret: str
     marker: str  # in the command line of a background process of the session
@@ -140,6 +146,7 @@ class Stage:
             for spec in functions(template):
                 tenant.function(spec)
         casts = (*backends, *(("net",) if network else ()), *((ROOT,) if template is not None else ()))
+        casts += (ROOT_NET,) if network and template is not None else ()
         for backend in casts:
             self.victims[backend] = self._victim(backend)
 
@@ -212,7 +219,7 @@ class Stage:
                 "template_top": listing(layers, ""),
                 "template_root_home": listing(layers, "root"),
             }
-        if backend == "net" and attacker is not None:
+        if backend in ("net", ROOT_NET) and attacker is not None:
             from hutch.runtime.network import layout_for
 
             layout = layout_for(data_dir)

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from hutch.selftest.stage import BACKENDS, ROOT, Stage
+from hutch.selftest.stage import BACKENDS, ROOT, ROOT_NET, Stage
 from hutch.selftest.target import Target
 from tests.conftest import TEST_TEMPLATE
 
@@ -58,8 +58,8 @@ def stage(root_templates):
 def backend(request, stage) -> str:
     """The backend a parametrized test runs on, skipped where it is not installed."""
     name = request.param
-    if name == ROOT:
-        if ROOT not in stage.victims:
+    if name in (ROOT, ROOT_NET):
+        if name not in stage.victims:
             pytest.skip(f"the root cast needs a template: {request.getfixturevalue('root_templates')}")
         return name
     if name != "net" and name not in installed_backends():
