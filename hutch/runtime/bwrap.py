@@ -27,6 +27,7 @@ import json
 import logging
 import marshal
 import os
+import re
 import shutil
 import signal
 import socket
@@ -435,6 +436,15 @@ class BwrapRuntime(LocalRuntime):
         started = time.monotonic()
         result = _run_criu(argv)
         took = time.monotonic() - started
+        for pause in _UNIX_RETRIES:
+            # The agent may not yet have closed its end of a connection hutch just closed (a
+            # frozen one cannot: the caller closes them before it freezes).
+            if result.returncode == 0 or cgroup.frozen() or not _holds_host_socket(images / "dump.log"):
+                break
+            time.sleep(pause)
+            started = time.monotonic()
+            result = _run_criu(argv)
+            took = time.monotonic() - started
         if result.returncode != 0:
             why = _criu_errors(images / "dump.log", result)
             shutil.rmtree(images, ignore_errors=True)
@@ -594,6 +604,18 @@ _CRIU_FLAGS = ("--external", "mnt[]", "--tcp-close", "--manage-cgroups=ignore")
 _CRIU_TIMEOUT = 120.0
 # Run the rest of the command line in the cgroups named before `--` (a restore's place).
 _JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+
+
+_UNIX_RETRIES = (0.02, 0.05, 0.1, 0.2)  # seconds between dumps that met a host connection
+
+
+def _holds_host_socket(log_path: Path) -> bool:
+    """Whether a failed dump met a Unix socket whose other end is outside the sandbox."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return False
+    return re.search(r"Unix socket \d+ not found", text) is not None
 
 
 def _run_criu(argv: list[str]) -> subprocess.CompletedProcess:
