@@ -3,10 +3,11 @@
     sudo .venv/bin/python bench/hibernate.py [--runs 10] [--templates DIR] [--json]
 
 One template instance (the tests' `mini` Debian template: Python, ipykernel) with a live Python
-kernel holding an 80 MB heap, idle. Each run: `Runtime.hibernate` (the dump, from the call to its
-return: processes and cgroups gone), then `Runtime.restore` (to the agent's /health), then the
-first answer of the kernel after it (resume to first answer: restore + one `print(x)`). Medians
-and p90 of `--runs` cycles on the same session; the image size; the session's memory before.
+kernel holding an 80 MB heap, idle. Each run: `Runtime.hibernate` (from the call to its return:
+processes and cgroups gone; and of it the `criu dump` alone), then `Runtime.restore` (to the
+agent's /health), then the first answer of the kernel after it (resume to first answer: restore +
+one `print(x)`). Medians and p90 of `--runs` cycles on the same session; the image size; the
+session's memory before.
 Targets (issue 13): pause <= 200 ms, resume <= 150 ms.
 
 Builds the template in a temporary store (about a minute; `--templates DIR` reuses a store that
@@ -85,12 +86,13 @@ async def bench(templates: TemplateStore, runs: int) -> dict:
         await channel.execute(HEAP)
         memory_mb = (await runtime.stats(instance.instance_id)).memory_bytes / 2**20
         await asyncio.sleep(1)  # idle
-        dumps, restores, first_answers, images = [], [], [], []
+        dumps, criu_dumps, restores, first_answers, images = [], [], [], [], []
         for _ in range(runs):
             await channel.aclose()
             started = time.perf_counter()
             image = await runtime.hibernate(instance.instance_id)
             dumps.append(_ms(started))
+            criu_dumps.append(image.dump_seconds * 1000)
             images.append(image.size_bytes / 2**20)
             started = time.perf_counter()
             await runtime.restore(instance.instance_id)
@@ -103,6 +105,7 @@ async def bench(templates: TemplateStore, runs: int) -> dict:
             "session_memory_mb": round(memory_mb, 1),
             "image_mb": round(sorted(images)[len(images) // 2], 1),
             "hibernate_ms": summary(dumps),
+            "of_which_criu_dump_ms": summary(criu_dumps),
             "restore_ms": summary(restores),
             "resume_to_first_answer_ms": summary(first_answers),
         }

@@ -368,8 +368,12 @@ class BwrapRuntime(LocalRuntime):
             raise IsolationError(f"instance {instance.instance_id}: {instance.socket_path} is not the agent's socket")
 
     def _images_dir(self, instance_id: InstanceId) -> Path:
-        # In the instance's directory, so it goes with it; root's and 0700: it holds the memory.
-        return self.instances_dir / instance_id / "hibernation"
+        """`<instance dir>/hibernation/image/`: it goes with the instance's directory. The images
+        hold the session's memory: `hibernation/` is root's and 0700, so no host user but root
+        reaches them. Inside, the restore's tasks read them before their user namespace maps
+        any uid (through the directory's fd CRIU opened as root): the image directory is the
+        namespace owner's and 0711, its files 0644."""
+        return self.instances_dir / instance_id / "hibernation" / "image"
 
     def _hibernation_criu(self, instance_id: InstanceId) -> Criu:
         instance = self.get(instance_id)
@@ -411,12 +415,11 @@ class BwrapRuntime(LocalRuntime):
 
     def _dump(self, criu: Criu, instance: Instance) -> HibernationImage:
         images = self._images_dir(instance.instance_id)
-        shutil.rmtree(images, ignore_errors=True)
-        images.mkdir(mode=0o700)
-        # CRIU writes the images as the namespace's owner, and the restored tasks read them as
-        # root inside: the owner's, 0700 in a directory no sandbox can reach.
+        shutil.rmtree(images.parent, ignore_errors=True)
+        images.parent.mkdir(mode=0o700)
+        images.mkdir(mode=0o711)
         base_uid = self.uid_slots.base(instance.detail["slot"])
-        os.chown(images, base_uid, base_uid)
+        os.chown(images, base_uid, base_uid)  # CRIU's dump writes as the namespace's owner
         cgroup = Cgroup.from_dict(instance.detail["cgroup"])
         freezer = cgroup.dirs.get("freezer") or cgroup.dirs.get("unified")
         argv = [
@@ -447,15 +450,15 @@ class BwrapRuntime(LocalRuntime):
             took = time.monotonic() - started
         if result.returncode != 0:
             why = _criu_errors(images / "dump.log", result)
-            shutil.rmtree(images, ignore_errors=True)
+            shutil.rmtree(images.parent, ignore_errors=True)
             raise IsolationError(f"hibernation of instance {instance.instance_id} failed (it runs on): {why}")
+        # Not fsync'ed: that doubled the time of a hibernation (and slowed the next restore)
+        # for what only a crash of the host would need, which ends every session's memory anyway.
         size = 0
         for entry in images.iterdir():
-            os.chown(entry, base_uid, base_uid)
-            os.chmod(entry, 0o600)  # CRIU writes them 0644
+            os.chown(entry, base_uid, base_uid)  # a restored namespace is root's: so is its dump
+            os.chmod(entry, 0o644)
             size += entry.stat().st_size
-            with open(entry, "rb") as f:
-                os.fsync(f.fileno())  # a hibernated session survives a host crash
         return HibernationImage(images, size, took)
 
     async def restore(self, instance_id: InstanceId) -> Instance:
@@ -488,7 +491,7 @@ class BwrapRuntime(LocalRuntime):
         instance.state = InstanceState.RUNNING
         self._save(instance)
         # The image is stale now that the instance runs on: never to be restored again.
-        await asyncio.to_thread(shutil.rmtree, self._images_dir(instance_id), True)
+        await asyncio.to_thread(shutil.rmtree, self._images_dir(instance_id).parent, True)
         return instance
 
     async def _wait_restored(self, instance: Instance) -> None:
