@@ -422,7 +422,7 @@ class BwrapRuntime(LocalRuntime):
         os.chown(images, base_uid, base_uid)  # CRIU's dump writes as the namespace's owner
         cgroup = Cgroup.from_dict(instance.detail["cgroup"])
         freezer = cgroup.dirs.get("freezer") or cgroup.dirs.get("unified")
-        argv = [
+        command = [
             # As the owner of the instance's user namespace, who holds every capability in it
             # (see `hutch.runtime.criu`): hutch's own namespace is the slot's base uid's, a
             # restored one root's.
@@ -430,24 +430,39 @@ class BwrapRuntime(LocalRuntime):
             "-t", str(instance.pid), "-D", str(images), "-o", "dump.log",
             *_CRIU_FLAGS,
             *[f"--external=mnt[{inside}]:{key}" for key, (inside, _) in self._host_binds(instance).items()],
-            # A frozen tree cannot be seized but through its freezer (CRIU then leaves it frozen
-            # if the dump fails).
-            *(["--freeze-cgroup", str(freezer)] if freezer is not None and cgroup.frozen() else []),
         ]  # fmt: skip
         if "root_overlay" not in instance.detail:
             instance.detail["root_overlay"] = _root_overlay(instance.pid)
-        started = time.monotonic()
-        result = _run_criu(argv)
-        took = time.monotonic() - started
+
+        def dump() -> tuple[subprocess.CompletedProcess, float]:
+            # A frozen tree cannot be seized but through its freezer (CRIU then leaves it
+            # frozen if the dump fails).
+            frozen = freezer is not None and cgroup.frozen()
+            started = time.monotonic()
+            result = _run_criu([*command, *(["--freeze-cgroup", str(freezer)] if frozen else [])])
+            return result, time.monotonic() - started
+
+        result, took = dump()
+        if result.returncode != 0 and cgroup.frozen() and _holds_host_socket(images / "dump.log"):
+            # Connections closed by hutch after the freeze: the agent can close its ends only
+            # while it runs. Thawed a moment for that; frozen again if the dump still fails.
+            cgroup.thaw()
+            try:
+                result, took = dump()
+                for pause in _UNIX_RETRIES:
+                    if result.returncode == 0 or not _holds_host_socket(images / "dump.log"):
+                        break
+                    time.sleep(pause)
+                    result, took = dump()
+            finally:
+                if result.returncode != 0:
+                    cgroup.freeze()
         for pause in _UNIX_RETRIES:
-            # The agent may not yet have closed its end of a connection hutch just closed (a
-            # frozen one cannot: the caller closes them before it freezes).
+            # The agent may not yet have closed its end of a connection hutch just closed.
             if result.returncode == 0 or cgroup.frozen() or not _holds_host_socket(images / "dump.log"):
                 break
             time.sleep(pause)
-            started = time.monotonic()
-            result = _run_criu(argv)
-            took = time.monotonic() - started
+            result, took = dump()
         if result.returncode != 0:
             why = _criu_errors(images / "dump.log", result)
             shutil.rmtree(images.parent, ignore_errors=True)

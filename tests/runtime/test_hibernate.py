@@ -11,7 +11,6 @@ import shutil
 import socket
 import stat
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -171,15 +170,26 @@ def test_a_failed_dump_leaves_the_instance_running_frozen_or_not(boot, runtime, 
         assert _python(sandbox, "print(y)") == "7"
     finally:
         held.close()
-    # Frozen and idle: it hibernates, and comes back running. (Frozen, the agent cannot close
-    # its end of the connection: hutch closes its own before it freezes, and so does this.)
-    sandbox.loop.run(sandbox.channel.aclose())
-    time.sleep(0.5)
+    # Frozen and idle, hutch's connections closed after the freeze (the agent could not close
+    # its ends): it hibernates all the same, and comes back running.
     loop.run(runtime.freeze(sandbox.id))
     _hibernate(sandbox)
     _restore(sandbox)
     assert not runtime.frozen(sandbox.id)
     assert _python(sandbox, "print(y)") == "7"
+
+
+def test_a_hibernated_instance_stops_and_leaves_nothing(boot, runtime):
+    sandbox = boot()
+    _python(sandbox, SETUP)
+    instance_dir = runtime.instances_dir / sandbox.id
+    image = _hibernate(sandbox)
+    assert image.path.is_dir()
+    sandbox.stop()
+    assert not runtime.has(sandbox.id)
+    assert _host_pids(runtime, sandbox) == []
+    assert not instance_dir.exists()  # the image with it
+    assert _mounts_under(instance_dir) == []
 
 
 def test_a_failed_restore_keeps_the_image_and_a_later_one_works(boot, runtime, loop):
