@@ -1,0 +1,152 @@
+"""Sessions that hibernate to disk (CRIU), through the session manager and the scheduler with a
+real bwrap runtime and a template function: the idle tiers (freeze, then hibernate), a pause with
+memory, and the wake that restores the session with its memory (same instance, same epoch).
+Skipped where no usable CRIU is installed (scripts/install-criu.sh)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from hutch.functions import AffinityConfig, FunctionSpec, ResourceSpec
+from hutch.metadb.records import FunctionRecord, Tenant
+from hutch.metadb.sqlite import SQLiteMetaDB
+from hutch.runtime.bwrap import BwrapRuntime
+from hutch.runtime.channel import AgentChannel
+from hutch.scheduler.scheduler import Scheduler
+from hutch.scheduler.sessions import SessionManager
+from hutch.storage.local import DirectoryStore
+from tests.conftest import TEST_TEMPLATE, throwaway_data_dir
+from tests.loop_thread import LoopThread
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts sandboxes: root only")
+
+SPEC = FunctionSpec(
+    name="napper",
+    template=TEST_TEMPLATE,
+    resources=ResourceSpec(memoryMB=512, diskMB=256),
+    sessionAffinityConfig=AffinityConfig(sessionFreezeAfterIdleInSeconds=10, sessionHibernateAfterIdleInSeconds=20),
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Templates:
+    """The part of `TemplateService` the scheduler uses, over the tests' template store."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def rootfs(self, name: str):
+        return self.store.rootfs(name)
+
+    def env(self, name: str) -> dict[str, str]:
+        return {}
+
+
+@pytest.fixture(scope="module")
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture
+def stack(loop, template_store):
+    clock = Clock()
+    with throwaway_data_dir("hutch-hib-") as data_dir:
+        metadb = SQLiteMetaDB(data_dir / "meta.sqlite3")
+        tenant = Tenant("t1", "one", clock.now, max_sessions=4)
+
+        async def build():
+            await metadb.open()
+            await metadb.create_tenant(tenant)
+            await metadb.put_function(FunctionRecord("t1", SPEC.name, SPEC.wire(), 0.0, 0.0))
+            runtime = BwrapRuntime(data_dir, DirectoryStore(data_dir / "workspaces"))
+            scheduler = Scheduler("s1", runtime, metadb, fill_interval=0.05, templates=Templates(template_store))
+            sessions = SessionManager(metadb, scheduler, b"k" * 32, clock=clock, reap_interval=3600)
+            await sessions.start()
+            return runtime, scheduler, sessions
+
+        runtime, scheduler, sessions = loop.run(build())
+        quiesced: list[str | None] = []
+        sessions.on_quiesce.append(quiesced.append)
+        try:
+            if not runtime.can_hibernate():
+                pytest.skip(f"no usable CRIU: {runtime.hibernation_off_reason}")
+            yield clock, tenant, scheduler, sessions, quiesced
+        finally:
+
+            async def close():
+                await sessions.close()
+                await scheduler.close(stop_instances=True)
+                await metadb.close()
+                await runtime.close(unstage=True)
+
+            loop.run(close())
+
+
+def _python(loop, sessions, session, code: str) -> str:
+    async def go():
+        route = await sessions.route(session)
+        async with AgentChannel(route.socket_path) as channel:
+            lines = await channel.execute(code)
+        return "".join(line.get("text", "") for line in lines if line.get("type") == "stdout").strip()
+
+    return loop.run(go())
+
+
+def _shell(loop, sessions, session, cmd: str) -> str:
+    async def go():
+        route = await sessions.route(session)
+        async with AgentChannel(route.socket_path) as channel:
+            return (await channel.run(cmd)).text.strip()
+
+    return loop.run(go())
+
+
+def test_an_idle_session_freezes_then_hibernates_and_a_request_restores_its_memory(loop, stack):
+    clock, tenant, scheduler, sessions, quiesced = stack
+    session, _ = loop.run(sessions.create(tenant, SPEC.name, ttl_s=3600, idle_timeout_s=0))
+    instance_id = session.instance_id
+    _python(loop, sessions, session, "x = 42\nheap = bytearray(b'\\x07') * (80 << 20)")
+    background = _shell(loop, sessions, session, "sleep 100000 >/dev/null 2>&1 & echo $!")
+    clock.now += 11
+    assert loop.run(sessions.reap_once()) == []
+    frozen = sessions.active(session.internal_id)
+    assert frozen.sleep["state"] == "frozen" and scheduler.frozen(instance_id)
+    clock.now += 10
+    assert loop.run(sessions.reap_once()) == []
+    asleep = sessions.active(session.internal_id)
+    assert asleep.sleep["state"] == "hibernated" and not asleep.paused
+    assert scheduler.hibernated(instance_id) and not scheduler.is_live(instance_id)
+    assert quiesced == [instance_id]  # hutch's connections to it were closed first
+    # Any request wakes it: the same instance with its memory, processes and files.
+    assert _python(loop, sessions, asleep, "print(x, len(heap) >> 20)") == "42 80"
+    woken = sessions.active(session.internal_id)
+    assert woken.sleep is None and woken.instance_id == instance_id and woken.epoch == 0
+    assert _shell(loop, sessions, woken, f"tr '\\0' ' ' < /proc/{background}/cmdline") == "sleep 100000"
+
+
+def test_a_pause_with_memory_hibernates_and_a_wake_restores(loop, stack):
+    _, tenant, scheduler, sessions, _ = stack
+    session, _ = loop.run(sessions.create(tenant, SPEC.name, ttl_s=3600, idle_timeout_s=0))
+    _python(loop, sessions, session, "y = 'kept'")
+    paused, slept = loop.run(sessions.sleep(session, paused=True))
+    assert slept and paused.sleep["state"] == "hibernated" and scheduler.hibernated(session.instance_id)
+    woken, was_asleep = loop.run(sessions.wake(paused, ttl_s=60))
+    assert was_asleep and woken.sleep is None and woken.epoch == 0
+    assert _python(loop, sessions, woken, "print(y)") == "kept"
+    # Ended while hibernated: its instance (image and all) goes.
+    again, _ = loop.run(sessions.sleep(woken, paused=True))
+    assert again.sleep["state"] == "hibernated"
+    loop.run(sessions.end(again, "deleted"))
+    assert not scheduler.runtime.has(session.instance_id)
