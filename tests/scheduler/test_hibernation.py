@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from hutch.errors import AlreadyExists
 from hutch.functions import AffinityConfig, FunctionSpec, ResourceSpec
 from hutch.metadb.records import FunctionRecord, Tenant
 from hutch.metadb.sqlite import SQLiteMetaDB
@@ -59,39 +60,58 @@ def loop():
     thread.close()
 
 
-@pytest.fixture
-def stack(loop, template_store):
-    clock = Clock()
-    with throwaway_data_dir("hutch-hib-") as data_dir:
-        metadb = SQLiteMetaDB(data_dir / "meta.sqlite3")
-        tenant = Tenant("t1", "one", clock.now, max_sessions=4)
+class Stack:
+    """MetaDB + runtime + scheduler + session manager on one data directory."""
+
+    def __init__(self, loop: LoopThread, data_dir, clock: Clock, template_store) -> None:
+        self.loop = loop
+        self.clock = clock
+        self.metadb = SQLiteMetaDB(data_dir / "meta.sqlite3")
+        self.tenant = Tenant("t1", "one", clock.now, max_sessions=4)
 
         async def build():
-            await metadb.open()
-            await metadb.create_tenant(tenant)
-            await metadb.put_function(FunctionRecord("t1", SPEC.name, SPEC.wire(), 0.0, 0.0))
-            runtime = BwrapRuntime(data_dir, DirectoryStore(data_dir / "workspaces"))
-            scheduler = Scheduler("s1", runtime, metadb, fill_interval=0.05, templates=Templates(template_store))
-            sessions = SessionManager(metadb, scheduler, b"k" * 32, clock=clock, reap_interval=3600)
-            await sessions.start()
-            return runtime, scheduler, sessions
+            await self.metadb.open()
+            try:
+                await self.metadb.create_tenant(self.tenant)
+                await self.metadb.put_function(FunctionRecord("t1", SPEC.name, SPEC.wire(), 0.0, 0.0))
+            except AlreadyExists:
+                pass  # a restart on the same data directory
+            self.runtime = BwrapRuntime(data_dir, DirectoryStore(data_dir / "workspaces"))
+            self.scheduler = Scheduler(
+                "s1", self.runtime, self.metadb, fill_interval=0.05, templates=Templates(template_store)
+            )
+            self.sessions = SessionManager(self.metadb, self.scheduler, b"k" * 32, clock=clock, reap_interval=3600)
+            await self.sessions.start()
 
-        runtime, scheduler, sessions = loop.run(build())
-        quiesced: list[str | None] = []
-        sessions.on_quiesce.append(quiesced.append)
-        try:
-            if not runtime.can_hibernate():
-                pytest.skip(f"no usable CRIU: {runtime.hibernation_off_reason}")
-            yield clock, tenant, scheduler, sessions, quiesced
-        finally:
+        loop.run(build())
+        self.quiesced: list[str | None] = []
+        self.sessions.on_quiesce.append(self.quiesced.append)
 
-            async def close():
-                await sessions.close()
-                await scheduler.close(stop_instances=True)
-                await metadb.close()
-                await runtime.close(unstage=True)
+    def close(self, stop_instances: bool = True) -> None:
+        async def go():
+            await self.sessions.close()
+            await self.scheduler.close(stop_instances=stop_instances)
+            await self.metadb.close()
+            await self.runtime.close(unstage=stop_instances)
 
-            loop.run(close())
+        self.loop.run(go())
+
+
+@pytest.fixture
+def data_dir():
+    with throwaway_data_dir("hutch-hib-") as path:
+        yield path
+
+
+@pytest.fixture
+def stack(loop, data_dir, template_store):
+    made = Stack(loop, data_dir, Clock(), template_store)
+    try:
+        if not made.runtime.can_hibernate():
+            pytest.skip(f"no usable CRIU: {made.runtime.hibernation_off_reason}")
+        yield made.clock, made.tenant, made.scheduler, made.sessions, made.quiesced
+    finally:
+        made.close()
 
 
 def _python(loop, sessions, session, code: str) -> str:
@@ -150,3 +170,25 @@ def test_a_pause_with_memory_hibernates_and_a_wake_restores(loop, stack):
     assert again.sleep["state"] == "hibernated"
     loop.run(sessions.end(again, "deleted"))
     assert not scheduler.runtime.has(session.instance_id)
+
+
+def test_a_hibernated_session_survives_a_restart_and_wakes_with_its_memory(loop, data_dir, template_store):
+    clock = Clock()
+    first = Stack(loop, data_dir, clock, template_store)
+    if not first.runtime.can_hibernate():
+        first.close()
+        pytest.skip(f"no usable CRIU: {first.runtime.hibernation_off_reason}")
+    session, _ = loop.run(first.sessions.create(first.tenant, SPEC.name, ttl_s=3600, idle_timeout_s=0))
+    _python(loop, first.sessions, session, "z = 'across restarts'")
+    paused, _ = loop.run(first.sessions.sleep(session, paused=True))
+    assert paused.sleep["state"] == "hibernated"
+    first.close(stop_instances=False)  # a restart with live_restore: instances are left as they are
+    second = Stack(loop, data_dir, clock, template_store)
+    try:
+        again = second.sessions.active(session.internal_id)
+        assert again.sleep["state"] == "hibernated" and second.scheduler.hibernated(session.instance_id)
+        woken, _ = loop.run(second.sessions.wake(again, ttl_s=60))
+        assert woken.instance_id == session.instance_id and woken.epoch == 0
+        assert _python(loop, second.sessions, woken, "print(z)") == "across restarts"
+    finally:
+        second.close()
