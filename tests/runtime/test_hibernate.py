@@ -210,3 +210,18 @@ def test_a_failed_restore_keeps_the_image_and_a_later_one_works(boot, runtime, l
     moved.rename(held)
     _restore(sandbox)
     assert _python(sandbox, "print(z)") == "still here"
+
+
+def test_the_keepers_cleanup_keeps_a_hibernated_instance_for_the_next_hutch(boot, runtime):
+    """With no hutch serving (live restore), the keeper removes dead instances but keeps the
+    live ones: a hibernated one counts as live, image and all."""
+    from hutch.runtime.cleanup import clean_host
+
+    sandbox = boot()
+    _python(sandbox, "w = 'kept while hutch is away'")
+    image = _hibernate(sandbox)
+    removed = clean_host(runtime.data_dir, keep_live=True)
+    assert not any(sandbox.id in phrase for phrase in removed)
+    assert (image.path / "inventory.img").exists()
+    _restore(sandbox)
+    assert _python(sandbox, "print(w)") == "kept while hutch is away"
