@@ -192,3 +192,21 @@ def test_a_hibernated_session_survives_a_restart_and_wakes_with_its_memory(loop,
         assert _python(loop, second.sessions, woken, "print(z)") == "across restarts"
     finally:
         second.close()
+
+
+def test_a_session_whose_restore_fails_gets_a_new_instance_on_its_files(loop, stack):
+    _, tenant, scheduler, sessions, _ = stack
+    session, _ = loop.run(sessions.create(tenant, SPEC.name, ttl_s=3600, idle_timeout_s=0))
+    # A process holding a file open that is gone when the restore comes: CRIU cannot restore it.
+    _shell(
+        loop, sessions, session, "echo held > /home/user/held.txt; sleep 100000 < /home/user/held.txt >/dev/null 2>&1 &"
+    )
+    _shell(loop, sessions, session, "echo kept > /home/user/kept.txt")
+    paused, _ = loop.run(sessions.sleep(session, paused=True))
+    assert paused.sleep["state"] == "hibernated"
+    instance = scheduler.runtime.get(session.instance_id)
+    (instance.workspace_path / "upper" / "home" / "user" / "held.txt").unlink()
+    woken, _ = loop.run(sessions.wake(paused, ttl_s=60))  # no error: a new instance, files kept
+    assert woken.sleep is None and woken.epoch == 1 and woken.instance_id != session.instance_id
+    assert not scheduler.runtime.has(session.instance_id)  # the old one (image and all) is gone
+    assert _shell(loop, sessions, woken, "cat /home/user/kept.txt") == "kept"
