@@ -260,6 +260,8 @@ def test_a_paused_template_sandbox_hibernates_and_resumes_with_its_memory(e2b_te
         assert box.pause() is True
         assert box.get_info().state == SandboxState.PAUSED
         assert json.loads(record.read_text())["state"] == "hibernated"  # on disk, not frozen
+        metrics = template_server.admin.get("/metrics").text
+        assert 'hutch_sessions_asleep{how="hibernated",why="paused"} 1.0' in metrics
         assert Sandbox.connect(box.sandbox_id, timeout=120).get_info().state == SandboxState.RUNNING
         assert box.run_code("x").text == "42"
         assert box.run_code("len(heap) >> 20, heap[-1]").text == "(80, 7)"
