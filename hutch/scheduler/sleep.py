@@ -33,6 +33,7 @@ rate; a hibernated or stopped one is down (disk only).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -129,6 +130,12 @@ class SessionSleep(SessionLifecycle):
         assert instance_id is not None
         for callback in self.on_quiesce:
             callback(instance_id)
+        # The log of its user server follows the agent over a connection of its own: it ends
+        # here and follows again once the instance runs.
+        follower = self._followers.pop(session.row_id, None)
+        if follower is not None:
+            follower.cancel()
+            await asyncio.wait({follower}, timeout=1)
         # Accounted up to now while its cgroups still exist; down (disk only) from here.
         await self.meter.instance_down(session.row_id, instance_id)
         try:
@@ -137,6 +144,7 @@ class SessionSleep(SessionLifecycle):
             log.warning("session %s could not hibernate (it stays as it was): %s", session.session_id, exc.message)
             self.log.add(session, "warn", f"hibernation failed: {exc.message}")
             await self.meter.instance_up(session)
+            self._follow_user_server(session, self._spec_of(session))
             return None
         try:
             return await self._record_sleep(session, paused, HIBERNATED)
@@ -218,6 +226,7 @@ class SessionSleep(SessionLifecycle):
             raise
         self._remember(updated)
         await self.meter.instance_up(updated)
+        self._follow_user_server(updated, self._spec_of(updated))
         return updated
 
     def _forget(self, session: SessionRecord) -> None:

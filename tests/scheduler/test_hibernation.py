@@ -31,6 +31,15 @@ SPEC = FunctionSpec(
     sessionAffinityConfig=AffinityConfig(sessionFreezeAfterIdleInSeconds=10, sessionHibernateAfterIdleInSeconds=20),
 )
 
+# A user server (startCommand): hutch follows its output over a connection of its own.
+WEB = FunctionSpec(
+    name="webby",
+    template=TEST_TEMPLATE,
+    resources=ResourceSpec(memoryMB=512, diskMB=256),
+    startCommand=["python3", "-m", "http.server", "8080"],
+    port=8080,
+)
+
 
 class Clock:
     def __init__(self) -> None:
@@ -73,7 +82,8 @@ class Stack:
             await self.metadb.open()
             try:
                 await self.metadb.create_tenant(self.tenant)
-                await self.metadb.put_function(FunctionRecord("t1", SPEC.name, SPEC.wire(), 0.0, 0.0))
+                for spec in (SPEC, WEB):
+                    await self.metadb.put_function(FunctionRecord("t1", spec.name, spec.wire(), 0.0, 0.0))
             except AlreadyExists:
                 pass  # a restart on the same data directory
             self.runtime = BwrapRuntime(data_dir, DirectoryStore(data_dir / "workspaces"))
@@ -210,3 +220,20 @@ def test_a_session_whose_restore_fails_gets_a_new_instance_on_its_files(loop, st
     assert woken.sleep is None and woken.epoch == 1 and woken.instance_id != session.instance_id
     assert not scheduler.runtime.has(session.instance_id)  # the old one (image and all) is gone
     assert _shell(loop, sessions, woken, "cat /home/user/kept.txt") == "kept"
+
+
+def test_a_session_with_a_user_server_hibernates_and_its_log_follows_again(loop, stack):
+    _, tenant, _scheduler, sessions, _ = stack
+    session, _ = loop.run(sessions.create(tenant, WEB.name, ttl_s=3600, idle_timeout_s=0))
+    probe = "python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/').status)\""
+    deadline = time.monotonic() + 20
+    while _shell(loop, sessions, session, probe + " 2>/dev/null") != "200":
+        assert time.monotonic() < deadline, "the user server did not answer"
+        time.sleep(0.2)
+    assert session.row_id in sessions._followers
+    paused, _ = loop.run(sessions.sleep(session, paused=True))
+    assert paused.sleep["state"] == "hibernated"  # the follower's connection did not stop the dump
+    assert session.row_id not in sessions._followers
+    woken, _ = loop.run(sessions.wake(paused, ttl_s=60))
+    assert woken.epoch == 0 and session.row_id in sessions._followers
+    assert _shell(loop, sessions, woken, probe) == "200"
