@@ -99,9 +99,7 @@ def traversal_as_root(stage: Stage, backend: str = ROOT) -> Outcome:
         digests(Path("/")).get("/etc/shadow"),
         template_digests(record["spec"]["rootfs"]["layer_paths"]).get("/etc/shadow"),
     )
-    layer_before = {
-        str(p): _digest_of(p) for layer in layers for p in (layer / "etc/issue", layer / "usr/bin/python3")
-    }
+    layer_before = {str(p): _digest_of(p) for layer in layers for p in (layer / "etc/issue", layer / "usr/bin/python3")}
     canary = str(stage.canary_path)
     victim_file = stage.victims[backend].record["workspace_path"] + "/victim-secret.txt"
     made = session.sh(f"ln -sfn {canary} ~/out-file; ln -sfn / ~/out-root; ln -sfn {victim_file} ~/out-victim; echo ok")
