@@ -52,7 +52,7 @@ from hutch.runtime.local import (
     read_error,
     undo_all,
 )
-from hutch.runtime.network import Networking
+from hutch.runtime.network import NETNS_DIR, Networking
 from hutch.runtime.rootfs import (
     CA_ENV,
     CAPABILITIES,
@@ -334,9 +334,11 @@ class BwrapRuntime(LocalRuntime):
 
     def can_hibernate_spec(self, spec: InstanceSpec) -> bool:
         """Whether an instance of `spec` gets the layout CRIU can dump: a template's root file
-        system (its user namespace maps root, so CRIU can run as its owner) and loopback only
-        (a network namespace hutch made outside the sandbox cannot be joined from inside)."""
-        return self.criu is not None and spec.rootfs is not None and spec.network is None
+        system (its user namespace maps root, so CRIU can run as its owner). A network
+        namespace hutch made for it stays on the host while it hibernates, and CRIU runs in it
+        (`_in_netns`): to CRIU it is then no namespace of the tree's, dumped or made again, and
+        the restored tree is back in it."""
+        return self.criu is not None and spec.rootfs is not None
 
     def can_hibernate(self, instance_id: InstanceId | None = None) -> bool:
         if instance_id is None:
@@ -371,7 +373,7 @@ class BwrapRuntime(LocalRuntime):
             raise Unimplemented(f"this host cannot hibernate sandboxes: {self.hibernation_off_reason}")
         if not instance.detail.get("hibernatable"):
             raise Unimplemented(
-                f"instance {instance_id} cannot hibernate (only instances of a template, without a network, can)"
+                f"instance {instance_id} cannot hibernate (only instances of a template can)"
             )
         return self.criu
 
@@ -413,6 +415,7 @@ class BwrapRuntime(LocalRuntime):
         cgroup = Cgroup.from_dict(instance.detail["cgroup"])
         freezer = cgroup.dirs.get("freezer") or cgroup.dirs.get("unified")
         command = [
+            *self._in_netns(instance),
             # As the owner of the instance's user namespace, who holds every capability in it
             # (see `hutch.runtime.criu`): hutch's own namespace is the slot's base uid's, a
             # restored one root's.
@@ -532,6 +535,7 @@ class BwrapRuntime(LocalRuntime):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(pidfile)
             argv = [
+                *self._in_netns(instance),
                 "/bin/sh", "-c", _JOIN_CGROUPS, "hutch-join", *map(str, cgroup.proc_files()), "--",
                 # As host root: a restore writes the new UTS namespace's sysctls, which only
                 # host root may (the restored user namespace is then root's: `userns_owner`).
@@ -563,7 +567,22 @@ class BwrapRuntime(LocalRuntime):
         if template_has(instance.spec.rootfs.layer_paths, "/usr/bin/sudo"):
             binds.append(("/usr/bin/sudo", str(self.sudo_shim)))
         binds.append((RUN_DIR, str(self.instances_dir / instance.instance_id / "run")))
+        if instance.spec.network:
+            binds.append(("/etc/resolv.conf", str(self.instances_dir / instance.instance_id / "resolv.conf")))
         return {f"hutch-{index}": bind for index, bind in enumerate(binds)}
+
+    def _in_netns(self, instance: Instance) -> list[str]:
+        """The prefix that runs CRIU in the network namespace hutch made for an instance with a
+        network (kept, with its veth and rules, while the instance hibernates). That namespace
+        belongs to the host's user namespace, not the sandbox's, which CRIU refuses to dump
+        with the tree ("One or more namespaces doesn't belong to the target user namespace");
+        run in it, CRIU sees the tree's network as its own and leaves it alone."""
+        if not instance.spec.network:
+            return []
+        if self.networking is None:
+            raise IsolationError(f"instance {instance.instance_id} has a network, but this runtime has no networking")
+        netns = NETNS_DIR / self.networking.layout.addresses(instance.detail["slot"]).netns
+        return ["nsenter", f"--net={netns}", "--"]
 
     def _mount_root(self, instance: Instance, root: Path) -> None:
         """The instance's overlay again, at `root` on the host, with the options bwrap gave it

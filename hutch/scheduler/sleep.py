@@ -14,7 +14,7 @@ Two kinds of sleep:
 Three ways to sleep: **frozen** (`Runtime.freeze`: RAM held, no CPU, the wake takes
 milliseconds), **hibernated** (`Runtime.hibernate`: memory and processes written to disk, no RAM
 and no process; the wake restores them, same `epoch`, in a few hundred milliseconds; where the
-runtime can: CRIU, a bwrap template instance without a network; else such a sleep freezes), or
+runtime can: CRIU, a bwrap template instance; else such a sleep freezes), or
 **stopped** (E2B's filesystem-only pause: the instance ends and its files stay; the wake boots a
 new instance on them, `epoch` + 1, as after a crash).
 

@@ -303,18 +303,16 @@ def test_a_filesystem_snapshot_boots_new_sandboxes_with_the_files_and_memory_one
 
 
 def test_a_paused_template_sandbox_hibernates_and_resumes_with_its_memory(e2b_tenant, template_server):
-    """Where CRIU is installed, E2B's pause of a sandbox of a template function without a network
-    goes to disk (no process, no RAM) and `connect` restores it with its kernel's memory, files
-    and processes."""
+    """Where CRIU is installed, E2B's pause of a template sandbox (with its network, as E2B's
+    sandboxes have) goes to disk (no process, no RAM) and `connect` restores it with its
+    kernel's memory, files and processes."""
     from e2b_code_interpreter import Sandbox as CodeSandbox
 
-    name = f"hib-{uuid.uuid4().hex[:6]}"  # a function: E2B's templates get a network, which CRIU cannot take
-    made = e2b_tenant.post("/v1/functions", json={"name": name, "template": TEST_TEMPLATE})
-    assert made.status_code == 201, made.text
-    box = CodeSandbox.create(name, timeout=120, allow_internet_access=False)
+    box = CodeSandbox.create(TEST_TEMPLATE, timeout=120)  # E2B's default: internet access, a network
     sessions = e2b_tenant.get("/v1/sessions", params={"limit": 1000}).json()["sessions"]
     instance_id = next(s["containerId"] for s in sessions if s["sessionId"] == box.sandbox_id)
     record = template_server.data_dir / "instances" / instance_id / "instance.json"
+    assert json.loads(record.read_text())["spec"]["network"], "an E2B sandbox has a network"
     if not json.loads(record.read_text())["detail"].get("hibernatable"):
         box.kill()
         pytest.skip("this host cannot hibernate sandboxes (no usable CRIU: scripts/install-criu.sh)")

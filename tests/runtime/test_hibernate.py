@@ -21,6 +21,7 @@ from hutch.runtime import make_runtime
 from hutch.runtime.base import InstanceSpec, InstanceState
 from hutch.runtime.cgroups import Cgroup
 from hutch.runtime.channel import AgentChannel
+from hutch.runtime.network import NETNS_DIR, Networking
 from hutch.runtime.userns import RANGE, UidSlots
 from hutch.storage.local import DirectoryStore, ImageStore
 from tests.conftest import TEST_TEMPLATE
@@ -60,11 +61,12 @@ def runtime(loop):
 def boot(loop, runtime, template_store):
     started: list[Sandbox] = []
 
-    def make() -> Sandbox:
+    def make(network: dict | None = None) -> Sandbox:
         spec = InstanceSpec(
             instance_id=f"t-{uuid.uuid4().hex[:10]}",
             backend="bwrap",
             rootfs=template_store.rootfs(TEST_TEMPLATE),
+            network=network,
         )
         sandbox = Sandbox(loop, runtime, loop.run(runtime.start(spec)))
         started.append(sandbox)
@@ -148,6 +150,37 @@ def test_memory_files_and_processes_survive_three_hibernations(boot, runtime):
     assert not any(d.exists() for d in cgroup.dirs.values())
     assert not instance_dir.exists()
     assert _mounts_under(instance_dir) == []
+
+
+FETCH = """
+import socket
+def fetch(port):
+    with socket.create_connection(({internet!r}, port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        return s.recv(12).decode()
+"""
+
+
+def test_an_instance_with_a_network_hibernates_and_comes_back_in_its_namespace(boot, runtime, internet):
+    if runtime.networking is None:
+        runtime.networking = Networking(runtime.default_layout())
+    sandbox = boot(network={"internet": True})
+    netns = NETNS_DIR / runtime.networking.layout.addresses(sandbox.instance.detail["slot"]).netns
+    _python(sandbox, FETCH.format(internet=internet) + "w = 'kept'; print(fetch(8080))")
+    address = sandbox.run("hostname -I").text.strip()
+    # A connection open to the outside while it hibernates is closed on the way (its peer sees
+    # it end; ZMQ-like clients reconnect).
+    _python(sandbox, f"held = socket.create_connection(({internet!r}, 8081))")
+    for _ in range(2):
+        _hibernate(sandbox)
+        assert _host_pids(runtime, sandbox) == []
+        assert netns.exists()  # its namespace, veth and rules wait for it
+        _restore(sandbox)
+        assert _python(sandbox, "print(w, fetch(8080), fetch(8081))") == "kept HTTP/1.0 200 HTTP/1.0 200"
+        assert sandbox.run("hostname -I").text.strip() == address
+        assert sandbox.run("cat /etc/resolv.conf").text.startswith("nameserver ")
+    sandbox.stop()
+    assert not netns.exists()
 
 
 def test_a_failed_dump_leaves_the_instance_running_frozen_or_not(boot, runtime, loop):
