@@ -372,9 +372,7 @@ class BwrapRuntime(LocalRuntime):
         if self.criu is None:
             raise Unimplemented(f"this host cannot hibernate sandboxes: {self.hibernation_off_reason}")
         if not instance.detail.get("hibernatable"):
-            raise Unimplemented(
-                f"instance {instance_id} cannot hibernate (only instances of a template can)"
-            )
+            raise Unimplemented(f"instance {instance_id} cannot hibernate (only instances of a template can)")
         return self.criu
 
     async def hibernate(self, instance_id: InstanceId) -> HibernationImage:
