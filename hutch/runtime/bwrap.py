@@ -556,6 +556,26 @@ class BwrapRuntime(LocalRuntime):
             undo_all(undo)
             raise
 
+    def _adopt_hibernated(self, instance: Instance) -> None:
+        """A restore that a kill of hutch cut may have been finished by CRIU meanwhile (it is no
+        child of hutch, to die with it), leaving a tree running that no record names beside the
+        image its record points at: that tree is killed and its set-up undone, and the image,
+        which a restore reads and never changes, waits for the next one (one copy of the
+        session, never two)."""
+        instance_dir = self.instances_dir / instance.instance_id
+        if instance.instance_id in self.cgroups.children():
+            cgroup = self.cgroups.open(instance.instance_id)
+            if cgroup.procs():
+                log.warning("instance %s: a restore cut by a restart left it running: ended, its image kept",
+                            instance.instance_id)  # fmt: skip
+            cgroup.kill_all()
+            cgroup.remove()
+        _detach_root(instance_dir / "root")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(instance_dir / "restored.pid")
+        if (instance_dir / "run").is_dir():
+            _seal(instance_dir / "run")
+
     def _host_binds(self, instance: Instance) -> dict[str, tuple[str, str]]:
         """key -> (mount point inside, host source) of the host directories bwrap bound into
         the instance: named to CRIU one by one, so that a restore binds them from the very

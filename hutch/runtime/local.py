@@ -372,6 +372,9 @@ class LocalRuntime(InstanceTable):
         except (HutchError, OSError):
             return False
 
+    def _adopt_hibernated(self, instance: Instance) -> None:
+        """Make a hibernated instance found at start what its record says (the backend's own)."""
+
     def can_hibernate(self, instance_id: InstanceId | None = None) -> bool:
         return False
 
@@ -638,6 +641,7 @@ class LocalRuntime(InstanceTable):
             self.uid_slots.claim(instance.detail["slot"])
             if instance.state == InstanceState.HIBERNATED:
                 # Nothing of it runs: its image and workspace wait for `restore`.
+                await asyncio.to_thread(self._adopt_hibernated, instance)
                 self._instances[instance.instance_id] = instance
                 adopted.append(instance)
                 continue

@@ -149,8 +149,12 @@ def sandbox_processes(uid_base: int) -> set[int]:
             status = Path(f"/proc/{entry}/status").read_text()
         except OSError:
             continue
-        uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
-        if uid_base <= uid < uid_base + UID_SPAN:
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        uid = int(fields["Uid"].split()[0])
+        # A zombie of the host's init: a sandbox process whose parent died with a killed hutch,
+        # dead already, for init (not hutch) to reap.
+        orphaned_zombie = fields.get("State", "").startswith("Z") and fields.get("PPid", "").strip() == "1"
+        if uid_base <= uid < uid_base + UID_SPAN and not orphaned_zombie:
             found.add(int(entry))
     return found
 
@@ -173,8 +177,10 @@ def host_state(server: Server, uid_base: int) -> dict[str, set]:
     mounts = {p for p in points if p.startswith(str(data / "workspaces") + "/")}
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout.splitlines()
+    awake = {i: r for i, r in records.items() if r.get("state") != "hibernated"}  # a hibernated one has no cgroups
     return {
         "instances": set(records),
+        "awake": set(awake),
         "processes": sandbox_processes(uid_base),
         "cgroups": cgroups,
         "mounts": mounts,
@@ -184,9 +190,11 @@ def host_state(server: Server, uid_base: int) -> dict[str, set]:
         "nft": {line for line in tables if f"hutch_{tag}" in line},
         "cgroup_procs": {
             int(pid)
-            for r in records.values()
+            for r in awake.values()
             for pid in Path(r["detail"]["cgroup"]["dirs"]["pids"], "cgroup.procs").read_text().split()
-        },
+        }
+        # bwrap itself, outside the cgroups: as the slot's base uid for a template's instance
+        | {r["detail"]["bwrap_pid"] for r in awake.values() if r["detail"].get("bwrap_pid")},
     }
 
 
@@ -210,9 +218,9 @@ def assert_nothing_orphaned(server: Server, uid_base: int) -> dict[str, set]:
     """While the server runs: everything on the host belongs to an instance it has a record of."""
     state = host_state(server, uid_base)
     controllers = {c for c, _ in state["cgroups"]}
-    stray = {i for _, i in state["cgroups"]} - state["instances"]
+    stray = {i for _, i in state["cgroups"]} - state["awake"]
     assert not stray, f"stray cgroups: {_describe(server, stray)}"
-    assert state["cgroups"] == {(c, i) for c in controllers for i in state["instances"]}, "missing cgroups"
+    assert state["cgroups"] == {(c, i) for c in controllers for i in state["awake"]}, "missing cgroups"
     assert state["processes"] <= state["cgroup_procs"], "sandbox processes outside every live instance"
     assert state["mounts"] == state["workspaces_attached"], "workspace mounts of no live instance"
     assert state["netns"] == state["netns_expected"], "network namespaces of no live instance"
