@@ -32,7 +32,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from hutch.errors import FailedPrecondition, IsolationError
+from hutch.errors import IsolationError
 from hutch.runtime import seccomp
 from hutch.runtime.base import Instance, InstanceSpec, Resources
 from hutch.runtime.cgroups import CgroupManager
@@ -50,11 +50,8 @@ from hutch.runtime.local import (
 from hutch.runtime.network import Networking
 from hutch.runtime.rootfs import (
     AGENT_ROOT,
-    CA_ENV,
     CAPABILITIES,
     SANDBOX_PATH,
-    AgentRuntime,
-    linked_mount_points,
     mount_layers,
     template_has,
     unmount_layers,
@@ -93,8 +90,6 @@ class BwrapRuntime(LocalRuntime):
     ) -> None:
         super().__init__(data_dir, store, uid_slots, cgroups, networking)
         self.bwrap = bwrap_binary()
-        self._agent_runtime: AgentRuntime | None = None  # made on the first start from a template
-        self.sudo_shim = self.data_dir / "agent" / "sudo"
 
     def _spawn(self, spec: InstanceSpec) -> tuple[Instance, subprocess.Popen, int]:
         undo: list = []
@@ -123,7 +118,7 @@ class BwrapRuntime(LocalRuntime):
             if spec.rootfs is not None:
                 undo.append(lambda: unmount_layers(prepared.instance_dir))
                 overlay = mount_layers(
-                    prepared.instance_dir, spec.rootfs.layer_paths, prepared.workspace_path, userns_fd
+                    prepared.instance_dir, spec.rootfs.layer_paths, prepared.workspace_path, userns_fd, base_uid
                 )
             seccomp_fd = seccomp.filter_fd()
             fds.append(seccomp_fd)
@@ -212,8 +207,7 @@ class BwrapRuntime(LocalRuntime):
             "--hostname", "sandbox",
         ]  # fmt: skip
 
-    @staticmethod
-    def _mount_points(spec: InstanceSpec) -> list[str]:
+    def _mount_points(self, spec: InstanceSpec) -> list[str]:
         """Where `_rootfs_argv` mounts on the template's tree (what it mounts inside its own
         tmpfs at `/opt/hutch` is out of the template's reach)."""
         assert spec.rootfs is not None
@@ -221,36 +215,6 @@ class BwrapRuntime(LocalRuntime):
         if spec.network:
             points.append("/etc/resolv.conf")
         return points
-
-    def _check_mount_points(self, spec: InstanceSpec, workspace_path: Path) -> None:
-        """Refuse a root file system that has a link where bwrap mounts (`linked_mount_points`):
-        in the template's layers, or in the session's upper layer. Every network setting's
-        mount points are checked, so that an upper layer made without a network cannot plant a
-        link for a later instance with one."""
-        assert spec.rootfs is not None
-        points = {*self._mount_points(spec), "/etc/resolv.conf"}
-        # Named by layer id, never by host path: the message reaches the tenant.
-        trees = {"the session's own changes": workspace_path / "upper"}
-        trees |= {f"layer {Path(layer).name[:12]}": Path(layer) for layer in spec.rootfs.layer_paths}
-        linked = linked_mount_points(trees, sorted(points))
-        if linked:
-            raise FailedPrecondition(
-                f"template {spec.rootfs.template!r}: a symbolic link where the sandbox mounts hutch's files, "
-                f"refused: {'; '.join(linked)}"
-            )
-
-    def _rootfs_agent_config(self, spec: InstanceSpec) -> dict:
-        rootfs = spec.rootfs
-        assert rootfs is not None
-        return {
-            "home": SANDBOX_HOME,
-            "user": rootfs.user,
-            "workdir": rootfs.workdir,
-            "rootful": True,
-            "env": {"PATH": SANDBOX_PATH, **CA_ENV, **spec.env},
-            "python_path": self.agent_runtime.python_path,
-            "kernel_python": "/usr/bin/python3",
-        }
 
     def _argv(self, spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, instance_dir, workspace_path, go_fd=None):
         resources: Resources = spec.resources
@@ -314,17 +278,6 @@ class BwrapRuntime(LocalRuntime):
         if spec.network is None:
             argv.append("--unshare-net")  # loopback only
         return argv + self.agent_runtime.command()
-
-    @property
-    def agent_runtime(self) -> AgentRuntime:
-        if self._agent_runtime is None:
-            self._agent_runtime = AgentRuntime(self.host)
-            shim = self.sudo_shim
-            shim.parent.mkdir(mode=0o755, exist_ok=True)
-            shim.write_text(self._agent_runtime.sudo_script())
-            shim.chmod(0o755)
-            self.sudo_shim = shim
-        return self._agent_runtime
 
     @staticmethod
     def _read_info(info_r: int, popen: subprocess.Popen, stderr_r: int) -> dict:
