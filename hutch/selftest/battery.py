@@ -17,17 +17,17 @@ from dataclasses import dataclass
 from hutch.selftest.escape import ESCAPES
 from hutch.selftest.probes import Escape, outcomes, program
 from hutch.selftest.report import Outcome
-from hutch.selftest.stage import BACKENDS, ROOT, Stage
+from hutch.selftest.stage import BACKENDS, ROOT, ROOTS, Stage
 
 
 def escape_backends(escape: Escape, backends: tuple[str, ...] = BACKENDS) -> list[str]:
     """The casts an escape is played on: a networked attack needs a function with a network,
     which only bwrap instances can have (`net`); an attack of root inside needs the root cast
-    (`ROOT`, in `backends` when the stage has a template); every other one runs on each."""
+    casts (`ROOTS`, in `backends` when the stage has a template); every other one runs on each."""
     if "network" in escape.needs:
         return ["net"] if "bwrap" in backends else []
     if ROOT in escape.needs:
-        return [ROOT] if ROOT in backends else []
+        return [cast for cast in ROOTS if cast in backends]
     return list(backends)
 
 
@@ -78,7 +78,7 @@ def plan(backends: tuple[str, ...] = BACKENDS) -> list[Attack]:
         for backend in escape_backends(escape, backends)
     ]
     # The file APIs' expectations are the host view's (as root, /etc is the session's to write).
-    steps += file_api.plan(tuple(b for b in backends if b != ROOT))
+    steps += file_api.plan(tuple(b for b in backends if b not in ROOTS))
     steps += rootfs.plan(backends)
     steps += abuse.plan(backends)
     steps += api_abuse.plan()

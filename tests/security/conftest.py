@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from hutch.selftest.stage import BACKENDS, ROOT, Stage
+from hutch.selftest.stage import BACKENDS, ROOTS, Stage, runtime_of
 from hutch.selftest.target import Target
 from tests.conftest import TEST_TEMPLATE
 
@@ -58,8 +58,10 @@ def stage(root_templates):
 def backend(request, stage) -> str:
     """The backend a parametrized test runs on, skipped where it is not installed."""
     name = request.param
-    if name == ROOT:
-        if ROOT not in stage.victims:
+    if name in ROOTS:
+        if runtime_of(name) not in installed_backends():
+            pytest.skip(f"{runtime_of(name)} is not installed here")
+        if name not in stage.victims:
             pytest.skip(f"the root cast needs a template: {request.getfixturevalue('root_templates')}")
         return name
     if name != "net" and name not in installed_backends():
