@@ -5,7 +5,7 @@ plays every attack of `hutch.selftest` against it on each isolation backend inst
 prints one line per attack as it goes and a table at the end, optionally writes the Markdown
 report, removes everything it made, and exits 1 if any attack was not contained.
 
-The root cast (attacks as root inside a template's root file system, bwrap) boots the built-in
+The root casts (attacks as root inside a template's root file system, bwrap and gVisor) boot the built-in
 template `base` from the operator's template store when it is prepared there (`--templates`,
 `--template`); without it those attacks are skipped, and the output says so.
 """

@@ -23,6 +23,25 @@ Start of one instance, in order (each step undone if a later one fails):
    in the host's run directory (gVisor cannot take a listening fd from the host, so no socket
    activation). We connect once it exists and wait for `/health`.
 
+An instance booting a template (`spec.rootfs`) has the same barrier around a root file system of
+its own, as bwrap's template instances (`hutch.runtime.rootfs`):
+- its root is the overlay of the template's idmapped layers under the session's upper layer,
+  made by hutch (`rootfs.mount_root`: by a helper that is root of the instance's user namespace,
+  since host root's overlay cannot write through the idmapped upper layer) and attached at
+  `<instance dir>/rootfs/root`, the bundle's writable `root.path`. The gofer, root of the OCI user
+  namespace (the slot's base uid), serves it as root inside; on disk files keep their inside
+  owners, so a workspace's upper layer is the same under either backend;
+- a read-only layer of empty mount points (`<data>/gvisor/points/`) goes on top of the template's:
+  runsc's gofer makes a bind's mount point in the root before mounting it, which would otherwise
+  write `/opt/hutch/...`, `/run/hutch` and `/etc/ld.so.preload` into the session's upper layer;
+- the process starts as root inside with a container's capabilities (bounding set included) and
+  stays root: the agent acts per request as its user, and `sudo` is hutch's, as under bwrap. gVisor
+  has no setfsuid, so the agent takes the user's ids per thread instead (`hutch.agent.users`).
+  gVisor lets root inside kill its pid 1, which ends the instance: root may halt its own machine,
+  and the session's next request starts another on its workspace;
+- a link where it mounts is refused as under bwrap (the gofer resolves mount points inside the
+  root, but a template and an upper layer are then accepted by both backends alike).
+
 State of runsc lives in `<data>/instances/<id>/runsc/` (`--root`): stop kills the cgroup (the
 sentry, gofer and ptrace stubs), unmounts the run tmpfs and removes the directory, runsc's state
 with it. `runsc delete` is not used: it waits for the sentry to be reaped by the host's init,

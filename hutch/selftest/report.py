@@ -163,7 +163,8 @@ ADAPTED = (
     "it lets a process lower is its own.",
     "The agent's parsing (Connect envelopes, JSON) is the same code under both backends: those attacks "
     "run once, through the gateway, against a bwrap session.",
-    "The root cast (`[root]`): bwrap sessions of a template, every command and file call as root "
+    "The root casts (`[root]` on bwrap, `[root-gvisor]` on gVisor): sessions of a template, every "
+    "command and file call as root "
     'inside (E2B\'s `user="root"`). Root owns its `/`, `/etc` and `/usr` there (copies in the '
     "session's overlay upper layer), so writing them is no escape: those probes check instead that "
     "what root reads is the template's file and not the host's (by digest), and `rootfs-lower-layer` "
@@ -171,10 +172,12 @@ ADAPTED = (
     "host and other sessions of the template seeing the template's files. `setuid-binary` is not "
     "played as root (root is root): `root-kernel` makes setuid-root and file-capability binaries and "
     "runs them as the user.",
-    "gVisor cannot boot templates yet (refused with a clear error): its cast stays the host view, as "
-    "the sandbox user; root inside under gVisor is a later item. The networked escape and the "
-    "file-API attacks (whose expectations are the host view's read-only system) are not played by "
-    "the root cast.",
+    "Under gVisor root meets gVisor's kernel, which answers with objects of its own (a node made on "
+    "its `/dev` opens nothing, its `/proc/sys`, `/sys`, uid maps and OOM scores are its own, file "
+    "capabilities are refused; the host's uids are judged from the host), and root's `kill -9 1` "
+    "would end its own instance (gVisor's pid 1 takes the signal): not played. The networked escape "
+    "and the file-API attacks (whose expectations are the host view's read-only system) are not "
+    "played by the root casts.",
     "Image workspaces (the default store) are measured with `statvfs`: the host-side walk attack runs "
     "against a directory workspace, the store whose usage and chown walk the tree.",
 )

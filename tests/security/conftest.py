@@ -2,7 +2,7 @@
 tenant and victim sessions on every backend (`hutch.selftest.stage`): the attacks are the ones
 `hutch selftest` plays, and each test asserts its exact outcome and that the bystanders were fine.
 
-The root cast boots the test template (`template_store`'s `mini`) on bwrap and acts as root inside;
+The root casts boot the test template (`template_store`'s `mini`) on bwrap and gVisor, as root inside;
 where no template can be built here (no mmdebstrap), its tests are skipped, saying why."""
 
 from __future__ import annotations
