@@ -78,6 +78,21 @@ def test_commands_run_as_user_by_default_and_as_root_when_asked(boot):
     assert as_root.stdout.decode().split() == ["0", "/root", "/root"]
 
 
+def test_files_written_through_the_file_api_are_the_users_and_checked_as_the_users(boot):
+    # The agent is root and acts as the request's user (setfsuid; gVisor has none: the thread's ids).
+    sandbox = boot()
+    sandbox.loop.run(sandbox.channel.write_file("/home/user/up.txt", b"hi\n"))
+    seen = sandbox.run(
+        "stat -c '%U' /home/user/up.txt; cat /home/user/up.txt; echo more >> /home/user/up.txt && echo ok"
+    )
+    assert seen.stdout.decode().split() == ["user", "hi", "ok"], seen.stderr
+    with pytest.raises(PermissionDenied):
+        sandbox.loop.run(sandbox.channel.write_file("/etc/owned", b"x"))
+    # And commands after it still start as the user, and as root when asked.
+    assert sandbox.run("id -u").stdout == b"1000\n"
+    assert sandbox.loop.run(sandbox.channel.run("id -u", user="root")).stdout == b"0\n"
+
+
 def test_an_unknown_user_is_a_clear_error(boot):
     sandbox = boot()
     with pytest.raises(Unauthenticated, match="no such user"):
