@@ -52,14 +52,16 @@ def rootfs_runtime(request, loop):
 def boot(loop, rootfs_runtime, template_store):
     started: list[Sandbox] = []
 
-    def make(workspace: str | None = None, network: dict | None = None, **resources) -> Sandbox:
+    def make(
+        workspace: str | None = None, network: dict | None = None, template: str = TEST_TEMPLATE, **resources
+    ) -> Sandbox:
         spec = InstanceSpec(
             instance_id=f"t-{uuid.uuid4().hex[:10]}",
             resources=Resources(**resources),
             backend=rootfs_runtime.name,
             workspace=workspace,
             network=network,
-            rootfs=template_store.rootfs(TEST_TEMPLATE),
+            rootfs=template_store.rootfs(template),
         )
         sandbox = Sandbox(loop, rootfs_runtime, loop.run(rootfs_runtime.start(spec)))
         started.append(sandbox)
@@ -328,6 +330,30 @@ def _layer_with_links(template_store, links: dict[str, str]) -> str:
     name = f"links-{layer[:8]}"
     template_store.put(Template(name=name, layers=(*template_store.get(TEST_TEMPLATE).layers, layer), source="test"))
     return name
+
+
+def test_a_template_of_several_layers_shows_the_topmost_copy_of_a_file(loop, boot, template_store):
+    # Layers are listed bottom first; an overlay's lowerdir names the topmost first.
+    import hashlib
+
+    from hutch.templates.model import Template
+
+    content = b"layered-on-top\n"
+    layer = hashlib.sha256(b"several-layers:" + content).hexdigest()
+    if not template_store.layer_path(layer).exists():
+        scratch = template_store.scratch()
+        (scratch / "etc").mkdir(mode=0o755)
+        (scratch / "etc/debian_version").write_bytes(content)
+        template_store.commit(scratch, layer)
+    name = f"layers-{layer[:8]}"
+    template_store.put(Template(name=name, layers=(*template_store.get(TEST_TEMPLATE).layers, layer), source="test"))
+    try:
+        sandbox = boot(template=name)
+        seen = sandbox.run("cat /etc/debian_version; test -x /usr/bin/python3 && echo base-is-there")
+        assert seen.stdout == content + b"base-is-there\n", seen.stderr
+        sandbox.stop()
+    finally:
+        template_store.delete(name)
 
 
 @pytest.mark.parametrize(
