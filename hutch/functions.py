@@ -19,7 +19,9 @@ from hutch.runtime.base import Resources
 if TYPE_CHECKING:
     from hutch.metadb.records import Tenant
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# A template's name may name its function (E2B's `Sandbox.create(template)`), tag included.
+TEMPLATE_REF = r"^[a-z0-9][a-z0-9._-]{0,62}(:[a-z0-9][a-z0-9._-]{0,62})?$"
+NAME_PATTERN = re.compile(TEMPLATE_REF)
 BUILTIN_TENANT = "*"
 
 
@@ -115,8 +117,8 @@ class FunctionSpec(BaseModel):
     template: str = Field(
         "host",
         description="the root file system of its instances: a template (root inside, installs work), "
-        "or 'host' (the host's own system, read-only)",
-        pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$",
+        "`name:tag` for one build of it, or 'host' (the host's own system, read-only)",
+        pattern=TEMPLATE_REF,
     )
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     env: dict[str, str] = Field(default_factory=dict, alias="environmentVariables")
@@ -137,7 +139,10 @@ class FunctionSpec(BaseModel):
     @classmethod
     def _name(cls, value: str) -> str:
         if not NAME_PATTERN.match(value):
-            raise ValueError("1-63 lowercase letters, digits and dashes, starting with a letter or digit")
+            raise ValueError(
+                "1-63 lowercase letters, digits, '.', '_' and '-', starting with a letter or digit "
+                "(and a template's ':tag')"
+            )
         return value
 
     @field_validator("env")

@@ -47,7 +47,7 @@ from hutch.errors import AlreadyExists, InvalidArgument, NotFound, Unimplemented
 from hutch.functions import BUILTIN_FUNCTIONS, FunctionSpec, NetworkSpec
 from hutch.metadb.records import EndReason, FunctionRecord, SessionRecord, Tenant
 from hutch.scheduler.sessions import MAX_E2B_TIMEOUT_S
-from hutch.templates.model import check_name
+from hutch.templates.model import DEFAULT_TAG, check_name, split_ref
 
 router = APIRouter(tags=["e2b"])
 Caller = Annotated[Tenant, Depends(caller)]
@@ -313,8 +313,12 @@ async def _function_of_template(request: Request, tenant: Tenant, name: str) -> 
 
 async def _create(request: Request, tenant: Tenant, body: NewSandbox) -> SessionRecord:
     _refuse_unavailable(body)
-    # `name:tag` (a snapshot's id, say): hutch keeps one version of a template, the name's.
-    body = body.model_copy(update={"template_id": body.template_id.split(":", 1)[0]})
+    # `name:tag` boots the build that tag names (a snapshot's id is `name:default`).
+    try:
+        name, tag = split_ref(body.template_id.lower())
+    except InvalidArgument:
+        raise NotFound(f"template {body.template_id!r} not found") from None
+    body = body.model_copy(update={"template_id": name if tag == DEFAULT_TAG else f"{name}:{tag}"})
     sessions = control_plane(request).sessions
     try:
         _, spec = await sessions.function(tenant.tenant_id, body.template_id)

@@ -12,13 +12,18 @@ and `get_build_status` call it.
    failed step and its last lines in `reason`).
 
 `GET /templates/aliases/{name}` tells whether a template exists; `DELETE /templates/{id}`
-deletes one. A tenant may build and delete its own templates and the unowned ones only an admin.
+deletes one with its tags. Tags name builds (`name:tag`; the bare name is the `default` tag, the
+newest build): a build is registered under the tag of its name and its `tags`;
+`POST /templates/tags {target, tags}` points more tags at the build `target` names,
+`DELETE /templates/tags {name, tags}` removes some, `GET /templates/{id}/tags` lists them.
+A tenant may build and delete its own templates and the unowned ones only an admin.
 `fromImage` pulls the image (`hutch.templates.oci`; `fromImageRegistry` gives a registry's
 credentials); a Dockerfile comes as such an image plus steps (the SDK translates it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -35,7 +40,7 @@ from hutch.api.templates import service
 from hutch.errors import InvalidArgument, NotFound, PermissionDenied, TooLarge
 from hutch.metadb.records import Tenant
 from hutch.templates.builder import Step
-from hutch.templates.model import HOST, check_name
+from hutch.templates.model import DEFAULT_TAG, HOST, Template, check_name, check_tag, split_ref
 
 router = APIRouter(tags=["e2b templates"])
 Caller = Annotated[Tenant, Depends(caller)]
@@ -66,6 +71,19 @@ def _template_name(name: str) -> str:
     return check_name(name.split(":", 1)[0].lower())
 
 
+def _tags_of(name: str, extra: list[str] | None) -> tuple[str, ...]:
+    """The tags a build of `name` (maybe `name:tag`) with E2B's `tags` is registered under."""
+    _, has_tag, tag = name.partition(":")
+    tags = [tag.lower()] if has_tag else []
+    tags += [check_tag(t.lower()) for t in extra or []]
+    return tuple(dict.fromkeys(tags)) or (DEFAULT_TAG,)
+
+
+def _build_id(template: Template) -> str:
+    """The build a tag names (E2B's ids are UUIDs; built-ins and snapshots get one from their layers)."""
+    return template.build_id or str(uuid.uuid5(uuid.NAMESPACE_URL, "hutch-layers:" + ",".join(template.layers)))
+
+
 def _may_write(request: Request, tenant: Tenant, name: str) -> None:
     templates = service(request)
     if templates.store.exists(name):
@@ -89,9 +107,9 @@ def _check_hash(files_hash: str) -> str:
 async def request_build(body: NewTemplate, request: Request, tenant: Caller) -> dict:
     name = _template_name(body.name)
     _may_write(request, tenant, name)
-    build = service(request).new_build(name, owner=tenant.tenant_id, waiting=True)
-    tags = body.tags or ["default"]
-    return {"templateID": name, "buildID": build.build_id, "public": False, "names": [name], "tags": tags,
+    tags = _tags_of(body.name, body.tags)
+    build = service(request).new_build(name, owner=tenant.tenant_id, waiting=True, tags=tags)
+    return {"templateID": name, "buildID": build.build_id, "public": False, "names": [name], "tags": list(tags),
             "aliases": [name]}  # fmt: skip
 
 
@@ -208,6 +226,52 @@ async def alias(alias: str, request: Request, tenant: Caller) -> dict:
     if not service(request).store.exists(name):
         raise NotFound(f"template {alias!r} not found")
     return {"templateID": name, "public": False}
+
+
+class AssignTags(BaseModel):
+    target: str = Field(min_length=1, max_length=256, description="the build to tag: `name:tag` (or `name`)")
+    tags: list[str] = Field(min_length=1, max_length=100)
+
+
+class RemoveTags(BaseModel):
+    name: str = Field(min_length=1, max_length=128)
+    tags: list[str] = Field(min_length=1, max_length=100)
+
+
+def _owned(request: Request, tenant: Tenant, name: str, read: bool = False) -> Template:
+    """Template `name`, if the caller may change it (`read`: or it is a built-in everyone reads)."""
+    template = service(request).get(name)
+    if template.owner != tenant.tenant_id and not tenant.is_admin and not (read and template.owner == ""):
+        raise PermissionDenied(f"template {name!r} belongs to someone else")
+    return template
+
+
+# Before `/templates/{template_id}`, which would take `tags` for a template's id.
+@router.post("/templates/tags", status_code=201, summary="Point tags at a template's build (E2B)")
+async def assign_tags(body: AssignTags, request: Request, tenant: Caller) -> dict:
+    name, _ = split_ref(body.target.lower())
+    _owned(request, tenant, name)
+    store = service(request).store
+    target = store.get(body.target.lower())
+    tags = tuple(dict.fromkeys(check_tag(tag.lower()) for tag in body.tags))
+    store.put(dataclasses.replace(target, name=name), tags)
+    return {"tags": list(tags), "buildID": _build_id(target)}
+
+
+@router.delete("/templates/tags", status_code=204, summary="Remove tags of a template (E2B)")
+async def remove_tags(body: RemoveTags, request: Request, tenant: Caller) -> Response:
+    name = _template_name(body.name)
+    _owned(request, tenant, name)
+    service(request).store.untag(name, [tag.lower() for tag in body.tags])
+    return Response(status_code=204)
+
+
+@router.get("/templates/{template_id}/tags", summary="A template's tags and the builds they name (E2B)")
+async def list_tags(template_id: str, request: Request, tenant: Caller) -> list[dict]:
+    name = _template_name(template_id)
+    _owned(request, tenant, name, read=True)
+    tags = service(request).store.tags(name)
+    return [{"tag": tag, "buildID": _build_id(t), "createdAt": iso(t.created_at)} for tag, t in sorted(tags.items())]
 
 
 @router.delete("/templates/{template_id}", status_code=204, summary="Delete a template (E2B)")

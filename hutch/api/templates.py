@@ -78,9 +78,11 @@ async def list_templates(request: Request, tenant: Caller) -> dict:
     return {"templates": [host, *(template_json(t) for t in service(request).templates())]}
 
 
-@router.get("/templates/{name}", tags=["templates"], summary="A template")
+@router.get("/templates/{name}", tags=["templates"], summary="A template, or one build of it (`name:tag`)")
 async def get_template(name: str, request: Request, tenant: Caller) -> dict:
-    return template_json(service(request).get(name))
+    store = service(request).store
+    template = store.get(name)
+    return {**template_json(template), "tags": sorted(store.tags(name.partition(":")[0]))}
 
 
 @router.post("/templates", status_code=202, tags=["templates"], summary="Build a template (admin); follow its build")

@@ -49,7 +49,6 @@ from hutch.runtime.local import (
 )
 from hutch.runtime.network import Networking
 from hutch.runtime.rootfs import (
-    AGENT_ROOT,
     CAPABILITIES,
     SANDBOX_PATH,
     mount_layers,
@@ -206,15 +205,6 @@ class BwrapRuntime(LocalRuntime):
             "--seccomp", str(seccomp_fd),
             "--hostname", "sandbox",
         ]  # fmt: skip
-
-    def _mount_points(self, spec: InstanceSpec) -> list[str]:
-        """Where `_rootfs_argv` mounts on the template's tree (what it mounts inside its own
-        tmpfs at `/opt/hutch` is out of the template's reach)."""
-        assert spec.rootfs is not None
-        points = ["/proc", "/dev", "/tmp", AGENT_ROOT, RUN_DIR, "/usr/bin/sudo"]
-        if spec.network:
-            points.append("/etc/resolv.conf")
-        return points
 
     def _argv(self, spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, instance_dir, workspace_path, go_fd=None):
         resources: Resources = spec.resources

@@ -342,10 +342,6 @@ class GVisorRuntime(LocalRuntime):
             capabilities=["CAP_SETUID", "CAP_SETGID"],
         )
 
-    def _mount_points(self, spec: InstanceSpec) -> list[str]:
-        """Where a template instance's config mounts on its tree (`_rootfs_config`)."""
-        return ["/proc", "/dev", "/tmp", AGENT_ROOT, RUN_DIR, "/usr/bin/sudo", "/etc/ld.so.preload"]
-
     def _points_layer(self) -> Path:
         """A read-only layer of empty mount points put over a template's layers: runsc's gofer
         makes every bind's mount point in the root file system before mounting it, which would

@@ -65,6 +65,7 @@ from hutch.runtime.keeper import (
 from hutch.runtime.network import NETNS_DIR, Networking, NetworkLayout, egress_policy, layout_for
 from hutch.runtime.rootfs import (
     CA_ENV,
+    MOUNT_POINTS,
     SANDBOX_PATH,
     AgentRuntime,
     linked_mount_points,
@@ -248,10 +249,6 @@ class LocalRuntime(InstanceTable):
         """The agent answered, and no user code has run yet: the last moment to lock the sandbox
         out of anything the host will go on trusting (gVisor: the run directory)."""
 
-    def _mount_points(self, spec: InstanceSpec) -> list[str]:
-        """Where the backend mounts on a template's tree (`_check_mount_points`)."""
-        return []
-
     # -- a template's root file system ---------------------------------------------------------
 
     @property
@@ -266,12 +263,12 @@ class LocalRuntime(InstanceTable):
         return self._agent_runtime
 
     def _check_mount_points(self, spec: InstanceSpec, workspace_path: Path) -> None:
-        """Refuse a root file system that has a link where the backend mounts
-        (`linked_mount_points`): in the template's layers, or in the session's upper layer. Every
-        network setting's mount points are checked, so that an upper layer made without a network
-        cannot plant a link for a later instance with one."""
+        """Refuse a root file system that has a link where a sandbox mounts (`MOUNT_POINTS`,
+        `linked_mount_points`): in the template's layers, or in the session's upper layer. Every
+        backend's and network setting's mount points are checked, so that an upper layer made
+        without a network cannot plant a link for a later instance with one."""
         assert spec.rootfs is not None
-        points = {*self._mount_points(spec), "/etc/resolv.conf"}
+        points = set(MOUNT_POINTS)
         # Named by layer id, never by host path: the message reaches the tenant.
         trees = {"the session's own changes": workspace_path / "upper"}
         trees |= {f"layer {Path(layer).name[:12]}": Path(layer) for layer in spec.rootfs.layer_paths}

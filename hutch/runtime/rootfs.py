@@ -35,9 +35,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hutch.errors import IsolationError
+from hutch.errors import FailedPrecondition, IsolationError
 from hutch.runtime import idmap
-from hutch.runtime.hostfs import AGENT_LIB, HostView, site_packages
+from hutch.runtime.hostfs import AGENT_LIB, RUN_DIR, HostView, site_packages
 
 ROOT_MOUNT = "root"  # where `mount_root` mounts the overlay, in `<instance dir>/rootfs/`
 _AT_FDCWD = -100
@@ -298,6 +298,15 @@ def unmount_layers(instance_dir: Path) -> None:
     base.rmdir()
 
 
+# Where an instance's sandbox mounts hutch's own things on a template's tree (sudo only where the
+# template has one, resolv.conf only with a network): none of them, nor a directory above them,
+# may be a link in a template's layer (`linked_mount_points`).
+MOUNT_POINTS = (
+    "/proc", "/dev", "/tmp", AGENT_ROOT, RUN_DIR, "/usr/bin/sudo", "/etc/resolv.conf",
+    "/etc/ld.so.preload",  # gVisor's: its statx shim (`hutch.runtime.gvisor`)
+)  # fmt: skip
+
+
 def linked_mount_points(trees: Mapping[str, Path], targets: Iterable[str]) -> list[str]:
     """The mount points, or directories above them, that some tree (a template's layer, an
     upper layer; by name) holds as a symbolic link: "<name>: <path> -> <link>".
@@ -323,6 +332,17 @@ def linked_mount_points(trees: Mapping[str, Path], targets: Iterable[str]) -> li
                 if not stat.S_ISDIR(st.st_mode):
                     break
     return sorted(set(found))
+
+
+def refuse_linked_mount_points(layer: Path, what: str) -> None:
+    """Fail a build whose new layer has a link where sandboxes mount hutch's files: no sandbox
+    could boot from it (`LocalRuntime` refuses it at every start), so it is never registered."""
+    linked = linked_mount_points({what: layer}, MOUNT_POINTS)
+    if linked:
+        raise FailedPrecondition(
+            f"{what} left a symbolic link where sandboxes mount hutch's files: {'; '.join(linked)}; "
+            "a template may not link these paths"
+        )
 
 
 def template_has(layer_paths: tuple[str, ...], path: str) -> bool:

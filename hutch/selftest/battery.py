@@ -17,15 +17,16 @@ from dataclasses import dataclass
 from hutch.selftest.escape import ESCAPES
 from hutch.selftest.probes import Escape, outcomes, program
 from hutch.selftest.report import Outcome
-from hutch.selftest.stage import BACKENDS, ROOT, ROOTS, Stage
+from hutch.selftest.stage import BACKENDS, ROOT, ROOT_NET, ROOTS, Stage
 
 
 def escape_backends(escape: Escape, backends: tuple[str, ...] = BACKENDS) -> list[str]:
     """The casts an escape is played on: a networked attack needs a function with a network,
-    which only bwrap instances can have (`net`); an attack of root inside needs the root cast
-    casts (`ROOTS`, in `backends` when the stage has a template); every other one runs on each."""
+    which only bwrap instances can have (`net`, and `ROOT_NET` as root inside); an attack of root
+    inside needs a root cast (`ROOTS`, in `backends` when the stage has a template); every other
+    one runs on each."""
     if "network" in escape.needs:
-        return ["net"] if "bwrap" in backends else []
+        return ["net"] * ("bwrap" in backends) + [ROOT_NET] * (ROOT in backends)
     if ROOT in escape.needs:
         return [cast for cast in ROOTS if cast in backends]
     return list(backends)
@@ -77,8 +78,7 @@ def plan(backends: tuple[str, ...] = BACKENDS) -> list[Attack]:
         for escape in ESCAPES
         for backend in escape_backends(escape, backends)
     ]
-    # The file APIs' expectations are the host view's (as root, /etc is the session's to write).
-    steps += file_api.plan(tuple(b for b in backends if b not in ROOTS))
+    steps += file_api.plan(backends)
     steps += rootfs.plan(backends)
     steps += abuse.plan(backends)
     steps += api_abuse.plan()

@@ -349,8 +349,19 @@ probe("victim-user-server", lambda: connect((net["victim_ip"], CTX["victim"]["se
 probe("udp-out", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("10.0.0.1", 9)) and
       "sent (nothing answers)")
 probe("raw-socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+probe("packet-socket", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW))
 probe("change-own-route", lambda: os.system("ip route replace default dev eth0 2>/dev/null") == 0 or
       "refused")
+# The sandbox's network namespace belongs to the host's user namespace, not the sandbox's: even
+# root inside holds no capability over it (taking another session's address, downing the link,
+# marking packets past the rules).
+import fcntl, struct
+ifname = next(line.split(":")[0].strip() for line in open("/proc/net/dev").read().splitlines()[2:]
+              if line.split(":")[0].strip() != "lo").encode()
+as_victim = struct.pack("16sH2s4s8s", ifname, socket.AF_INET, b"", socket.inet_aton(net["victim_ip"]), b"")
+probe("take-victim-address", lambda: fcntl.ioctl(socket.socket(), 0x8916, as_victim))  # SIOCSIFADDR
+probe("down-own-link", lambda: fcntl.ioctl(socket.socket(), 0x8914, struct.pack("16sH22s", ifname, 0, b"")))
+probe("mark-packets", lambda: socket.socket().setsockopt(socket.SOL_SOCKET, 36, 1))  # SO_MARK
 """,
     {
         "hutch-on-loopback": allowed("ECONNREFUSED"),
@@ -363,7 +374,11 @@ probe("change-own-route", lambda: os.system("ip route replace default dev eth0 2
         # Any other address goes to the egress proxy, which never connects to another sandbox.
         "victim-user-server": allowed("connected, then closed"),
         "raw-socket": allowed("EPERM"),
+        "packet-socket": allowed("EPERM"),
         "change-own-route": allowed("refused"),
+        "take-victim-address": allowed("EPERM"),
+        "down-own-link": allowed("EPERM"),
+        "mark-packets": allowed("EPERM"),
     },
     needs=("network",),
 )

@@ -13,6 +13,7 @@ sessions are untouched.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import threading
@@ -23,7 +24,7 @@ import httpx
 
 from hutch.selftest.api_abuse import Checks
 from hutch.selftest.report import Outcome
-from hutch.selftest.stage import Stage
+from hutch.selftest.stage import ROOT, ROOTS, Stage, digests, template_digests
 
 
 def traversal(stage: Stage, backend: str) -> Outcome:
@@ -80,6 +81,103 @@ def traversal(stage: Stage, backend: str) -> Outcome:
         checks.status(f"Filesystem/{method} {list(message.values())}", answer, int(status), code=code)
     title = "path traversal through the file APIs: .., absolute paths, symlinks out, NUL bytes, long names"
     return _outcome(stage, "file-api-traversal", title, backend, checks, started)
+
+
+def traversal_as_root(stage: Stage, backend: str = ROOT) -> Outcome:
+    """The same paths as root inside a template's session (E2B's `user="root"`): root owns its
+    `/etc` and `/usr` (its copies in its upper layer), so reading and writing them succeeds; what
+    must hold is that every read is the template's file or a refusal, never the host's, and every
+    write lands in this session's upper layer, never in the template's shared layers or on the
+    host. A fresh session: these writes spoil its system for the attacks after this one."""
+    started = time.monotonic()
+    checks = Checks()
+    session = stage.attacker_session(backend, fresh=True)
+    record = session.instance()
+    layers = [Path(layer) for layer in record["spec"]["rootfs"]["layer_paths"]]
+    upper = Path(record["workspace_path"]) / "upper"
+    host_shadow, template_shadow = (
+        digests(Path("/")).get("/etc/shadow"),
+        template_digests(record["spec"]["rootfs"]["layer_paths"]).get("/etc/shadow"),
+    )
+    layer_before = {str(p): _digest_of(p) for layer in layers for p in (layer / "etc/issue", layer / "usr/bin/python3")}
+    canary = str(stage.canary_path)
+    victim_file = stage.victims[backend].record["workspace_path"] + "/victim-secret.txt"
+    made = session.sh(f"ln -sfn {canary} ~/out-file; ln -sfn / ~/out-root; ln -sfn {victim_file} ~/out-victim; echo ok")
+    checks.expect("symlinks pointing out, made inside", made.text.strip(), "ok")
+    for name, path in (
+        ("`..` up to /etc/shadow", "../../../../etc/shadow"),
+        ("a symlink to / then etc/shadow", "out-root/etc/shadow"),
+    ):
+        answer = session.download(path)
+        checks.status(f"GET /files {name}", answer, 200)
+        seen = hashlib.sha256(answer.content).hexdigest()
+        checks.expect(
+            f"GET /files {name}: the template's own /etc/shadow", seen == template_shadow != host_shadow, True
+        )
+    for name, path, allowed in (
+        ("the host canary's absolute path", canary, (404,)),
+        ("through /proc/1/root to the canary", f"/proc/1/root/../..{canary}", (404,)),
+        ("the victim's workspace by host path", victim_file, (404,)),
+        ("a symlink to the canary", "out-file", (404,)),
+        ("a symlink to the victim's file", "out-victim", (404,)),
+        ("a NUL byte", "a\x00b", (400,)),
+        ("a 5000-character path", "a/" * 2500, (400,)),
+    ):
+        answer = session.download(path)
+        checks.status(f"GET /files {name}", answer, *allowed)
+        checks.expect(
+            f"GET /files {name}: host bytes in the answer", stage.canary_token.encode() in answer.content, False
+        )
+    # Writes root may make: each must land in the session's upper layer.
+    for name, path in (
+        # (not /etc/passwd: the agent finds root there, and a session that overwrote it has no root)
+        ("a template's file: /etc/issue", "/etc/issue"),
+        ("a new file in /usr/bin", "/usr/bin/hutch-selftest"),
+        ("through a symlink to / then etc", "out-root/etc/hutch-selftest"),
+        ("the canary's absolute path (the session's own /var/tmp)", canary),
+        ("through a symlink to the canary", "out-file"),
+    ):
+        checks.status(f"POST /files {name}", session.upload(path, b"owned"), 200)
+    checks.status("POST /files a NUL byte", session.upload("x\x00y", b"owned"), 400)
+    multipart = session.http.post(
+        f"{session.base}/files",
+        files={"file": ("../../../../etc/cron.d/hutch-selftest", b"* * * * * root id", "text/plain")},
+        headers=session.headers,
+    )
+    checks.status("POST /files multipart, filename ../../../../etc/cron.d/...", multipart, 200)
+    for method, message in (
+        ("Move", {"source": "/etc/issue", "destination": "/etc/issue.old"}),
+        ("Remove", {"path": "/usr/bin/python3"}),
+        ("MakeDir", {"path": "/hutch-selftest"}),
+    ):
+        answer = session.rpc(f"filesystem.Filesystem/{method}", message)
+        checks.status(f"Filesystem/{method} {list(message.values())}", answer, 200)
+    for method, message in (("Stat", {"path": "/proc/1/root/../.." + canary + ".none"}),
+                            ("ListDir", {"path": stage.target.data_dir.as_posix()})):  # fmt: skip
+        answer = session.rpc(f"filesystem.Filesystem/{method}", message)
+        checks.status(f"Filesystem/{method} {list(message.values())}", answer, 404, code="not_found")
+    # Where it all went: the upper layer, nowhere else.
+    for inside in ("etc/issue.old", "usr/bin/hutch-selftest", "etc/hutch-selftest", "etc/cron.d/hutch-selftest",
+                   "hutch-selftest", canary.lstrip("/")):  # fmt: skip
+        checks.expect(f"/{inside} is in the session's upper layer", os.path.lexists(upper / inside), True)
+        if inside != canary.lstrip("/"):
+            checks.expect(f"/{inside} on the host", os.path.lexists(Path("/") / inside), False)
+        checks.expect(
+            f"/{inside} in the template's layers", any(os.path.lexists(layer / inside) for layer in layers), False
+        )
+    layer_after = {path: _digest_of(Path(path)) for path in layer_before}
+    checks.expect("the template's /etc/issue and /usr/bin/python3, unchanged", layer_after == layer_before, True)
+    checks.expect("the host canary", _digest_of(stage.canary_path) == stage.canary_digest, True)
+    session.delete()
+    title = "the file APIs as root inside: reads are the template's, writes land in the session's upper layer"
+    return _outcome(stage, "file-api-root", title, backend, checks, started)
+
+
+def _digest_of(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 SWAPPER = r"""
@@ -233,5 +331,12 @@ def plan(backends: tuple[str, ...]) -> list:
         Attack(name, backend, on_backend(run, backend))
         for name, run in (("file-api-traversal", traversal), ("file-api-race", race))
         for backend in backends
+        if backend not in ROOTS
     ]
+    for cast in ROOTS:  # root's expectations are its own (it owns /etc); the race is the same
+        if cast in backends:
+            steps += [
+                Attack("file-api-root", cast, on_backend(traversal_as_root, cast)),
+                Attack("file-api-race", cast, on_backend(race, cast)),
+            ]
     return [*steps, Attack("host-walks-workspace", "host", host_walks)]

@@ -86,7 +86,7 @@ DEFECTS = (
         "`/oldroot/var/tmp` had bwrap create `run/hutch` there, and `/usr/bin/sudo` linked likewise an "
         "empty file, on the host, as the instance's host uid (root inside could plant the same at "
         "`/etc/resolv.conf` for a later instance with a network)",
-        "`runtime/bwrap.py` `_check_mount_points` with `runtime/rootfs.py` `linked_mount_points`: a link "
+        "`runtime/local.py` `_check_mount_points` with `runtime/rootfs.py` `linked_mount_points`: a link "
         "at or above any mount point, in the template's layers or the session's upper layer, refuses the "
         "start (400 failed_precondition)",
         "`tests/runtime/test_templates.py::"
@@ -176,8 +176,7 @@ ADAPTED = (
     "its `/dev` opens nothing, its `/proc/sys`, `/sys`, uid maps and OOM scores are its own, file "
     "capabilities are refused; the host's uids are judged from the host), and root's `kill -9 1` "
     "would end its own instance (gVisor's pid 1 takes the signal): not played. The networked escape "
-    "and the file-API attacks (whose expectations are the host view's read-only system) are not "
-    "played by the root casts.",
+    "as root is played on bwrap only (`root-net`): gVisor's instances have no network.",
     "Image workspaces (the default store) are measured with `statvfs`: the host-side walk attack runs "
     "against a directory workspace, the store whose usage and chown walk the tree.",
 )

@@ -5,7 +5,7 @@ What it owns:
 - the cast: tenants `attacker` and `victim`, the same functions in both (`sec-bwrap`,
   `sec-gvisor`: no network, small limits; `sec-net`: bwrap with the internet allowed; `sec-root`
   and `sec-root-gvisor`: bwrap and gVisor booting a template, whose sessions act as root inside,
-  when the stage is given one), one
+  when the stage is given one, and `sec-root-net`, bwrap's with the internet allowed), one
   victim session per function holding a secret file, a marked background process and a user
   server on port 8080, and attacker sessions made on demand;
 - the host's side: a canary file (readable by anyone on the host), a TCP service on the host's
@@ -39,8 +39,9 @@ BACKENDS = ("bwrap", "gvisor")
 ROOT = "root"
 ROOT_GVISOR = "root-gvisor"
 ROOTS = (ROOT, ROOT_GVISOR)
+ROOT_NET = "root-net"  # the root cast with a network: the networked attacks as root inside
 # The backend of each cast that is not one itself.
-_RUNTIMES = {"net": "bwrap", ROOT: "bwrap", ROOT_GVISOR: "gvisor"}
+_RUNTIMES = {"net": "bwrap", ROOT: "bwrap", ROOT_GVISOR: "gvisor", ROOT_NET: "bwrap"}
 LIMITS = {"cpu": 1.0, "memoryMB": 256, "pids": 128, "diskMB": 64, "tmpMB": 16}
 SERVER_PORT = 8080
 
@@ -67,12 +68,16 @@ def functions(template: str | None = None, roots: tuple[str, ...] = (ROOT,)) -> 
              "warmPoolSize": 0}
             for cast in roots
         ]  # fmt: skip
+        specs.append(
+            {"name": f"sec-{ROOT_NET}", "runtime": "bwrap", "template": template, "resources": LIMITS,
+             "warmPoolSize": 0, "network": {"allowInternetAccess": True}}
+        )  # fmt: skip
     return specs
 
 
 def user_of(backend: str) -> str | None:
     """Who a cast's sessions act as inside (None: the sandbox's default user)."""
-    return "root" if backend in ROOTS else None
+    return "root" if backend in (*ROOTS, ROOT_NET) else None
 
 
 def host_addresses() -> list[str]:
@@ -116,7 +121,7 @@ class Listener:
 
 @dataclass
 class Victim:
-    backend: str  # bwrap, gvisor, or "net" (bwrap with a network)
+    backend: str  # bwrap, gvisor, "net" (bwrap with a network), root, root-net
     session: Session
     secret: str
     marker: str  # in the command line of a background process of the session
@@ -157,6 +162,7 @@ class Stage:
             for spec in functions(template, root_casts(backends)):
                 tenant.function(spec)
         casts = (*backends, *(("net",) if network else ()), *(root_casts(backends) if template is not None else ()))
+        casts += (ROOT_NET,) if network and template is not None else ()
         for backend in casts:
             self.victims[backend] = self._victim(backend)
 
@@ -230,7 +236,7 @@ class Stage:
                 "template_top": listing(layers, ""),
                 "template_root_home": listing(layers, "root"),
             }
-        if backend == "net" and attacker is not None:
+        if backend in ("net", ROOT_NET) and attacker is not None:
             from hutch.runtime.network import layout_for
 
             layout = layout_for(data_dir)

@@ -28,6 +28,7 @@ from pathlib import Path
 from hutch.errors import FailedPrecondition, InvalidArgument, IsolationError
 from hutch.runtime.base import InstanceSpec, Resources, RootFS, Runtime
 from hutch.runtime.channel import AgentChannel
+from hutch.runtime.rootfs import refuse_linked_mount_points
 from hutch.templates.model import Template
 from hutch.templates.store import TemplateStore
 
@@ -210,6 +211,7 @@ class StepRunner:
                 )
                 if copied.returncode != 0:
                     raise IsolationError(f"cannot keep the layer of step {index}: {copied.stderr.strip()[-500:]}")
+                refuse_linked_mount_points(scratch, f"step {index} ({step.describe()[:200]})")
             except BaseException:
                 self.store.discard(scratch)
                 raise

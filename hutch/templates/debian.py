@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hutch.errors import BackendUnavailable, FailedPrecondition
+from hutch.runtime.rootfs import refuse_linked_mount_points
 from hutch.templates.store import TemplateStore
 
 RECIPE_VERSION = 3  # bump when the hooks below change what a layer contains
@@ -163,6 +164,7 @@ def build(
             tail = [*tail[-19:], line]
         if process.wait() != 0:
             raise FailedPrecondition(f"mmdebstrap {suite} failed:\n" + "\n".join(tail))
+        refuse_linked_mount_points(scratch, f"Debian {suite} with its setup script")
         return str(store.commit(scratch, layer).name)
     except BaseException:
         store.discard(scratch)

@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass, field
 from hutch.errors import InvalidArgument
 from hutch.runtime.base import RootFS
 
-__all__ = ["HOST", "RootFS", "Template", "check_name"]
+__all__ = ["DEFAULT_TAG", "HOST", "RootFS", "Template", "check_name", "check_tag", "split_ref"]
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+TAG = NAME  # E2B's tags: `name:tag` names one build of a template
+DEFAULT_TAG = "default"  # the tag of a template's newest build: what its bare name boots
 LAYER_ID = re.compile(r"^[0-9a-f]{64}$")
 HOST = "host"  # not a root file system: the host's own, read-only (hutch.runtime.hostfs)
 
@@ -30,6 +32,20 @@ def check_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def check_tag(tag: str) -> str:
+    if not isinstance(tag, str) or not TAG.match(tag):
+        raise InvalidArgument(
+            f"invalid tag {tag!r}: 1-63 lowercase letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
+    return tag
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """`name` or `name:tag` -> (name, tag), checked; a bare name is its default tag."""
+    name, _, tag = ref.partition(":")
+    return check_name(name), check_tag(tag) if tag else DEFAULT_TAG
 
 
 @dataclass(frozen=True)
@@ -46,6 +62,7 @@ class Template:
     source: str = ""  # how the bottom layer was made, for people: "debian:bookworm", "image:…"
     created_at: float = field(default_factory=time.time)
     owner: str = ""  # the tenant that built it ("": an admin's, or built in)
+    build_id: str = ""  # the build that made it (its tags point at builds)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "layers": list(self.layers)}

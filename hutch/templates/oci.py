@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hutch.errors import BackendUnavailable, FailedPrecondition, InvalidArgument
+from hutch.runtime.rootfs import refuse_linked_mount_points
 from hutch.templates.debian import customize_script
 from hutch.templates.store import TemplateStore
 
@@ -101,6 +102,7 @@ def pull(
             hook = Path(work, "hook.sh")
             hook.write_text(customize_script(ca_files, update_ca=False))
             _run(["sh", str(hook), str(scratch)], "preparing the image for sandboxes", log)
+            refuse_linked_mount_points(scratch, f"image {reference}")
             return store.commit(scratch, layer).name, config
         except BaseException:
             if scratch.exists():

@@ -39,7 +39,7 @@ from hutch.runtime.base import RootFS, Runtime
 from hutch.runtime.rootfs import CA_ENV
 from hutch.templates import debian, oci
 from hutch.templates.builder import Step, StepRunner
-from hutch.templates.model import HOST, Template, check_name
+from hutch.templates.model import DEFAULT_TAG, HOST, Template, check_name, check_tag
 from hutch.templates.store import TemplateStore
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class Build:
     error: str | None = None
     failed_step: int | None = None  # the step whose failure ended the build (1-based)
     owner: str = ""  # the tenant that asked for it
+    tags: tuple[str, ...] = (DEFAULT_TAG,)  # what the finished build is registered as (`TemplateStore.put`)
     lines: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LOG_LINES))
     total_lines: int = 0  # lines logged since the start (offsets of `lines` are relative to it)
     echo: bool = False  # also to hutch's own log (the built-ins' preparation, which no client follows)
@@ -230,9 +231,14 @@ class TemplateService:
         self._run(build, make)
         return build
 
-    def new_build(self, name: str, owner: str = "", build_id: str | None = None, waiting: bool = False) -> Build:
-        """Register a build of `name` (`waiting`: its steps come later, E2B's two-call start)."""
+    def new_build(
+        self, name: str, owner: str = "", build_id: str | None = None, waiting: bool = False,
+        tags: tuple[str, ...] = (DEFAULT_TAG,),
+    ) -> Build:  # fmt: skip
+        """Register a build of `name` (`waiting`: its steps come later, E2B's two-call start),
+        to be registered under `tags` when it is done."""
         check_name(name)
+        tags = tuple(dict.fromkeys(check_tag(tag) for tag in tags)) or (DEFAULT_TAG,)
         if name == HOST:
             raise InvalidArgument(f"{HOST!r} is the host's own system, not a template that can be built")
         if name in self._building and self._building[name].status == "building":
@@ -251,7 +257,9 @@ class TemplateService:
                     f"this tenant has {len(running)} template builds unfinished, its limit "
                     f"([templates] max_builds_per_tenant); wait for one to end"
                 )
-        build = Build(name, build_id or str(uuid.uuid4()), status="waiting" if waiting else "building", owner=owner)
+        build = Build(
+            name, build_id or str(uuid.uuid4()), status="waiting" if waiting else "building", owner=owner, tags=tags
+        )
         self.builds[build.build_id] = build
         finished = [b for b in self.builds.values() if b.finished_at is not None]
         for old in sorted(finished, key=lambda b: b.finished_at or 0)[: max(0, len(finished) - KEPT_BUILDS)]:
@@ -308,7 +316,7 @@ class TemplateService:
                     build.log(f"waiting: {self.config.max_concurrent_builds} builds already run on this host")
                 async with self._slots:
                     template = await make()
-                self.store.put(template)
+                self.store.put(dataclasses.replace(template, build_id=build.build_id), build.tags)
                 build.status = "ready"
                 build.log(f"template {name} is ready")
                 log.info("template %s is ready (%d layers)", name, len(template.layers))

@@ -1,5 +1,7 @@
-"""Where templates live on disk: `<root>/layers/<id>/` (trees, stored once) and
-`<root>/templates/<name>.json` (what each template is made of).
+"""Where templates live on disk: `<root>/layers/<id>/` (trees, stored once),
+`<root>/templates/<name>.json` (what each template is made of: its newest build, the `default`
+tag) and `<root>/tags/<name>.json` (its other tags, each the record of the build it names, so
+that `name:tag` boots that build's layers after newer builds).
 
 Layers are written under `<root>/tmp/` and renamed into place when complete, and a template's
 record is written only once all its layers exist, so a crash in the middle of a build leaves
@@ -11,16 +13,18 @@ no host user may reach.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 from hutch.errors import FailedPrecondition, NotFound
-from hutch.templates.model import LAYER_ID, RootFS, Template, check_name
+from hutch.templates.model import DEFAULT_TAG, LAYER_ID, RootFS, Template, check_name, check_tag, split_ref
 
 
 class TemplateStore:
@@ -29,23 +33,34 @@ class TemplateStore:
         self.layers_dir = self.root / "layers"
         self.records_dir = self.root / "templates"
         self.tmp_dir = self.root / "tmp"
-        for directory in (self.root, self.layers_dir, self.records_dir, self.tmp_dir):
+        self.tags_dir = self.root / "tags"
+        for directory in (self.root, self.layers_dir, self.records_dir, self.tmp_dir, self.tags_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self._lock = threading.Lock()
 
     # -- templates -----------------------------------------------------------------------------
 
-    def get(self, name: str) -> Template:
-        check_name(name)
+    def get(self, ref: str) -> Template:
+        """The template `name`, or the build its tag names (`name:tag`, named so)."""
+        name, tag = split_ref(ref)
         try:
             raw = json.loads((self.records_dir / f"{name}.json").read_text())
         except FileNotFoundError:
             raise NotFound(f"template {name!r} not found") from None
-        return Template.from_dict(raw)
+        if tag == DEFAULT_TAG:
+            return Template.from_dict(raw)
+        tagged = self._tags(name).get(tag)
+        if tagged is None:
+            raise NotFound(f"template {name!r} has no tag {tag!r}")
+        return dataclasses.replace(Template.from_dict(tagged["template"]), name=f"{name}:{tag}")
 
-    def exists(self, name: str) -> bool:
-        return (self.records_dir / f"{check_name(name)}.json").exists()
+    def exists(self, ref: str) -> bool:
+        try:
+            self.get(ref)
+        except NotFound:
+            return False
+        return True
 
     def templates(self) -> list[Template]:
         found = []
@@ -54,29 +69,76 @@ class TemplateStore:
                 found.append(Template.from_dict(json.loads(path.read_text())))
         return found
 
-    def put(self, template: Template) -> None:
-        """Register (or replace) a template; every layer it names must exist."""
-        check_name(template.name)
+    def put(self, template: Template, tags: Iterable[str] = (DEFAULT_TAG,)) -> None:
+        """Register a build of a template under `tags` (`default`: its bare name, replacing the
+        newest build); every layer it names must exist. A template's first build is its default
+        whatever its tags, so that its name always names a build."""
+        name = check_name(template.name)
+        tags = {check_tag(tag) for tag in tags}
         missing = [layer for layer in template.layers if not self.has_layer(layer)]
         if missing:
-            raise FailedPrecondition(f"template {template.name!r} names missing layers {missing}")
-        path = self.records_dir / f"{template.name}.json"
-        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(template.to_dict(), indent=1))
-        tmp.rename(path)
+            raise FailedPrecondition(f"template {name!r} names missing layers {missing}")
+        with self._lock:
+            if DEFAULT_TAG in tags or not self.exists(name):
+                self._write(self.records_dir / f"{name}.json", template.to_dict())
+            others = tags - {DEFAULT_TAG}
+            if others:
+                tagged = self._tags(name)
+                now = time.time()
+                for tag in others:
+                    tagged[tag] = {"template": template.to_dict(), "tagged_at": now}
+                self._write(self.tags_dir / f"{name}.json", tagged)
+
+    def tags(self, name: str) -> dict[str, Template]:
+        """Every tag of template `name` (`default` included) and the build it names."""
+        found = {DEFAULT_TAG: self.get(name)}
+        for tag, tagged in self._tags(name).items():
+            found[tag] = dataclasses.replace(Template.from_dict(tagged["template"]), created_at=tagged["tagged_at"])
+        return found
+
+    def untag(self, name: str, tags: Iterable[str]) -> None:
+        """Remove tags of `name` (its layers go with the template, in `delete`)."""
+        self.get(name)
+        tags = {check_tag(tag) for tag in tags}
+        if DEFAULT_TAG in tags:
+            raise FailedPrecondition(f"the {DEFAULT_TAG!r} tag is the template's name: delete the template instead")
+        with self._lock:
+            tagged = self._tags(name)
+            unknown = sorted(tags - set(tagged))
+            if unknown:
+                raise NotFound(f"template {name!r} has no tag {unknown[0]!r}")
+            self._write(self.tags_dir / f"{name}.json", {t: v for t, v in tagged.items() if t not in tags})
 
     def delete(self, name: str, in_use: Iterable[str] = ()) -> None:
-        """Forget a template and free the layers no other template uses. `in_use`: the templates
-        that running instances boot from, which cannot be pulled from under them."""
-        template = self.get(name)
-        if name in set(in_use):
+        """Forget a template, all its tags, and free the layers no other template uses. `in_use`:
+        the templates (or `name:tag`s) that running instances boot from, which cannot be pulled
+        from under them."""
+        self.get(name)
+        if any(ref.partition(":")[0] == name for ref in in_use):
             raise FailedPrecondition(f"template {name!r} is in use by running sandboxes; stop them first")
         with self._lock:
+            dropped = {layer for version in self.tags(name).values() for layer in version.layers}
             (self.records_dir / f"{name}.json").unlink(missing_ok=True)
-            kept = {layer for other in self.templates() for layer in other.layers}
-            for layer in template.layers:
-                if layer not in kept:
-                    self._remove_tree(self.layers_dir / layer)
+            (self.tags_dir / f"{name}.json").unlink(missing_ok=True)
+            kept = {layer for other in self.templates() for version in self._versions(other) for layer in version}
+            for layer in dropped - kept:
+                self._remove_tree(self.layers_dir / layer)
+
+    def _tags(self, name: str) -> dict[str, dict]:
+        try:
+            return json.loads((self.tags_dir / f"{name}.json").read_text())
+        except FileNotFoundError:
+            return {}
+
+    def _versions(self, template: Template) -> list[tuple[str, ...]]:
+        """The layers of every build a template's tags name."""
+        return [template.layers, *(tuple(t["template"]["layers"]) for t in self._tags(template.name).values())]
+
+    @staticmethod
+    def _write(path: Path, content: dict) -> None:
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps(content, indent=1))
+        tmp.rename(path)
 
     def rootfs(self, name: str) -> RootFS:
         template = self.get(name)

@@ -83,6 +83,44 @@ def test_the_sdk_builds_a_template_and_sandboxes_of_it_show_every_step(e2b_tenan
     assert not any(line.startswith("[") and "RUN" in line for line in again)
 
 
+def test_tags_name_builds_that_sandboxes_boot_after_newer_builds(e2b_tenant, template_server):
+    name = f"tagged-{uuid.uuid4().hex[:8]}"
+
+    def build(version: str, tags: list[str] | None = None, ref: str = name) -> str:
+        template = Template().from_template(TEST_TEMPLATE).run_cmd(f"echo {version} > /etc/version", user="root")
+        return Template.build(template, ref, tags=tags).build_id
+
+    first = build("one", tags=["v1", "stable"])  # the bare name: the default tag too
+    second = build("two")  # the default tag moves; v1 and stable stay
+    build("three", ref=f"{name}:canary")  # a tag only: the default stays
+
+    def version(ref: str) -> str:
+        box = Sandbox.create(ref, timeout=60)
+        try:
+            return box.commands.run("cat /etc/version").stdout.strip()
+        finally:
+            box.kill()
+
+    assert [version(ref) for ref in (name, f"{name}:v1", f"{name}:stable", f"{name}:canary")] == [
+        "two", "one", "one", "three",
+    ]  # fmt: skip
+    tags = {tag.tag: tag.build_id for tag in Template.get_tags(name)}
+    assert tags == {"default": second, "v1": first, "stable": first, "canary": tags["canary"]}
+
+    assigned = Template.assign_tags(f"{name}:v1", ["production"])
+    assert assigned.build_id == first and assigned.tags == ["production"]
+    Template.remove_tags(name, ["stable", "canary"])
+    assert sorted(tag.tag for tag in Template.get_tags(name)) == ["default", "production", "v1"]
+    assert version(f"{name}:production") == "one"
+    with pytest.raises(SandboxException, match="no tag 'stable'"):
+        Sandbox.create(f"{name}:stable", timeout=30)
+    # Another tenant cannot move this tenant's tags.
+    other = template_server.new_tenant(f"other-{uuid.uuid4().hex[:6]}")
+    assert other.post("/templates/tags", json={"target": name, "tags": ["x"]}).status_code == 403
+    assert other.request("DELETE", "/templates/tags", json={"name": name, "tags": ["v1"]}).status_code == 403
+    assert sorted(tag.tag for tag in Template.get_tags(name)) == ["default", "production", "v1"]
+
+
 def test_a_failing_step_fails_the_build_with_its_exit_code_and_registers_nothing(e2b_tenant):
     name = f"broken-{uuid.uuid4().hex[:8]}"
     template = Template().from_template(TEST_TEMPLATE).run_cmd("echo about to fail; exit 3")
@@ -193,6 +231,33 @@ def test_the_sdk_builds_from_an_image_in_a_registry_and_a_missing_image_fails_cl
     box = Sandbox.create(name, timeout=60)
     assert box.commands.run("cat /etc/df; echo $DF; pwd").stdout.split() == ["from-dockerfile", "yes", "/opt"]
     box.kill()
+
+
+def test_an_image_with_a_link_where_sandboxes_mount_fails_its_build_and_registers_nothing(
+    registry, fresh_server, template_store, monkeypatch, tmp_path
+):
+    # No sandbox could boot from such a tree (bwrap would follow the link out of the sandbox's
+    # root): the build says so when it pulls the image, not the first sandbox at its boot.
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/os-release").write_text("ID=linked\n")
+    os.symlink("/oldroot/var/tmp", tree / "tmp")
+    image = f"{tmp_path}/oci:linked"
+    for argv in (
+        ["umoci", "init", "--layout", f"{tmp_path}/oci"],
+        ["umoci", "new", "--image", image],
+        ["umoci", "insert", "--image", image, str(tree), "/"],
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{image}", f"docker://{registry}/test/linked:1"],
+    ):
+        subprocess.run(argv, check=True, capture_output=True)
+    server = fresh_server(f'[templates]\ndir = "{template_store.root}"\ninsecure_registries = ["{registry}"]\n')
+    monkeypatch.setenv("E2B_API_URL", server.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", server.url)
+    monkeypatch.setenv("E2B_API_KEY", server.new_tenant("linked").headers["X-API-Key"])
+    name = f"linked-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(BuildException, match=r"symbolic link where sandboxes mount.*/tmp -> /oldroot/var/tmp"):
+        Template.build(Template().from_image(f"{registry}/test/linked:1"), name)  # no step: nothing would boot it
+    assert not Template.exists(name)
 
 
 def test_an_oversized_copy_upload_is_a_413_and_registers_nothing(fresh_server, template_store, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from hutch.selftest.stage import BACKENDS, ROOTS, Stage, runtime_of
+from hutch.selftest.stage import BACKENDS, ROOT_NET, ROOTS, Stage, runtime_of
 from hutch.selftest.target import Target
 from tests.conftest import TEST_TEMPLATE
 
@@ -58,7 +58,7 @@ def stage(root_templates):
 def backend(request, stage) -> str:
     """The backend a parametrized test runs on, skipped where it is not installed."""
     name = request.param
-    if name in ROOTS:
+    if name in (*ROOTS, ROOT_NET):
         if runtime_of(name) not in installed_backends():
             pytest.skip(f"{runtime_of(name)} is not installed here")
         if name not in stage.victims:

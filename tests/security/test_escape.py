@@ -12,7 +12,7 @@ import pytest
 from hutch.selftest import rootfs
 from hutch.selftest.battery import escape_backends, run_escape
 from hutch.selftest.escape import ESCAPES
-from hutch.selftest.stage import BACKENDS, ROOTS
+from hutch.selftest.stage import BACKENDS, ROOT_NET, ROOTS
 
 CASTS = (*BACKENDS, *ROOTS)
 CASES = [pytest.param(e, b, id=f"{e.id}-{b}") for e in ESCAPES for b in escape_backends(e, CASTS)]
@@ -35,10 +35,12 @@ def test_root_inside_leaves_the_templates_layer_and_the_hosts_uids_alone(stage, 
     assert outcome.bystanders_ok, outcome.failure()
 
 
-def test_the_root_cast_plays_every_escape_but_the_networked_one_and_root_kernel_only_there():
+def test_the_root_casts_play_every_escape_and_root_kernel_only_there():
     for cast in ROOTS:
         played = {e.id for e in ESCAPES if cast in escape_backends(e, CASTS)}
         assert played == {e.id for e in ESCAPES} - {"networked-host-services"}
+    # The networked one as root inside a session with a network (bwrap's).
+    assert escape_backends(next(e for e in ESCAPES if e.id == "networked-host-services"), CASTS) == ["net", ROOT_NET]
     assert escape_backends(next(e for e in ESCAPES if e.id == "root-kernel"), BACKENDS) == []
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,43 @@ def test_a_template_in_use_is_not_deleted(store):
     with pytest.raises(FailedPrecondition, match="in use"):
         store.delete("busy", in_use={"busy"})
     assert store.exists("busy")
+
+
+def test_tags_name_builds_that_outlive_newer_builds_and_keep_their_layers(store):
+    v1, v2 = _layer(store, "a" * 64), _layer(store, "b" * 64)
+    store.put(Template(name="app", layers=(v1,), env={"V": "1"}), tags=("default", "v1", "stable"))
+    store.put(Template(name="app", layers=(v2,), env={"V": "2"}))  # a newer build: the default tag only
+    assert store.get("app").env == {"V": "2"} and store.get("app:default").env == {"V": "2"}
+    assert store.get("app:v1").env == {"V": "1"} and store.get("app:v1").name == "app:v1"
+    assert store.rootfs("app:stable").layer_paths == (str(store.layers_dir / v1),)
+    assert sorted(store.tags("app")) == ["default", "stable", "v1"]
+    assert [t.name for t in store.templates()] == ["app"]  # tags are not templates of their own
+    with pytest.raises(NotFound, match="no tag 'v9'"):
+        store.get("app:v9")
+    with pytest.raises(InvalidArgument):
+        store.get("app:Bad Tag")
+
+    # A build registered under a tag only leaves the default alone (but a first build is the default).
+    store.put(Template(name="app", layers=(v2,), env={"V": "3"}), tags=("canary",))
+    assert store.get("app").env == {"V": "2"} and store.get("app:canary").env == {"V": "3"}
+    store.put(Template(name="fresh", layers=(v2,)), tags=("v1",))
+    assert store.get("fresh").layers == (v2,)
+
+    store.untag("app", ["stable", "v1"])
+    assert sorted(store.tags("app")) == ["canary", "default"]
+    with pytest.raises(NotFound):
+        store.untag("app", ["v1"])
+    with pytest.raises(FailedPrecondition):
+        store.untag("app", ["default"])
+    # A running instance of one tag holds the whole template; deleting frees every tag's layers
+    # no other template uses.
+    store.put(Template(name="app", layers=(v1,)), tags=("old",))
+    with pytest.raises(FailedPrecondition, match="in use"):
+        store.delete("app", in_use={"app:old"})
+    store.delete("fresh")
+    store.delete("app")
+    assert not store.has_layer(v1) and not store.has_layer(v2)
+    assert not (store.tags_dir / "app.json").exists()
 
 
 def test_a_layer_built_twice_at_once_keeps_the_first_and_scraps_are_swept(store):
@@ -126,3 +165,19 @@ def test_image_references_name_their_registry_and_image_config_gives_defaults():
     config = {"Env": ["PATH=/x", "A=1"], "WorkingDir": "/srv", "User": "app:app"}
     assert oci.defaults(config) == {"env": {"A": "1"}, "workdir": "/srv", "user": "app"}
     assert oci.defaults({"User": "1000"})["user"] == "user"
+
+
+@pytest.mark.parametrize("linked", ["run", "usr", "usr/bin/sudo", "etc/resolv.conf", "tmp", "opt"])
+def test_a_layer_with_a_link_at_or_above_a_mount_point_is_refused(tmp_path, linked):
+    from hutch.runtime.rootfs import refuse_linked_mount_points
+
+    tree = tmp_path / "layer"
+    for directory in ("etc", "usr/bin", "opt", "run"):
+        (tree / directory).mkdir(parents=True)
+    refuse_linked_mount_points(tree, "a clean layer")  # directories where sandboxes mount: fine
+    target = tree / linked
+    if target.is_dir():
+        shutil.rmtree(target)
+    os.symlink("/oldroot/var/tmp", target)
+    with pytest.raises(FailedPrecondition, match=f"step 3 left a symbolic link .*/{linked} -> /oldroot/var/tmp"):
+        refuse_linked_mount_points(tree, "step 3")
