@@ -438,3 +438,13 @@ def test_a_kernel_the_recipe_s_setup_installed_runs_other_languages_as_the_user(
     # A language whose kernel the template lacks: a 400 that says what is missing.
     with pytest.raises(InvalidArgument, match="Deno's Jupyter kernel"):
         sandbox.loop.run(sandbox.channel.execute("1", language="javascript"))
+
+
+def test_functions_name_templates_on_both_local_backends_and_not_on_kubernetes():
+    from pydantic import ValidationError
+
+    from hutch.functions import FunctionSpec
+
+    assert FunctionSpec(name="g", runtime="gvisor", template="base").template == "base"
+    with pytest.raises(ValidationError, match="templates run on the bwrap and gvisor runtimes"):
+        FunctionSpec(name="k", runtime="kubernetes", template="base")
