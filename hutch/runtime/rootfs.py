@@ -223,12 +223,13 @@ def check(result, what):
         os._exit(1)
     return result
 userns, sock = int(sys.argv[1]), int(sys.argv[2])
+os.chdir(sys.argv[3])  # paths relative to it: fsconfig takes values of 256 bytes at most
 check(libc.setns(userns, 0x10000000), "setns")
 os.setresgid(0, 0, 0)
 os.setresuid(0, 0, 0)
 check(libc.unshare(0x00020000), "unshare")
 fs = check(libc.syscall(430, b"overlay", 1), "fsopen")
-for option in sys.argv[3:]:
+for option in sys.argv[4:]:
     key, _, value = option.partition("=")
     check(libc.syscall(431, fs, 1 if value else 0, key.encode(), value.encode() if value else None, 0), key)
 check(libc.syscall(431, fs, 6, None, None, 0), "create")
@@ -252,17 +253,30 @@ def mount_root(
     targets, workspace = _idmap_layers(instance_dir, layer_paths, workspace_path, userns_fd, owner)
     root = instance_dir / "rootfs" / ROOT_MOUNT
     root.mkdir(mode=0o755, exist_ok=True)
+    # One layer per `lowerdir+` (Linux 6.8+), the topmost first: `lowerdir=` takes them all in
+    # one value, which fsconfig cuts at 256 bytes (a few layers' paths).
+    base = instance_dir / "rootfs"
     options = [
-        "lowerdir=" + ":".join(str(target) for target in reversed(targets)),  # the topmost first
-        f"upperdir={workspace / 'upper'}",
-        f"workdir={workspace / 'work'}",
+        *(f"lowerdir+={target.relative_to(base)}" for target in reversed(targets)),
+        f"upperdir={(workspace / 'upper').relative_to(base)}",
+        f"workdir={(workspace / 'work').relative_to(base)}",
         "userxattr",  # as bwrap's overlay, made in a user namespace too: one upper layer format
     ]
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with ours, theirs:
         try:
             helper = subprocess.run(
-                [sys.executable, "-I", "-S", "-c", _OVERLAY_HELPER, str(userns_fd), str(theirs.fileno()), *options],
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-c",
+                    _OVERLAY_HELPER,
+                    str(userns_fd),
+                    str(theirs.fileno()),
+                    str(base),
+                    *options,
+                ],
                 pass_fds=(userns_fd, theirs.fileno()),
                 stdin=subprocess.DEVNULL,
                 capture_output=True,

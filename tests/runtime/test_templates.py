@@ -332,25 +332,30 @@ def _layer_with_links(template_store, links: dict[str, str]) -> str:
     return name
 
 
-def test_a_template_of_several_layers_shows_the_topmost_copy_of_a_file(loop, boot, template_store):
-    # Layers are listed bottom first; an overlay's lowerdir names the topmost first.
+def test_a_template_of_many_layers_shows_the_topmost_copy_of_a_file(loop, boot, template_store):
+    # Layers are listed bottom first; an overlay's lower layers are given the topmost first. Ten
+    # layers: their paths together pass fsconfig's 256 bytes per value (gVisor's overlay).
     import hashlib
 
     from hutch.templates.model import Template
 
-    content = b"layered-on-top\n"
-    layer = hashlib.sha256(b"several-layers:" + content).hexdigest()
-    if not template_store.layer_path(layer).exists():
-        scratch = template_store.scratch()
-        (scratch / "etc").mkdir(mode=0o755)
-        (scratch / "etc/debian_version").write_bytes(content)
-        template_store.commit(scratch, layer)
-    name = f"layers-{layer[:8]}"
-    template_store.put(Template(name=name, layers=(*template_store.get(TEST_TEMPLATE).layers, layer), source="test"))
+    def tiny_layer(files: dict[str, bytes]) -> str:
+        layer = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()
+        if not template_store.layer_path(layer).exists():
+            scratch = template_store.scratch()
+            (scratch / "etc").mkdir(mode=0o755)
+            for path, content in files.items():
+                (scratch / path).write_bytes(content)
+            template_store.commit(scratch, layer)
+        return layer
+
+    layers = [tiny_layer({f"etc/layer-{i}": b"%d\n" % i, "etc/debian_version": b"layer %d\n" % i}) for i in range(10)]
+    name = f"layers-{layers[-1][:8]}"
+    template_store.put(Template(name=name, layers=(*template_store.get(TEST_TEMPLATE).layers, *layers), source="test"))
     try:
         sandbox = boot(template=name)
-        seen = sandbox.run("cat /etc/debian_version; test -x /usr/bin/python3 && echo base-is-there")
-        assert seen.stdout == content + b"base-is-there\n", seen.stderr
+        seen = sandbox.run("cat /etc/debian_version /etc/layer-0 /etc/layer-9; test -x /usr/bin/python3 && echo base")
+        assert seen.stdout == b"layer 9\n0\n9\nbase\n", seen.stderr
         sandbox.stop()
     finally:
         template_store.delete(name)
