@@ -93,6 +93,14 @@ class AffinityConfig(BaseModel):
         le=21600,
         description="freeze a session idle this long (no CPU, memory kept; the next request wakes it); 0: never",
     )
+    session_hibernate_after_idle_s: int = Field(
+        0,
+        alias="sessionHibernateAfterIdleInSeconds",
+        ge=0,
+        le=21600,
+        description="hibernate a session idle this long to disk (no RAM, no process; the next request restores "
+        "it with its memory) where the host can (CRIU, a template without a network), else freeze it; 0: never",
+    )
     disable_session_id_reuse: bool = Field(False, alias="disableSessionIdReuse")
 
     @field_validator("header_name", "cookie_name")

@@ -108,14 +108,15 @@ class _StateCollector(Collector):
             family.add_metric([state], count)
         yield family
 
-        asleep = {(how, why): 0 for how in ("frozen", "stopped") for why in ("paused", "idle")}
+        asleep = {(how, why): 0 for how in ("frozen", "hibernated", "stopped") for why in ("paused", "idle")}
         for session in live:
             if session.sleep:
                 how_why = (str(session.sleep["state"]), "paused" if session.paused else "idle")
                 asleep[how_why] = asleep.get(how_why, 0) + 1
         family = GaugeMetricFamily(
             "hutch_sessions_asleep",
-            "Live sessions asleep: frozen (memory kept) or stopped (files only); paused by their owner or idle",
+            "Live sessions asleep: frozen (memory kept in RAM), hibernated (memory on disk) or stopped (files "
+            "only); paused by their owner or idle",
             labels=["how", "why"],
         )
         for (how, why), count in asleep.items():

@@ -87,6 +87,10 @@ def _listener(config):
         pass
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
+    try:
+        os.chmod(path, 0o600)  # the host connects as root; no other user inside may
+    except OSError:
+        pass  # gVisor's host socket: its run directory is the sandbox user's alone anyway
     sock.listen(128)
     return sock
 

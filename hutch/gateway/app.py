@@ -59,6 +59,9 @@ class Gateway:
         drop pooled connections and MCP bindings of sessions that end."""
         self.mcp.restore(self.sessions.active_sessions())
         self.sessions.on_end.append(self._session_ended)
+        quiesce = getattr(self.sessions, "on_quiesce", None)  # sessions of this host (not a cluster's gateway)
+        if quiesce is not None:
+            quiesce.append(self.pool.drop_instance)
 
     def close(self) -> None:
         self.pool.close()

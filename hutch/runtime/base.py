@@ -81,6 +81,9 @@ class InstanceState(enum.Enum):
     RUNNING = "running"  # agent answers on its socket
     STOPPED = "stopped"  # stopped on purpose; everything but a kept workspace is gone
     CRASHED = "crashed"  # died on its own (OOM kill of the agent, lifetime cap, killed from outside)
+    # Its memory and processes are on disk (`Runtime.hibernate`): nothing of it runs, its
+    # workspace is kept; `Runtime.restore` brings it back as it was.
+    HIBERNATED = "hibernated"
 
 
 @dataclass
@@ -108,6 +111,15 @@ class InstanceStats:
     memory_peak_bytes: int
     pids: int
     workspace_bytes: int
+
+
+@dataclass(frozen=True)
+class HibernationImage:
+    """What `Runtime.hibernate` wrote: the instance's whole memory, processes and their state."""
+
+    path: Path  # a root-only directory on the host (the images hold the session's secrets)
+    size_bytes: int
+    dump_seconds: float
 
 
 class InstanceTable:
@@ -242,6 +254,32 @@ class Runtime(Protocol):
 
     def frozen(self, instance_id: InstanceId) -> bool:
         """Whether the instance is frozen (read from the host: it survives hutch's restarts)."""
+        ...
+
+    def can_hibernate(self, instance_id: InstanceId | None = None) -> bool:
+        """Whether this runtime can hibernate instances (None), or this instance (cheap)."""
+        ...
+
+    async def hibernate(self, instance_id: InstanceId) -> HibernationImage:
+        """Write the instance's memory and processes to disk and end them (frozen or not): it
+        then holds no memory and no process, only its workspace and the image. The caller has
+        closed its own connections to the agent first.
+
+        Raises:
+            Unimplemented: this backend, host or instance cannot hibernate.
+            FailedPrecondition: the instance is not running.
+            IsolationError: the dump failed; the instance runs on as it was (frozen or not).
+        """
+        ...
+
+    async def restore(self, instance_id: InstanceId) -> Instance:
+        """Bring a hibernated instance back with its memory, processes and files; returns once
+        its agent answers.
+
+        Raises:
+            FailedPrecondition: the instance is not hibernated.
+            IsolationError: the restore failed; the instance stays hibernated, its image intact.
+        """
         ...
 
     async def set_network(self, instance_id: InstanceId, policy: dict) -> None:

@@ -21,21 +21,26 @@ backend in `hutch.runtime.local`; this module holds what is bwrap's own (steps 3
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import marshal
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import time
 from pathlib import Path
 
-from hutch.errors import IsolationError
-from hutch.runtime import seccomp
-from hutch.runtime.base import Instance, InstanceSpec, Resources
-from hutch.runtime.cgroups import CgroupManager
+from hutch.errors import FailedPrecondition, IsolationError, Unimplemented
+from hutch.runtime import idmap, seccomp
+from hutch.runtime.base import HibernationImage, Instance, InstanceSpec, InstanceState, Resources
+from hutch.runtime.cgroups import Cgroup, CgroupManager
+from hutch.runtime.criu import Criu, find_criu
 from hutch.runtime.hostfs import RUN_DIR, SANDBOX_HOME
 from hutch.runtime.local import (
     INSTANCE_WORKSPACE_PREFIX,
@@ -47,7 +52,7 @@ from hutch.runtime.local import (
     read_error,
     undo_all,
 )
-from hutch.runtime.network import Networking
+from hutch.runtime.network import NETNS_DIR, Networking
 from hutch.runtime.rootfs import (
     CAPABILITIES,
     SANDBOX_PATH,
@@ -57,6 +62,7 @@ from hutch.runtime.rootfs import (
 )
 from hutch.runtime.userns import SANDBOX_UID, UidSlots, create_userns
 from hutch.storage.base import WorkspaceStore
+from hutch.types import InstanceId
 
 __all__ = ["INSTANCE_WORKSPACE_PREFIX", "READY_TIMEOUT", "BwrapRuntime", "bwrap_binary", "pid_start_time"]
 
@@ -86,9 +92,17 @@ class BwrapRuntime(LocalRuntime):
         uid_slots: UidSlots | None = None,
         cgroups: CgroupManager | None = None,
         networking: Networking | None = None,
+        criu: str | None = None,
     ) -> None:
         super().__init__(data_dir, store, uid_slots, cgroups, networking)
         self.bwrap = bwrap_binary()
+        # Hibernation to disk is optional: without a usable CRIU, sessions only freeze.
+        self.criu, why_not = find_criu(criu, self.data_dir)
+        if self.criu is not None:
+            log.info("hibernation: on (%s at %s)", self.criu, self.criu.path)
+        else:
+            log.info("hibernation: off: %s", why_not)
+        self.hibernation_off_reason = why_not
 
     def _spawn(self, spec: InstanceSpec) -> tuple[Instance, subprocess.Popen, int]:
         undo: list = []
@@ -97,20 +111,28 @@ class BwrapRuntime(LocalRuntime):
             prepared = self._prepare(spec, undo)
             if spec.rootfs is not None:
                 self._check_mount_points(spec, prepared.workspace_path)
-            socket_path = prepared.instance_dir / "run" / "agent.sock"
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(str(socket_path))
-            os.chmod(socket_path, 0o600)  # inside, only the agent (holding the fd) may use it
-            listener.listen(128)
-            fds.append(listener.detach())
-            listen_fd = fds[-1]
+            base_uid = self.uid_slots.base(prepared.slot)
+            hibernatable = self.can_hibernate_spec(spec)
+            run_dir = prepared.instance_dir / "run"
+            listen_fd: int | None = None
+            if hibernatable:
+                # CRIU dumps only what the sandbox made itself: the agent binds its own socket
+                # in the run directory, which is root-inside's until `_ready` seals it.
+                os.chown(run_dir, base_uid, base_uid)
+                os.chmod(run_dir, 0o700)
+            else:
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind(str(run_dir / "agent.sock"))
+                os.chmod(run_dir / "agent.sock", 0o600)  # inside, only the agent (holding the fd) may use it
+                listener.listen(128)
+                fds.append(listener.detach())
+                listen_fd = fds[-1]
 
             cgroup = self.cgroups.create(spec.instance_id, spec.resources)
             undo.append(cgroup.remove)
             undo.append(cgroup.kill_all)
             netns = self._attach_network(spec, prepared, undo)
 
-            base_uid = self.uid_slots.base(prepared.slot)
             userns_fd = create_userns(base_uid, owned=spec.rootfs is not None)
             fds.append(userns_fd)
             overlay: list[str] = []
@@ -142,10 +164,11 @@ class BwrapRuntime(LocalRuntime):
                 # bwrap enters no network namespace by itself: it starts in the instance's, and
                 # the sandbox, owned by its own user namespace, has no capability in it.
                 argv = ["nsenter", f"--net={netns}", "--", *argv]
+            passed = (userns_fd, seccomp_fd, info_w, block_r, go_r)
             try:
                 popen = subprocess.Popen(
                     argv,
-                    pass_fds=(userns_fd, seccomp_fd, info_w, block_r, listen_fd, go_r),
+                    pass_fds=tuple(fd for fd in (*passed, listen_fd) if fd is not None),
                     stdin=subprocess.DEVNULL,
                     stdout=stderr_w,
                     stderr=stderr_w,
@@ -154,7 +177,7 @@ class BwrapRuntime(LocalRuntime):
                 )
             except OSError as exc:
                 raise IsolationError(f"cannot run bwrap: {exc}") from None
-            given = {userns_fd, seccomp_fd, info_w, block_r, stderr_w, listen_fd, go_r}  # bwrap has them now
+            given = {*passed, stderr_w} | ({listen_fd} if listen_fd is not None else set())  # bwrap has them now
             for fd in given:
                 os.close(fd)
             fds = [fd for fd in fds if fd not in given]
@@ -165,7 +188,7 @@ class BwrapRuntime(LocalRuntime):
             info = self._read_info(info_r, popen, stderr_r)
             pid = int(info["child-pid"])
             cgroup.add_process(pid)
-            detail = {"cgroup": cgroup.to_dict(), "bwrap_pid": popen.pid}
+            detail = {"cgroup": cgroup.to_dict(), "bwrap_pid": popen.pid, "hibernatable": hibernatable}
             # Recorded before it runs: a crash of hutch from here on leaves a record to clean up.
             # Before that, a crash closes `go_w` unwritten, and the agent exits at once.
             instance = self._record(spec, prepared, pid, detail)
@@ -180,13 +203,14 @@ class BwrapRuntime(LocalRuntime):
                 with contextlib.suppress(OSError):
                     os.close(fd)
 
-    def _agent_env(self, spec: InstanceSpec, listen_fd: int, go_fd: int | None = None) -> str:
-        """`HUTCH_AGENT`: the agent's boot configuration (`hutch.agent.config`)."""
+    def _agent_env(self, spec: InstanceSpec, listen_fd: int | None, go_fd: int | None = None) -> str:
+        """`HUTCH_AGENT`: the agent's boot configuration (`hutch.agent.config`); without a
+        `listen_fd`, the agent binds its socket in the run directory itself."""
         resources: Resources = spec.resources
         config = {
             **agent_config(self.host, spec),
             **(self._rootfs_agent_config(spec) if spec.rootfs is not None else {}),
-            "listen_fd": listen_fd,
+            **({"listen_fd": listen_fd} if listen_fd is not None else {"socket_path": f"{RUN_DIR}/agent.sock"}),
             "rlimits": {"nofile": [resources.nofile, resources.nofile], "core": [0, 0]},
             **({"go_fd": go_fd} if go_fd is not None else {}),
         }
@@ -258,7 +282,8 @@ class BwrapRuntime(LocalRuntime):
             *self.agent_runtime.bwrap_mounts(),
             *(["--ro-bind", str(self.sudo_shim), "/usr/bin/sudo"]
               if template_has(rootfs.layer_paths, "/usr/bin/sudo") else []),
-            "--ro-bind", str(instance_dir / "run"), RUN_DIR,
+            # Writable only where the agent binds its own socket (sealed once it has: `_ready`).
+            "--ro-bind" if listen_fd is not None else "--bind", str(instance_dir / "run"), RUN_DIR,
             *(["--ro-bind", str(instance_dir / "resolv.conf"), "/etc/resolv.conf"] if spec.network else []),
             "--chdir", "/",
             "--clearenv",
@@ -268,6 +293,273 @@ class BwrapRuntime(LocalRuntime):
         if spec.network is None:
             argv.append("--unshare-net")  # loopback only
         return argv + self.agent_runtime.command()
+
+    # -- hibernation (CRIU) ---------------------------------------------------------------------
+
+    def can_hibernate_spec(self, spec: InstanceSpec) -> bool:
+        """Whether an instance of `spec` gets the layout CRIU can dump: a template's root file
+        system (its user namespace maps root, so CRIU can run as its owner). A network
+        namespace hutch made for it stays on the host while it hibernates, and CRIU runs in it
+        (`_in_netns`): to CRIU it is then no namespace of the tree's, dumped or made again, and
+        the restored tree is back in it."""
+        return self.criu is not None and spec.rootfs is not None
+
+    def can_hibernate(self, instance_id: InstanceId | None = None) -> bool:
+        if instance_id is None:
+            return self.criu is not None
+        instance = self._instances.get(instance_id)
+        return self.criu is not None and instance is not None and bool(instance.detail.get("hibernatable"))
+
+    def _ready(self, instance: Instance) -> None:
+        if instance.detail.get("hibernatable"):
+            self._seal_run_dir(instance)
+
+    def _seal_run_dir(self, instance: Instance) -> None:
+        """Take the run directory back from the sandbox once the agent has bound its socket:
+        hutch connects to that path as root from now on, and a sandbox that could still write
+        there could swap the socket for a link to another socket of the host."""
+        _seal(self.instances_dir / instance.instance_id / "run")
+        mode = os.lstat(instance.socket_path).st_mode
+        if not stat.S_ISSOCK(mode):
+            raise IsolationError(f"instance {instance.instance_id}: {instance.socket_path} is not the agent's socket")
+
+    def _images_dir(self, instance_id: InstanceId) -> Path:
+        """`<instance dir>/hibernation/image/`: it goes with the instance's directory. The images
+        hold the session's memory: `hibernation/` is root's and 0700, so no host user but root
+        reaches them. Inside, the restore's tasks read them before their user namespace maps
+        any uid (through the directory's fd CRIU opened as root): the image directory is the
+        namespace owner's and 0711, its files 0644."""
+        return self.instances_dir / instance_id / "hibernation" / "image"
+
+    def _hibernation_criu(self, instance_id: InstanceId) -> Criu:
+        instance = self.get(instance_id)
+        if self.criu is None:
+            raise Unimplemented(f"this host cannot hibernate sandboxes: {self.hibernation_off_reason}")
+        if not instance.detail.get("hibernatable"):
+            raise Unimplemented(f"instance {instance_id} cannot hibernate (only instances of a template can)")
+        return self.criu
+
+    async def hibernate(self, instance_id: InstanceId) -> HibernationImage:
+        criu = self._hibernation_criu(instance_id)
+        instance = self.get(instance_id)
+        if instance.state != InstanceState.RUNNING:
+            raise FailedPrecondition(f"instance {instance_id} is {instance.state.value}, not running")
+        watch = self._watches.get(instance_id)
+        if watch is not None:
+            watch.stopping = True  # its end after a good dump is no crash
+        try:
+            image = await asyncio.to_thread(self._dump, criu, instance)
+        except BaseException:
+            if watch is not None:
+                watch.stopping = False
+            raise
+        if watch is not None:
+            try:
+                await asyncio.wait_for(watch.exited.wait(), 5)
+            except TimeoutError:
+                log.error("instance %s: pid 1 still there after its dump", instance_id)
+        self._watches.pop(instance_id, None)
+        instance.state = InstanceState.HIBERNATED
+        instance.detail["bwrap_pid"] = None
+        self._save(instance)
+        cgroup = Cgroup.from_dict(instance.detail["cgroup"])
+        await asyncio.to_thread(cgroup.kill_all)  # nothing should be left; CRIU killed the tree
+        await asyncio.to_thread(cgroup.remove)
+        return image
+
+    def _dump(self, criu: Criu, instance: Instance) -> HibernationImage:
+        images = self._images_dir(instance.instance_id)
+        shutil.rmtree(images.parent, ignore_errors=True)
+        images.parent.mkdir(mode=0o700)
+        images.mkdir(mode=0o711)
+        base_uid = self.uid_slots.base(instance.detail["slot"])
+        os.chown(images, base_uid, base_uid)  # CRIU's dump writes as the namespace's owner
+        cgroup = Cgroup.from_dict(instance.detail["cgroup"])
+        freezer = cgroup.dirs.get("freezer") or cgroup.dirs.get("unified")
+        command = [
+            *self._in_netns(instance),
+            # As the owner of the instance's user namespace, who holds every capability in it
+            # (see `hutch.runtime.criu`): hutch's own namespace is the slot's base uid's, a
+            # restored one root's.
+            *criu.command("dump", instance.detail.get("userns_owner", base_uid)),
+            "-t", str(instance.pid), "-D", str(images), "-o", "dump.log",
+            *_CRIU_FLAGS,
+            *[f"--external=mnt[{inside}]:{key}" for key, (inside, _) in self._host_binds(instance).items()],
+        ]  # fmt: skip
+        if "root_overlay" not in instance.detail:
+            instance.detail["root_overlay"] = _root_overlay(instance.pid)
+
+        def dump() -> tuple[subprocess.CompletedProcess, float]:
+            # A frozen tree cannot be seized but through its freezer (CRIU then leaves it
+            # frozen if the dump fails).
+            frozen = freezer is not None and cgroup.frozen()
+            started = time.monotonic()
+            result = _run_criu([*command, *(["--freeze-cgroup", str(freezer)] if frozen else [])])
+            return result, time.monotonic() - started
+
+        result, took = dump()
+        if result.returncode != 0 and cgroup.frozen() and _holds_host_socket(images / "dump.log"):
+            # Connections closed by hutch after the freeze: the agent can close its ends only
+            # while it runs. Thawed a moment for that; frozen again if the dump still fails.
+            cgroup.thaw()
+            try:
+                result, took = dump()
+                for pause in _UNIX_RETRIES:
+                    if result.returncode == 0 or not _holds_host_socket(images / "dump.log"):
+                        break
+                    time.sleep(pause)
+                    result, took = dump()
+            finally:
+                if result.returncode != 0:
+                    cgroup.freeze()
+        for pause in _UNIX_RETRIES:
+            # The agent may not yet have closed its end of a connection hutch just closed.
+            if result.returncode == 0 or cgroup.frozen() or not _holds_host_socket(images / "dump.log"):
+                break
+            time.sleep(pause)
+            result, took = dump()
+        if result.returncode != 0:
+            why = _criu_errors(images / "dump.log", result)
+            shutil.rmtree(images.parent, ignore_errors=True)
+            raise IsolationError(f"hibernation of instance {instance.instance_id} failed (it runs on): {why}")
+        # Not fsync'ed: that doubled the time of a hibernation (and slowed the next restore)
+        # for what only a crash of the host would need, which ends every session's memory anyway.
+        size = 0
+        for entry in images.iterdir():
+            os.chown(entry, base_uid, base_uid)  # a restored namespace is root's: so is its dump
+            os.chmod(entry, 0o644)
+            size += entry.stat().st_size
+        return HibernationImage(images, size, took)
+
+    async def restore(self, instance_id: InstanceId) -> Instance:
+        criu = self._hibernation_criu(instance_id)
+        instance = self.get(instance_id)
+        if instance.state != InstanceState.HIBERNATED:
+            raise FailedPrecondition(f"instance {instance_id} is {instance.state.value}, not hibernated")
+        pid, cgroup = await asyncio.to_thread(self._restore, criu, instance)
+        instance.pid = pid
+        instance.pid_start_time = pid_start_time(pid) or 0
+        instance.detail["cgroup"] = cgroup.to_dict()
+        instance.detail["userns_owner"] = 0
+        instance.state = InstanceState.STARTING
+        self._watch(instance, None, reap=True)  # CRIU made pid 1 our child (`-S`)
+        try:
+            await self._wait_restored(instance)
+        except BaseException:
+            # Back to hibernated: the image is intact, and a later restore may work.
+            watch = self._watches.pop(instance_id, None)
+            if watch is not None:
+                watch.stopping = True
+            await asyncio.to_thread(self._kill, instance, cgroup)
+            if watch is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watch.exited.wait(), 5)
+            await asyncio.to_thread(cgroup.remove)
+            instance.state = InstanceState.HIBERNATED
+            self._save(instance)
+            raise
+        instance.state = InstanceState.RUNNING
+        self._save(instance)
+        # The image is stale now that the instance runs on: never to be restored again.
+        await asyncio.to_thread(shutil.rmtree, self._images_dir(instance_id).parent, True)
+        return instance
+
+    async def _wait_restored(self, instance: Instance) -> None:
+        from hutch.runtime.channel import AgentChannel
+
+        channel = AgentChannel(instance.socket_path)
+        try:
+            await channel.wait_healthy(READY_TIMEOUT)
+        finally:
+            await channel.aclose()
+
+    def _restore(self, criu: Criu, instance: Instance) -> tuple[int, Cgroup]:
+        images = self._images_dir(instance.instance_id)
+        if not (images / "inventory.img").is_file():
+            raise IsolationError(f"instance {instance.instance_id} has no hibernation image")
+        instance_dir = self.instances_dir / instance.instance_id
+        base_uid = self.uid_slots.base(instance.detail["slot"])
+        undo: list = []
+        try:
+            cgroup = self.cgroups.create(instance.instance_id, instance.spec.resources)
+            undo.append(cgroup.remove)
+            undo.append(cgroup.kill_all)
+            root = instance_dir / "root"
+            self._mount_root(instance, root)
+            # The restored sandbox's root is a bind of this mount; ours goes once it is made.
+            undo.append(lambda: _detach_root(root))
+            run_dir = instance_dir / "run"
+            os.chown(run_dir, base_uid, base_uid)  # CRIU binds the agent's socket again as root inside
+            undo.append(lambda: _seal(run_dir))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(instance.socket_path)
+            pidfile = instance_dir / "restored.pid"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pidfile)
+            argv = [
+                *self._in_netns(instance),
+                "/bin/sh", "-c", _JOIN_CGROUPS, "hutch-join", *map(str, cgroup.proc_files()), "--",
+                # As host root: a restore writes the new UTS namespace's sysctls, which only
+                # host root may (the restored user namespace is then root's: `userns_owner`).
+                *criu.command("restore"), "-D", str(images), "-o", "restore.log",
+                "--restore-sibling", "--restore-detached", "--pidfile", str(pidfile),
+                "--root", str(root),
+                *_CRIU_FLAGS,
+                *[f"--external=mnt[{key}]:{source}" for key, (_, source) in self._host_binds(instance).items()],
+            ]  # fmt: skip
+            result = _run_criu(argv)
+            if result.returncode != 0:
+                why = _criu_errors(images / "restore.log", result)
+                raise IsolationError(f"restore of instance {instance.instance_id} failed (it stays hibernated): {why}")
+            pid = int(pidfile.read_text().strip())
+            pidfile.unlink()
+            _detach_root(root)
+            self._seal_run_dir(instance)
+            return pid, cgroup
+        except BaseException:
+            undo_all(undo)
+            raise
+
+    def _host_binds(self, instance: Instance) -> dict[str, tuple[str, str]]:
+        """key -> (mount point inside, host source) of the host directories bwrap bound into
+        the instance: named to CRIU one by one, so that a restore binds them from the very
+        paths bwrap used (some, staged for sandboxes, are binds of paths only root can reach)."""
+        assert instance.spec.rootfs is not None
+        binds = [(bind.target, bind.source) for bind in self.agent_runtime.binds]
+        if template_has(instance.spec.rootfs.layer_paths, "/usr/bin/sudo"):
+            binds.append(("/usr/bin/sudo", str(self.sudo_shim)))
+        binds.append((RUN_DIR, str(self.instances_dir / instance.instance_id / "run")))
+        if instance.spec.network:
+            binds.append(("/etc/resolv.conf", str(self.instances_dir / instance.instance_id / "resolv.conf")))
+        return {f"hutch-{index}": bind for index, bind in enumerate(binds)}
+
+    def _in_netns(self, instance: Instance) -> list[str]:
+        """The prefix that runs CRIU in the network namespace hutch made for an instance with a
+        network (kept, with its veth and rules, while the instance hibernates). That namespace
+        belongs to the host's user namespace, not the sandbox's, which CRIU refuses to dump
+        with the tree ("One or more namespaces doesn't belong to the target user namespace");
+        run in it, CRIU sees the tree's network as its own and leaves it alone."""
+        if not instance.spec.network:
+            return []
+        if self.networking is None:
+            raise IsolationError(f"instance {instance.instance_id} has a network, but this runtime has no networking")
+        netns = NETNS_DIR / self.networking.layout.addresses(instance.detail["slot"]).netns
+        return ["nsenter", f"--net={netns}", "--"]
+
+    def _mount_root(self, instance: Instance, root: Path) -> None:
+        """The instance's overlay again, at `root` on the host, with the options bwrap gave it
+        (recorded at the first dump): the same idmapped layers and upper layer, which stay
+        mounted while it hibernates. Its flags match the dumped root's (CRIU applies those)."""
+        root.mkdir(mode=0o755, exist_ok=True)
+        options = instance.detail["root_overlay"]
+        result = subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(root)], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise IsolationError(f"cannot mount the root of instance {instance.instance_id}: {result.stderr.strip()}")
+
+    def _teardown_steps(self, instance: Instance) -> list:
+        return [lambda: _detach_root(self.instances_dir / instance.instance_id / "root")]
 
     @staticmethod
     def _read_info(info_r: int, popen: subprocess.Popen, stderr_r: int) -> dict:
@@ -283,6 +575,78 @@ class BwrapRuntime(LocalRuntime):
             message = read_error(stderr_r)
             raise IsolationError(f"bwrap failed to set up the sandbox: {message or popen.returncode}")
         return json.loads(data)
+
+
+# What every dump and restore of an instance passes (see `hutch.runtime.criu`).
+_CRIU_FLAGS = ("--external", "mnt[]", "--tcp-close", "--manage-cgroups=ignore")
+_CRIU_TIMEOUT = 120.0
+# Run the rest of the command line in the cgroups named before `--` (a restore's place).
+_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+
+
+_UNIX_RETRIES = (0.02, 0.05, 0.1, 0.2)  # seconds between dumps that met a host connection
+
+
+def _holds_host_socket(log_path: Path) -> bool:
+    """Whether a failed dump met a Unix socket whose other end is outside the sandbox."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return False
+    return re.search(r"Unix socket \d+ not found", text) is not None
+
+
+def _run_criu(argv: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=_CRIU_TIMEOUT,
+            cwd="/",
+            env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")},
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise IsolationError(f"cannot run criu: {exc}") from None
+
+
+def _criu_errors(log_path: Path, result: subprocess.CompletedProcess) -> str:
+    """The errors CRIU logged (the harmless rlimit complaint left out), else its exit status."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    errors = [line.strip() for line in lines if "Error" in line and "RLIMIT_NOFILE for self" not in line]
+    shown = errors[-3:] or (result.stderr.strip().splitlines()[-3:]) or [f"criu exited with {result.returncode}"]
+    return " | ".join(shown)
+
+
+def _root_overlay(pid: int) -> str:
+    """The mount options of the overlay bwrap made the root of the sandbox `pid`, with its
+    layers' host paths (bwrap named them through `/oldroot`): the layer order, the upper
+    layer, and `userxattr` (it was mounted in the user namespace, which keeps overlayfs's own
+    attributes of the upper layer in the user.* namespace)."""
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            separator = fields.index("-")
+            if fields[4] == "/" and fields[separator + 1] == "overlay":
+                options = fields[separator + 3].split(",")
+                kept = [option.replace("=/oldroot/", "=/").replace(":/oldroot/", ":/") for option in options]
+                return ",".join(option for option in kept if option not in ("rw", "ro"))
+    raise IsolationError(f"the sandbox of pid {pid} has no overlay root")
+
+
+def _seal(run_dir: Path) -> None:
+    os.chown(run_dir, 0, 0)
+    os.chmod(run_dir, 0o755)
+
+
+def _detach_root(root: Path) -> None:
+    if root.is_dir():
+        idmap.detach(root)
+        with contextlib.suppress(OSError):
+            root.rmdir()
 
 
 def _kill_group(pgid: int) -> None:

@@ -97,6 +97,9 @@ def clean_host(data_dir: Path, keep_live: bool = False) -> list[str]:
         try:
             record = json.loads(record_path.read_text())
             alive = still_running(int(record["pid"]), int(record["pid_start_time"]))
+            # A hibernated instance runs nothing, and is kept all the same: its image and mounts
+            # wait for the next hutch to restore it.
+            alive = alive or record.get("state") == "hibernated"
         except (OSError, ValueError, KeyError, TypeError):
             record, alive = None, False
         if record is not None and alive and keep_live:

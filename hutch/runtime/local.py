@@ -43,6 +43,7 @@ from pathlib import Path
 
 from hutch.errors import FailedPrecondition, HutchError, IsolationError, Unavailable, Unimplemented
 from hutch.runtime.base import (
+    HibernationImage,
     Instance,
     InstanceSpec,
     InstanceState,
@@ -186,9 +187,10 @@ def undo_all(undo: list[Callable[[], object]]) -> None:
 class _Watch:
     """Host-side state of a running instance that is not persisted."""
 
-    def __init__(self, pidfd: int, popen: subprocess.Popen | None) -> None:
+    def __init__(self, pidfd: int, popen: subprocess.Popen | None, reap: int | None = None) -> None:
         self.pidfd = pidfd
         self.popen = popen  # the launcher when we started it and it lives on (to reap it)
+        self.reap = reap  # a pid 1 that is our own child (restored by CRIU): reaped at its exit
         self.exited = asyncio.Event()
         self.stopping = False
         self.lifetime_timer: asyncio.TimerHandle | None = None
@@ -423,6 +425,15 @@ class LocalRuntime(InstanceTable):
         except (HutchError, OSError):
             return False
 
+    def can_hibernate(self, instance_id: InstanceId | None = None) -> bool:
+        return False
+
+    async def hibernate(self, instance_id: InstanceId) -> HibernationImage:
+        raise Unimplemented(f"the {self.name} backend cannot hibernate instances")
+
+    async def restore(self, instance_id: InstanceId) -> Instance:
+        raise Unimplemented(f"the {self.name} backend cannot hibernate instances")
+
     def _running_cgroup(self, instance_id: InstanceId) -> Cgroup:
         instance = self.get(instance_id)
         if instance.state != InstanceState.RUNNING:
@@ -512,13 +523,13 @@ class LocalRuntime(InstanceTable):
 
     # -- watching ------------------------------------------------------------------------------
 
-    def _watch(self, instance: Instance, popen: subprocess.Popen | None) -> None:
+    def _watch(self, instance: Instance, popen: subprocess.Popen | None, reap: bool = False) -> None:
         loop = asyncio.get_running_loop()
         try:
             pidfd = os.pidfd_open(instance.pid)
         except ProcessLookupError:
             pidfd = -1
-        watch = _Watch(pidfd, popen)
+        watch = _Watch(pidfd, popen, instance.pid if reap else None)
         self._watches[instance.instance_id] = watch
         if pidfd < 0:
             watch.exited.set()
@@ -540,6 +551,9 @@ class LocalRuntime(InstanceTable):
             # The launcher exits with the instance; reap it so it does not linger as a zombie.
             with contextlib.suppress(subprocess.TimeoutExpired):
                 watch.popen.wait(timeout=1)
+        if watch.reap is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(watch.reap, os.WNOHANG)
         if watch.lifetime_timer is not None:
             watch.lifetime_timer.cancel()
         watch.exited.set()
@@ -675,6 +689,11 @@ class LocalRuntime(InstanceTable):
             if instance.backend != self.name or instance.instance_id in self._instances:
                 continue  # another backend's, or ours already
             self.uid_slots.claim(instance.detail["slot"])
+            if instance.state == InstanceState.HIBERNATED:
+                # Nothing of it runs: its image and workspace wait for `restore`.
+                self._instances[instance.instance_id] = instance
+                adopted.append(instance)
+                continue
             if still_running(instance.pid, instance.pid_start_time) and instance.state == InstanceState.RUNNING:
                 self._instances[instance.instance_id] = instance
                 self._watch(instance, None)

@@ -20,7 +20,7 @@ from typing import Any
 
 from hutch.errors import NotFound
 from hutch.runtime import DEFAULT_BACKEND, make_runtime
-from hutch.runtime.base import Instance, InstanceSpec, InstanceState, InstanceStats, Runtime
+from hutch.runtime.base import HibernationImage, Instance, InstanceSpec, InstanceState, InstanceStats, Runtime
 from hutch.runtime.network import Networking
 from hutch.runtime.userns import UidSlots
 from hutch.storage.base import WorkspaceStore
@@ -149,6 +149,17 @@ class MultiRuntime:
 
     def frozen(self, instance_id: InstanceId) -> bool:
         return self._owner(instance_id).frozen(instance_id)
+
+    def can_hibernate(self, instance_id: InstanceId | None = None) -> bool:
+        if instance_id is None:
+            return any(runtime.can_hibernate() for runtime in self.runtimes.values())
+        return self._owner(instance_id).can_hibernate(instance_id)
+
+    async def hibernate(self, instance_id: InstanceId) -> HibernationImage:
+        return await self._owner(instance_id).hibernate(instance_id)
+
+    async def restore(self, instance_id: InstanceId) -> Instance:
+        return await self._owner(instance_id).restore(instance_id)
 
     async def claim_workspace(self, instance_id: InstanceId, key: str) -> None:
         await self._owner(instance_id).claim_workspace(instance_id, key)

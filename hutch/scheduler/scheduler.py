@@ -33,7 +33,7 @@ from hutch.errors import CapacityError, FailedPrecondition, HutchError, Isolatio
 from hutch.functions import FunctionSpec
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import InstanceRecord, InstanceRole, SchedulerRecord
-from hutch.runtime.base import Instance, InstanceSpec, Runtime
+from hutch.runtime.base import Instance, InstanceSpec, InstanceState, Runtime
 from hutch.runtime.channel import AgentChannel
 from hutch.templates.model import HOST
 from hutch.templates.service import BUILTIN as BUILTIN_TEMPLATES
@@ -401,6 +401,22 @@ class Scheduler:
 
     def frozen(self, instance_id: InstanceId) -> bool:
         return self.runtime.frozen(instance_id)
+
+    def can_hibernate(self, instance_id: InstanceId) -> bool:
+        """Whether the instance can go to disk with its memory (`Runtime.hibernate`)."""
+        return self.runtime.can_hibernate(instance_id)
+
+    async def hibernate(self, instance_id: InstanceId) -> None:
+        await self.runtime.hibernate(instance_id)
+
+    async def restore(self, instance_id: InstanceId) -> None:
+        await self.runtime.restore(instance_id)
+
+    def hibernated(self, instance_id: InstanceId | None) -> bool:
+        """Whether the instance is on disk, waiting for `restore`."""
+        if instance_id is None or not self.runtime.has(instance_id):
+            return False
+        return self.runtime.get(instance_id).state == InstanceState.HIBERNATED
 
     async def instance_gone(self, instance_id: InstanceId | None) -> None:
         """Nothing answers on an instance's socket although its process was not seen to exit (its

@@ -94,6 +94,9 @@ class SessionTable:
         self._background: set[asyncio.Task[Any]] = set()  # fire-and-forget work, referenced until done
         self._followers: dict[str, asyncio.Task[Any]] = {}  # row id -> the task logging its user server's output
         self.on_end: list[Callable[[SessionRecord], None]] = []
+        # Called with an instance about to hibernate: close every connection hutch holds to it
+        # (CRIU cannot dump a socket whose other end is outside the sandbox).
+        self.on_quiesce: list[Callable[[str | None], None]] = []
         self.on_created: list[Callable[[SessionRecord, float], None]] = []  # (session, seconds it took)
 
     # -- functions -----------------------------------------------------------------------------

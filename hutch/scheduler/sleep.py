@@ -11,18 +11,30 @@ Two kinds of sleep:
   traffic gets E2B's 502, "not running") until `connect`/`resume`.
   While paused it is kept for `paused_retention_s` from the pause, then ended.
 
-Two ways to sleep: **frozen** (`Runtime.freeze`: RAM held, no CPU, the wake takes
-milliseconds), or **stopped** (E2B's filesystem-only pause: the instance ends and its files stay;
-the wake boots a new instance on them, `epoch` + 1, as after a crash).
+Three ways to sleep: **frozen** (`Runtime.freeze`: RAM held, no CPU, the wake takes
+milliseconds), **hibernated** (`Runtime.hibernate`: memory and processes written to disk, no RAM
+and no process; the wake restores them, same `epoch`, in a few hundred milliseconds; where the
+runtime can: CRIU, a bwrap template instance; else such a sleep freezes), or
+**stopped** (E2B's filesystem-only pause: the instance ends and its files stay; the wake boots a
+new instance on them, `epoch` + 1, as after a crash).
+
+A pause with memory hibernates where it can. An idle session freezes after its function's
+`sessionFreezeAfterIdleInSeconds` and hibernates after `sessionHibernateAfterIdleInSeconds`
+(either may be 0: that tier is skipped). Before a hibernation hutch closes its own connections to
+the instance (`on_quiesce`). A failed hibernation leaves the session frozen or running, as it
+was; a failed restore replaces the instance on the session's files (`epoch` + 1): the client
+never sees an error.
 
 The state is the session's `sleep` in MetaDB, so a restart keeps it (with `live_restore` the
 frozen instance is adopted as it is; otherwise the instance is gone and the wake starts a new one
-on the session's files). Metering needs nothing of its own: a frozen instance burns no CPU and
-serves no request, so it is billed at the idle rate; a stopped one is down (disk only).
+on the session's files). Metering: a frozen instance burns no CPU and serves no request, so it is billed at the idle
+rate; a hibernated or stopped one is down (disk only).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -35,6 +47,7 @@ log = logging.getLogger(__name__)
 
 PAUSED_RETENTION_S = 86400.0  # how long a paused session is kept (`paused_retention` in the config)
 FROZEN = "frozen"  # the instance's processes stopped where they stood, memory kept
+HIBERNATED = "hibernated"  # the instance's memory and processes on disk, nothing of it running
 STOPPED = "stopped"  # the instance gone, the session's files kept
 
 
@@ -46,6 +59,7 @@ class SessionSleep(SessionLifecycle):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._cannot_sleep: set[str] = set()  # row ids whose idle freeze failed: not tried again
+        self._cannot_hibernate: set[str] = set()  # row ids whose idle hibernation failed: not tried again
 
     async def route(self, session: SessionRecord) -> Route:
         """`SessionLifecycle.route`, waking a sleeping session first. The request counts as
@@ -65,11 +79,12 @@ class SessionSleep(SessionLifecycle):
         return await super().route(session)
 
     async def sleep(
-        self, session: SessionRecord, paused: bool = True, memory: bool = True
+        self, session: SessionRecord, paused: bool = True, memory: bool = True, hibernate: bool | None = None
     ) -> tuple[SessionRecord, bool]:
         """Put the session to sleep. `paused`: E2B's pause (woken only when asked, kept
-        `paused_retention_s`); else idle sleep (any request wakes it). `memory`: freeze the
-        instance (processes and memory kept); False: stop it and keep only its files (E2B's
+        `paused_retention_s`); else idle sleep (any request wakes it). `memory`: keep its
+        processes and memory, hibernated to disk where the runtime can and `hibernate` (default:
+        `paused`) says so, else frozen; False: stop it and keep only its files (E2B's
         filesystem-only pause: no RAM held; the wake boots a new instance, `epoch` + 1).
         Returns (the session, whether it fell asleep now: False if it already slept).
 
@@ -92,15 +107,65 @@ class SessionSleep(SessionLifecycle):
                 await self.scheduler.release(instance_id, keep_workspace=True)
                 updated = await self._record_sleep(current, paused, STOPPED, instance_id=None)
             else:
-                await self.scheduler.freeze(instance_id)
-                try:
-                    updated = await self._record_sleep(current, paused, FROZEN)
-                except BaseException:
-                    await self.scheduler.thaw(instance_id)  # MetaDB did not take it: awake
-                    raise
-        how = "frozen, memory kept" if memory else "stopped, files kept"
+                hibernated = None
+                if (paused if hibernate is None else hibernate) and self.scheduler.can_hibernate(instance_id):
+                    hibernated = await self._hibernate(current, paused)
+                if hibernated is not None:
+                    updated = hibernated
+                else:
+                    await self.scheduler.freeze(instance_id)
+                    try:
+                        updated = await self._record_sleep(current, paused, FROZEN)
+                    except BaseException:
+                        await self.scheduler.thaw(instance_id)  # MetaDB did not take it: awake
+                        raise
+        how = f"{(updated.sleep or {}).get('state')}, memory kept" if memory else "stopped, files kept"
         self.log.add(updated, "info", f"paused: {how}" if paused else f"asleep while idle: {how}")
         return updated, True
+
+    async def _hibernate(self, session: SessionRecord, paused: bool) -> SessionRecord | None:
+        """Hibernate the session's instance (frozen or not) and record it; None if the dump
+        failed (logged; the instance is as it was). Called under the session's lock."""
+        instance_id = session.instance_id
+        assert instance_id is not None
+        for callback in self.on_quiesce:
+            callback(instance_id)
+        # The log of its user server follows the agent over a connection of its own: it ends
+        # here and follows again once the instance runs.
+        follower = self._followers.pop(session.row_id, None)
+        if follower is not None:
+            follower.cancel()
+            await asyncio.wait({follower}, timeout=1)
+        # Accounted up to now while its cgroups still exist; down (disk only) from here.
+        await self.meter.instance_down(session.row_id, instance_id)
+        try:
+            await self.scheduler.hibernate(instance_id)
+        except HutchError as exc:
+            log.warning("session %s could not hibernate (it stays as it was): %s", session.session_id, exc.message)
+            self.log.add(session, "warn", f"hibernation failed: {exc.message}")
+            await self.meter.instance_up(session)
+            self._follow_user_server(session, self._spec_of(session))
+            return None
+        try:
+            return await self._record_sleep(session, paused, HIBERNATED)
+        except BaseException:
+            await self.scheduler.restore(instance_id)  # MetaDB did not take it: awake
+            await self.meter.instance_up(session)
+            raise
+
+    async def hibernate_frozen(self, session: SessionRecord) -> bool:
+        """The second tier of an idle sleep: a frozen session goes to disk. True if it did."""
+        async with self._lock(session.internal_id):
+            current = self._current(session)
+            if (current.sleep or {}).get("state") != FROZEN or current.instance_id is None:
+                return False
+            if not self.scheduler.can_hibernate(current.instance_id):
+                return False
+            updated = await self._hibernate(current, current.paused)
+        if updated is None:
+            return False
+        self.log.add(updated, "info", "asleep while idle: hibernated, memory kept")
+        return True
 
     async def _record_sleep(self, session: SessionRecord, paused: bool, state: str, **more: Any) -> SessionRecord:
         now = self.clock()
@@ -129,7 +194,9 @@ class SessionSleep(SessionLifecycle):
             if current.paused or ttl_s is not None:
                 ttl = ttl_s if ttl_s is not None else current.ttl_s
                 changes.update(ttl_s=ttl, expires_at=now + ttl)
-            if current.instance_id is not None and self.scheduler.is_live(current.instance_id):
+            if current.sleep.get("state") == HIBERNATED and self.scheduler.hibernated(current.instance_id):
+                updated = await self._restore(current, changes)
+            elif current.instance_id is not None and self.scheduler.is_live(current.instance_id):
                 await self.scheduler.thaw(current.instance_id)
                 updated = await self.metadb.update_session(current.row_id, **changes)
                 self._remember(updated)
@@ -140,9 +207,32 @@ class SessionSleep(SessionLifecycle):
         self.log.add(updated, "info", "resumed" if current.paused else "woken by a request")
         return updated, True
 
+    async def _restore(self, session: SessionRecord, changes: dict[str, Any]) -> SessionRecord:
+        """Bring a hibernated session's instance back; if it cannot be, a new instance on the
+        session's files (`epoch` + 1), as after a crash. Called under the session's lock."""
+        assert session.instance_id is not None
+        try:
+            await self.scheduler.restore(session.instance_id)
+        except HutchError as exc:
+            log.error("session %s: restore failed, recovering on its files: %s", session.session_id, exc.message)
+            self._remember(await self.metadb.update_session(session.row_id, **changes))
+            return await self._recover(self._current(session))
+        try:
+            updated = await self.metadb.update_session(session.row_id, **changes)
+        except BaseException:
+            # MetaDB still says hibernated: back to disk, or the next wake finds it running.
+            with contextlib.suppress(HutchError):
+                await self.scheduler.hibernate(session.instance_id)
+            raise
+        self._remember(updated)
+        await self.meter.instance_up(updated)
+        self._follow_user_server(updated, self._spec_of(updated))
+        return updated
+
     def _forget(self, session: SessionRecord) -> None:
         super()._forget(session)
         self._cannot_sleep.discard(session.row_id)
+        self._cannot_hibernate.discard(session.row_id)
 
     def _current(self, session: SessionRecord) -> SessionRecord:
         current = self._active.get(session.internal_id)
@@ -155,7 +245,8 @@ class SessionSleep(SessionLifecycle):
     async def sleep_or_pause_due(self, session: SessionRecord, now: float) -> bool:
         """What the reaper does first for each session: at its timeout, a session whose lifecycle
         says `on_timeout: pause` is paused instead of ended; an idle one whose function sleeps
-        when idle is frozen. True if the session was put to sleep here (the reaper is done with it)."""
+        when idle is frozen or hibernated (a frozen one hibernated later). True if the session
+        was put to sleep here (the reaper is done with it)."""
         try:
             if now >= session.expires_at:
                 if session.paused or (session.lifecycle or {}).get("on_timeout") != "pause":
@@ -163,14 +254,36 @@ class SessionSleep(SessionLifecycle):
                 await self.sleep(session, paused=True, memory=bool((session.lifecycle or {}).get("memory", True)))
                 log.info("session %s paused at its timeout", session.session_id)
                 return True
-            if session.sleep is not None or session.row_id in self._cannot_sleep or self.activity.busy(session.row_id):
+            if self.activity.busy(session.row_id):
                 return False
             spec = self._spec_of(session)
-            after = spec.affinity_config.session_freeze_after_idle_s if spec is not None else 0
-            if after <= 0 or now - self.activity.last(session.row_id, session.last_activity) < after:
+            freeze_after = spec.affinity_config.session_freeze_after_idle_s if spec is not None else 0
+            hibernate_after = spec.affinity_config.session_hibernate_after_idle_s if spec is not None else 0
+            idle = now - self.activity.last(session.row_id, session.last_activity)
+            if session.sleep is not None:
+                # The second tier: a frozen idle session goes to disk.
+                if (
+                    session.paused
+                    or session.sleep.get("state") != FROZEN
+                    or hibernate_after <= 0
+                    or idle < hibernate_after
+                    or session.row_id in self._cannot_hibernate
+                ):
+                    return False
+                if not await self.hibernate_frozen(session):
+                    self._cannot_hibernate.add(session.row_id)
+                    return False
+                return True
+            if session.row_id in self._cannot_sleep:
+                return False
+            if hibernate_after > 0 and idle >= hibernate_after:
+                hibernate = True  # the deeper tier (where the runtime cannot, this freezes)
+            elif freeze_after > 0 and idle >= freeze_after:
+                hibernate = False
+            else:
                 return False
             try:
-                await self.sleep(session, paused=False)
+                await self.sleep(session, paused=False, hibernate=hibernate)
             except HutchError:
                 self._cannot_sleep.add(session.row_id)
                 raise

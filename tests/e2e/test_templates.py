@@ -3,6 +3,7 @@ starts sandboxes from it; the native API lists, builds and deletes them."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2b import Sandbox, SandboxException, Template
+from e2b import Sandbox, SandboxException, SandboxState, Template
 from e2b.exceptions import BuildException, FileUploadException
 
 from tests.conftest import TEST_TEMPLATE
@@ -299,3 +300,34 @@ def test_a_filesystem_snapshot_boots_new_sandboxes_with_the_files_and_memory_one
     box.kill()
     assert Sandbox.delete_snapshot(info.snapshot_id) is True
     assert Sandbox.list_snapshots().next_items() == []
+
+
+def test_a_paused_template_sandbox_hibernates_and_resumes_with_its_memory(e2b_tenant, template_server):
+    """Where CRIU is installed, E2B's pause of a template sandbox (with its network, as E2B's
+    sandboxes have) goes to disk (no process, no RAM) and `connect` restores it with its
+    kernel's memory, files and processes."""
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    box = CodeSandbox.create(TEST_TEMPLATE, timeout=120)  # E2B's default: internet access, a network
+    sessions = e2b_tenant.get("/v1/sessions", params={"limit": 1000}).json()["sessions"]
+    instance_id = next(s["containerId"] for s in sessions if s["sessionId"] == box.sandbox_id)
+    record = template_server.data_dir / "instances" / instance_id / "instance.json"
+    assert json.loads(record.read_text())["spec"]["network"], "an E2B sandbox has a network"
+    if not json.loads(record.read_text())["detail"].get("hibernatable"):
+        box.kill()
+        pytest.skip("this host cannot hibernate sandboxes (no usable CRIU: scripts/install-criu.sh)")
+    box.run_code("x = 42\nheap = bytearray(b'\\x07') * (80 << 20)")
+    box.files.write("/home/user/kept.txt", "still here")
+    sleeper = box.commands.run("sleep 100000", background=True).pid
+    for _ in range(3):
+        assert box.pause() is True
+        assert box.get_info().state == SandboxState.PAUSED
+        assert json.loads(record.read_text())["state"] == "hibernated"  # on disk, not frozen
+        metrics = template_server.admin.get("/metrics").text
+        assert 'hutch_sessions_asleep{how="hibernated",why="paused"} 1.0' in metrics
+        assert Sandbox.connect(box.sandbox_id, timeout=120).get_info().state == SandboxState.RUNNING
+        assert box.run_code("x").text == "42"
+        assert box.run_code("len(heap) >> 20, heap[-1]").text == "(80, 7)"
+        assert box.files.read("/home/user/kept.txt") == "still here"
+        assert box.commands.run(f"tr '\\0' ' ' < /proc/{sleeper}/cmdline").stdout.strip() == "sleep 100000"
+    box.kill()

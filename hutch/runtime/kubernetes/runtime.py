@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hutch.errors import BackendUnavailable, CapacityError, IsolationError, Unimplemented
-from hutch.runtime.base import Instance, InstanceSpec, InstanceState, InstanceStats, InstanceTable
+from hutch.runtime.base import HibernationImage, Instance, InstanceSpec, InstanceState, InstanceStats, InstanceTable
 from hutch.runtime.cgroups import Cgroup
 from hutch.runtime.channel import AgentChannel
 from hutch.runtime.kubernetes.pods import (
@@ -505,6 +505,15 @@ class KubernetesRuntime(InstanceTable):
 
     def frozen(self, instance_id: InstanceId) -> bool:
         return False
+
+    def can_hibernate(self, instance_id: InstanceId | None = None) -> bool:
+        return False
+
+    async def hibernate(self, instance_id: InstanceId) -> HibernationImage:
+        raise Unimplemented("kubernetes instances cannot hibernate")
+
+    async def restore(self, instance_id: InstanceId) -> Instance:
+        raise Unimplemented("kubernetes instances cannot hibernate")
 
     # -- records and adoption --------------------------------------------------------------------
 

@@ -1,0 +1,140 @@
+"""Benchmark of hibernation to disk (CRIU) of an idle code-interpreter session, runtime level.
+
+    sudo .venv/bin/python bench/hibernate.py [--runs 10] [--templates DIR] [--json]
+
+One template instance (the tests' `mini` Debian template: Python, ipykernel) with a live Python
+kernel holding an 80 MB heap, idle. Each run: `Runtime.hibernate` (from the call to its return:
+processes and cgroups gone; and of it the `criu dump` alone), then `Runtime.restore` (to the
+agent's /health), then the first answer of the kernel after it (resume to first answer: restore +
+one `print(x)`). Medians and p90 of `--runs` cycles on the same session; the image size; the
+session's memory before.
+Targets (issue 13): pause <= 200 ms, resume <= 150 ms.
+
+Builds the template in a temporary store (about a minute; `--templates DIR` reuses a store that
+holds `mini`), runs on a temporary data dir under /var/tmp, and removes all of it when done.
+Needs root and a usable CRIU (scripts/install-criu.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.sandbox import summary
+from hutch.config import TemplatesConfig
+from hutch.runtime import make_runtime
+from hutch.runtime.base import InstanceSpec
+from hutch.runtime.channel import AgentChannel
+from hutch.runtime.rootfs import CA_ENV
+from hutch.storage.local import DirectoryStore, ImageStore
+from hutch.templates import debian
+from hutch.templates.model import Template
+from hutch.templates.store import TemplateStore
+from tests.conftest import TEST_TEMPLATE, TEST_TEMPLATE_PACKAGES, TEST_TEMPLATE_SETUP
+
+HEAP = "x = 42\nheap = bytearray(b'\\x07') * (80 << 20)"
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1000
+
+
+def template_store(root: Path) -> TemplateStore:
+    store = TemplateStore(root)
+    try:
+        store.rootfs(TEST_TEMPLATE)
+        return store
+    except Exception:
+        pass
+    config = TemplatesConfig()
+    layer = debian.build(
+        store, config.debian_suite, TEST_TEMPLATE_PACKAGES, "", config.ca_files(),
+        setup=TEST_TEMPLATE_SETUP, setup_env={**CA_ENV, **config.env},
+    )  # fmt: skip
+    store.put(Template(name=TEST_TEMPLATE, layers=(layer,), source="debian"))
+    return store
+
+
+async def _print_x(channel: AgentChannel) -> str:
+    lines = await channel.execute("print(x)")
+    return "".join(line.get("text", "") for line in lines if line.get("type") == "stdout").strip()
+
+
+async def bench(templates: TemplateStore, runs: int) -> dict:
+    data_dir = Path(tempfile.mkdtemp(prefix="hutch-bench-hib-", dir="/var/tmp"))
+    data_dir.chmod(0o755)
+    store_root = data_dir / "workspaces"
+    store = ImageStore(store_root) if ImageStore.available() else DirectoryStore(store_root)
+    runtime = make_runtime("bwrap", data_dir, store)
+    try:
+        if not runtime.can_hibernate():
+            raise SystemExit(f"no hibernation here: {runtime.hibernation_off_reason}")  # type: ignore[attr-defined]
+        spec = InstanceSpec(
+            instance_id=f"b-{uuid.uuid4().hex[:8]}", backend="bwrap", rootfs=templates.rootfs(TEST_TEMPLATE)
+        )
+        instance = await runtime.start(spec)
+        channel = AgentChannel(instance.socket_path)
+        await channel.execute(HEAP)
+        memory_mb = (await runtime.stats(instance.instance_id)).memory_bytes / 2**20
+        await asyncio.sleep(1)  # idle
+        dumps, criu_dumps, restores, first_answers, images = [], [], [], [], []
+        for _ in range(runs):
+            await channel.aclose()
+            started = time.perf_counter()
+            image = await runtime.hibernate(instance.instance_id)
+            dumps.append(_ms(started))
+            criu_dumps.append(image.dump_seconds * 1000)
+            images.append(image.size_bytes / 2**20)
+            started = time.perf_counter()
+            await runtime.restore(instance.instance_id)
+            restores.append(_ms(started))
+            channel = AgentChannel(instance.socket_path)
+            assert await _print_x(channel) == "42"
+            first_answers.append(_ms(started))
+        await channel.aclose()
+        return {
+            "session_memory_mb": round(memory_mb, 1),
+            "image_mb": round(sorted(images)[len(images) // 2], 1),
+            "hibernate_ms": summary(dumps),
+            "of_which_criu_dump_ms": summary(criu_dumps),
+            "restore_ms": summary(restores),
+            "resume_to_first_answer_ms": summary(first_answers),
+        }
+    finally:
+        for each in runtime.instances():
+            await runtime.stop(each.instance_id)
+        await runtime.close(unstage=True)  # type: ignore[attr-defined]
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--templates", type=Path, help="a template store holding `mini` (else one is built)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    own = args.templates is None
+    root = Path(tempfile.mkdtemp(prefix="hutch-bench-tpl-", dir="/var/tmp")) if own else args.templates
+    try:
+        result = asyncio.run(bench(template_store(root), args.runs))
+    finally:
+        if own:
+            shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+        return
+    for name, value in result.items():
+        print(f"{name:28} {value}")
+
+
+if __name__ == "__main__":
+    main()

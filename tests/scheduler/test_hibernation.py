@@ -1,0 +1,239 @@
+"""Sessions that hibernate to disk (CRIU), through the session manager and the scheduler with a
+real bwrap runtime and a template function: the idle tiers (freeze, then hibernate), a pause with
+memory, and the wake that restores the session with its memory (same instance, same epoch).
+Skipped where no usable CRIU is installed (scripts/install-criu.sh)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from hutch.errors import AlreadyExists
+from hutch.functions import AffinityConfig, FunctionSpec, ResourceSpec
+from hutch.metadb.records import FunctionRecord, Tenant
+from hutch.metadb.sqlite import SQLiteMetaDB
+from hutch.runtime.bwrap import BwrapRuntime
+from hutch.runtime.channel import AgentChannel
+from hutch.scheduler.scheduler import Scheduler
+from hutch.scheduler.sessions import SessionManager
+from hutch.storage.local import DirectoryStore
+from tests.conftest import TEST_TEMPLATE, throwaway_data_dir
+from tests.loop_thread import LoopThread
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts sandboxes: root only")
+
+SPEC = FunctionSpec(
+    name="napper",
+    template=TEST_TEMPLATE,
+    resources=ResourceSpec(memoryMB=512, diskMB=256),
+    sessionAffinityConfig=AffinityConfig(sessionFreezeAfterIdleInSeconds=10, sessionHibernateAfterIdleInSeconds=20),
+)
+
+# A user server (startCommand): hutch follows its output over a connection of its own.
+WEB = FunctionSpec(
+    name="webby",
+    template=TEST_TEMPLATE,
+    resources=ResourceSpec(memoryMB=512, diskMB=256),
+    startCommand=["python3", "-m", "http.server", "8080"],
+    port=8080,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Templates:
+    """The part of `TemplateService` the scheduler uses, over the tests' template store."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def rootfs(self, name: str):
+        return self.store.rootfs(name)
+
+    def env(self, name: str) -> dict[str, str]:
+        return {}
+
+
+@pytest.fixture(scope="module")
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+class Stack:
+    """MetaDB + runtime + scheduler + session manager on one data directory."""
+
+    def __init__(self, loop: LoopThread, data_dir, clock: Clock, template_store) -> None:
+        self.loop = loop
+        self.clock = clock
+        self.metadb = SQLiteMetaDB(data_dir / "meta.sqlite3")
+        self.tenant = Tenant("t1", "one", clock.now, max_sessions=4)
+
+        async def build():
+            await self.metadb.open()
+            try:
+                await self.metadb.create_tenant(self.tenant)
+                for spec in (SPEC, WEB):
+                    await self.metadb.put_function(FunctionRecord("t1", spec.name, spec.wire(), 0.0, 0.0))
+            except AlreadyExists:
+                pass  # a restart on the same data directory
+            self.runtime = BwrapRuntime(data_dir, DirectoryStore(data_dir / "workspaces"))
+            self.scheduler = Scheduler(
+                "s1", self.runtime, self.metadb, fill_interval=0.05, templates=Templates(template_store)
+            )
+            self.sessions = SessionManager(self.metadb, self.scheduler, b"k" * 32, clock=clock, reap_interval=3600)
+            await self.sessions.start()
+
+        loop.run(build())
+        self.quiesced: list[str | None] = []
+        self.sessions.on_quiesce.append(self.quiesced.append)
+
+    def close(self, stop_instances: bool = True) -> None:
+        async def go():
+            await self.sessions.close()
+            await self.scheduler.close(stop_instances=stop_instances)
+            await self.metadb.close()
+            await self.runtime.close(unstage=stop_instances)
+
+        self.loop.run(go())
+
+
+@pytest.fixture
+def data_dir():
+    with throwaway_data_dir("hutch-hib-") as path:
+        yield path
+
+
+@pytest.fixture
+def stack(loop, data_dir, template_store):
+    made = Stack(loop, data_dir, Clock(), template_store)
+    try:
+        if not made.runtime.can_hibernate():
+            pytest.skip(f"no usable CRIU: {made.runtime.hibernation_off_reason}")
+        yield made.clock, made.tenant, made.scheduler, made.sessions, made.quiesced
+    finally:
+        made.close()
+
+
+def _python(loop, sessions, session, code: str) -> str:
+    async def go():
+        route = await sessions.route(session)
+        async with AgentChannel(route.socket_path) as channel:
+            lines = await channel.execute(code)
+        return "".join(line.get("text", "") for line in lines if line.get("type") == "stdout").strip()
+
+    return loop.run(go())
+
+
+def _shell(loop, sessions, session, cmd: str) -> str:
+    async def go():
+        route = await sessions.route(session)
+        async with AgentChannel(route.socket_path) as channel:
+            return (await channel.run(cmd)).text.strip()
+
+    return loop.run(go())
+
+
+def test_an_idle_session_freezes_then_hibernates_and_a_request_restores_its_memory(loop, stack):
+    clock, tenant, scheduler, sessions, quiesced = stack
+    session, _ = loop.run(sessions.create(tenant, SPEC.name, ttl_s=3600, idle_timeout_s=0))
+    instance_id = session.instance_id
+    _python(loop, sessions, session, "x = 42\nheap = bytearray(b'\\x07') * (80 << 20)")
+    background = _shell(loop, sessions, session, "sleep 100000 >/dev/null 2>&1 & echo $!")
+    clock.now += 11
+    assert loop.run(sessions.reap_once()) == []
+    frozen = sessions.active(session.internal_id)
+    assert frozen.sleep["state"] == "frozen" and scheduler.frozen(instance_id)
+    clock.now += 10
+    assert loop.run(sessions.reap_once()) == []
+    asleep = sessions.active(session.internal_id)
+    assert asleep.sleep["state"] == "hibernated" and not asleep.paused
+    assert scheduler.hibernated(instance_id) and not scheduler.is_live(instance_id)
+    assert quiesced == [instance_id]  # hutch's connections to it were closed first
+    # Any request wakes it: the same instance with its memory, processes and files.
+    assert _python(loop, sessions, asleep, "print(x, len(heap) >> 20)") == "42 80"
+    woken = sessions.active(session.internal_id)
+    assert woken.sleep is None and woken.instance_id == instance_id and woken.epoch == 0
+    assert _shell(loop, sessions, woken, f"tr '\\0' ' ' < /proc/{background}/cmdline") == "sleep 100000"
+
+
+def test_a_pause_with_memory_hibernates_and_a_wake_restores(loop, stack):
+    _, tenant, scheduler, sessions, _ = stack
+    session, _ = loop.run(sessions.create(tenant, SPEC.name, ttl_s=3600, idle_timeout_s=0))
+    _python(loop, sessions, session, "y = 'kept'")
+    paused, slept = loop.run(sessions.sleep(session, paused=True))
+    assert slept and paused.sleep["state"] == "hibernated" and scheduler.hibernated(session.instance_id)
+    woken, was_asleep = loop.run(sessions.wake(paused, ttl_s=60))
+    assert was_asleep and woken.sleep is None and woken.epoch == 0
+    assert _python(loop, sessions, woken, "print(y)") == "kept"
+    # Ended while hibernated: its instance (image and all) goes.
+    again, _ = loop.run(sessions.sleep(woken, paused=True))
+    assert again.sleep["state"] == "hibernated"
+    loop.run(sessions.end(again, "deleted"))
+    assert not scheduler.runtime.has(session.instance_id)
+
+
+def test_a_hibernated_session_survives_a_restart_and_wakes_with_its_memory(loop, data_dir, template_store):
+    clock = Clock()
+    first = Stack(loop, data_dir, clock, template_store)
+    if not first.runtime.can_hibernate():
+        first.close()
+        pytest.skip(f"no usable CRIU: {first.runtime.hibernation_off_reason}")
+    session, _ = loop.run(first.sessions.create(first.tenant, SPEC.name, ttl_s=3600, idle_timeout_s=0))
+    _python(loop, first.sessions, session, "z = 'across restarts'")
+    paused, _ = loop.run(first.sessions.sleep(session, paused=True))
+    assert paused.sleep["state"] == "hibernated"
+    first.close(stop_instances=False)  # a restart with live_restore: instances are left as they are
+    second = Stack(loop, data_dir, clock, template_store)
+    try:
+        again = second.sessions.active(session.internal_id)
+        assert again.sleep["state"] == "hibernated" and second.scheduler.hibernated(session.instance_id)
+        woken, _ = loop.run(second.sessions.wake(again, ttl_s=60))
+        assert woken.instance_id == session.instance_id and woken.epoch == 0
+        assert _python(loop, second.sessions, woken, "print(z)") == "across restarts"
+    finally:
+        second.close()
+
+
+def test_a_session_whose_restore_fails_gets_a_new_instance_on_its_files(loop, stack):
+    _, tenant, scheduler, sessions, _ = stack
+    session, _ = loop.run(sessions.create(tenant, SPEC.name, ttl_s=3600, idle_timeout_s=0))
+    # A process holding a file open that is gone when the restore comes: CRIU cannot restore it.
+    _shell(
+        loop, sessions, session, "echo held > /home/user/held.txt; sleep 100000 < /home/user/held.txt >/dev/null 2>&1 &"
+    )
+    _shell(loop, sessions, session, "echo kept > /home/user/kept.txt")
+    paused, _ = loop.run(sessions.sleep(session, paused=True))
+    assert paused.sleep["state"] == "hibernated"
+    instance = scheduler.runtime.get(session.instance_id)
+    (instance.workspace_path / "upper" / "home" / "user" / "held.txt").unlink()
+    woken, _ = loop.run(sessions.wake(paused, ttl_s=60))  # no error: a new instance, files kept
+    assert woken.sleep is None and woken.epoch == 1 and woken.instance_id != session.instance_id
+    assert not scheduler.runtime.has(session.instance_id)  # the old one (image and all) is gone
+    assert _shell(loop, sessions, woken, "cat /home/user/kept.txt") == "kept"
+
+
+def test_a_session_with_a_user_server_hibernates_and_its_log_follows_again(loop, stack):
+    _, tenant, _scheduler, sessions, _ = stack
+    session, _ = loop.run(sessions.create(tenant, WEB.name, ttl_s=3600, idle_timeout_s=0))
+    probe = "python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/').status)\""
+    deadline = time.monotonic() + 20
+    while _shell(loop, sessions, session, probe + " 2>/dev/null") != "200":
+        assert time.monotonic() < deadline, "the user server did not answer"
+        time.sleep(0.2)
+    assert session.row_id in sessions._followers
+    paused, _ = loop.run(sessions.sleep(session, paused=True))
+    assert paused.sleep["state"] == "hibernated"  # the follower's connection did not stop the dump
+    assert session.row_id not in sessions._followers
+    woken, _ = loop.run(sessions.wake(paused, ttl_s=60))
+    assert woken.epoch == 0 and session.row_id in sessions._followers
+    assert _shell(loop, sessions, woken, probe) == "200"
