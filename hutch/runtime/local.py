@@ -583,12 +583,19 @@ class LocalRuntime(InstanceTable):
         watch = self._watches.get(instance_id)
         if watch is not None:
             watch.stopping = True  # ended on purpose: no crash to report
-        await asyncio.to_thread(self._kill, instance, Cgroup.from_dict(instance.detail["cgroup"]))
+        cgroup = Cgroup.from_dict(instance.detail["cgroup"])
+        await asyncio.to_thread(self._kill, instance, cgroup)
         if watch is not None:
             try:
                 await asyncio.wait_for(watch.exited.wait(), 5)
             except TimeoutError:
                 raise IsolationError(f"instance {instance_id} did not exit after SIGKILL") from None
+        # gVisor: the sentry's exit leaves its gofer and ptrace stubs a moment more to go.
+        deadline = time.monotonic() + 5
+        while cgroup.procs():
+            if time.monotonic() > deadline:
+                raise IsolationError(f"instance {instance_id}: processes left after SIGKILL: {cgroup.procs()}")
+            await asyncio.sleep(0.01)
 
     def _kill_for_lifetime(self, instance_id: InstanceId) -> None:
         instance = self._instances.get(instance_id)
