@@ -167,8 +167,10 @@ class FunctionSpec(BaseModel):
             raise ValueError("startCommand and port go together")
         if self.runtime not in BACKENDS:
             raise ValueError(f"unknown runtime {self.runtime!r} (available: {', '.join(BACKENDS)})")
-        if self.template != "host" and self.runtime != "bwrap":
-            raise ValueError(f"templates run on the bwrap runtime; {self.runtime} instances see the host's system")
+        if self.template != "host" and self.runtime not in ("bwrap", "gvisor"):
+            raise ValueError(
+                f"templates run on the bwrap and gvisor runtimes; {self.runtime} instances see the host's system"
+            )
         if self.network is not None and self.runtime != "bwrap":
             raise ValueError(f"a network policy needs the bwrap runtime; {self.runtime} instances have loopback only")
         return self

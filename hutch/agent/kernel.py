@@ -16,10 +16,12 @@ time. Only `kill()` may be called from any thread, to stop a kernel that is busy
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from queue import Empty
 
 import zmq
@@ -78,11 +80,19 @@ class Kernel:
         """Start the process and connect to it; raises Unavailable (with its log) when it fails."""
         if self.colon_ipc and self.km.transport == "ipc":
             self._link_colon_sockets()
+        spawning: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        if self.as_user:
+            from hutch.agent import users  # imported at boot by a root agent
+
+            # Written by the user the kernel runs as (it reads it), then started with root's ids.
+            self.km.write_connection_file()
+            spawning = users.spawning
         with open(self.log_path, "ab") as log:
             try:
-                self.km.start_kernel(
-                    cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, **self.as_user
-                )
+                with spawning():
+                    self.km.start_kernel(
+                        cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, **self.as_user
+                    )
             except OSError as exc:
                 self.shutdown()
                 raise Unavailable(f"could not start the kernel: {exc}") from None

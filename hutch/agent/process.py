@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import binascii
 import collections
+import contextlib
 import errno
 import os
 import select
@@ -268,28 +269,32 @@ class ProcessService:
         env.update({str(k): str(v) for k, v in envs.items()})
         pty_request = request.get("pty")
         master = slave = None
+        # A root agent's request thread may act as the user through its effective ids (gVisor).
+        spawning = users.spawning if user is not None else contextlib.nullcontext
         try:
             if pty_request is not None:
                 master, slave = os.openpty()
                 _set_winsize(master, (pty_request.get("size") or {}))
                 env.setdefault("TERM", "xterm-256color")
                 # `setsid -c` makes the PTY the controlling terminal without a preexec_fn.
-                popen = subprocess.Popen(
-                    ["setsid", "-c", *argv], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env, **as_user
-                )
+                with spawning():
+                    popen = subprocess.Popen(
+                        ["setsid", "-c", *argv], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env, **as_user
+                    )
                 os.close(slave)
                 slave = None
             else:
-                popen = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.PIPE if request.get("stdin") else subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    cwd=cwd,
-                    env=env,
-                    start_new_session=True,
-                    **as_user,
-                )
+                with spawning():
+                    popen = subprocess.Popen(
+                        argv,
+                        stdin=subprocess.PIPE if request.get("stdin") else subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        cwd=cwd,
+                        env=env,
+                        start_new_session=True,
+                        **as_user,
+                    )
         except FileNotFoundError as exc:
             for fd in (master, slave):
                 if fd is not None:

@@ -6,6 +6,12 @@ looks the name up in the instance's own `/etc/passwd` and acts as that user: com
 its uid, gids and home; file operations of the request's thread run with its file-system ids
 (`setfsuid(2)` is per thread), so the kernel checks permissions and sets owners as for that user.
 
+gVisor has no `setfsuid` (ENOSYS): there the thread's effective uid and gid take their place,
+set with raw system calls (glibc's `setresuid` would change every thread), which Linux and gVisor
+keep per thread. The real and saved ids stay root's, so the thread can always return to root; a
+process is started as someone with root's ids (`spawning`), since dropping supplementary groups
+needs CAP_SETGID.
+
 Where the agent does not run as root (the `host` template) every request acts as the sandbox
 user, and asking for root is an error: that instance has no root to give.
 """
@@ -24,6 +30,27 @@ from hutch.errors import Unauthenticated
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _local = threading.local()
+# setfsuid(-1) changes nothing and answers the current fsuid; -1 where it does not exist (gVisor).
+_HAS_FSUID = _libc.setfsuid(-1) != -1
+# Raw system call numbers: glibc's wrappers set the ids of every thread of the process.
+_SETRESUID, _SETRESGID = {"aarch64": (147, 149)}.get(os.uname().machine, (117, 119))
+
+
+def _thread_ids(uid: int, gid: int) -> None:
+    """This thread's effective ids: back to root first (real and saved ids are root's, so that is
+    always allowed), then `gid`, then `uid` (the kernel drops the effective capabilities with it)."""
+    for number, value in ((_SETRESUID, 0), (_SETRESGID, gid), *([(_SETRESUID, uid)] if uid else [])):
+        if _libc.syscall(number, -1, value, -1) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"cannot act as uid {uid}: {os.strerror(code)}")
+
+
+def _set_ids(uid: int, gid: int) -> None:
+    if _HAS_FSUID:
+        _libc.setfsgid(gid)
+        _libc.setfsuid(uid)
+    else:
+        _thread_ids(uid, gid)
 
 
 @dataclass(frozen=True)
@@ -55,8 +82,7 @@ def lookup(name: str) -> User:
 
 def enter(user: User) -> None:
     """Make `user` the identity of this thread's work (file-system ids and `current()`)."""
-    _libc.setfsgid(user.gid)
-    _libc.setfsuid(user.uid)
+    _set_ids(user.uid, user.gid)
     _local.user = user
 
 
@@ -71,9 +97,23 @@ def acting_as(user: User) -> Iterator[None]:
         if before is not None:
             enter(before)
         else:
-            _libc.setfsuid(os.getuid())
-            _libc.setfsgid(os.getgid())
+            _set_ids(os.getuid(), os.getgid())
             _local.user = None
+
+
+@contextlib.contextmanager
+def spawning() -> Iterator[None]:
+    """Around starting a process as some user (Popen's `user`, `group`, `extra_groups`): where the
+    identity is the thread's effective ids (gVisor), the child needs root's to switch."""
+    user = current()
+    if _HAS_FSUID or user is None or user.uid == 0:
+        yield
+        return
+    _thread_ids(0, 0)
+    try:
+        yield
+    finally:
+        _thread_ids(user.uid, user.gid)
 
 
 def current() -> User | None:

@@ -5,7 +5,7 @@ plays every attack of `hutch.selftest` against it on each isolation backend inst
 prints one line per attack as it goes and a table at the end, optionally writes the Markdown
 report, removes everything it made, and exits 1 if any attack was not contained.
 
-The root cast (attacks as root inside a template's root file system, bwrap) boots the built-in
+The root casts (attacks as root inside a template's root file system, bwrap and gVisor) boot the built-in
 template `base` from the operator's template store when it is prepared there (`--templates`,
 `--template`); without it those attacks are skipped, and the output says so.
 """
@@ -34,7 +34,7 @@ def selftest(
     """Attack a throwaway hutch on this host from inside its sandboxes; exit 1 if anything escaped."""
     from hutch.selftest.battery import plan, run_all
     from hutch.selftest.report import markdown, table
-    from hutch.selftest.stage import ROOT, Stage
+    from hutch.selftest.stage import ROOTS, Stage, root_casts
     from hutch.selftest.target import Target
 
     if os.geteuid() != 0:
@@ -45,14 +45,15 @@ def selftest(
         typer.echo("note: gVisor (runsc) is not installed here: its attacks are skipped", err=True)
         chosen = tuple(b for b in chosen if b != "gvisor")
     root_template: str | None = None
-    root_cast = "not played (bwrap not chosen)"
-    if "bwrap" in chosen:
+    root_cast = "not played (neither bwrap nor gvisor chosen)"
+    if root_casts(chosen):
         # Only look: the operator's store is never created or changed from here.
         record = templates / "templates" / f"{template}.json"
         if record.is_file():
             root_template = template
-            chosen = (*chosen, ROOT)
-            root_cast = f"template `{template}` on bwrap ({_describe(record)}), as root inside"
+            on = " and ".join(b for b in ("bwrap", "gvisor") if b in chosen)
+            chosen = (*chosen, *root_casts(chosen))
+            root_cast = f"template `{template}` on {on} ({_describe(record)}), as root inside"
         else:
             root_cast = f"skipped: template `{template}` is not prepared"
             typer.echo(f"note: template {template!r} is not prepared in {templates} (hutch serve prepares 'base'): "
@@ -68,7 +69,9 @@ def selftest(
     outcomes = []
     try:
         target.start()
-        stage.setup(backends=tuple(b for b in chosen if b != ROOT), network="bwrap" in chosen, template=root_template)
+        stage.setup(
+            backends=tuple(b for b in chosen if b not in ROOTS), network="bwrap" in chosen, template=root_template
+        )
         for outcome in run_all(stage, chosen, wanted):
             outcomes.append(outcome)
             typer.echo(f"{outcome.verdict:<20} {outcome.attack} [{outcome.backend}] ({outcome.seconds:.1f} s)")

@@ -54,12 +54,8 @@ from hutch.runtime.local import (
 )
 from hutch.runtime.network import NETNS_DIR, Networking
 from hutch.runtime.rootfs import (
-    CA_ENV,
     CAPABILITIES,
-    MOUNT_POINTS,
     SANDBOX_PATH,
-    AgentRuntime,
-    linked_mount_points,
     mount_layers,
     template_has,
     unmount_layers,
@@ -107,8 +103,6 @@ class BwrapRuntime(LocalRuntime):
         else:
             log.info("hibernation: off: %s", why_not)
         self.hibernation_off_reason = why_not
-        self._agent_runtime: AgentRuntime | None = None  # made on the first start from a template
-        self.sudo_shim = self.data_dir / "agent" / "sudo"
 
     def _spawn(self, spec: InstanceSpec) -> tuple[Instance, subprocess.Popen, int]:
         undo: list = []
@@ -145,7 +139,7 @@ class BwrapRuntime(LocalRuntime):
             if spec.rootfs is not None:
                 undo.append(lambda: unmount_layers(prepared.instance_dir))
                 overlay = mount_layers(
-                    prepared.instance_dir, spec.rootfs.layer_paths, prepared.workspace_path, userns_fd
+                    prepared.instance_dir, spec.rootfs.layer_paths, prepared.workspace_path, userns_fd, base_uid
                 )
             seccomp_fd = seccomp.filter_fd()
             fds.append(seccomp_fd)
@@ -235,36 +229,6 @@ class BwrapRuntime(LocalRuntime):
             "--seccomp", str(seccomp_fd),
             "--hostname", "sandbox",
         ]  # fmt: skip
-
-    def _check_mount_points(self, spec: InstanceSpec, workspace_path: Path) -> None:
-        """Refuse a root file system that has a link where bwrap mounts (`linked_mount_points`):
-        in the template's layers, or in the session's upper layer. Every network setting's
-        mount points are checked, so that an upper layer made without a network cannot plant a
-        link for a later instance with one."""
-        assert spec.rootfs is not None
-        points = set(MOUNT_POINTS)
-        # Named by layer id, never by host path: the message reaches the tenant.
-        trees = {"the session's own changes": workspace_path / "upper"}
-        trees |= {f"layer {Path(layer).name[:12]}": Path(layer) for layer in spec.rootfs.layer_paths}
-        linked = linked_mount_points(trees, sorted(points))
-        if linked:
-            raise FailedPrecondition(
-                f"template {spec.rootfs.template!r}: a symbolic link where the sandbox mounts hutch's files, "
-                f"refused: {'; '.join(linked)}"
-            )
-
-    def _rootfs_agent_config(self, spec: InstanceSpec) -> dict:
-        rootfs = spec.rootfs
-        assert rootfs is not None
-        return {
-            "home": SANDBOX_HOME,
-            "user": rootfs.user,
-            "workdir": rootfs.workdir,
-            "rootful": True,
-            "env": {"PATH": SANDBOX_PATH, **CA_ENV, **spec.env},
-            "python_path": self.agent_runtime.python_path,
-            "kernel_python": "/usr/bin/python3",
-        }
 
     def _argv(self, spec, userns_fd, seccomp_fd, info_w, block_r, listen_fd, instance_dir, workspace_path, go_fd=None):
         resources: Resources = spec.resources
@@ -616,17 +580,6 @@ class BwrapRuntime(LocalRuntime):
 
     def _teardown_steps(self, instance: Instance) -> list:
         return [lambda: _detach_root(self.instances_dir / instance.instance_id / "root")]
-
-    @property
-    def agent_runtime(self) -> AgentRuntime:
-        if self._agent_runtime is None:
-            self._agent_runtime = AgentRuntime(self.host)
-            shim = self.sudo_shim
-            shim.parent.mkdir(mode=0o755, exist_ok=True)
-            shim.write_text(self._agent_runtime.sudo_script())
-            shim.chmod(0o755)
-            self.sudo_shim = shim
-        return self._agent_runtime
 
     @staticmethod
     def _read_info(info_r: int, popen: subprocess.Popen, stderr_r: int) -> dict:

@@ -23,6 +23,25 @@ Start of one instance, in order (each step undone if a later one fails):
    in the host's run directory (gVisor cannot take a listening fd from the host, so no socket
    activation). We connect once it exists and wait for `/health`.
 
+An instance booting a template (`spec.rootfs`) has the same barrier around a root file system of
+its own, as bwrap's template instances (`hutch.runtime.rootfs`):
+- its root is the overlay of the template's idmapped layers under the session's upper layer,
+  made by hutch (`rootfs.mount_root`: by a helper that is root of the instance's user namespace,
+  since host root's overlay cannot write through the idmapped upper layer) and attached at
+  `<instance dir>/rootfs/root`, the bundle's writable `root.path`. The gofer, root of the OCI user
+  namespace (the slot's base uid), serves it as root inside; on disk files keep their inside
+  owners, so a workspace's upper layer is the same under either backend;
+- a read-only layer of empty mount points (`<data>/gvisor/points/`) goes on top of the template's:
+  runsc's gofer makes a bind's mount point in the root before mounting it, which would otherwise
+  write `/opt/hutch/...`, `/run/hutch` and `/etc/ld.so.preload` into the session's upper layer;
+- the process starts as root inside with a container's capabilities (bounding set included) and
+  stays root: the agent acts per request as its user, and `sudo` is hutch's, as under bwrap. gVisor
+  has no setfsuid, so the agent takes the user's ids per thread instead (`hutch.agent.users`).
+  gVisor lets root inside kill its pid 1, which ends the instance: root may halt its own machine,
+  and the session's next request starts another on its workspace;
+- a link where it mounts is refused as under bwrap (the gofer resolves mount points inside the
+  root, but a template and an upper layer are then accepted by both backends alike).
+
 State of runsc lives in `<data>/instances/<id>/runsc/` (`--root`): stop kills the cgroup (the
 sentry, gofer and ptrace stubs), unmounts the run tmpfs and removes the directory, runsc's state
 with it. `runsc delete` is not used: it waits for the sentry to be reaped by the host's init,
@@ -92,7 +111,8 @@ from hutch.runtime.cgroups import CgroupManager
 from hutch.runtime.hostfs import AGENT_LIB, RUN_DIR, SANDBOX_HOME
 from hutch.runtime.local import READY_TIMEOUT, LocalRuntime, agent_command, agent_config, undo_all
 from hutch.runtime.network import Networking
-from hutch.runtime.userns import SANDBOX_UID, UidSlots
+from hutch.runtime.rootfs import AGENT_ROOT, CAPABILITIES, SANDBOX_PATH, mount_root, template_has, unmount_layers
+from hutch.runtime.userns import SANDBOX_UID, UidSlots, create_userns
 from hutch.storage.base import WorkspaceStore
 
 log = logging.getLogger(__name__)
@@ -211,13 +231,34 @@ class GVisorRuntime(LocalRuntime):
             preload.chmod(0o644)
             self.binds = [oci.Bind(str(library), COMPAT_TARGET), oci.Bind(str(preload), "/etc/ld.so.preload")]
         oci.ensure_rootfs(self.rootfs, self.host.entries(), self.binds, ["proc", "tmp", SANDBOX_HOME, RUN_DIR])
+        # The mount points a template's tree lacks, as its topmost read-only layer (made on the
+        # first start of a template; see `_points_layer`).
+        self.points = gvisor_dir / "points"
+        self._points_made = False
 
     def _spawn(self, spec: InstanceSpec) -> tuple[Instance, None, int]:
         undo: list = []
         try:
             prepared = self._prepare(spec, undo)
+            uid_base = self.uid_slots.base(prepared.slot)
+            root = self.rootfs
+            if spec.rootfs is not None:
+                self._check_mount_points(spec, prepared.workspace_path)
+                undo.append(lambda: unmount_layers(prepared.instance_dir))
+                userns_fd = create_userns(uid_base)
+                try:
+                    root = mount_root(
+                        prepared.instance_dir,
+                        (*spec.rootfs.layer_paths, str(self._points_layer())),
+                        prepared.workspace_path,
+                        userns_fd,
+                        uid_base,
+                    )
+                finally:
+                    os.close(userns_fd)
             run_dir = prepared.instance_dir / "run"
-            _mount_run_dir(run_dir, prepared.host_uid)
+            # The agent binds its socket there: as root inside of a template, else as the user.
+            _mount_run_dir(run_dir, uid_base if spec.rootfs is not None else prepared.host_uid)
             undo.append(lambda: _unmount_run_dir(run_dir))
 
             resources = spec.resources
@@ -227,8 +268,10 @@ class GVisorRuntime(LocalRuntime):
             undo.append(cgroup.kill_all)
 
             bundle = prepared.instance_dir
-            uid_base = self.uid_slots.base(prepared.slot)
-            oci.write_config(bundle, self._config(spec, prepared.workspace_path, run_dir, uid_base))
+            if spec.rootfs is not None:
+                oci.write_config(bundle, self._rootfs_config(spec, root, run_dir, uid_base))
+            else:
+                oci.write_config(bundle, self._config(spec, prepared.workspace_path, run_dir, uid_base))
             state_dir = bundle / "runsc"
             state_dir.mkdir(mode=0o700)
             pid_file = bundle / "sandbox.pid"
@@ -297,6 +340,60 @@ class GVisorRuntime(LocalRuntime):
             rlimits={"nofile": resources.nofile, "nproc": resources.pids, "core": 0},
             seccomp=seccomp.oci_seccomp(),
             capabilities=["CAP_SETUID", "CAP_SETGID"],
+        )
+
+    def _points_layer(self) -> Path:
+        """A read-only layer of empty mount points put over a template's layers: runsc's gofer
+        makes every bind's mount point in the root file system before mounting it, which would
+        otherwise write them into the session's upper layer. Only ever added to (instances use it)."""
+        if not self._points_made:
+            binds = [oci.Bind(bind.source, bind.target) for bind in self.agent_runtime.binds] + self.binds
+            oci.ensure_rootfs(self.points, [], binds, [AGENT_ROOT, RUN_DIR])
+            self._points_made = True
+        return self.points
+
+    def _rootfs_config(self, spec: InstanceSpec, root: Path, run_dir: Path, uid_base: int) -> dict:
+        """`config.json` of an instance booting a template: its overlay (`mount_root`) as a
+        writable root, and what bwrap gives such an instance (`BwrapRuntime._rootfs_argv`): root
+        inside with a container's capabilities, the agent from `/opt/hutch`, hutch's `sudo`."""
+        rootfs = spec.rootfs
+        assert rootfs is not None
+        resources = spec.resources
+        agent = self.agent_runtime
+        config = {
+            **agent_config(self.host, spec),
+            **self._rootfs_agent_config(spec),
+            "socket_path": f"{RUN_DIR}/agent.sock",
+        }
+        binds = [
+            *(oci.Bind(bind.source, bind.target) for bind in agent.binds),
+            *self.binds,
+            *(
+                [oci.Bind(str(self.sudo_shim), "/usr/bin/sudo")]
+                if template_has(rootfs.layer_paths, "/usr/bin/sudo")
+                else []
+            ),
+            oci.Bind(str(run_dir), RUN_DIR, (*oci.READ_WRITE, "noexec")),
+        ]
+        mounts = oci.mounts([], binds, resources.tmp_mb)
+        # After /proc and /tmp, before the binds below it: a tmpfs holds the agent's mount points,
+        # out of the upper layer, and lets every user reach `sudo`'s interpreter (as bwrap's).
+        agent_tmpfs = {"size=1m", "mode=0755", "nosuid", "nodev"}
+        mounts.insert(
+            2, {"destination": AGENT_ROOT, "type": "tmpfs", "source": "tmpfs", "options": sorted(agent_tmpfs)}
+        )
+        return oci.config(
+            root=root,
+            args=agent.command(),
+            env={"PATH": SANDBOX_PATH, "HUTCH_AGENT": "marshal:" + marshal.dumps(config).hex()},
+            mounts=mounts,
+            uid_base=uid_base,
+            rlimits={"nofile": resources.nofile, "nproc": resources.pids, "core": 0},
+            seccomp=seccomp.oci_seccomp(),
+            capabilities=list(CAPABILITIES),
+            bounding=list(CAPABILITIES),
+            writable_root=True,
+            cwd="/",
         )
 
     def _teardown_steps(self, instance: Instance) -> list[Callable[[], None]]:

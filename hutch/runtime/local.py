@@ -64,7 +64,14 @@ from hutch.runtime.keeper import (
     write_deadline,
 )
 from hutch.runtime.network import NETNS_DIR, Networking, NetworkLayout, egress_policy, layout_for
-from hutch.runtime.rootfs import unmount_layers
+from hutch.runtime.rootfs import (
+    CA_ENV,
+    MOUNT_POINTS,
+    SANDBOX_PATH,
+    AgentRuntime,
+    linked_mount_points,
+    unmount_layers,
+)
 from hutch.runtime.userns import UidSlots
 from hutch.storage.base import WorkspaceStore
 from hutch.types import InstanceId
@@ -225,6 +232,8 @@ class LocalRuntime(InstanceTable):
         # Instances with a network (a namespace, a veth, the egress proxy); shared by the backends
         # of one server, made on first use when not given.
         self.networking = networking
+        self._agent_runtime: AgentRuntime | None = None  # made on the first start from a template
+        self.sudo_shim = self.data_dir / "agent" / "sudo"
 
     # -- what a backend provides ----------------------------------------------------------------
 
@@ -241,6 +250,50 @@ class LocalRuntime(InstanceTable):
     def _ready(self, instance: Instance) -> None:
         """The agent answered, and no user code has run yet: the last moment to lock the sandbox
         out of anything the host will go on trusting (gVisor: the run directory)."""
+
+    # -- a template's root file system ---------------------------------------------------------
+
+    @property
+    def agent_runtime(self) -> AgentRuntime:
+        """hutch's interpreter as template instances see it, and their `sudo` (written once)."""
+        if self._agent_runtime is None:
+            self._agent_runtime = AgentRuntime(self.host)
+            shim = self.sudo_shim
+            shim.parent.mkdir(mode=0o755, exist_ok=True)
+            shim.write_text(self._agent_runtime.sudo_script())
+            shim.chmod(0o755)
+        return self._agent_runtime
+
+    def _check_mount_points(self, spec: InstanceSpec, workspace_path: Path) -> None:
+        """Refuse a root file system that has a link where a sandbox mounts (`MOUNT_POINTS`,
+        `linked_mount_points`): in the template's layers, or in the session's upper layer. Every
+        backend's and network setting's mount points are checked, so that an upper layer made
+        without a network cannot plant a link for a later instance with one."""
+        assert spec.rootfs is not None
+        points = set(MOUNT_POINTS)
+        # Named by layer id, never by host path: the message reaches the tenant.
+        trees = {"the session's own changes": workspace_path / "upper"}
+        trees |= {f"layer {Path(layer).name[:12]}": Path(layer) for layer in spec.rootfs.layer_paths}
+        linked = linked_mount_points(trees, sorted(points))
+        if linked:
+            raise FailedPrecondition(
+                f"template {spec.rootfs.template!r}: a symbolic link where the sandbox mounts hutch's files, "
+                f"refused: {'; '.join(linked)}"
+            )
+
+    def _rootfs_agent_config(self, spec: InstanceSpec) -> dict:
+        """The agent's boot configuration for a template: root inside, the template's defaults."""
+        rootfs = spec.rootfs
+        assert rootfs is not None
+        return {
+            "home": SANDBOX_HOME,
+            "user": rootfs.user,
+            "workdir": rootfs.workdir,
+            "rootful": True,
+            "env": {"PATH": SANDBOX_PATH, **CA_ENV, **spec.env},
+            "python_path": self.agent_runtime.python_path,
+            "kernel_python": "/usr/bin/python3",
+        }
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -533,12 +586,19 @@ class LocalRuntime(InstanceTable):
         watch = self._watches.get(instance_id)
         if watch is not None:
             watch.stopping = True  # ended on purpose: no crash to report
-        await asyncio.to_thread(self._kill, instance, Cgroup.from_dict(instance.detail["cgroup"]))
+        cgroup = Cgroup.from_dict(instance.detail["cgroup"])
+        await asyncio.to_thread(self._kill, instance, cgroup)
         if watch is not None:
             try:
                 await asyncio.wait_for(watch.exited.wait(), 5)
             except TimeoutError:
                 raise IsolationError(f"instance {instance_id} did not exit after SIGKILL") from None
+        # gVisor: the sentry's exit leaves its gofer and ptrace stubs a moment more to go.
+        deadline = time.monotonic() + 5
+        while cgroup.procs():
+            if time.monotonic() > deadline:
+                raise IsolationError(f"instance {instance_id}: processes left after SIGKILL: {cgroup.procs()}")
+            await asyncio.sleep(0.01)
 
     def _kill_for_lifetime(self, instance_id: InstanceId) -> None:
         instance = self._instances.get(instance_id)

@@ -84,22 +84,26 @@ def config(
     rlimits: dict[str, int],
     seccomp: dict,
     capabilities: list[str],
+    bounding: list[str] | None = None,
+    writable_root: bool = False,
+    cwd: str = SANDBOX_HOME,
 ) -> dict:
     """The whole `config.json`. The process starts as root inside, with only `capabilities`
-    (permitted and effective; the bounding set is empty), and must drop to its user itself."""
+    (permitted and effective; the bounding set is empty unless given), and drops to its user
+    itself, or stays root (a template's root file system: `writable_root`, `bounding`)."""
     no_caps: list[str] = []
     return {
         "ociVersion": "1.0.2",
-        "root": {"path": str(root), "readonly": True},
+        "root": {"path": str(root), "readonly": not writable_root},
         "process": {
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
             "args": args,
             "env": [f"{key}={value}" for key, value in env.items()],
-            "cwd": SANDBOX_HOME,
+            "cwd": cwd,
             "noNewPrivileges": True,
             "capabilities": {
-                "bounding": no_caps,
+                "bounding": bounding or no_caps,
                 "effective": capabilities,
                 "permitted": capabilities,
                 "inheritable": no_caps,

@@ -23,18 +23,25 @@ default and as root when asked.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import socket
 import stat
 import struct
+import subprocess
 import sys
 import sysconfig
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from hutch.errors import FailedPrecondition, IsolationError
 from hutch.runtime import idmap
 from hutch.runtime.hostfs import AGENT_LIB, RUN_DIR, HostView, site_packages
+
+ROOT_MOUNT = "root"  # where `mount_root` mounts the overlay, in `<instance dir>/rootfs/`
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
 
 AGENT_ROOT = "/opt/hutch"
 HOST_USR = f"{AGENT_ROOT}/host/usr"
@@ -161,36 +168,142 @@ class AgentRuntime:
         return args
 
 
-def mount_layers(instance_dir: Path, layer_paths: tuple[str, ...], workspace_path: Path, userns_fd: int) -> list[str]:
-    """Idmap the template's layers and the instance's workspace into `<instance_dir>/rootfs/`
-    and return the bwrap arguments of the overlay root over them. The caller undoes it with
-    `unmount_layers` (also on failure)."""
+def _idmap_layers(
+    instance_dir: Path, layer_paths: Sequence[str], workspace_path: Path, userns_fd: int, owner: int
+) -> tuple[list[Path], Path]:
+    """Idmap the layers and the instance's workspace into `<instance_dir>/rootfs/`: the layers'
+    mount points, lowest first, and the workspace's."""
     base = instance_dir / "rootfs"
-    base.mkdir(mode=0o755, exist_ok=True)
+    base.mkdir(mode=0o700, exist_ok=True)
+    # Only host root and the instance's own root (`owner`, who sets the overlay up) may pass:
+    # the idmapped layers show the template's tree, and the workspace the session's files.
+    os.chown(base, owner, owner)
+    os.chmod(base, 0o700)
     # The upper layer and overlayfs's work directory, owned by root inside (0 on disk). On disk
     # they hold what root inside made, setuid-root files included: only host root may reach
     # them (the instance sees them through its idmapped, nosuid mount).
     os.chmod(workspace_path, 0o700)
     for name in ("upper", "work"):
         (workspace_path / name).mkdir(mode=0o755, exist_ok=True)
-    args = []
+    targets = []
     for index, layer in enumerate(layer_paths):
         target = base / f"layer{index}"
         target.mkdir(mode=0o755, exist_ok=True)
         idmap.idmapped_mount(Path(layer), target, userns_fd, read_only=True)
-        args += ["--overlay-src", str(target)]
+        targets.append(target)
     workspace = base / "workspace"
     workspace.mkdir(mode=0o755, exist_ok=True)
     idmap.idmapped_mount(workspace_path, workspace, userns_fd, read_only=False)
+    return targets, workspace
+
+
+def mount_layers(
+    instance_dir: Path, layer_paths: tuple[str, ...], workspace_path: Path, userns_fd: int, owner: int
+) -> list[str]:
+    """Idmap the template's layers and the instance's workspace into `<instance_dir>/rootfs/`
+    and return the bwrap arguments of the overlay root over them. The caller undoes it with
+    `unmount_layers` (also on failure)."""
+    targets, workspace = _idmap_layers(instance_dir, layer_paths, workspace_path, userns_fd, owner)
+    args = [arg for target in targets for arg in ("--overlay-src", str(target))]
     return [*args, "--overlay", str(workspace / "upper"), str(workspace / "work"), "/"]
 
 
+# Run by a fresh interpreter (single-threaded, as setns(CLONE_NEWUSER) requires): it joins the
+# instance's user namespace as its root, makes the overlay there (a mount namespace of its own
+# lets it) and hands the detached mount back over a socket. The overlay acts on its layers with
+# these credentials: created as root inside, through the idmapped upper layer its files get
+# their inside owners on disk. Made by host root instead, overlayfs cannot write through the
+# idmapped upper layer, where host uid 0 maps to nothing (EOVERFLOW: it mounts read-only).
+_OVERLAY_HELPER = r"""
+import ctypes, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def check(result, what):
+    if result < 0:
+        sys.stderr.write(f"{what}: {os.strerror(ctypes.get_errno())}")
+        os._exit(1)
+    return result
+userns, sock = int(sys.argv[1]), int(sys.argv[2])
+os.chdir(sys.argv[3])  # paths relative to it: fsconfig takes values of 256 bytes at most
+check(libc.setns(userns, 0x10000000), "setns")
+os.setresgid(0, 0, 0)
+os.setresuid(0, 0, 0)
+check(libc.unshare(0x00020000), "unshare")
+fs = check(libc.syscall(430, b"overlay", 1), "fsopen")
+for option in sys.argv[4:]:
+    key, _, value = option.partition("=")
+    check(libc.syscall(431, fs, 1 if value else 0, key.encode(), value.encode() if value else None, 0), key)
+check(libc.syscall(431, fs, 6, None, None, 0), "create")
+socket.send_fds(socket.socket(fileno=sock), [b"m"], [check(libc.syscall(432, fs, 1, 0x6), "fsmount")])
+"""
+_SYS_MOVE_MOUNT = 429
+_MOVE_MOUNT_F_EMPTY_PATH = 4
+
+
+def mount_root(
+    instance_dir: Path,
+    layer_paths: Sequence[str],
+    workspace_path: Path,
+    userns_fd: int,
+    owner: int,
+) -> Path:
+    """The overlay of `layer_paths` (lowest first) under the workspace's upper layer, made by root
+    of the user namespace `userns_fd` and mounted (nosuid, nodev) at `<instance_dir>/rootfs/root`,
+    which is returned: a root file system that the host can hand to a runtime (gVisor's gofer).
+    The caller undoes it with `unmount_layers` (also on failure)."""
+    targets, workspace = _idmap_layers(instance_dir, layer_paths, workspace_path, userns_fd, owner)
+    root = instance_dir / "rootfs" / ROOT_MOUNT
+    root.mkdir(mode=0o755, exist_ok=True)
+    # One layer per `lowerdir+` (Linux 6.8+), the topmost first: `lowerdir=` takes them all in
+    # one value, which fsconfig cuts at 256 bytes (a few layers' paths).
+    base = instance_dir / "rootfs"
+    options = [
+        *(f"lowerdir+={target.relative_to(base)}" for target in reversed(targets)),
+        f"upperdir={(workspace / 'upper').relative_to(base)}",
+        f"workdir={(workspace / 'work').relative_to(base)}",
+        "userxattr",  # as bwrap's overlay, made in a user namespace too: one upper layer format
+    ]
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        try:
+            helper = subprocess.run(
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-c",
+                    _OVERLAY_HELPER,
+                    str(userns_fd),
+                    str(theirs.fileno()),
+                    str(base),
+                    *options,
+                ],
+                pass_fds=(userns_fd, theirs.fileno()),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise IsolationError(f"cannot mount the root file system: {exc}") from None
+        if helper.returncode != 0:
+            raise IsolationError(f"cannot mount the root file system: {helper.stderr.decode(errors='replace')}")
+        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+    if not fds:
+        raise IsolationError("cannot mount the root file system: no mount came back")
+    try:
+        if _libc.syscall(_SYS_MOVE_MOUNT, fds[0], b"", _AT_FDCWD, os.fsencode(root), _MOVE_MOUNT_F_EMPTY_PATH) < 0:
+            raise IsolationError(f"cannot mount the root file system at {root}: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fds[0])
+    return root
+
+
 def unmount_layers(instance_dir: Path) -> None:
-    """Remove the idmapped mounts of `mount_layers` (lazily: a dying sandbox may still hold them)."""
+    """Remove the mounts of `mount_layers` or `mount_root` (lazily: a dying sandbox may still hold
+    them), the overlay first."""
     base = instance_dir / "rootfs"
     if not base.is_dir():
         return
-    for entry in sorted(base.iterdir(), reverse=True):
+    for entry in sorted(base.iterdir(), key=lambda path: (path.name == ROOT_MOUNT, path.name), reverse=True):
         idmap.detach(entry)
         try:
             entry.rmdir()
@@ -202,7 +315,10 @@ def unmount_layers(instance_dir: Path) -> None:
 # Where an instance's sandbox mounts hutch's own things on a template's tree (sudo only where the
 # template has one, resolv.conf only with a network): none of them, nor a directory above them,
 # may be a link in a template's layer (`linked_mount_points`).
-MOUNT_POINTS = ("/proc", "/dev", "/tmp", AGENT_ROOT, RUN_DIR, "/usr/bin/sudo", "/etc/resolv.conf")
+MOUNT_POINTS = (
+    "/proc", "/dev", "/tmp", AGENT_ROOT, RUN_DIR, "/usr/bin/sudo", "/etc/resolv.conf",
+    "/etc/ld.so.preload",  # gVisor's: its statx shim (`hutch.runtime.gvisor`)
+)  # fmt: skip
 
 
 def linked_mount_points(trees: Mapping[str, Path], targets: Iterable[str]) -> list[str]:
@@ -234,7 +350,7 @@ def linked_mount_points(trees: Mapping[str, Path], targets: Iterable[str]) -> li
 
 def refuse_linked_mount_points(layer: Path, what: str) -> None:
     """Fail a build whose new layer has a link where sandboxes mount hutch's files: no sandbox
-    could boot from it (`BwrapRuntime` refuses it at every start), so it is never registered."""
+    could boot from it (`LocalRuntime` refuses it at every start), so it is never registered."""
     linked = linked_mount_points({what: layer}, MOUNT_POINTS)
     if linked:
         raise FailedPrecondition(

@@ -24,7 +24,7 @@ import httpx
 from hutch.agent import envelope
 from hutch.runtime.cgroups import Cgroup
 from hutch.selftest.report import Outcome
-from hutch.selftest.stage import LIMITS, ROOT, Stage, cgroup_procs
+from hutch.selftest.stage import LIMITS, ROOTS, Stage, cgroup_procs
 from hutch.selftest.target import Session, rss_mb
 
 
@@ -536,6 +536,7 @@ def plan(backends: tuple[str, ...]) -> list:
     from hutch.selftest.battery import Attack, on_backend
 
     steps = [Attack(name, backend, on_backend(run, backend)) for name, run in ATTACKS for backend in backends]
-    if ROOT in backends:
-        steps += [Attack(name, ROOT, on_backend(run, ROOT)) for name, run in ROOT_ATTACKS]
+    for cast in ROOTS:
+        if cast in backends:
+            steps += [Attack(name, cast, on_backend(run, cast)) for name, run in ROOT_ATTACKS]
     return steps

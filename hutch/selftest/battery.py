@@ -17,18 +17,18 @@ from dataclasses import dataclass
 from hutch.selftest.escape import ESCAPES
 from hutch.selftest.probes import Escape, outcomes, program
 from hutch.selftest.report import Outcome
-from hutch.selftest.stage import BACKENDS, ROOT, ROOT_NET, Stage
+from hutch.selftest.stage import BACKENDS, ROOT, ROOT_NET, ROOTS, Stage
 
 
 def escape_backends(escape: Escape, backends: tuple[str, ...] = BACKENDS) -> list[str]:
     """The casts an escape is played on: a networked attack needs a function with a network,
     which only bwrap instances can have (`net`, and `ROOT_NET` as root inside); an attack of root
-    inside needs the root cast (`ROOT`, in `backends` when the stage has a template); every other
+    inside needs a root cast (`ROOTS`, in `backends` when the stage has a template); every other
     one runs on each."""
     if "network" in escape.needs:
         return ["net"] * ("bwrap" in backends) + [ROOT_NET] * (ROOT in backends)
     if ROOT in escape.needs:
-        return [ROOT] if ROOT in backends else []
+        return [cast for cast in ROOTS if cast in backends]
     return list(backends)
 
 

@@ -23,7 +23,7 @@ the host (the template's shared lower layer, root's host uid).
 from __future__ import annotations
 
 from hutch.selftest.probes import NOT_PLAYED, Escape, allowed
-from hutch.selftest.stage import ROOT
+from hutch.selftest.stage import ROOT, ROOT_GVISOR
 
 DENIED = allowed("EPERM")
 MISSING = allowed("ENOENT")
@@ -221,7 +221,10 @@ own = set(int(p) for p in os.listdir("/proc") if p.isdigit())
 foreign = [pid for pid in victim["host_pids"] if pid not in own]
 probe_each("kill-victim-host-processes", lambda pid: os.kill(pid, signal.SIGKILL), foreign)
 probe("pidfd-open-hutch", lambda: call(434, CTX["hutch_pid"], 0))
-probe("kill-own-pid-1", lambda: os.kill(1, signal.SIGKILL))
+if not (CTX.get("runtime") == "gvisor" and os.geteuid() == 0):
+    # gVisor's pid 1 takes the signals Linux's ignores: root inside (who may become any uid)
+    # ends its own instance, as root halts its own VM; the session's next request starts another.
+    probe("kill-own-pid-1", lambda: os.kill(1, signal.SIGKILL))
 probe("pid-1-is-own-agent", lambda: "own" if b"hutch.agent" in read("/proc/1/cmdline") else
       "LEAK: " + read("/proc/1/cmdline").decode(errors="replace"))
 """,
@@ -236,6 +239,7 @@ probe("pid-1-is-own-agent", lambda: "own" if b"hutch.agent" in read("/proc/1/cmd
         "kill-own-pid-1": allowed("ok", "EPERM"),
         "pid-1-is-own-agent": allowed("own"),
     },
+    overrides={ROOT_GVISOR: {"kill-own-pid-1": NOT_PLAYED}},
 )
 
 SECRETS = Escape(
@@ -549,6 +553,12 @@ probe("tiocsti", lambda: fcntl.ioctl(0, termios.TIOCSTI, b"x"))
         },
         # The UTS namespace's sysctls belong to the host's root, not to root inside.
         ROOT: {"write-proc-sys": allowed("EACCES")},
+        # gVisor's own /proc/sys and /sys refuse root inside as gVisor refuses them.
+        ROOT_GVISOR: {
+            "write-proc-sys": allowed("EIO"),
+            "write-sysrq": allowed("EPERM"),
+            "write-sys-uevent-helper": allowed("EPERM"),
+        },
     },
 )
 
@@ -572,11 +582,16 @@ ROOT_KERNEL = Escape(
     "namespaces, setuid and file-capability binaries run as user, raw sockets, the network stack",
     r"""
 import subprocess, fcntl
+# gVisor's kernel shows maps of its own (`0 0 4294967295`), and /sys of its own: the instance's
+# host uids are judged from the host (`rootfs-host-identity`).
+GVISOR = CTX.get("runtime") == "gvisor"
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return line.split()[1]
 def uid_map():
+    if GVISOR:
+        return "gVisor's own (judged on the host)"
     inside, outside, count = open("/proc/self/uid_map").read().split()[:3]
     # Root inside is host uid `outside`: never 0, and a range of this instance's own.
     if inside == "0" and int(outside) >= 65536 and count == "65536":
@@ -584,14 +599,16 @@ def uid_map():
     return "LEAK: " + open("/proc/self/uid_map").read().strip()
 probe("is-root-inside", lambda: "root" if os.geteuid() == 0 else "not root: " + str(os.geteuid()))
 probe("uid-map", uid_map)
-probe("gid-map", lambda: "namespaced" if open("/proc/self/gid_map").read().split()[1] != "0" else "LEAK: gid 0")
+probe("gid-map", lambda: "gVisor's own (judged on the host)" if GVISOR else
+      "namespaced" if open("/proc/self/gid_map").read().split()[1] != "0" else "LEAK: gid 0")
 def caps(key):
     mask = int(status(key), 16)
     held = [name for name, bit in __FORBIDDEN__.items() if mask >> bit & 1]
     return "none" if not held else "LEAK: " + ",".join(held)
 probe("forbidden-effective-capabilities", lambda: caps("CapEff"))
 probe("forbidden-bounding-capabilities", lambda: caps("CapBnd"))
-probe("no-new-privs", lambda: "set" if status("NoNewPrivs") == "1" else "LEAK: unset")
+# PR_GET_NO_NEW_PRIVS: gVisor's /proc/self/status has no NoNewPrivs line.
+probe("no-new-privs", lambda: "set" if libc.prctl(39, 0, 0, 0, 0) == 1 else "LEAK: unset")
 probe("seccomp", lambda: "filtered" if status("Seccomp") == "2" else "LEAK: " + str(status("Seccomp")))
 # mount: every form (seccomp), and the mount command
 probe("mount-tmpfs", lambda: call(165, b"none", b"/mnt", b"tmpfs", 0, 0))
@@ -610,8 +627,16 @@ probe("mknod-char-mem", lambda: os.mknod("/root/mem", 0o600 | 0o020000, os.maked
 probe("mknod-block-disk", lambda: os.mknod("/root/disk", 0o600 | 0o060000, os.makedev(8, 0)))
 probe("mknod-kmsg-in-dev", lambda: os.mknod("/dev/kmsg", 0o600 | 0o020000, os.makedev(1, 11)))
 probe("open-made-char-mem", lambda: os.open("/root/mem", os.O_RDWR))
-probe("mknod-command", lambda: "refused" if subprocess.run(["mknod", "/tmp/sda", "b", "8", "0"],
-      capture_output=True).returncode != 0 else "LEAK: mknod ran")
+def mknod_command():
+    if subprocess.run(["mknod", "/tmp/sda", "b", "8", "0"], capture_output=True).returncode != 0:
+        return "refused"
+    try:  # gVisor's tmpfs takes the node, which opens none of the host's devices
+        os.close(os.open("/tmp/sda", os.O_RDONLY))
+    except OSError as exc:
+        return "made, opens nothing: " + outcome_of(exc)
+    return "LEAK: mknod ran and the node opens"
+probe("mknod-command", mknod_command)
+probe("open-made-kmsg", lambda: os.close(os.open("/dev/kmsg", os.O_RDONLY)))
 # /proc/sys, /proc's kernel knobs and /sys
 # The kernel's knobs belong to the host's root (EACCES); sysrq where the kernel has no magic SysRq: ENOENT.
 probe("write-core-pattern", lambda: write("/proc/sys/kernel/core_pattern", b"|/tmp/x"))
@@ -619,7 +644,8 @@ probe("write-sysrq-sysctl", lambda: write("/proc/sys/kernel/sysrq", b"1"))
 probe("write-drop-caches", lambda: write("/proc/sys/vm/drop_caches", b"3"))
 probe("write-ip-forward", lambda: write("/proc/sys/net/ipv4/ip_forward", b"1"))
 probe("write-sysrq-trigger", lambda: write("/proc/sysrq-trigger", b"h"))
-probe("sys-is-empty", lambda: "clean" if not os.listdir("/sys") else "LEAK: " + ",".join(os.listdir("/sys")))
+probe("sys-is-empty", lambda: "clean" if not os.listdir("/sys") else
+      "gVisor's own" if GVISOR else "LEAK: " + ",".join(os.listdir("/sys")))
 probe("sethostname", lambda: call(170, b"owned", 5))
 probe("lower-oom-score", lambda: write("/proc/self/oom_score_adj", b"-1000"))
 import resource
@@ -701,6 +727,7 @@ probe("bind-privileged-port", lambda: socket.socket().bind(("127.0.0.1", 80)))
         "mknod-kmsg-in-dev": DENIED,
         "open-made-char-mem": MISSING,
         "mknod-command": allowed("refused"),
+        "open-made-kmsg": MISSING,
         "write-core-pattern": allowed("EACCES"),
         "write-sysrq-sysctl": allowed("EACCES", "ENOENT"),
         "write-drop-caches": allowed("EACCES"),
@@ -739,6 +766,33 @@ probe("bind-privileged-port", lambda: socket.socket().bind(("127.0.0.1", 80)))
         "packet-socket": DENIED,
         "set-link-down": DENIED,
         "bind-privileged-port": allowed("ok"),
+    },
+    overrides={
+        # Root inside a gVisor instance meets gVisor's kernel, none of whose objects is the host's:
+        # nodes made on its /dev open nothing (ENXIO), its /proc/sys, /sys and OOM scores are its
+        # own (the host's OOM killer sees the sentry), it keeps no file capabilities or trusted.*
+        # attributes (ENOTSUP), and its network stack is its own loopback-only one.
+        ROOT_GVISOR: {
+            "uid-map": allowed("gVisor's own (judged on the host)"),
+            "gid-map": allowed("gVisor's own (judged on the host)"),
+            "mknod-kmsg-in-dev": allowed("ok"),
+            "open-made-kmsg": allowed("ENXIO"),
+            "mknod-command": allowed("made, opens nothing: ENXIO"),
+            "write-core-pattern": allowed("EPERM"),
+            "write-sysrq-sysctl": allowed("EPERM"),
+            "write-drop-caches": allowed("EPERM"),
+            "write-ip-forward": allowed("ok"),
+            "write-sysrq-trigger": allowed("EPERM"),
+            "sys-is-empty": allowed("gVisor's own"),
+            "lower-oom-score": allowed("ok"),
+            "agent-memory": allowed("EACCES"),
+            "overlay-xattr-trusted": allowed("ENOTSUP"),
+            "setns-pid-1-mnt": allowed("ENOENT"),
+            "set-file-capability-admin": allowed("ENOTSUP"),
+            "set-file-capability-dac": allowed("ENOTSUP"),
+            "file-capability-binary-run-as-user": allowed("user, no capabilities"),
+            "set-link-down": allowed("ENOTTY"),
+        },
     },
     needs=(ROOT,),
 )

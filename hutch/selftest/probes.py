@@ -118,6 +118,10 @@ def outcomes(stdout: str) -> dict[str, str] | None:
     return None
 
 
+# A cast whose expectations are those of others, in order, then its own: root inside a gVisor
+# instance meets gVisor's kernel as the gVisor cast does, and has what root has on bwrap.
+CAST_LAYERS = {"root-gvisor": ("gvisor", "root", "root-gvisor")}
+
 Expectation = frozenset[str]
 # An override saying a probe is not played on that cast: it means nothing there (`setuid(0)` by
 # root inside is root being root); another probe of the cast tests what it stood for.
@@ -142,7 +146,9 @@ class Escape:
     needs: tuple[str, ...] = ()  # what the attack needs from the context ("network", "root")
 
     def expectations(self, backend: str) -> dict[str, Expectation]:
-        merged = {**self.expect, **self.overrides.get(backend, {})}
+        merged = dict(self.expect)
+        for layer in CAST_LAYERS.get(backend, (backend,)):
+            merged.update(self.overrides.get(layer, {}))
         return {name: expected for name, expected in merged.items() if expected is not NOT_PLAYED}
 
     def judge(self, backend: str, seen: Mapping[str, str] | None) -> tuple[bool, list[str]]:

@@ -3,9 +3,9 @@ on every backend, and the host-side things an attack must never reach.
 
 What it owns:
 - the cast: tenants `attacker` and `victim`, the same functions in both (`sec-bwrap`,
-  `sec-gvisor`: no network, small limits; `sec-net`: bwrap with the internet allowed; `sec-root`:
-  bwrap booting a template, whose sessions act as root inside, when the stage is given one, and
-  `sec-root-net`, the same with the internet allowed), one
+  `sec-gvisor`: no network, small limits; `sec-net`: bwrap with the internet allowed; `sec-root`
+  and `sec-root-gvisor`: bwrap and gVisor booting a template, whose sessions act as root inside,
+  when the stage is given one, and `sec-root-net`, bwrap's with the internet allowed), one
   victim session per function holding a secret file, a marked background process and a user
   server on port 8080, and attacker sessions made on demand;
 - the host's side: a canary file (readable by anyone on the host), a TCP service on the host's
@@ -33,25 +33,41 @@ from pathlib import Path
 from hutch.selftest.target import Session, Target, Tenant
 
 BACKENDS = ("bwrap", "gvisor")
-# The root cast: bwrap instances of a template (a root file system of their own), every command
-# and file call of theirs acting as root inside, as E2B's `user="root"` does. gVisor cannot boot
-# templates yet: its cast stays the host view.
+# The root casts: instances of a template (a root file system of their own), every command and
+# file call of theirs acting as root inside, as E2B's `user="root"` does; on bwrap (`ROOT`) and
+# on gVisor (`ROOT_GVISOR`).
 ROOT = "root"
+ROOT_GVISOR = "root-gvisor"
+ROOTS = (ROOT, ROOT_GVISOR)
 ROOT_NET = "root-net"  # the root cast with a network: the networked attacks as root inside
+# The backend of each cast that is not one itself.
+_RUNTIMES = {"net": "bwrap", ROOT: "bwrap", ROOT_GVISOR: "gvisor", ROOT_NET: "bwrap"}
 LIMITS = {"cpu": 1.0, "memoryMB": 256, "pids": 128, "diskMB": 64, "tmpMB": 16}
 SERVER_PORT = 8080
 
 
-def functions(template: str | None = None) -> list[dict]:
-    """The functions both tenants get (`sec-root` with a template only)."""
+def runtime_of(cast: str) -> str:
+    """The isolation backend a cast's sessions run on."""
+    return _RUNTIMES.get(cast, cast)
+
+
+def root_casts(backends: tuple[str, ...]) -> tuple[str, ...]:
+    """The root casts of the chosen backends."""
+    return tuple(cast for cast in ROOTS if runtime_of(cast) in backends)
+
+
+def functions(template: str | None = None, roots: tuple[str, ...] = (ROOT,)) -> list[dict]:
+    """The functions both tenants get (`roots`' with a template only)."""
     specs = [
         {"name": f"sec-{backend}", "runtime": backend, "resources": LIMITS, "warmPoolSize": 0} for backend in BACKENDS
     ]
     specs.append({"name": "sec-net", "runtime": "bwrap", "resources": LIMITS, "network": {"allowInternetAccess": True}})
     if template is not None:
-        specs.append(
-            {"name": f"sec-{ROOT}", "runtime": "bwrap", "template": template, "resources": LIMITS, "warmPoolSize": 0}
-        )
+        specs += [
+            {"name": f"sec-{cast}", "runtime": runtime_of(cast), "template": template, "resources": LIMITS,
+             "warmPoolSize": 0}
+            for cast in roots
+        ]  # fmt: skip
         specs.append(
             {"name": f"sec-{ROOT_NET}", "runtime": "bwrap", "template": template, "resources": LIMITS,
              "warmPoolSize": 0, "network": {"allowInternetAccess": True}}
@@ -61,7 +77,7 @@ def functions(template: str | None = None) -> list[dict]:
 
 def user_of(backend: str) -> str | None:
     """Who a cast's sessions act as inside (None: the sandbox's default user)."""
-    return "root" if backend in (ROOT, ROOT_NET) else None
+    return "root" if backend in (*ROOTS, ROOT_NET) else None
 
 
 def host_addresses() -> list[str]:
@@ -143,9 +159,9 @@ class Stage:
         self.attacker = self.target.tenant("attacker")
         self.victim_tenant = self.target.tenant("victim")
         for tenant in (self.attacker, self.victim_tenant):
-            for spec in functions(template):
+            for spec in functions(template, root_casts(backends)):
                 tenant.function(spec)
-        casts = (*backends, *(("net",) if network else ()), *((ROOT,) if template is not None else ()))
+        casts = (*backends, *(("net",) if network else ()), *(root_casts(backends) if template is not None else ()))
         casts += (ROOT_NET,) if network and template is not None else ()
         for backend in casts:
             self.victims[backend] = self._victim(backend)
@@ -199,6 +215,7 @@ class Stage:
             "host_ips": self.host_ips,
             "host_service_port": self.host_service.sock.getsockname()[1],
             "abstract_socket": self.abstract_name,
+            "runtime": runtime_of(backend),
             "victim": {
                 "workspace_path": victim.record["workspace_path"],
                 "socket_path": victim.record["socket_path"],
@@ -208,7 +225,7 @@ class Stage:
                 "server_port": SERVER_PORT,
             },
         }
-        if backend == ROOT:
+        if backend in ROOTS:
             # Where the template's shared layers are on the host (an attacker may guess them: the
             # data directory's layout is public), and the host's own files of the same names.
             layers = victim.record["spec"]["rootfs"]["layer_paths"]

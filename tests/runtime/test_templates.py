@@ -1,5 +1,7 @@
 """Instances booted from a template: a root file system of their own, root inside, installs that
-work, and nothing of it shared between sessions or with the host (bwrap backend)."""
+work, and nothing of it shared between sessions or with the host. Every test runs once per local
+backend (`test_x[bwrap]`, `test_x[gvisor]`); gVisor's instances have no network, so the tests of
+installs from the internet are bwrap's only."""
 
 from __future__ import annotations
 
@@ -20,20 +22,23 @@ from hutch.runtime.base import InstanceSpec, InstanceState, Resources
 from hutch.runtime.userns import RANGE, UidSlots
 from hutch.storage.local import DirectoryStore, ImageStore
 from tests.conftest import TEST_TEMPLATE
-from tests.runtime.conftest import Sandbox
+from tests.runtime.conftest import BACKENDS, Sandbox
 
 pytestmark = pytest.mark.sandbox
 
 
-@pytest.fixture(scope="module")
-def rootfs_runtime(loop):
+@pytest.fixture(scope="module", params=BACKENDS)
+def rootfs_runtime(request, loop):
+    name = request.param
+    if name == "gvisor" and shutil.which("runsc") is None:
+        pytest.skip("gVisor (runsc) is not installed")
     root = Path(tempfile.mkdtemp(prefix="hutch-test-tpl-", dir="/var/tmp"))
     root.chmod(0o755)
     store = ImageStore(root / "workspaces") if ImageStore.available() else DirectoryStore(root / "workspaces")
     slots = UidSlots(first_uid=2_000_000_000 + random.randrange(256) * 64 * RANGE, count=64)
 
     async def make():
-        return make_runtime("bwrap", root, store, slots)
+        return make_runtime(name, root, store, slots)
 
     runtime = loop.run(make())
     yield runtime
@@ -47,14 +52,16 @@ def rootfs_runtime(loop):
 def boot(loop, rootfs_runtime, template_store):
     started: list[Sandbox] = []
 
-    def make(workspace: str | None = None, network: dict | None = None, **resources) -> Sandbox:
+    def make(
+        workspace: str | None = None, network: dict | None = None, template: str = TEST_TEMPLATE, **resources
+    ) -> Sandbox:
         spec = InstanceSpec(
             instance_id=f"t-{uuid.uuid4().hex[:10]}",
             resources=Resources(**resources),
-            backend="bwrap",
+            backend=rootfs_runtime.name,
             workspace=workspace,
             network=network,
-            rootfs=template_store.rootfs(TEST_TEMPLATE),
+            rootfs=template_store.rootfs(template),
         )
         sandbox = Sandbox(loop, rootfs_runtime, loop.run(rootfs_runtime.start(spec)))
         started.append(sandbox)
@@ -73,6 +80,21 @@ def test_commands_run_as_user_by_default_and_as_root_when_asked(boot):
     assert as_root.stdout.decode().split() == ["0", "/root", "/root"]
 
 
+def test_files_written_through_the_file_api_are_the_users_and_checked_as_the_users(boot):
+    # The agent is root and acts as the request's user (setfsuid; gVisor has none: the thread's ids).
+    sandbox = boot()
+    sandbox.loop.run(sandbox.channel.write_file("/home/user/up.txt", b"hi\n"))
+    seen = sandbox.run(
+        "stat -c '%U' /home/user/up.txt; cat /home/user/up.txt; echo more >> /home/user/up.txt && echo ok"
+    )
+    assert seen.stdout.decode().split() == ["user", "hi", "ok"], seen.stderr
+    with pytest.raises(PermissionDenied):
+        sandbox.loop.run(sandbox.channel.write_file("/etc/owned", b"x"))
+    # And commands after it still start as the user, and as root when asked.
+    assert sandbox.run("id -u").stdout == b"1000\n"
+    assert sandbox.loop.run(sandbox.channel.run("id -u", user="root")).stdout == b"0\n"
+
+
 def test_an_unknown_user_is_a_clear_error(boot):
     sandbox = boot()
     with pytest.raises(Unauthenticated, match="no such user"):
@@ -86,8 +108,20 @@ def test_sudo_runs_the_command_as_root_without_a_password_and_keeps_its_exit_cod
     assert result.stdout.decode().split() == ["0", "user", "made", "code=7", "in"], result.stderr
 
 
-def test_root_inside_is_an_unprivileged_host_uid_of_this_instance_only(boot):
+def test_root_inside_is_an_unprivileged_host_uid_of_this_instance_only(boot, rootfs_runtime):
     first, second = boot(), boot()
+    if rootfs_runtime.name == "gvisor":
+        # No sandbox process is a host process: the host sees the sentry (as nobody) and the
+        # gofer, which acts on files as root inside, as the slot's base uid.
+        from hutch.runtime.cgroups import Cgroup
+
+        found = [
+            {_uid(str(pid)) for pid in Cgroup.from_dict(s.instance.detail["cgroup"]).procs()} for s in (first, second)
+        ]
+        gofers = [uids - {65534} for uids in found]
+        assert all(len(uids) == 1 and min(uids) >= 65536 for uids in gofers), found
+        assert gofers[0] != gofers[1]
+        return
     uids = []
     for sandbox in (first, second):
         pid = int(sandbox.loop.run(sandbox.channel.run("sleep 30 & echo $!", user="root")).stdout.decode().split()[-1])
@@ -178,7 +212,8 @@ def test_root_inside_cannot_reach_the_kernel_or_the_host(boot):
     attacks = {
         "mount": "mount -t tmpfs none /mnt",
         "unshare": "unshare -U true",
-        "mknod": "mknod /dev/sda-copy b 8 0",
+        # gVisor lets root make the node on its own /dev, whose nodes open none of the host's (ENXIO).
+        "mknod": "mknod /dev/sda-copy b 8 0 && head -c1 /dev/sda-copy",
         "proc_sys": "echo 1 > /proc/sys/kernel/sysrq",
         "keyring": "python3 -c 'import ctypes; l=ctypes.CDLL(None, use_errno=True); "
         'exit(0 if l.syscall(248, b"user", b"k", b"v", 1, -2) >= 0 else 1)\'',
@@ -203,14 +238,46 @@ def test_filling_the_disk_through_the_overlay_stops_at_the_sessions_limit(boot):
     assert usage <= 64 * 1024 * 1024
 
 
-def test_pip_install_then_import_in_a_session_allowed_egress(boot):
+def _needs_network(runtime) -> None:
+    if runtime.name == "gvisor":
+        pytest.skip("gVisor instances have loopback only (hutch.runtime.gvisor: this runsc's network)")
+
+
+def test_pip_install_then_import_in_a_session_allowed_egress(boot, rootfs_runtime):
+    _needs_network(rootfs_runtime)
     sandbox = boot(network={"internet": True})
     result = sandbox.run("pip install --no-cache-dir --quiet six 2>&1 && python3 -c 'import six; print(six.__name__)'",
                          timeout=300)  # fmt: skip
     assert result.stdout.decode().strip().endswith("six"), result.stdout.decode()[-2000:]
 
 
-def test_sudo_apt_get_install_works_in_a_session_allowed_egress(boot):
+def test_pip_install_of_a_local_wheel_goes_into_the_templates_python_and_the_upper_layer(boot):
+    # No network needed (gVisor's instances have none): a wheel made inside, installed by the
+    # template's pip as root, imported by the user, and written to the session's upper layer.
+    sandbox = boot()
+    info = "hutchdemo-1.0.dist-info"
+    files = {
+        "hutchdemo.py": "VALUE = 42\n",
+        f"{info}/METADATA": "Metadata-Version: 2.1\nName: hutchdemo\nVersion: 1.0\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/RECORD": "",
+    }
+    make_wheel = (
+        "import zipfile\n"
+        "with zipfile.ZipFile('/tmp/hutchdemo-1.0-py3-none-any.whl', 'w') as w:\n"
+        f"    for name, text in {files!r}.items(): w.writestr(name, text)\n"
+    )
+    assert sandbox.python(make_wheel).exit_code == 0
+    installed = sandbox.run("sudo pip install --no-index --quiet /tmp/hutchdemo-1.0-py3-none-any.whl 2>&1; "
+                            "python3 -c 'import hutchdemo; print(hutchdemo.VALUE, hutchdemo.__file__)'")  # fmt: skip
+    assert installed.stdout.decode().split()[-2] == "42", installed.stdout.decode()[-2000:]
+    path = installed.stdout.decode().split()[-1]
+    assert path.startswith("/usr/local/lib/python3"), path
+    assert (sandbox.instance.workspace_path / "upper" / path.lstrip("/")).is_file()
+
+
+def test_sudo_apt_get_install_works_in_a_session_allowed_egress(boot, rootfs_runtime):
+    _needs_network(rootfs_runtime)
     sandbox = boot(network={"internet": True}, disk_mb=1024)
     result = sandbox.run(
         "sudo apt-get update -qq 2>&1 | tail -5; "
@@ -265,6 +332,35 @@ def _layer_with_links(template_store, links: dict[str, str]) -> str:
     return name
 
 
+def test_a_template_of_many_layers_shows_the_topmost_copy_of_a_file(loop, boot, template_store):
+    # Layers are listed bottom first; an overlay's lower layers are given the topmost first. Ten
+    # layers: their paths together pass fsconfig's 256 bytes per value (gVisor's overlay).
+    import hashlib
+
+    from hutch.templates.model import Template
+
+    def tiny_layer(files: dict[str, bytes]) -> str:
+        layer = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()
+        if not template_store.layer_path(layer).exists():
+            scratch = template_store.scratch()
+            (scratch / "etc").mkdir(mode=0o755)
+            for path, content in files.items():
+                (scratch / path).write_bytes(content)
+            template_store.commit(scratch, layer)
+        return layer
+
+    layers = [tiny_layer({f"etc/layer-{i}": b"%d\n" % i, "etc/debian_version": b"layer %d\n" % i}) for i in range(10)]
+    name = f"layers-{layers[-1][:8]}"
+    template_store.put(Template(name=name, layers=(*template_store.get(TEST_TEMPLATE).layers, *layers), source="test"))
+    try:
+        sandbox = boot(template=name)
+        seen = sandbox.run("cat /etc/debian_version /etc/layer-0 /etc/layer-9; test -x /usr/bin/python3 && echo base")
+        assert seen.stdout == b"layer 9\n0\n9\nbase\n", seen.stderr
+        sandbox.stop()
+    finally:
+        template_store.delete(name)
+
+
 @pytest.mark.parametrize(
     ("mount_point", "target"), [("/run", ""), ("/usr/bin/sudo", "/sudo"), ("/opt/hutch", ""), ("/tmp", "")]
 )
@@ -278,7 +374,7 @@ def test_a_template_with_a_link_where_hutch_mounts_is_refused_and_the_host_is_un
     try:
         name = _layer_with_links(template_store, {mount_point: f"/oldroot{host_dir}{target}"})
         spec = InstanceSpec(
-            instance_id=f"t-{uuid.uuid4().hex[:10]}", resources=Resources(), backend="bwrap",
+            instance_id=f"t-{uuid.uuid4().hex[:10]}", resources=Resources(), backend=rootfs_runtime.name,
             rootfs=template_store.rootfs(name),
         )  # fmt: skip
         refused = f"symbolic link where the sandbox mounts.*{re.escape(mount_point)} -> "
@@ -301,8 +397,9 @@ def test_a_link_planted_by_root_for_a_later_instance_with_a_network_is_refused(b
     )
     assert planted.stdout == b"ok\n", planted.stderr
     first.stop(keep_workspace=True)
+    network = {"internet": True} if rootfs_runtime.name == "bwrap" else None  # gVisor: none, checked all the same
     with pytest.raises(FailedPrecondition, match=re.escape("the session's own changes: /etc/resolv.conf -> /oldroot/")):
-        boot(workspace=workspace, network={"internet": True})
+        boot(workspace=workspace, network=network)
     rootfs_runtime.store.delete(workspace)
 
 
@@ -346,3 +443,13 @@ def test_a_kernel_the_recipe_s_setup_installed_runs_other_languages_as_the_user(
     # A language whose kernel the template lacks: a 400 that says what is missing.
     with pytest.raises(InvalidArgument, match="Deno's Jupyter kernel"):
         sandbox.loop.run(sandbox.channel.execute("1", language="javascript"))
+
+
+def test_functions_name_templates_on_both_local_backends_and_not_on_kubernetes():
+    from pydantic import ValidationError
+
+    from hutch.functions import FunctionSpec
+
+    assert FunctionSpec(name="g", runtime="gvisor", template="base").template == "base"
+    with pytest.raises(ValidationError, match="templates run on the bwrap and gvisor runtimes"):
+        FunctionSpec(name="k", runtime="kubernetes", template="base")

@@ -2,7 +2,7 @@
 tenant and victim sessions on every backend (`hutch.selftest.stage`): the attacks are the ones
 `hutch selftest` plays, and each test asserts its exact outcome and that the bystanders were fine.
 
-The root cast boots the test template (`template_store`'s `mini`) on bwrap and acts as root inside;
+The root casts boot the test template (`template_store`'s `mini`) on bwrap and gVisor, as root inside;
 where no template can be built here (no mmdebstrap), its tests are skipped, saying why."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from hutch.selftest.stage import BACKENDS, ROOT, ROOT_NET, Stage
+from hutch.selftest.stage import BACKENDS, ROOT_NET, ROOTS, Stage, runtime_of
 from hutch.selftest.target import Target
 from tests.conftest import TEST_TEMPLATE
 
@@ -58,7 +58,9 @@ def stage(root_templates):
 def backend(request, stage) -> str:
     """The backend a parametrized test runs on, skipped where it is not installed."""
     name = request.param
-    if name in (ROOT, ROOT_NET):
+    if name in (*ROOTS, ROOT_NET):
+        if runtime_of(name) not in installed_backends():
+            pytest.skip(f"{runtime_of(name)} is not installed here")
         if name not in stage.victims:
             pytest.skip(f"the root cast needs a template: {request.getfixturevalue('root_templates')}")
         return name

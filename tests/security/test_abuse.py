@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 
 from hutch.selftest import abuse
-from hutch.selftest.stage import ROOT
+from hutch.selftest.stage import ROOTS
 
-CASES = [pytest.param(run, b, id=f"{name}-{b}") for name, run in abuse.ATTACKS for b in ("bwrap", "gvisor", ROOT)]
-CASES += [pytest.param(run, ROOT, id=f"{name}-{ROOT}") for name, run in abuse.ROOT_ATTACKS]
+CASES = [pytest.param(run, b, id=f"{name}-{b}") for name, run in abuse.ATTACKS for b in ("bwrap", "gvisor", *ROOTS)]
+CASES += [pytest.param(run, cast, id=f"{name}-{cast}") for name, run in abuse.ROOT_ATTACKS for cast in ROOTS]
 
 
 @pytest.mark.parametrize(("attack", "backend"), CASES, indirect=["backend"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from hutch.selftest import file_api
-from hutch.selftest.stage import ROOT
+from hutch.selftest.stage import ROOTS
 
 
 @pytest.mark.parametrize("backend", ["bwrap", "gvisor"], indirect=True)
@@ -17,14 +17,14 @@ def test_traversal_through_the_file_apis_meets_exact_refusals(stage, backend):
     assert outcome.bystanders_ok, outcome.failure()
 
 
-@pytest.mark.parametrize("backend", [ROOT], indirect=True)
+@pytest.mark.parametrize("backend", ROOTS, indirect=True)
 def test_as_root_the_file_apis_read_the_templates_files_and_write_only_the_sessions_own(stage, backend):
     outcome = file_api.traversal_as_root(stage, backend)
     assert outcome.contained, outcome.failure()
     assert outcome.bystanders_ok, outcome.failure()
 
 
-@pytest.mark.parametrize("backend", ["bwrap", "gvisor", ROOT], indirect=True)
+@pytest.mark.parametrize("backend", ["bwrap", "gvisor", *ROOTS], indirect=True)
 def test_swapping_a_path_component_for_a_symlink_during_transfers_leaks_nothing(stage, backend):
     outcome = file_api.race(stage, backend)
     assert outcome.contained, outcome.failure()

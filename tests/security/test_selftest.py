@@ -3,6 +3,7 @@ evidence, a Markdown report, and an exit status that says whether anything escap
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -42,16 +43,19 @@ def test_hutch_selftest_runs_the_battery_and_exits_zero_when_everything_is_conta
     assert not (tmp_path / "no-store").exists()  # only looked at, never made
 
 
-def test_hutch_selftest_plays_the_root_cast_on_a_prepared_template(template_store):
+def test_hutch_selftest_plays_the_root_casts_on_a_prepared_template(template_store):
+    casts = ["root", *(["root-gvisor"] if shutil.which("runsc") else [])]
+    only = "root-kernel,rootfs-lower-layer"
     done = subprocess.run(
-        [sys.executable, "-m", "hutch", "selftest", "--backends", "bwrap", "--only", "root-kernel,rootfs-lower-layer",
+        [sys.executable, "-m", "hutch", "selftest", "--backends", "bwrap,gvisor", "--only", only,
          "--templates", str(template_store.root), "--template", TEST_TEMPLATE],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "contained            root-kernel [root]" in done.stdout
-    assert "contained            rootfs-lower-layer [root]" in done.stdout
-    assert "2 of 2 attacks contained" in done.stdout
+    for cast in casts:
+        assert f"contained            root-kernel [{cast}]" in done.stdout
+        assert f"contained            rootfs-lower-layer [{cast}]" in done.stdout
+    assert f"{2 * len(casts)} of {2 * len(casts)} attacks contained" in done.stdout
 
 
 def test_hutch_selftest_refuses_an_unknown_attack():
