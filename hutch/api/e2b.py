@@ -22,7 +22,8 @@ Decisions (README "Use" says the same to users):
   `autoPause` pauses it at its timeout and `autoResume` lets traffic resume it; traffic to a
   sandbox paused without `autoResume` gets E2B's 502 (not running) until it is resumed.
 - Snapshots: filesystem ones (`memory: false`) become templates (`Sandbox.create(snapshotID)`);
-  memory snapshots and fork answer 501 until hibernation exists.
+  memory snapshots and fork answer 501 (a copy of a hibernation image would keep the source's
+  identity: not built).
 - MCP gateways and volume mounts are refused (400).
 """
 
