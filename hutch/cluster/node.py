@@ -225,7 +225,7 @@ class NodeApp:
         self.sessions = manager
         self._key = node_key(self.hutch.secret).encode()
         manager.on_end.append(lambda s: self.pool.drop_instance(s.instance_id))
-        manager.on_quiesce.append(self.pool.drop_instance)
+        manager.on_quiesce.append(self.pool.cut_instance)
         settings = self.hutch.config.cluster
         self.lease = Lease(
             self.hutch.metadb, manager, self.address, settings.heartbeat_interval, settings.lease_seconds

@@ -61,7 +61,7 @@ class Gateway:
         self.sessions.on_end.append(self._session_ended)
         quiesce = getattr(self.sessions, "on_quiesce", None)  # sessions of this host (not a cluster's gateway)
         if quiesce is not None:
-            quiesce.append(self.pool.drop_instance)
+            quiesce.append(self.pool.cut_instance)
 
     def close(self) -> None:
         self.pool.close()

@@ -302,6 +302,7 @@ class UpstreamPool:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self._idle: dict[PoolKey, list[UpstreamConnection]] = {}
+        self._open: dict[str | None, set[UpstreamConnection]] = {}  # by instance id: idle or in use
         self.opened = 0  # connections made, for tests and the benchmark
 
     async def acquire(
@@ -342,6 +343,7 @@ class UpstreamPool:
             error = InstanceGone if exc.errno in GONE_ERRNOS else UpstreamError
             raise error(f"the instance is not reachable ({exc.strerror or exc})") from None
         self.opened += 1
+        self._open.setdefault(key[0], set()).add(conn)
         return conn, False
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -353,6 +355,12 @@ class UpstreamPool:
         idle.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
+        """Forget a connection that closed."""
+        live = self._open.get(conn.key[0])
+        if live is not None:
+            live.discard(conn)
+            if not live:
+                del self._open[conn.key[0]]
         idle = self._idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
@@ -364,6 +372,14 @@ class UpstreamPool:
         for key in [k for k in self._idle if k[0] == instance_id]:
             for conn in self._idle.pop(key):
                 conn.abort()
+
+    def cut_instance(self, instance_id: str | None) -> None:
+        """Close every connection to an instance, those carrying a request or a stream too (a
+        background command's output): it is about to hibernate, and CRIU cannot dump a socket
+        whose other end is out here. Their clients see the stream end, as when E2B pauses one."""
+        self.drop_instance(instance_id)
+        for conn in list(self._open.get(instance_id, ())):
+            conn.abort()
 
     def idle_count(self, instance_id: str | None = None) -> int:
         return sum(len(v) for k, v in self._idle.items() if instance_id is None or k[0] == instance_id)

@@ -604,7 +604,9 @@ _CRIU_TIMEOUT = 120.0
 _JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
 
 
-_UNIX_RETRIES = (0.02, 0.05, 0.1, 0.2)  # seconds between dumps that met a host connection
+# Seconds between dumps that met a host connection hutch had just closed (the agent closes its
+# end when it gets to it: a stream's writer may take a while on a loaded host).
+_UNIX_RETRIES = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 def _holds_host_socket(log_path: Path) -> bool:

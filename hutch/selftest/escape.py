@@ -193,8 +193,13 @@ probe("connect-host-abstract-socket", lambda: connect("\0" + CTX["abstract_socke
         "connect-host-abstract-socket": allowed("ECONNREFUSED"),
     },
     # gVisor: the agent's socket inside is gVisor's own, bound by the agent; connecting to it
-    # reaches this sandbox's agent, which runs as the same user (nothing gained).
-    overrides={"gvisor": {"connect-own-agent-socket": allowed("ok")}},
+    # reaches this sandbox's agent, which runs as the same user (nothing gained). Root inside a
+    # template's instance that can hibernate (CRIU) finds its agent's own socket, root's 0600:
+    # it reaches an agent running as root, as it is (nothing gained); the user cannot.
+    overrides={
+        "gvisor": {"connect-own-agent-socket": allowed("ok")},
+        ROOT: {"connect-own-agent-socket": allowed("ok", "EACCES")},
+    },
 )
 
 PROCESSES = Escape(

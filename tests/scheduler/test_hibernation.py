@@ -237,3 +237,26 @@ def test_a_session_with_a_user_server_hibernates_and_its_log_follows_again(loop,
     woken, _ = loop.run(sessions.wake(paused, ttl_s=60))
     assert woken.epoch == 0 and session.row_id in sessions._followers
     assert _shell(loop, sessions, woken, probe) == "200"
+
+
+def test_on_a_host_without_criu_sessions_freeze_instead_and_wake_with_their_memory(loop, data_dir, template_store):
+    made = Stack(loop, data_dir, Clock(), template_store)
+    try:
+        # This host as one without a usable CRIU (hutch found none at start): no instance it
+        # starts is laid out for CRIU, and every sleep with memory is a freeze.
+        made.runtime.criu = None
+        assert not made.runtime.can_hibernate()
+        session, _ = loop.run(made.sessions.create(made.tenant, SPEC.name, ttl_s=3600, idle_timeout_s=0))
+        assert not made.runtime.can_hibernate(session.instance_id)
+        _python(loop, made.sessions, session, "z = 'in memory'")
+        paused, slept = loop.run(made.sessions.sleep(session, paused=True))
+        assert slept and paused.sleep["state"] == "frozen" and made.scheduler.frozen(session.instance_id)
+        # The idle tier that would hibernate leaves it frozen; a wake thaws it, memory and all.
+        made.clock.now += 3600 * 0.9
+        loop.run(made.sessions.reap_once())
+        assert made.sessions.active(session.internal_id).sleep["state"] == "frozen"
+        woken, _ = loop.run(made.sessions.wake(paused, ttl_s=60))
+        assert woken.sleep is None and woken.epoch == 0
+        assert _python(loop, made.sessions, woken, "print(z)") == "in memory"
+    finally:
+        made.close()
