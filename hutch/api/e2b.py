@@ -17,13 +17,15 @@ Decisions (README "Use" says the same to users):
   make the sandbox's egress policy, enforced by hutch's egress proxy; `PUT .../network`
   replaces the allow and deny lists at once. A sandbox of a template without a network that
   asks for no egress at all gets loopback only (then it cannot be given a network later).
-- Pause (`hutch.scheduler.sleep`): `POST .../pause` freezes the sandbox (processes and memory
-  kept; `memory: false` keeps only its files), `connect` resumes it (201; 200 when it ran),
+- Pause (`hutch.scheduler.sleep`): `POST .../pause` hibernates the sandbox to disk where the
+  host can (CRIU), else freezes it (processes and memory kept either way; `memory: false` keeps
+  only its files), `connect` resumes it (201; 200 when it ran),
   `autoPause` pauses it at its timeout and `autoResume` lets traffic resume it; traffic to a
   sandbox paused without `autoResume` gets E2B's 502 (not running) until it is resumed.
-- Snapshots: filesystem ones (`memory: false`) become templates (`Sandbox.create(snapshotID)`);
-  memory snapshots and fork answer 501 (a copy of a hibernation image would keep the source's
-  identity: not built).
+- Snapshots become templates (`Sandbox.create(snapshotID)`): the sandbox's files as a layer, and
+  (the default, `memory` true) a checkpoint of its processes that new sandboxes start from.
+  Fork is a memory snapshot of its own (`fork:<id>`, not listed) and `count` sandboxes started
+  from it, like the source in all but identity; the snapshot goes once its last fork ends.
 - MCP gateways and volume mounts are refused (400).
 """
 
@@ -56,6 +58,7 @@ Caller = Annotated[Tenant, Depends(caller)]
 AFFINITY = "E2B"
 CLIENT_ID = "hutch"
 DEFAULT_TIMEOUT_S = 300
+MAX_FORKS = 20  # E2B's bound on `count`
 
 
 # -- request bodies ----------------------------------------------------------------------------
@@ -112,6 +115,12 @@ class PauseBody(BaseModel):
 class ResumeBody(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
     timeout: int = Field(DEFAULT_TIMEOUT_S, ge=1, le=MAX_E2B_TIMEOUT_S, description="seconds from now")
+
+
+class ForkBody(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    timeout: int | None = Field(None, ge=1, le=MAX_E2B_TIMEOUT_S, description="the forks' (default: the source's)")
+    count: int = Field(1, ge=1, le=MAX_FORKS, description="how many forks")
 
 
 class SnapshotBody(BaseModel):
@@ -527,19 +536,26 @@ async def create_snapshot(sandbox_id: str, request: Request, tenant: Caller, bod
     boots new sandboxes from it. Memory snapshots (the default) need hibernation: 501."""
     body = body or SnapshotBody()
     session = await _sandbox(request, tenant, sandbox_id)
-    if body.memory is not False:
-        raise Unimplemented(
-            "memory snapshots are not available in hutch yet; create_snapshot(mode='filesystem') keeps the files"
-        )
+    name = check_name(body.name.split(":", 1)[0].lower()) if body.name else f"snap-{secrets.token_hex(6)}"
+    await _snapshot(request, tenant, session, name, memory=body.memory is not False)
+    return {"snapshotID": f"{name}:default", "names": [f"{name}:default"]}
+
+
+async def _snapshot(
+    request: Request, tenant: Tenant, session: SessionRecord, name: str, memory: bool, kind: str = "snapshot"
+) -> None:
     plane = control_plane(request)
     if plane.templates is None:
         raise Unimplemented("this server has no template store")
-    name = check_name(body.name.split(":", 1)[0].lower()) if body.name else f"snap-{secrets.token_hex(6)}"
     sessions = plane.sessions
     await plane.templates.add_snapshot(
-        name, tenant.tenant_id, session.session_id, lambda into: sessions.copy_files(session, into)
+        name,
+        tenant.tenant_id,
+        session.session_id,
+        lambda into, checkpoint: sessions.copy_files(session, into, checkpoint),
+        memory=memory,
+        kind=kind,
     )
-    return {"snapshotID": f"{name}:default", "names": [f"{name}:default"]}
 
 
 @router.get("/snapshots", summary="The caller's snapshots (templates made of a sandbox's files)")
@@ -572,13 +588,20 @@ async def list_snapshots(
     return [{"snapshotID": f"{t.name}:default", "names": [f"{t.name}:default"]} for t in page]
 
 
-@router.post("/sandboxes/{sandbox_id}/fork", summary="Not available yet: forks carry memory (hibernation)")
-async def fork_sandbox(sandbox_id: str, request: Request, tenant: Caller) -> Response:
-    await _sandbox(request, tenant, sandbox_id)
-    raise Unimplemented(
-        "forking sandboxes needs memory snapshots, not available in hutch yet; "
-        "create_snapshot(mode='filesystem') and Sandbox.create(snapshot_id) copy the files"
-    )
+@router.post("/sandboxes/{sandbox_id}/fork", status_code=201, summary="Copies of a sandbox, memory included")
+async def fork_sandbox(sandbox_id: str, request: Request, tenant: Caller, body: ForkBody | None = None) -> list[dict]:
+    """E2B's fork: the sandbox is checkpointed once (frozen a moment; it runs on) and `count`
+    sandboxes start from that checkpoint, each with its own id, token, uids, network and copy
+    of the files. One result per fork, a sandbox or the error that fork met."""
+    body = body or ForkBody()
+    source = await _sandbox(request, tenant, sandbox_id)
+    forks = await control_plane(request).sessions.fork(tenant, source, body.count, ttl_s=body.timeout)
+    return [
+        {"sandbox": sandbox_json(request, fork)}
+        if isinstance(fork, SessionRecord)
+        else {"error": {"code": fork.http_status, "message": fork.message}}
+        for fork in forks
+    ]
 
 
 @router.api_route(

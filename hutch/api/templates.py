@@ -55,6 +55,7 @@ def template_json(template: Template) -> dict:
         "environmentVariables": template.env,
         "startCmd": template.start_cmd,
         "readyCmd": template.ready_cmd,
+        "memory": template.memory,  # a memory snapshot: its sandboxes start from its processes
         "createdTime": iso(template.created_at),
     }
 

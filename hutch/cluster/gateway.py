@@ -511,8 +511,13 @@ class ClusterSessions:
     async def wake(self, session: SessionRecord, ttl_s: int | None = None) -> tuple[SessionRecord, bool]:
         return await self._on_node_changed(session, "wake", {"ttlSeconds": ttl_s})
 
-    async def copy_files(self, session: SessionRecord, into: Path) -> RootFS:
+    async def copy_files(self, session: SessionRecord, into: Path, checkpoint: Path | None = None) -> RootFS:
         raise Unimplemented("snapshots are not available through a cluster's gateway yet")
+
+    async def fork(
+        self, tenant: Tenant, source: SessionRecord, count: int, ttl_s: int | None = None
+    ) -> list[SessionRecord | HutchError]:
+        raise Unimplemented("forks are not available through a cluster's gateway yet")
 
     async def _on_node_changed(
         self, session: SessionRecord, action: str, body: dict[str, Any]

@@ -52,6 +52,9 @@ class RootFS:
     workdir: str = "/home/user"
     start_cmd: str | None = None
     ready_cmd: str | None = None
+    # A checkpoint (`Runtime.checkpoint`) that new instances start from instead of booting:
+    # a memory snapshot's processes, whose files are the top layer of `layer_paths`.
+    memory_image: str | None = None
 
     @classmethod
     def from_dict(cls, raw: dict) -> RootFS:
@@ -279,6 +282,18 @@ class Runtime(Protocol):
         Raises:
             FailedPrecondition: the instance is not hibernated.
             IsolationError: the restore failed; the instance stays hibernated, its image intact.
+        """
+        ...
+
+    async def checkpoint(self, instance_id: InstanceId, into: Path) -> HibernationImage:
+        """Write a running instance's memory and processes to the new directory `into` (root's
+        alone) and let it go on (frozen if it was): new instances start from it
+        (`RootFS.memory_image`). The caller has closed its own connections to the agent.
+
+        Raises:
+            Unimplemented: this backend, host or instance cannot.
+            FailedPrecondition: the instance is not running.
+            IsolationError: the dump failed (the instance goes on as it was).
         """
         ...
 

@@ -437,6 +437,9 @@ class LocalRuntime(InstanceTable):
     async def restore(self, instance_id: InstanceId) -> Instance:
         raise Unimplemented(f"the {self.name} backend cannot hibernate instances")
 
+    async def checkpoint(self, instance_id: InstanceId, into: Path) -> HibernationImage:
+        raise Unimplemented(f"the {self.name} backend cannot take memory snapshots")
+
     def _running_cgroup(self, instance_id: InstanceId) -> Cgroup:
         instance = self.get(instance_id)
         if instance.state != InstanceState.RUNNING:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from hutch.errors import HutchError
 from hutch.metadb.records import EndReason, SessionRecord, Tenant
 
 if TYPE_CHECKING:
@@ -163,5 +164,10 @@ class Sessions(Protocol):
         self, session: SessionRecord, paused: bool = True, memory: bool = True
     ) -> tuple[SessionRecord, bool]: ...
     async def wake(self, session: SessionRecord, ttl_s: int | None = None) -> tuple[SessionRecord, bool]: ...
-    # snapshots (`hutch.scheduler.snapshots`): the session's upper layer copied into `into`
-    async def copy_files(self, session: SessionRecord, into: Path) -> RootFS: ...
+    # snapshots (`hutch.scheduler.snapshots`): the session's upper layer copied into `into`, and
+    # with `checkpoint` its processes and memory written there at the same moment
+    async def copy_files(self, session: SessionRecord, into: Path, checkpoint: Path | None = None) -> RootFS: ...
+    # `count` sessions started from one checkpoint of `source`: a session or an error each
+    async def fork(
+        self, tenant: Tenant, source: SessionRecord, count: int, ttl_s: int | None = None
+    ) -> list[SessionRecord | HutchError]: ...

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -285,7 +286,7 @@ class Scheduler:
             self.stats["pool_misses"] += 1
             if not self._has_room():
                 raise CapacityError(f"this host runs its maximum of {self.max_instances} instances")
-            instance = await self._start(spec, workspace=workspace, env=env, network=network)
+            instance = await self._start(spec, workspace=workspace, env=env, network=network, fresh=fresh_workspace)
         try:
             await self.metadb.put_instance(
                 InstanceRecord(
@@ -303,7 +304,10 @@ class Scheduler:
         workspace: str | None,
         env: dict[str, str] | None = None,
         network: dict[str, Any] | Default | None = DEFAULT,
+        fresh: bool = True,
     ) -> Instance:
+        """A new instance of `spec`'s function; `fresh`: its workspace is new (not a session's
+        files to boot on)."""
         rootfs = None
         base_env: dict[str, str] = {}
         if spec.template != HOST:
@@ -312,6 +316,11 @@ class Scheduler:
                 base_env = self.templates.env(spec.template)
             elif spec.template not in BUILTIN_TEMPLATES:  # built-ins fall back to the host's system
                 raise FailedPrecondition(f"this node has no templates; function {spec.name} needs {spec.template!r}")
+        if rootfs is not None and rootfs.memory_image is not None and (not fresh or not self.runtime.can_hibernate()):
+            # A memory snapshot's processes go with its files as they were: a session's own files
+            # (a recovery, a wake after a filesystem pause) or a host without CRIU boot afresh.
+            rootfs = dataclasses.replace(rootfs, memory_image=None)
+        restored = rootfs is not None and rootfs.memory_image is not None
         instance_spec = InstanceSpec(
             instance_id=InstanceId(f"i-{uuid.uuid4().hex[:16]}"),
             resources=spec.resources.to_runtime(),
@@ -328,9 +337,13 @@ class Scheduler:
         finally:
             self._starting -= 1
         try:
-            if rootfs is not None and rootfs.start_cmd:
+            if restored:
+                # The snapshot's processes run already; new ones get this instance's environment.
+                async with AgentChannel(instance.socket_path, timeout=10) as channel:
+                    await channel.init(instance_spec.env)
+            elif rootfs is not None and rootfs.start_cmd:
                 await self._start_template_command(instance, rootfs.start_cmd, rootfs.ready_cmd, rootfs.user)
-            if spec.start_command and spec.port is not None:  # together or neither (FunctionSpec)
+            if spec.start_command and spec.port is not None and not restored:  # together or neither (FunctionSpec)
                 await self._start_user_server(instance, spec.start_command, spec.port)
         except BaseException:
             await self.release(instance.instance_id, keep_workspace=workspace is not None)

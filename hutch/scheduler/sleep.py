@@ -128,14 +128,7 @@ class SessionSleep(SessionLifecycle):
         failed (logged; the instance is as it was). Called under the session's lock."""
         instance_id = session.instance_id
         assert instance_id is not None
-        for callback in self.on_quiesce:
-            callback(instance_id)
-        # The log of its user server follows the agent over a connection of its own: it ends
-        # here and follows again once the instance runs.
-        follower = self._followers.pop(session.row_id, None)
-        if follower is not None:
-            follower.cancel()
-            await asyncio.wait({follower}, timeout=1)
+        await self._quiesce(session)
         # Accounted up to now while its cgroups still exist; down (disk only) from here.
         await self.meter.instance_down(session.row_id, instance_id)
         try:
@@ -152,6 +145,18 @@ class SessionSleep(SessionLifecycle):
             await self.scheduler.restore(instance_id)  # MetaDB did not take it: awake
             await self.meter.instance_up(session)
             raise
+
+    async def _quiesce(self, session: SessionRecord) -> None:
+        """Close every connection hutch holds to the session's instance, which CRIU cannot dump
+        one end of (`_follow_user_server` follows its user server again afterwards)."""
+        assert session.instance_id is not None
+        for callback in self.on_quiesce:
+            callback(session.instance_id)
+        # The log of its user server follows the agent over a connection of its own.
+        follower = self._followers.pop(session.row_id, None)
+        if follower is not None:
+            follower.cancel()
+            await asyncio.wait({follower}, timeout=1)
 
     async def hibernate_frozen(self, session: SessionRecord) -> bool:
         """The second tier of an idle sleep: a frozen session goes to disk. True if it did."""

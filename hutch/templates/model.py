@@ -63,6 +63,9 @@ class Template:
     created_at: float = field(default_factory=time.time)
     owner: str = ""  # the tenant that built it ("": an admin's, or built in)
     build_id: str = ""  # the build that made it (its tags point at builds)
+    # A memory snapshot: new instances start from a checkpoint of the source's processes
+    # (`TemplateStore.memory_path` of its top layer, the source's files) instead of booting.
+    memory: bool = False
 
     def to_dict(self) -> dict:
         return {**asdict(self), "layers": list(self.layers)}

@@ -150,11 +150,21 @@ class TemplateService:
         return self.store.get(name)
 
     async def add_snapshot(
-        self, name: str, owner: str, source: str, copy: Callable[[Path], Awaitable[RootFS]]
+        self,
+        name: str,
+        owner: str,
+        source: str,
+        copy: Callable[[Path, Path | None], Awaitable[RootFS]],
+        memory: bool = False,
+        kind: str = "snapshot",
     ) -> Template:
-        """A template of a session's files: `copy` fills a new layer with the session's upper
-        layer and returns the root file system it sits on; the snapshot is that root file system's
-        layers (those the session booted from) plus the new one, with the same defaults.
+        """A template of a session's files: `copy(layer, checkpoint)` fills a new layer with the
+        session's upper layer (and, for a `memory` snapshot, writes a checkpoint of its processes
+        to the new directory `checkpoint` at the same moment) and returns the root file system
+        it sits on; the snapshot is that root file system's layers (those the session booted
+        from) plus the new one, with the same defaults. Instances of a memory snapshot start
+        from its checkpoint: the source's processes with their memory. `kind` names what it is
+        for in its `source` (`snapshot:<session>`, `fork:<session>`).
 
         Raises:
             PermissionDenied: `name` is another tenant's template.
@@ -165,14 +175,19 @@ class TemplateService:
             raise FailedPrecondition(f"template {name!r} is being built")
         if self.store.exists(name) and self.store.get(name).owner != owner:
             raise PermissionDenied(f"template {name!r} belongs to someone else")
+        # Named by what made it: this session's files at this moment.
+        layer = hashlib.sha256(f"{kind}:{source}:{uuid.uuid4().hex}".encode()).hexdigest()
         scratch = self.store.scratch()
+        checkpoint = self.store.tmp_dir / f"{scratch.name}.memory" if memory else None
         try:
-            rootfs = await copy(scratch)
-            # Named by what made it: this session's files at this moment.
-            layer = hashlib.sha256(f"snapshot:{source}:{uuid.uuid4().hex}".encode()).hexdigest()
+            rootfs = await copy(scratch, checkpoint)
+            if checkpoint is not None:
+                self.store.commit_memory(checkpoint, layer)
             self.store.commit(scratch, layer)
         except BaseException:
-            self.store.discard(scratch)
+            for path in (scratch, checkpoint, self.store.memory_path(layer) if memory else None):
+                if path is not None:
+                    self.store.discard(path)
             raise
         # The layers the session booted from (its template may have been rebuilt since).
         booted = tuple(Path(path).name for path in rootfs.layer_paths)
@@ -182,7 +197,8 @@ class TemplateService:
             env = {}
         template = Template(
             name=name, layers=(*booted, layer), env=dict(env), workdir=rootfs.workdir, user=rootfs.user,
-            start_cmd=rootfs.start_cmd, ready_cmd=rootfs.ready_cmd, source=f"snapshot:{source}", owner=owner,
+            start_cmd=rootfs.start_cmd, ready_cmd=rootfs.ready_cmd, source=f"{kind}:{source}", owner=owner,
+            memory=memory,
         )  # fmt: skip
         self.store.put(template)
         return template

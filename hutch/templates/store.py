@@ -1,13 +1,14 @@
 """Where templates live on disk: `<root>/layers/<id>/` (trees, stored once),
 `<root>/templates/<name>.json` (what each template is made of: its newest build, the `default`
-tag) and `<root>/tags/<name>.json` (its other tags, each the record of the build it names, so
-that `name:tag` boots that build's layers after newer builds).
+tag), `<root>/tags/<name>.json` (its other tags, each the record of the build it names, so
+that `name:tag` boots that build's layers after newer builds) and `<root>/memory/<layer id>/`
+(a memory snapshot's checkpoint: the processes whose files are that layer; it goes with it).
 
 Layers are written under `<root>/tmp/` and renamed into place when complete, and a template's
 record is written only once all its layers exist, so a crash in the middle of a build leaves
 nothing half-made that anyone could boot (`sweep` removes the scraps). Everything here is
 root's only (0700): layers hold files with their inside ownership, setuid bits included, which
-no host user may reach.
+no host user may reach, and checkpoints hold a session's memory.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class TemplateStore:
         self.records_dir = self.root / "templates"
         self.tmp_dir = self.root / "tmp"
         self.tags_dir = self.root / "tags"
-        for directory in (self.root, self.layers_dir, self.records_dir, self.tmp_dir, self.tags_dir):
+        self.memory_dir = self.root / "memory"
+        for directory in (self.root, self.layers_dir, self.records_dir, self.tmp_dir, self.tags_dir, self.memory_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self._lock = threading.Lock()
@@ -78,6 +80,8 @@ class TemplateStore:
         missing = [layer for layer in template.layers if not self.has_layer(layer)]
         if missing:
             raise FailedPrecondition(f"template {name!r} names missing layers {missing}")
+        if template.memory and not self.memory_path(template.layers[-1]).is_dir():
+            raise FailedPrecondition(f"template {name!r} is a memory snapshot without its checkpoint")
         with self._lock:
             if DEFAULT_TAG in tags or not self.exists(name):
                 self._write(self.records_dir / f"{name}.json", template.to_dict())
@@ -123,6 +127,7 @@ class TemplateStore:
             kept = {layer for other in self.templates() for version in self._versions(other) for layer in version}
             for layer in dropped - kept:
                 self._remove_tree(self.layers_dir / layer)
+                self._remove_tree(self.memory_dir / layer)
 
     def _tags(self, name: str) -> dict[str, dict]:
         try:
@@ -149,6 +154,7 @@ class TemplateStore:
             workdir=template.workdir,
             start_cmd=template.start_cmd,
             ready_cmd=template.ready_cmd,
+            memory_image=str(self.memory_path(template.layers[-1])) if template.memory else None,
         )
 
     # -- layers --------------------------------------------------------------------------------
@@ -160,6 +166,20 @@ class TemplateStore:
 
     def has_layer(self, layer: str) -> bool:
         return LAYER_ID.match(layer) is not None and (self.layers_dir / layer).is_dir()
+
+    def memory_path(self, layer: str) -> Path:
+        """The checkpoint of a memory snapshot whose files are `layer`."""
+        return self.memory_dir / self.layer_path(layer).name
+
+    def commit_memory(self, scratch: Path, layer: str) -> Path:
+        """Make a finished checkpoint in `scratch` (under `tmp_dir`) the one of `layer`."""
+        target = self.memory_path(layer)
+        scratch.rename(target)
+        return target
+
+    def memory_bytes(self, layer: str) -> int:
+        """The disk a memory snapshot's checkpoint takes (0 without one)."""
+        return sum(entry.stat().st_size for entry in self.memory_path(layer).rglob("*") if entry.is_file())
 
     def scratch(self) -> Path:
         """A new empty directory to build a layer in (`commit` moves it into place)."""

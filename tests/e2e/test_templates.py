@@ -278,14 +278,10 @@ def test_an_oversized_copy_upload_is_a_413_and_registers_nothing(fresh_server, t
     assert refused.status_code == 413 and "at most 1 MiB" in refused.json()["message"]
 
 
-def test_a_filesystem_snapshot_boots_new_sandboxes_with_the_files_and_memory_ones_are_refused(e2b_tenant):
+def test_a_filesystem_snapshot_boots_new_sandboxes_with_the_files(e2b_tenant):
     box = Sandbox.create(TEST_TEMPLATE, timeout=120)
     box.commands.run("echo snap > /etc/snapped && echo home > /home/user/h.txt", user="root")
     box.commands.run("sleep 600", background=True)
-    with pytest.raises(SandboxException, match="memory snapshots are not available"):
-        box.create_snapshot()  # E2B's default keeps memory: refused, never silently downgraded
-    with pytest.raises(SandboxException, match="forking sandboxes needs memory snapshots"):
-        box.fork()
     info = box.create_snapshot(mode="filesystem")
     assert info.snapshot_id.endswith(":default")
     assert [s.snapshot_id for s in box.list_snapshots().next_items()] == [info.snapshot_id]
@@ -302,20 +298,32 @@ def test_a_filesystem_snapshot_boots_new_sandboxes_with_the_files_and_memory_one
     assert Sandbox.list_snapshots().next_items() == []
 
 
-def test_a_paused_template_sandbox_hibernates_and_resumes_with_its_memory(e2b_tenant, template_server):
-    """Where CRIU is installed, E2B's pause of a template sandbox (with its network, as E2B's
-    sandboxes have) goes to disk (no process, no RAM) and `connect` restores it with its
-    kernel's memory, files and processes."""
+def _instance_record(tenant, server, sandbox_id: str) -> Path:
+    """The runtime's record of a sandbox's instance (`instance.json`)."""
+    sessions = tenant.get("/v1/sessions", params={"limit": 1000}).json()["sessions"]
+    instance_id = next(s["containerId"] for s in sessions if s["sessionId"] == sandbox_id)
+    return server.data_dir / "instances" / instance_id / "instance.json"
+
+
+def _hibernatable_code_sandbox(tenant, server):
+    """An e2b-code-interpreter sandbox of the test template and its instance's record; skips
+    where this host cannot checkpoint sandboxes (no usable CRIU)."""
     from e2b_code_interpreter import Sandbox as CodeSandbox
 
     box = CodeSandbox.create(TEST_TEMPLATE, timeout=120)  # E2B's default: internet access, a network
-    sessions = e2b_tenant.get("/v1/sessions", params={"limit": 1000}).json()["sessions"]
-    instance_id = next(s["containerId"] for s in sessions if s["sessionId"] == box.sandbox_id)
-    record = template_server.data_dir / "instances" / instance_id / "instance.json"
+    record = _instance_record(tenant, server, box.sandbox_id)
     assert json.loads(record.read_text())["spec"]["network"], "an E2B sandbox has a network"
     if not json.loads(record.read_text())["detail"].get("hibernatable"):
         box.kill()
         pytest.skip("this host cannot hibernate sandboxes (no usable CRIU: scripts/install-criu.sh)")
+    return box, record
+
+
+def test_a_paused_template_sandbox_hibernates_and_resumes_with_its_memory(e2b_tenant, template_server):
+    """Where CRIU is installed, E2B's pause of a template sandbox (with its network, as E2B's
+    sandboxes have) goes to disk (no process, no RAM) and `connect` restores it with its
+    kernel's memory, files and processes."""
+    box, record = _hibernatable_code_sandbox(e2b_tenant, template_server)
     box.run_code("x = 42\nheap = bytearray(b'\\x07') * (80 << 20)")
     box.files.write("/home/user/kept.txt", "still here")
     sleeper = box.commands.run("sleep 100000", background=True).pid
@@ -331,3 +339,62 @@ def test_a_paused_template_sandbox_hibernates_and_resumes_with_its_memory(e2b_te
         assert box.files.read("/home/user/kept.txt") == "still here"
         assert box.commands.run(f"tr '\\0' ' ' < /proc/{sleeper}/cmdline").stdout.strip() == "sleep 100000"
     box.kill()
+
+
+def _host_uids(record: Path) -> set[int]:
+    """The host uids the processes of an instance run as (from its cgroup)."""
+    detail = json.loads(record.read_text())["detail"]
+    uids = set()
+    for directory in detail["cgroup"]["dirs"].values():
+        for pid in Path(directory, "cgroup.procs").read_text().split():
+            with open(f"/proc/{pid}/status") as status:
+                uids |= {int(line.split()[1]) for line in status if line.startswith("Uid:")}
+    return uids
+
+
+def test_forks_and_memory_snapshots_copy_a_sandbox_with_its_memory(e2b_tenant, template_server):
+    """E2B's fork and (memory) snapshot with the official SDK: the copies start with the source's
+    kernel memory, files and background process, each with its own id, token, host uids and
+    files; they and the source go on apart. A fork's snapshot is not listed and goes with its
+    last fork."""
+    box, record = _hibernatable_code_sandbox(e2b_tenant, template_server)
+    box.run_code("x = 42\nheap = bytearray(b'\\x07') * (80 << 20)")
+    box.files.write("/home/user/kept.txt", "source")
+    sleeper = box.commands.run("sleep 100000", background=True).pid
+
+    forks = box.fork(count=2)
+    assert len(forks) == 2 and all(isinstance(fork, Sandbox) for fork in forks), forks
+    assert len({box.sandbox_id, *(fork.sandbox_id for fork in forks)}) == 3
+    uids = {box.sandbox_id: _host_uids(record)}
+    for n, fork in enumerate(forks):
+        assert fork.run_code("x").text == "42"
+        assert fork.run_code("len(heap) >> 20, heap[-1]").text == "(80, 7)"
+        assert fork.files.read("/home/user/kept.txt") == "source"
+        assert fork.commands.run(f"tr '\\0' ' ' < /proc/{sleeper}/cmdline").stdout.strip() == "sleep 100000"
+        fork.run_code(f"x = {100 + n}")
+        fork.files.write("/home/user/kept.txt", f"fork {n}")
+        uids[fork.sandbox_id] = _host_uids(_instance_record(e2b_tenant, template_server, fork.sandbox_id))
+    assert box.run_code("x").text == "42" and box.files.read("/home/user/kept.txt") == "source"
+    assert [fork.run_code("x").text for fork in forks] == ["100", "101"]
+    assert [fork.files.read("/home/user/kept.txt") for fork in forks] == ["fork 0", "fork 1"]
+    assert all(uids.values()) and len(set().union(*uids.values())) == sum(map(len, uids.values())), uids
+    other = e2b_tenant.post(f"/sandboxes/{box.sandbox_id}/fork", json={"count": 21})
+    assert other.status_code == 400  # E2B's bound: 1 to 20
+
+    snapshot = box.create_snapshot()  # E2B's default: memory and files
+    box.run_code("x = 7")
+    copy = type(box).create(snapshot.snapshot_id, timeout=60)
+    assert copy.run_code("x").text == "42" and copy.files.read("/home/user/kept.txt") == "source"
+    assert [s.snapshot_id for s in box.list_snapshots().next_items()] == [snapshot.snapshot_id]
+    assert box.run_code("x").text == "7"
+
+    for fork in forks:
+        fork.kill()
+    listed = lambda: [t["name"] for t in e2b_tenant.get("/v1/templates").json()["templates"]]  # noqa: E731
+    deadline = time.monotonic() + 30
+    while any(name.startswith("fork-") for name in listed()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(name.startswith("fork-") for name in listed()), listed()
+    copy.kill()
+    box.kill()
+    assert Sandbox.delete_snapshot(snapshot.snapshot_id) is True

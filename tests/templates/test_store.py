@@ -52,6 +52,26 @@ def test_deleting_a_template_frees_only_the_layers_no_other_template_uses(store)
         store.get("one")
 
 
+def test_a_memory_snapshot_keeps_its_checkpoint_beside_its_top_layer_and_loses_it_with_it(store):
+    base, top = _layer(store, "a" * 64), _layer(store, "b" * 64)
+    with pytest.raises(FailedPrecondition, match="without its checkpoint"):
+        store.put(Template(name="snap", layers=(base, top), memory=True))
+    checkpoint = store.tmp_dir / "scratch.memory"
+    checkpoint.mkdir()
+    (checkpoint / "pages-1.img").write_bytes(b"\0" * 4096)
+    store.commit_memory(checkpoint, top)
+    store.put(Template(name="snap", layers=(base, top), memory=True))
+    store.put(Template(name="files", layers=(base, top)))  # the same files, booted afresh
+    assert store.rootfs("snap").memory_image == str(store.memory_path(top))
+    assert store.rootfs("files").memory_image is None
+    assert store.memory_bytes(top) == 4096
+    assert (store.root.stat().st_mode & 0o777) == 0o700  # a session's memory: root's alone
+    store.delete("snap")
+    assert store.memory_path(top).is_dir()  # `files` still holds the layer
+    store.delete("files")
+    assert not store.memory_path(top).exists() and not store.has_layer(top)
+
+
 def test_a_template_in_use_is_not_deleted(store):
     store.put(Template(name="busy", layers=(_layer(store),)))
     with pytest.raises(FailedPrecondition, match="in use"):
