@@ -77,8 +77,11 @@ class HutchClient:
         max_sessions: int | None = None,
         max_vcpu: float | None = None,
         max_memory_mb: int | None = None,
+        max_image_disk_mb: int | None = None,
     ) -> dict:
         body: dict = {"name": name}
+        if max_image_disk_mb is not None:
+            body["maxImageDiskMB"] = max_image_disk_mb
         if max_sessions is not None:
             body["maxSessions"] = max_sessions
         if max_vcpu is not None:
@@ -88,7 +91,8 @@ class HutchClient:
         return self.request("POST", "/v1/tenants", json=body)
 
     def update_tenant(self, tenant_id: str, quotas: dict) -> dict:
-        """Change quotas (wire names: maxSessions, maxVcpu, maxMemoryMB; None lifts the last two)."""
+        """Change quotas (wire names: maxSessions, maxVcpu, maxMemoryMB, maxImageDiskMB; None lifts
+        the last three)."""
         return self.request("PATCH", f"/v1/tenants/{tenant_id}", json=quotas)
 
     def create_key(self, tenant_id: str | None = None, label: str | None = None) -> dict:

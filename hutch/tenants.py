@@ -21,6 +21,9 @@ from hutch.metadb.base import MetaDB
 from hutch.metadb.records import Tenant
 
 DEFAULT_TENANT = "default"
+# A new tenant's quota on the disk its hibernated sessions and memory snapshots take: about
+# 150 idle code-interpreter sessions, uncompressed.
+DEFAULT_IMAGE_DISK_MB = 20 * 1024
 
 
 def new_api_key() -> str:
@@ -85,9 +88,11 @@ class TenantService:
         max_sessions: int = 50,
         max_vcpu: float | None = None,
         max_memory_mb: int | None = None,
+        max_image_disk_mb: int | None = DEFAULT_IMAGE_DISK_MB,
     ) -> tuple[Tenant, str]:
-        """A new tenant and its first key (admins only). Quotas: live sessions at once, and the
-        vCPUs and memory of all its live sessions together (None: no limit)."""
+        """A new tenant and its first key (admins only). Quotas: live sessions at once, the
+        vCPUs and memory of all its live sessions together, and the disk its hibernated
+        sessions and memory snapshots take (None: no limit)."""
         self.require_admin(caller)
         tenant = Tenant(
             f"t-{uuid.uuid4().hex[:12]}",
@@ -96,6 +101,7 @@ class TenantService:
             max_sessions=max_sessions,
             max_vcpu=max_vcpu,
             max_memory_mb=max_memory_mb,
+            max_image_disk_mb=max_image_disk_mb,
         )
         await self.metadb.create_tenant(tenant)
         key = new_api_key()
@@ -111,14 +117,15 @@ class TenantService:
         return key
 
     async def update_quota(self, caller: Tenant, tenant_id: str, **quotas: float | int | None) -> Tenant:
-        """Change quotas (admins only): `max_sessions`, `max_vcpu`, `max_memory_mb` (None: no limit
-        for the last two). Sessions already live stay; new ones are checked against the new values.
+        """Change quotas (admins only): `max_sessions`, `max_vcpu`, `max_memory_mb`,
+        `max_image_disk_mb` (None: no limit for the last three). Sessions already live stay; new
+        ones are checked against the new values.
 
         Raises:
             InvalidArgument: no quota given, an unknown one, or None for `max_sessions`.
         """
         self.require_admin(caller)
-        allowed = {"max_sessions", "max_vcpu", "max_memory_mb"}
+        allowed = {"max_sessions", "max_vcpu", "max_memory_mb", "max_image_disk_mb"}
         if not quotas or not set(quotas) <= allowed:
             raise InvalidArgument(f"quotas are {sorted(allowed)}")
         if quotas.get("max_sessions", 0) is None:

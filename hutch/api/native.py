@@ -21,6 +21,7 @@ from hutch.api.idempotency import create_once, request_hash
 from hutch.errors import InvalidArgument, NotFound, PermissionDenied
 from hutch.functions import BUILTIN_TENANT, AffinityType, FunctionSpec, NetworkSpec, check_warm_pools
 from hutch.metadb.records import EndReason, FunctionRecord, SessionRecord, SessionStatus, Tenant
+from hutch.tenants import DEFAULT_IMAGE_DISK_MB
 
 router = APIRouter(prefix="/v1")
 Caller = Annotated[Tenant, Depends(caller)]
@@ -41,15 +42,23 @@ class TenantIn(BaseModel):
     max_sessions: int = Field(50, alias="maxSessions", ge=0, le=100000)
     max_vcpu: float | None = Field(None, alias="maxVcpu", ge=0, le=1e6, description="vCPUs of live sessions")
     max_memory_mb: int | None = Field(None, alias="maxMemoryMB", ge=0, le=1 << 40, description="their memory")
+    max_image_disk_mb: int | None = Field(
+        DEFAULT_IMAGE_DISK_MB,
+        alias="maxImageDiskMB",
+        ge=0,
+        le=1 << 40,
+        description="disk of its hibernated sessions and memory snapshots",
+    )
 
 
 class TenantPatch(BaseModel):
-    """Only the quotas given change; `null` lifts the vCPU or memory quota."""
+    """Only the quotas given change; `null` lifts the vCPU, memory or image disk quota."""
 
     model_config = ConfigDict(extra="forbid")
     max_sessions: int | None = Field(None, alias="maxSessions", ge=0, le=100000)
     max_vcpu: float | None = Field(None, alias="maxVcpu", ge=0, le=1e6)
     max_memory_mb: int | None = Field(None, alias="maxMemoryMB", ge=0, le=1 << 40)
+    max_image_disk_mb: int | None = Field(None, alias="maxImageDiskMB", ge=0, le=1 << 40)
 
 
 class KeyIn(BaseModel):
@@ -65,6 +74,7 @@ def tenant_json(tenant: Tenant) -> dict:
         "maxSessions": tenant.max_sessions,
         "maxVcpu": tenant.max_vcpu,
         "maxMemoryMB": tenant.max_memory_mb,
+        "maxImageDiskMB": tenant.max_image_disk_mb,
         "createdTime": iso(tenant.created_at),
     }
 
@@ -72,7 +82,7 @@ def tenant_json(tenant: Tenant) -> dict:
 @router.post("/tenants", status_code=201, tags=["tenants"], summary="Create a tenant (admin); returns its first key")
 async def create_tenant(body: TenantIn, request: Request, tenant: Caller) -> dict:
     made, key = await control_plane(request).tenants.create(
-        tenant, body.name, body.max_sessions, body.max_vcpu, body.max_memory_mb
+        tenant, body.name, body.max_sessions, body.max_vcpu, body.max_memory_mb, body.max_image_disk_mb
     )
     return {**tenant_json(made), "apiKey": key}
 

@@ -16,11 +16,14 @@ def create(
     max_sessions: int = typer.Option(None, "--max-sessions", help="Live sessions at once [default: 50]."),
     max_vcpu: float = typer.Option(None, "--max-vcpu", help="vCPUs of all live sessions [default: no limit]."),
     max_memory_mb: int = typer.Option(None, "--max-memory-mb", help="Their memory [default: no limit]."),
+    max_image_disk_mb: int = typer.Option(
+        None, "--max-image-disk-mb", help="Disk of hibernated sessions and memory snapshots [default: 20480]."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create a tenant; prints its first API key (shown once)."""
     with connected() as client:
-        tenant = client.create_tenant(name, max_sessions, max_vcpu, max_memory_mb)
+        tenant = client.create_tenant(name, max_sessions, max_vcpu, max_memory_mb, max_image_disk_mb)
     if as_json:
         print_json(tenant)
         return
@@ -31,6 +34,7 @@ def create(
             ("max sessions", tenant["maxSessions"]),
             ("max vCPU", tenant.get("maxVcpu")),
             ("max memory MB", tenant.get("maxMemoryMB")),
+            ("max image disk MB", tenant.get("maxImageDiskMB")),
             ("api key", tenant["apiKey"]),
         ]
     )
@@ -42,8 +46,12 @@ def update(
     max_sessions: int = typer.Option(None, "--max-sessions", help="Live sessions at once."),
     max_vcpu: float = typer.Option(None, "--max-vcpu", help="vCPUs of all live sessions (0 or more)."),
     max_memory_mb: int = typer.Option(None, "--max-memory-mb", help="Memory of all live sessions, MB."),
+    max_image_disk_mb: int = typer.Option(
+        None, "--max-image-disk-mb", help="Disk of hibernated sessions and memory snapshots, MB."
+    ),
     no_vcpu_limit: bool = typer.Option(False, "--no-vcpu-limit", help="Lift the vCPU quota."),
     no_memory_limit: bool = typer.Option(False, "--no-memory-limit", help="Lift the memory quota."),
+    no_image_disk_limit: bool = typer.Option(False, "--no-image-disk-limit", help="Lift the image disk quota."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Change a tenant's quotas (admin key); live sessions stay, new ones are checked."""
@@ -54,6 +62,8 @@ def update(
         quotas["maxVcpu"] = None if no_vcpu_limit else max_vcpu
     if max_memory_mb is not None or no_memory_limit:
         quotas["maxMemoryMB"] = None if no_memory_limit else max_memory_mb
+    if max_image_disk_mb is not None or no_image_disk_limit:
+        quotas["maxImageDiskMB"] = None if no_image_disk_limit else max_image_disk_mb
     if not quotas:
         fail("give at least one quota to change")
     with connected() as client:
@@ -65,10 +75,15 @@ def update(
         [
             ("tenant id", tenant["tenantId"]),
             ("max sessions", tenant["maxSessions"]),
-            ("max vCPU", tenant.get("maxVcpu") if tenant.get("maxVcpu") is not None else "no limit"),
-            ("max memory MB", tenant.get("maxMemoryMB") if tenant.get("maxMemoryMB") is not None else "no limit"),
+            ("max vCPU", _or_no_limit(tenant.get("maxVcpu"))),
+            ("max memory MB", _or_no_limit(tenant.get("maxMemoryMB"))),
+            ("max image disk MB", _or_no_limit(tenant.get("maxImageDiskMB"))),
         ]
     )
+
+
+def _or_no_limit(quota: object) -> object:
+    return quota if quota is not None else "no limit"
 
 
 @app.command("list")
@@ -80,7 +95,7 @@ def list_(as_json: bool = JSON_OPTION) -> None:
         print_json(tenants)
         return
     table(
-        ["TENANT ID", "NAME", "ADMIN", "MAX SESSIONS", "MAX VCPU", "MAX MEMORY MB", "CREATED"],
+        ["TENANT ID", "NAME", "ADMIN", "MAX SESSIONS", "MAX VCPU", "MAX MEMORY MB", "MAX IMAGE DISK MB", "CREATED"],
         [
             (
                 t["tenantId"],
@@ -89,6 +104,7 @@ def list_(as_json: bool = JSON_OPTION) -> None:
                 t["maxSessions"],
                 t.get("maxVcpu"),
                 t.get("maxMemoryMB"),
+                t.get("maxImageDiskMB"),
                 when(t["createdTime"]),
             )
             for t in tenants

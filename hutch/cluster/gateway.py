@@ -350,6 +350,7 @@ class ClusterSessions:
                 "max_sessions": tenant.max_sessions,
                 "max_vcpu": tenant.max_vcpu,
                 "max_memory_mb": tenant.max_memory_mb,
+                "max_image_disk_mb": tenant.max_image_disk_mb,
             },
             "function": function,
             "sessionId": session_id,

@@ -173,6 +173,10 @@ MIGRATIONS = [
     ALTER TABLE sessions ADD COLUMN sleep TEXT;
     ALTER TABLE sessions ADD COLUMN lifecycle TEXT
     """,
+    # 5 -> 6: the quota on the disk of a tenant's hibernation images and memory snapshots
+    """
+    ALTER TABLE tenants ADD COLUMN max_image_disk_mb INTEGER
+    """,
 ]
 
 # Where sessions' change notices go (`announce`, `watch`).

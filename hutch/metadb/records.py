@@ -36,6 +36,8 @@ class Tenant:
     max_sessions: int = 50  # live sessions at once
     max_vcpu: float | None = None  # vCPUs of all live sessions together; None: no limit
     max_memory_mb: int | None = None  # memory of all live sessions together; None: no limit
+    # Disk of its sleeping sessions' hibernation images and its memory snapshots; None: no limit
+    max_image_disk_mb: int | None = None
 
 
 @dataclass

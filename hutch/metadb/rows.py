@@ -32,7 +32,7 @@ SESSION_JSON_COLUMNS = {"metadata", "env", "network", "traffic", "sleep", "lifec
 SESSION_BOOL_COLUMNS = {"disable_reuse", "persist_workspace"}
 USAGE_COLUMNS = [f for f in SessionUsage.__dataclass_fields__ if f != "amounts"] + list(USAGE_AMOUNT_FIELDS)
 TENANT_COLUMNS = [f.name for f in fields(Tenant)]
-TENANT_CHANGEABLE = {"name", "max_sessions", "is_admin", "max_vcpu", "max_memory_mb"}
+TENANT_CHANGEABLE = {"name", "max_sessions", "is_admin", "max_vcpu", "max_memory_mb", "max_image_disk_mb"}
 
 
 def session_from_row(row: Mapping[str, Any]) -> SessionRecord:

@@ -167,6 +167,10 @@ MIGRATIONS = [
     ALTER TABLE sessions ADD COLUMN sleep TEXT;
     ALTER TABLE sessions ADD COLUMN lifecycle TEXT
     """,
+    # 5 -> 6: the quota on the disk of a tenant's hibernation images and memory snapshots
+    """
+    ALTER TABLE tenants ADD COLUMN max_image_disk_mb INTEGER
+    """,
 ]
 
 
@@ -297,8 +301,8 @@ class SQLiteMetaDB:
     async def create_tenant(self, tenant: Tenant) -> None:
         try:
             self.db.execute(
-                "INSERT INTO tenants (tenant_id, name, created_at, is_admin, max_sessions, max_vcpu, max_memory_mb) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO tenants (tenant_id, name, created_at, is_admin, max_sessions, max_vcpu, max_memory_mb, "
+                "max_image_disk_mb) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     tenant.tenant_id,
                     tenant.name,
@@ -307,6 +311,7 @@ class SQLiteMetaDB:
                     tenant.max_sessions,
                     tenant.max_vcpu,
                     tenant.max_memory_mb,
+                    tenant.max_image_disk_mb,
                 ),
             )
         except sqlite3.IntegrityError:

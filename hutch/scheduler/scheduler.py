@@ -34,7 +34,7 @@ from hutch.errors import CapacityError, FailedPrecondition, HutchError, Isolatio
 from hutch.functions import FunctionSpec
 from hutch.metadb.base import MetaDB
 from hutch.metadb.records import InstanceRecord, InstanceRole, SchedulerRecord
-from hutch.runtime.base import Instance, InstanceSpec, InstanceState, Runtime
+from hutch.runtime.base import HibernationImage, Instance, InstanceSpec, InstanceState, Runtime
 from hutch.runtime.channel import AgentChannel
 from hutch.templates.model import HOST
 from hutch.templates.service import BUILTIN as BUILTIN_TEMPLATES
@@ -419,8 +419,8 @@ class Scheduler:
         """Whether the instance can go to disk with its memory (`Runtime.hibernate`)."""
         return self.runtime.can_hibernate(instance_id)
 
-    async def hibernate(self, instance_id: InstanceId) -> None:
-        await self.runtime.hibernate(instance_id)
+    async def hibernate(self, instance_id: InstanceId) -> HibernationImage:
+        return await self.runtime.hibernate(instance_id)
 
     async def restore(self, instance_id: InstanceId) -> None:
         await self.runtime.restore(instance_id)

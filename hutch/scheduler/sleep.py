@@ -42,6 +42,7 @@ from hutch.errors import FailedPrecondition, HutchError, Paused
 from hutch.metadb.records import SessionRecord
 from hutch.scheduler.interface import Route
 from hutch.scheduler.lifecycle import SessionLifecycle
+from hutch.types import InstanceId
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +129,16 @@ class SessionSleep(SessionLifecycle):
         failed (logged; the instance is as it was). Called under the session's lock."""
         instance_id = session.instance_id
         assert instance_id is not None
+        over = await self.image_quota_left(session.tenant_id, await self._memory_of(instance_id))
+        if over is not None:
+            log.info("session %s is not hibernated: %s", session.session_id, over)
+            self.log.add(session, "warn", f"not hibernated: {over}")
+            return None
         await self._quiesce(session)
         # Accounted up to now while its cgroups still exist; down (disk only) from here.
         await self.meter.instance_down(session.row_id, instance_id)
         try:
-            await self.scheduler.hibernate(instance_id)
+            image = await self.scheduler.hibernate(instance_id)
         except HutchError as exc:
             log.warning("session %s could not hibernate (it stays as it was): %s", session.session_id, exc.message)
             self.log.add(session, "warn", f"hibernation failed: {exc.message}")
@@ -140,11 +146,46 @@ class SessionSleep(SessionLifecycle):
             self._follow_user_server(session, self._spec_of(session))
             return None
         try:
-            return await self._record_sleep(session, paused, HIBERNATED)
+            return await self._record_sleep(session, paused, HIBERNATED, image_bytes=image.size_bytes)
         except BaseException:
             await self.scheduler.restore(instance_id)  # MetaDB did not take it: awake
             await self.meter.instance_up(session)
             raise
+
+    async def _memory_of(self, instance_id: InstanceId) -> int:
+        """What an image of the instance may take: its memory now (compression only shrinks it)."""
+        try:
+            return (await self.scheduler.runtime.stats(instance_id)).memory_bytes
+        except HutchError:
+            return 0
+
+    async def image_disk_used(self, tenant_id: str) -> int:
+        """The disk a tenant's images take here: its hibernated sessions' and its memory
+        snapshots' checkpoints (bytes)."""
+        used = sum(
+            int((s.sleep or {}).get("image_bytes", 0))
+            for s in self.active_sessions()
+            if s.tenant_id == tenant_id and (s.sleep or {}).get("state") == HIBERNATED
+        )
+        templates = self.scheduler.templates
+        if templates is not None:
+            store = templates.store
+            snapshots = [t.layers[-1] for t in store.templates() if t.owner == tenant_id and t.memory]
+            used += sum(await asyncio.to_thread(lambda: [store.memory_bytes(layer) for layer in snapshots]))
+        return used
+
+    async def image_quota_left(self, tenant_id: str, more_bytes: int) -> str | None:
+        """None if `more_bytes` of images fit in the tenant's `max_image_disk_mb`; else why not."""
+        quota = (await self.metadb.get_tenant(tenant_id)).max_image_disk_mb
+        if quota is None:
+            return None
+        used = await self.image_disk_used(tenant_id)
+        if used + more_bytes <= quota << 20:
+            return None
+        return (
+            f"the tenant's images would take more than its maxImageDiskMB {quota} "
+            f"({used >> 20} MB used, about {more_bytes >> 20} MB more)"
+        )
 
     async def _quiesce(self, session: SessionRecord) -> None:
         """Close every connection hutch holds to the session's instance, which CRIU cannot dump
@@ -172,9 +213,14 @@ class SessionSleep(SessionLifecycle):
         self.log.add(updated, "info", "asleep while idle: hibernated, memory kept")
         return True
 
-    async def _record_sleep(self, session: SessionRecord, paused: bool, state: str, **more: Any) -> SessionRecord:
+    async def _record_sleep(
+        self, session: SessionRecord, paused: bool, state: str, image_bytes: int | None = None, **more: Any
+    ) -> SessionRecord:
         now = self.clock()
-        changes: dict[str, Any] = {"sleep": {"state": state, "since": now, "paused": paused}, "last_modified": now}
+        sleep: dict[str, Any] = {"state": state, "since": now, "paused": paused}
+        if image_bytes is not None:
+            sleep["image_bytes"] = image_bytes  # counted against the tenant's `max_image_disk_mb`
+        changes: dict[str, Any] = {"sleep": sleep, "last_modified": now}
         if paused:
             changes["expires_at"] = now + self.paused_retention_s
         updated = await self.metadb.update_session(session.row_id, **changes, **more)

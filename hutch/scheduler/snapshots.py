@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hutch.errors import FailedPrecondition, HutchError, IsolationError, NotFound, Unimplemented
+from hutch.errors import FailedPrecondition, HutchError, IsolationError, NotFound, QuotaExceeded, Unimplemented
 from hutch.metadb.records import FunctionRecord, SessionRecord, Tenant
 from hutch.runtime.base import RootFS
 from hutch.scheduler.sleep import SessionSleep
@@ -164,6 +164,9 @@ class SessionSnapshots(SessionSleep):
                 )
             frozen = current.sleep is not None
             if checkpoint is not None:
+                over = await self.image_quota_left(current.tenant_id, await self._memory_of(instance_id))
+                if over is not None:
+                    raise QuotaExceeded(f"no memory snapshot of {current.session_id}: {over}")
                 await self._quiesce(current)
             if not frozen:
                 await self.scheduler.freeze(instance_id)

@@ -157,6 +157,7 @@ def test_quotas_refuse_creates_over_the_tenants_vcpus_or_memory_with_429(metered
     made = metered.admin.post("/v1/tenants", json={"name": "quota", "maxVcpu": 1.5, "maxMemoryMB": 600})
     assert made.status_code == 201, made.text
     assert (made.json()["maxVcpu"], made.json()["maxMemoryMB"]) == (1.5, 600)
+    assert made.json()["maxImageDiskMB"] == 20 * 1024  # hibernation images: bounded by default
     client = httpx.Client(base_url=metered.url, headers={"X-API-Key": made.json()["apiKey"]}, timeout=60)
     function = _function(client)  # 1 vCPU, 256 MB
     assert client.post(f"/v1/functions/{function}/sessions", json={}).status_code == 201
@@ -177,6 +178,9 @@ def test_quotas_refuse_creates_over_the_tenants_vcpus_or_memory_with_429(metered
     refused = client.post(f"/v1/functions/{function}/sessions", json={})
     assert refused.status_code == 429 and "maxMemoryMB 600" in refused.json()["message"]
     assert client.patch(f"/v1/tenants/{tenant_id}", json={"maxVcpu": 8}).status_code == 403  # admins only
+    lifted = metered.admin.patch(f"/v1/tenants/{tenant_id}", json={"maxImageDiskMB": None})
+    assert lifted.status_code == 200 and lifted.json()["maxImageDiskMB"] is None
+    assert metered.admin.patch(f"/v1/tenants/{tenant_id}", json={"maxImageDiskMB": -1}).status_code == 400
     for body in ({}, {"maxSessions": None}):
         assert metered.admin.patch(f"/v1/tenants/{tenant_id}", json=body).status_code == 400
 

@@ -187,6 +187,9 @@ def test_tenant_resource_quotas_are_stored_and_changed(db):
     assert db.get_tenant("t1").max_vcpu is None
     updated = db.update_tenant("t3", max_vcpu=None, max_memory_mb=1024)
     assert (updated.max_vcpu, updated.max_memory_mb) == (None, 1024)
+    assert updated.max_image_disk_mb is None
+    assert db.update_tenant("t3", max_image_disk_mb=300).max_image_disk_mb == 300
+    assert db.get_tenant("t3").max_image_disk_mb == 300
 
 
 def test_session_updates_end_and_activity(db):

@@ -182,6 +182,37 @@ def test_a_pause_with_memory_hibernates_and_a_wake_restores(loop, stack):
     assert not scheduler.runtime.has(session.instance_id)
 
 
+def test_the_tenants_image_disk_quota_bounds_hibernation(loop, stack):
+    """Hibernation images count against the tenant's `max_image_disk_mb`: a session whose image
+    would not fit is frozen instead (its memory kept in RAM, the pause still a pause), and one
+    that fits records its image's size."""
+    _, tenant, scheduler, sessions, _ = stack
+    metadb = sessions.metadb
+    first, _ = loop.run(sessions.create(tenant, SPEC.name, ttl_s=3600, idle_timeout_s=0))
+    second, _ = loop.run(sessions.create(tenant, SPEC.name, ttl_s=3600, idle_timeout_s=0))
+    for session in (first, second):
+        _python(loop, sessions, session, "heap = bytearray(b'\\x07') * (40 << 20)")
+    loop.run(metadb.update_tenant(tenant.tenant_id, max_image_disk_mb=None))
+    hibernated, _ = loop.run(sessions.sleep(first, paused=True))
+    assert hibernated.sleep["state"] == "hibernated"
+    used = hibernated.sleep["image_bytes"]
+    assert used > 0 and loop.run(sessions.image_disk_used(tenant.tenant_id)) == used
+    # Room for what the first one takes, not for a second image of 40 MB and more.
+    loop.run(metadb.update_tenant(tenant.tenant_id, max_image_disk_mb=(used >> 20) + 20))
+    frozen, slept = loop.run(sessions.sleep(second, paused=True))
+    assert slept and frozen.paused and frozen.sleep["state"] == "frozen"
+    assert scheduler.frozen(second.instance_id) and not scheduler.hibernated(second.instance_id)
+    loop.run(sessions.log.flush())
+    assert loop.run(metadb.session_logs(second.row_id, search="maxImageDiskMB")), "the log says why"
+    woken, _ = loop.run(sessions.wake(frozen, ttl_s=60))
+    assert _python(loop, sessions, woken, "print(len(heap) >> 20)") == "40"
+    # Ended, the first one's image frees its room.
+    loop.run(sessions.end(sessions.active(first.internal_id), "deleted"))
+    assert loop.run(sessions.image_disk_used(tenant.tenant_id)) == 0
+    again, _ = loop.run(sessions.sleep(woken, paused=True))
+    assert again.sleep["state"] == "hibernated"
+
+
 def test_a_hibernated_session_survives_a_restart_and_wakes_with_its_memory(loop, data_dir, template_store):
     clock = Clock()
     first = Stack(loop, data_dir, clock, template_store)
