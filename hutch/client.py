@@ -206,6 +206,11 @@ class HutchClient:
         body = {"keepMemory": keep_memory}
         return self.request("POST", f"/v1/functions/{function}/sessions/{session_id}/pause", json=body)
 
+    def fork_session(self, function: str, session_id: str, count: int = 1) -> list[dict]:
+        """Copies of a running session with its memory: a session, or {"error"}, per copy."""
+        body = {"count": count}
+        return self.request("POST", f"/v1/functions/{function}/sessions/{session_id}/fork", json=body)["sessions"]
+
     def resume_session(self, function: str, session_id: str) -> dict:
         return self.request("POST", f"/v1/functions/{function}/sessions/{session_id}/resume")
 

@@ -351,7 +351,10 @@ async def update_session(name: str, session_id: str, body: SessionPatch, request
 class PauseIn(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid")
     keep_memory: bool = Field(
-        True, alias="keepMemory", description="true: frozen (processes and memory kept); false: only its files kept"
+        True,
+        alias="keepMemory",
+        description="true: processes and memory kept (hibernated to disk where the host can, else frozen); "
+        "false: only its files kept",
     )
 
 
@@ -367,6 +370,36 @@ async def pause_session(
     keep_memory = (body or PauseIn()).keep_memory
     paused, _ = await control_plane(request).sessions.sleep(session, paused=True, memory=keep_memory)
     return session_json(paused)
+
+
+class ForkIn(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+    count: int = Field(1, ge=1, le=20, description="how many copies")
+    ttl_s: int | None = Field(None, alias="sessionTTLInSeconds", ge=1, description="theirs (default: the source's)")
+
+
+@router.post(
+    "/functions/{name}/sessions/{session_id}/fork",
+    status_code=201,
+    tags=["sessions"],
+    summary="Copies of a running session with its memory, processes and files",
+)
+async def fork_session(
+    name: str, session_id: str, request: Request, tenant: Caller, body: ForkIn | None = None
+) -> dict:
+    """Each copy is a new session (its own id, token, uids, network, files) started from one
+    checkpoint of the source, which runs on; one result per copy: a session or an error."""
+    body = body or ForkIn()
+    session = await _active_session(request, tenant, name, session_id)
+    forks = await control_plane(request).sessions.fork(tenant, session, body.count, ttl_s=body.ttl_s)
+    return {
+        "sessions": [
+            session_json(fork)
+            if isinstance(fork, SessionRecord)
+            else {"error": {"code": fork.code, "message": fork.message, "status": fork.http_status}}
+            for fork in forks
+        ]
+    }
 
 
 @router.post("/functions/{name}/sessions/{session_id}/resume", tags=["sessions"], summary="Resume a paused session")

@@ -172,10 +172,33 @@ def pause(
     files_only: bool = typer.Option(False, "--files-only", help="Stop it and keep only its files (no RAM held)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Pause a session: frozen with its memory (or only its files kept) until `resume`."""
+    """Pause a session with its memory (hibernated to disk where the host can, else frozen; or
+    only its files kept) until `resume`."""
     with connected() as client:
         session = client.pause_session(_function(client, function, session_id), session_id, not files_only)
     _show(session, as_json)
+
+
+@app.command()
+def fork(
+    session_id: str = SESSION_ID,
+    function: str = FUNCTION,
+    count: int = typer.Option(1, "--count", min=1, max=20, help="How many copies."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Copy a running session, memory and processes included, into new sessions (it runs on)."""
+    with connected() as client:
+        forks = client.fork_session(_function(client, function, session_id), session_id, count)
+    if as_json:
+        print_json(forks)
+        return
+    table(
+        ["SESSION ID", "RESULT"],
+        [
+            (fork["sessionId"], "started") if "sessionId" in fork else ("-", f"failed: {fork['error']['message']}")
+            for fork in forks
+        ],
+    )
 
 
 @app.command()
