@@ -305,12 +305,12 @@ def _instance_record(tenant, server, sandbox_id: str) -> Path:
     return server.data_dir / "instances" / instance_id / "instance.json"
 
 
-def _hibernatable_code_sandbox(tenant, server):
+def _hibernatable_code_sandbox(tenant, server, timeout: int = 120, **create):
     """An e2b-code-interpreter sandbox of the test template and its instance's record; skips
     where this host cannot checkpoint sandboxes (no usable CRIU)."""
     from e2b_code_interpreter import Sandbox as CodeSandbox
 
-    box = CodeSandbox.create(TEST_TEMPLATE, timeout=120)  # E2B's default: internet access, a network
+    box = CodeSandbox.create(TEST_TEMPLATE, timeout=timeout, **create)  # E2B's default: internet, a network
     record = _instance_record(tenant, server, box.sandbox_id)
     assert json.loads(record.read_text())["spec"]["network"], "an E2B sandbox has a network"
     if not json.loads(record.read_text())["detail"].get("hibernatable"):
@@ -398,3 +398,70 @@ def test_forks_and_memory_snapshots_copy_a_sandbox_with_its_memory(e2b_tenant, t
     copy.kill()
     box.kill()
     assert Sandbox.delete_snapshot(snapshot.snapshot_id) is True
+
+
+COUNTER = """
+import http.server, itertools
+count = itertools.count(1)  # in memory only: a restart would count from 1 again
+class Counter(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = str(next(count)).encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.ThreadingHTTPServer(("127.0.0.1", 8080), Counter).serve_forever()
+"""
+
+
+def test_a_header_affinity_session_hibernates_when_idle_and_wakes_with_its_memory(template_server):
+    """A function's session (header affinity, a user server of a template) hibernates after
+    `sessionHibernateAfterIdleInSeconds` and its next request, by the same header, wakes it with
+    its memory: the server's in-memory count goes on, the epoch is unchanged."""
+    client = template_server.new_tenant(f"idle-{uuid.uuid4().hex[:6]}")
+    name = f"counter-{uuid.uuid4().hex[:6]}"
+    made = client.post(
+        "/v1/functions",
+        json={
+            "name": name,
+            "template": TEST_TEMPLATE,
+            "startCommand": ["python3", "-c", COUNTER],
+            "port": 8080,
+            "resources": {"memoryMB": 256, "diskMB": 64},
+            "sessionAffinityConfig": {"sessionHibernateAfterIdleInSeconds": 2},
+        },
+    )
+    assert made.status_code == 201, made.text
+    headers = {"x-fc-session-id": "sleepy"}
+    first = int(client.get(f"/functions/{name}/invoke/", headers=headers).text)
+    assert client.get(f"/functions/{name}/invoke/", headers=headers).text == str(first + 1)
+    record = _instance_record(client, template_server, "sleepy")
+    if not json.loads(record.read_text())["detail"].get("hibernatable"):
+        pytest.skip("this host cannot hibernate sandboxes (no usable CRIU: scripts/install-criu.sh)")
+    path = f"/v1/functions/{name}/sessions/sleepy"
+    deadline = time.monotonic() + 30
+    while client.get(path).json()["state"] != "hibernated" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.get(path).json()["state"] == "hibernated"
+    assert json.loads(record.read_text())["state"] == "hibernated"  # on disk: no process, no RAM
+    assert client.get(f"/functions/{name}/invoke/", headers=headers).text == str(first + 2)  # woken, memory kept
+    session = client.get(path).json()
+    assert session["state"] == "running" and session["epoch"] == 0
+    client.delete(path)
+
+
+def test_auto_pause_at_the_timeout_hibernates_and_the_next_run_code_resumes_it(e2b_tenant, template_server):
+    """E2B's `lifecycle` on a template sandbox: its timeout pauses it to disk, and the next
+    `run_code` (auto_resume) restores it with its memory."""
+    box, record = _hibernatable_code_sandbox(
+        e2b_tenant, template_server, timeout=4, lifecycle={"on_timeout": "pause", "auto_resume": True}
+    )
+    box.run_code("y = 'kept'\nheap = bytearray(b'\\x07') * (80 << 20)")
+    deadline = time.monotonic() + 30
+    while json.loads(record.read_text())["state"] != "hibernated" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert json.loads(record.read_text())["state"] == "hibernated"
+    assert box.get_info().state == SandboxState.PAUSED
+    assert box.run_code("y, len(heap) >> 20").text == "('kept', 80)"  # traffic resumes it
+    assert box.get_info().state == SandboxState.RUNNING
+    box.kill()
