@@ -537,25 +537,8 @@ async def create_snapshot(sandbox_id: str, request: Request, tenant: Caller, bod
     body = body or SnapshotBody()
     session = await _sandbox(request, tenant, sandbox_id)
     name = check_name(body.name.split(":", 1)[0].lower()) if body.name else f"snap-{secrets.token_hex(6)}"
-    await _snapshot(request, tenant, session, name, memory=body.memory is not False)
+    await control_plane(request).sessions.snapshot(tenant, session, name, memory=body.memory is not False)
     return {"snapshotID": f"{name}:default", "names": [f"{name}:default"]}
-
-
-async def _snapshot(
-    request: Request, tenant: Tenant, session: SessionRecord, name: str, memory: bool, kind: str = "snapshot"
-) -> None:
-    plane = control_plane(request)
-    if plane.templates is None:
-        raise Unimplemented("this server has no template store")
-    sessions = plane.sessions
-    await plane.templates.add_snapshot(
-        name,
-        tenant.tenant_id,
-        session.session_id,
-        lambda into, checkpoint: sessions.copy_files(session, into, checkpoint),
-        memory=memory,
-        kind=kind,
-    )
 
 
 @router.get("/snapshots", summary="The caller's snapshots (templates made of a sandbox's files)")

@@ -49,6 +49,7 @@ from hutch.scheduler.sessions import check_session_id
 
 if TYPE_CHECKING:
     from hutch.runtime.base import RootFS
+    from hutch.templates.model import Template
 
 log = logging.getLogger(__name__)
 
@@ -513,6 +514,11 @@ class ClusterSessions:
         return await self._on_node_changed(session, "wake", {"ttlSeconds": ttl_s})
 
     async def copy_files(self, session: SessionRecord, into: Path, checkpoint: Path | None = None) -> RootFS:
+        raise Unimplemented("snapshots are not available through a cluster's gateway yet")
+
+    async def snapshot(
+        self, tenant: Tenant, source: SessionRecord, name: str, memory: bool, kind: str = "snapshot"
+    ) -> Template:
         raise Unimplemented("snapshots are not available through a cluster's gateway yet")
 
     async def fork(

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from hutch.functions import FunctionSpec
     from hutch.metadb.records import SessionUsage, UsageBucket
     from hutch.runtime.base import RootFS
+    from hutch.templates.model import Template
 
 Header = tuple[bytes, bytes]
 
@@ -167,6 +168,10 @@ class Sessions(Protocol):
     # snapshots (`hutch.scheduler.snapshots`): the session's upper layer copied into `into`, and
     # with `checkpoint` its processes and memory written there at the same moment
     async def copy_files(self, session: SessionRecord, into: Path, checkpoint: Path | None = None) -> RootFS: ...
+    # a template of the session's files (and memory), with a function like its own
+    async def snapshot(
+        self, tenant: Tenant, source: SessionRecord, name: str, memory: bool, kind: str = "snapshot"
+    ) -> Template: ...
     # `count` sessions started from one checkpoint of `source`: a session or an error each
     async def fork(
         self, tenant: Tenant, source: SessionRecord, count: int, ttl_s: int | None = None

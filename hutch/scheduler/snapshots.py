@@ -22,6 +22,7 @@ from hutch.errors import FailedPrecondition, HutchError, IsolationError, NotFoun
 from hutch.metadb.records import FunctionRecord, SessionRecord, Tenant
 from hutch.runtime.base import RootFS
 from hutch.scheduler.sleep import SessionSleep
+from hutch.templates.model import Template
 
 log = logging.getLogger(__name__)
 
@@ -50,32 +51,10 @@ class SessionSnapshots(SessionSleep):
             Unimplemented: no template store, or a source that cannot be checkpointed here.
             FailedPrecondition: the source has no running instance (asleep on disk, or ended).
         """
-        templates = self.scheduler.templates
-        if templates is None:
-            raise Unimplemented("this server has no template store: sessions cannot be forked")
-        _, like = await self.function(tenant.tenant_id, source.function)
         name = f"{FORK_PREFIX}{secrets.token_hex(6)}"
         self._forking.add(name)
         try:
-            await templates.add_snapshot(
-                name,
-                tenant.tenant_id,
-                source.session_id,
-                lambda into, checkpoint: self.copy_files(source, into, checkpoint),
-                memory=True,
-                kind="fork",
-            )
-            spec = like.model_copy(
-                update={
-                    "name": name,
-                    "template": name,
-                    "warm_pool_size": 0,
-                    "description": f"forks of {source.session_id}",
-                }
-            )
-            now = time.time()
-            await self.metadb.put_function(FunctionRecord(tenant.tenant_id, name, spec.wire(), now, now))
-            self.function_changed(tenant.tenant_id, spec, name)
+            await self.snapshot(tenant, source, name, memory=True, kind="fork")
             results: list[SessionRecord | HutchError] = []
             for _ in range(count):
                 try:
@@ -102,6 +81,46 @@ class SessionSnapshots(SessionSleep):
             await self.sweep_forks()  # this one, if no fork of it started
         self.log.add(source, "info", f"forked: {sum(isinstance(r, SessionRecord) for r in results)} of {count}")
         return results
+
+    async def snapshot(
+        self, tenant: Tenant, source: SessionRecord, name: str, memory: bool, kind: str = "snapshot"
+    ) -> Template:
+        """A template `name` of the session's files (`memory`: and of its processes, which its
+        sandboxes start from), made by `TemplateService.add_snapshot`; the tenant gets a function
+        of that name like the source's (its resources, network, kernel), unless it has one.
+
+        Raises:
+            Unimplemented: no template store, or a memory snapshot this host cannot take.
+            FailedPrecondition: the session has no running instance, or runs on the host's system.
+            QuotaExceeded: the checkpoint would pass the tenant's `max_image_disk_mb`.
+        """
+        templates = self.scheduler.templates
+        if templates is None:
+            raise Unimplemented("this server has no template store: sessions cannot be snapshotted")
+        _, like = await self.function(tenant.tenant_id, source.function)
+        template = await templates.add_snapshot(
+            name,
+            tenant.tenant_id,
+            source.session_id,
+            lambda into, checkpoint: self.copy_files(source, into, checkpoint),
+            memory=memory,
+            kind=kind,
+        )
+        try:
+            await self.metadb.get_function(tenant.tenant_id, name)
+        except NotFound:
+            spec = like.model_copy(
+                update={
+                    "name": name,
+                    "template": name,
+                    "warm_pool_size": 0,
+                    "description": f"{kind} of {source.session_id}",
+                }
+            )
+            now = time.time()
+            await self.metadb.put_function(FunctionRecord(tenant.tenant_id, name, spec.wire(), now, now))
+            self.function_changed(tenant.tenant_id, spec, name)
+        return template
 
     def _fork_ended(self, session: SessionRecord) -> None:
         if session.function.startswith(FORK_PREFIX):
