@@ -17,7 +17,7 @@ live_restore = false              # true: a stop of `hutch serve`/`node` leaves 
 warm_lease = 60.0                 # seconds a warm (pooled) instance outlives the last hutch on its data dir
 paused_retention = 86400.0        # seconds a paused sandbox is kept (frozen, its memory held), then ended
 criu = ""                         # CRIU >= 4.2 for hibernation to disk (scripts/install-criu.sh); "": $HUTCH_CRIU,
-                                  # <data_dir>/bin/criu, /usr/local/lib/hutch/criu/sbin/criu, then PATH
+                                  # <data_dir>/bin/criu, /usr/local/lib/hutch/criu/sbin/criu, then PATH; "off": none
 [warm_pools]                      # override the built-in functions' pool sizes
 base = 2
 "code-interpreter-v1" = 1
@@ -260,7 +260,7 @@ class ServerConfig(BaseModel):
     live_restore: bool = False
     warm_lease: float = Field(60.0, gt=0, le=86400)
     paused_retention: float = Field(86400.0, gt=0, le=30 * 86400)
-    criu: str = ""  # the CRIU binary hibernation uses; "": looked for (`hutch.runtime.criu.candidates`)
+    criu: str = ""  # the CRIU binary hibernation uses; "": looked for (`hutch.runtime.criu.candidates`); "off"
     metrics_public: bool = False
     request_timeout: float = Field(30.0, gt=0, le=3600)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)

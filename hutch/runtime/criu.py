@@ -32,6 +32,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 MIN_VERSION = (4, 2)
+OFF = "off"  # `criu = "off"`: no hibernation (sessions freeze), whatever is installed
 INSTALL_PREFIX = Path("/usr/local/lib/hutch/criu")  # where scripts/install-criu.sh puts it
 CHECK_TIMEOUT = 20.0
 
@@ -95,6 +96,8 @@ def _held_caps() -> list[str]:
 
 def find_criu(configured: str | None, data_dir: Path) -> tuple[Criu | None, str]:
     """The first usable CRIU, or None and why there is none (for the start-up log)."""
+    if configured == OFF:
+        return None, f'turned off (criu = "{OFF}")'
     if shutil.which("setpriv") is None:
         return None, "setpriv (util-linux) is not installed"
     reasons = []

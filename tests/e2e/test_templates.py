@@ -465,3 +465,28 @@ def test_auto_pause_at_the_timeout_hibernates_and_the_next_run_code_resumes_it(e
     assert box.run_code("y, len(heap) >> 20").text == "('kept', 80)"  # traffic resumes it
     assert box.get_info().state == SandboxState.RUNNING
     box.kill()
+
+
+def test_without_criu_a_pause_freezes_and_memory_snapshots_and_forks_are_refused(fresh_server, template_store):
+    """A host without CRIU (`criu = "off"`): E2B's pause freezes the sandbox (memory kept in RAM)
+    and resumes it with its memory; a memory snapshot and a fork are a 501 that says what works
+    instead; a filesystem snapshot still works."""
+    from e2b_code_interpreter import Sandbox as CodeSandbox
+
+    server = fresh_server(f'criu = "off"\n[templates]\ndir = "{template_store.root}"\n')
+    tenant = server.new_tenant("no-criu")
+    config = {"api_url": server.url, "sandbox_url": server.url, "api_key": tenant.headers["X-API-Key"]}
+    box = CodeSandbox.create(TEST_TEMPLATE, timeout=120, **config)
+    record = _instance_record(tenant, server, box.sandbox_id)
+    assert not json.loads(record.read_text())["detail"].get("hibernatable")
+    box.run_code("x = 42")
+    assert box.pause() is True
+    session = next(s for s in tenant.get("/v1/sessions").json()["sessions"] if s["sessionId"] == box.sandbox_id)
+    assert session["state"] == "frozen" and json.loads(record.read_text())["state"] == "running"
+    assert CodeSandbox.connect(box.sandbox_id, **config).run_code("x").text == "42"
+    with pytest.raises(SandboxException, match="cannot be snapshotted with its memory on this host"):
+        box.create_snapshot()
+    with pytest.raises(SandboxException, match="cannot be snapshotted with its memory on this host"):
+        box.fork()
+    assert box.create_snapshot(mode="filesystem").snapshot_id.endswith(":default")
+    box.kill()
