@@ -21,6 +21,7 @@ from hutch.scheduler.sessions import SessionManager
 from hutch.storage.local import DirectoryStore
 from tests.conftest import TEST_TEMPLATE, throwaway_data_dir
 from tests.loop_thread import LoopThread
+from tests.scheduler.clock import Clock
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts sandboxes: root only")
 
@@ -39,14 +40,6 @@ WEB = FunctionSpec(
     startCommand=["python3", "-m", "http.server", "8080"],
     port=8080,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Templates:

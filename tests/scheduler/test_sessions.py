@@ -23,18 +23,11 @@ from hutch.scheduler.sessions import SessionManager
 from hutch.storage.local import DirectoryStore
 from tests.conftest import throwaway_data_dir
 from tests.loop_thread import LoopThread
+from tests.scheduler.clock import Clock
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts sandboxes: root only")
 
 SMALL = ResourceSpec(memoryMB=256, diskMB=64)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Stack:
