@@ -57,6 +57,7 @@ from hutch.runtime.rootfs import (
     CAPABILITIES,
     SANDBOX_PATH,
     mount_layers,
+    mount_overlay,
     template_has,
     unmount_layers,
 )
@@ -386,8 +387,6 @@ class BwrapRuntime(LocalRuntime):
             *_CRIU_FLAGS,
             *[f"--external=mnt[{inside}]:{key}" for key, (inside, _) in self._host_binds(instance).items()],
         ]  # fmt: skip
-        if "root_overlay" not in instance.detail:
-            instance.detail["root_overlay"] = _root_overlay(instance.pid)
 
         def dump() -> tuple[subprocess.CompletedProcess, float]:
             # A frozen tree cannot be seized but through its freezer (CRIU then leaves it
@@ -567,16 +566,17 @@ class BwrapRuntime(LocalRuntime):
         return ["nsenter", f"--net={netns}", "--"]
 
     def _mount_root(self, instance: Instance, root: Path) -> None:
-        """The instance's overlay again, at `root` on the host, with the options bwrap gave it
-        (recorded at the first dump): the same idmapped layers and upper layer, which stay
-        mounted while it hibernates. Its flags match the dumped root's (CRIU applies those)."""
+        """The instance's overlay again, at `root` on the host, over the idmapped layers and
+        upper layer that stay mounted while it hibernates, made by root of a user namespace with
+        the instance's map as bwrap's was (`mount_overlay`)."""
+        assert instance.spec.rootfs is not None
         root.mkdir(mode=0o755, exist_ok=True)
-        options = instance.detail["root_overlay"]
-        result = subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o", options, str(root)], capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            raise IsolationError(f"cannot mount the root of instance {instance.instance_id}: {result.stderr.strip()}")
+        userns_fd = create_userns(self.uid_slots.base(instance.detail["slot"]), owned=True)
+        try:
+            layers = len(instance.spec.rootfs.layer_paths)
+            mount_overlay(self.instances_dir / instance.instance_id, layers, userns_fd, root, nosuid=False)
+        finally:
+            os.close(userns_fd)
 
     def _teardown_steps(self, instance: Instance) -> list:
         return [lambda: _detach_root(self.instances_dir / instance.instance_id / "root")]
@@ -641,22 +641,6 @@ def _criu_errors(log_path: Path, result: subprocess.CompletedProcess) -> str:
     errors = [line.strip() for line in lines if "Error" in line and "RLIMIT_NOFILE for self" not in line]
     shown = errors[-3:] or (result.stderr.strip().splitlines()[-3:]) or [f"criu exited with {result.returncode}"]
     return " | ".join(shown)
-
-
-def _root_overlay(pid: int) -> str:
-    """The mount options of the overlay bwrap made the root of the sandbox `pid`, with its
-    layers' host paths (bwrap named them through `/oldroot`): the layer order, the upper
-    layer, and `userxattr` (it was mounted in the user namespace, which keeps overlayfs's own
-    attributes of the upper layer in the user.* namespace)."""
-    with open(f"/proc/{pid}/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            separator = fields.index("-")
-            if fields[4] == "/" and fields[separator + 1] == "overlay":
-                options = fields[separator + 3].split(",")
-                kept = [option.replace("=/oldroot/", "=/").replace(":/oldroot/", ":/") for option in options]
-                return ",".join(option for option in kept if option not in ("rw", "ro"))
-    raise IsolationError(f"the sandbox of pid {pid} has no overlay root")
 
 
 def _seal(run_dir: Path) -> None:
