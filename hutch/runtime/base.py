@@ -52,6 +52,9 @@ class RootFS:
     workdir: str = "/home/user"
     start_cmd: str | None = None
     ready_cmd: str | None = None
+    # A checkpoint (`Runtime.checkpoint`): the instance starts with that session's memory and
+    # processes instead of booting (its files must be in the layers, at the same paths).
+    memory_image: str | None = None
 
     @classmethod
     def from_dict(cls, raw: dict) -> RootFS:
@@ -269,6 +272,21 @@ class Runtime(Protocol):
             Unimplemented: this backend, host or instance cannot hibernate.
             FailedPrecondition: the instance is not running.
             IsolationError: the dump failed; the instance runs on as it was (frozen or not).
+        """
+        ...
+
+    async def checkpoint(self, instance_id: InstanceId, into: Path) -> HibernationImage:
+        """Write the memory and processes of a running instance (frozen or not) into the new
+        directory `into` (its parent made root's and 0700) and leave it as it was: a running one
+        runs on after a brief stop, a frozen one stays frozen. New instances start from it
+        (`RootFS.memory_image`), each with its own identity; their layers must hold the files
+        the instance had at that moment (the caller copies its upper layer while it is frozen).
+        The caller has closed its own connections to the agent first.
+
+        Raises:
+            Unimplemented: this backend, host or instance cannot checkpoint.
+            FailedPrecondition: the instance is not running, or `into` exists.
+            IsolationError: the dump failed; the instance runs on as it was.
         """
         ...
 

@@ -360,7 +360,8 @@ class LocalRuntime(InstanceTable):
                 raise Unavailable(f"the disk of hutch's data directory is full: {exc}") from exc
             raise
         self._instances[spec.instance_id] = instance
-        self._watch(instance, popen)
+        # No launcher: pid 1 may be our own child (restored by CRIU), reaped at its exit.
+        self._watch(instance, popen, reap=popen is None)
         try:
             await self._wait_ready(instance, stderr_r)
             self._ready(instance)
@@ -436,6 +437,9 @@ class LocalRuntime(InstanceTable):
 
     async def restore(self, instance_id: InstanceId) -> Instance:
         raise Unimplemented(f"the {self.name} backend cannot hibernate instances")
+
+    async def checkpoint(self, instance_id: InstanceId, into: Path) -> HibernationImage:
+        raise Unimplemented(f"the {self.name} backend cannot checkpoint instances")
 
     def _running_cgroup(self, instance_id: InstanceId) -> Cgroup:
         instance = self.get(instance_id)

@@ -161,6 +161,9 @@ class MultiRuntime:
     async def restore(self, instance_id: InstanceId) -> Instance:
         return await self._owner(instance_id).restore(instance_id)
 
+    async def checkpoint(self, instance_id: InstanceId, into: Path) -> HibernationImage:
+        return await self._owner(instance_id).checkpoint(instance_id, into)
+
     async def claim_workspace(self, instance_id: InstanceId, key: str) -> None:
         await self._owner(instance_id).claim_workspace(instance_id, key)
 

@@ -515,6 +515,9 @@ class KubernetesRuntime(InstanceTable):
     async def restore(self, instance_id: InstanceId) -> Instance:
         raise Unimplemented("kubernetes instances cannot hibernate")
 
+    async def checkpoint(self, instance_id: InstanceId, into: Path) -> HibernationImage:
+        raise Unimplemented("kubernetes instances cannot checkpoint")
+
     # -- records and adoption --------------------------------------------------------------------
 
     async def adopt_running(self) -> list[Instance]:
