@@ -9,20 +9,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import random
+import shutil
 import stat
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
 from hutch.errors import IsolationError
+from hutch.runtime import make_runtime
 from hutch.runtime.base import InstanceSpec, InstanceState, RootFS
 from hutch.runtime.cgroups import Cgroup
 from hutch.runtime.channel import AgentChannel
 from hutch.runtime.criu import Extent, decode_userns, encode_userns, rebase_userns
 from hutch.runtime.network import NETNS_DIR, Networking
-from hutch.runtime.userns import RANGE
+from hutch.runtime.userns import RANGE, UidSlots
+from hutch.storage.local import DirectoryStore
 from tests.conftest import TEST_TEMPLATE
 from tests.runtime import test_hibernate
 from tests.runtime.conftest import Sandbox
@@ -279,7 +284,7 @@ def test_a_missing_or_corrupt_checkpoint_fails_the_start_and_leaves_nothing(
         else:
             target = missing
         spec = InstanceSpec(instance_id=f"c-{uuid.uuid4().hex[:10]}", backend="bwrap", rootfs=target)
-        with pytest.raises(IsolationError):
+        with pytest.raises(IsolationError, match="holds no checkpoint" if broken == "missing" else "restore .* failed"):
             loop.run(runtime.start(spec))
         assert not runtime.has(spec.instance_id)
         assert set(runtime.instances_dir.iterdir()) == before
@@ -287,3 +292,44 @@ def test_a_missing_or_corrupt_checkpoint_fails_the_start_and_leaves_nothing(
         assert _mounts_under(runtime.instances_dir / spec.instance_id) == []
         assert len(runtime.uid_slots._used) == len(runtime.instances())
     assert _python(source, "print('the source runs on')") == "the source runs on"
+
+
+def test_a_restarted_hutch_adopts_copies_as_any_instance(loop, template_store):
+    """A copy runs as any template instance once started: a new hutch on the same data
+    directory adopts it, and it stops leaving nothing."""
+    root = Path(tempfile.mkdtemp(prefix="hutch-test-ckpt-", dir="/var/tmp"))
+    root.chmod(0o755)
+    store = DirectoryStore(root / "workspaces")
+    slots = UidSlots(first_uid=2_000_000_000 + random.randrange(256) * 64 * RANGE, count=64)
+
+    async def make():
+        return make_runtime("bwrap", root, store, slots)
+
+    runtimes = [loop.run(make())]
+    try:
+        if not runtimes[0].can_hibernate():
+            pytest.skip(f"no usable CRIU: {runtimes[0].hibernation_off_reason}")
+        spec = InstanceSpec(instance_id="a-source", backend="bwrap", rootfs=template_store.rootfs(TEST_TEMPLATE))
+        source = Sandbox(loop, runtimes[0], loop.run(runtimes[0].start(spec)))
+        _python(source, "x = 'adopted'")
+        rootfs = _checkpoint(source, root / "checkpoint" / "image")
+        spec = InstanceSpec(instance_id="a-copy", backend="bwrap", rootfs=rootfs)
+        copy = Sandbox(loop, runtimes[0], loop.run(runtimes[0].start(spec)))
+        for sandbox in (source, copy):
+            loop.run(sandbox.channel.aclose())
+        loop.run(runtimes[0].close())  # hutch goes; its instances run on
+        runtimes.append(loop.run(make()))
+        adopted = loop.run(runtimes[1].adopt_running())
+        assert sorted(instance.instance_id for instance in adopted) == ["a-copy", "a-source"]
+        copy = Sandbox(loop, runtimes[1], runtimes[1].get("a-copy"))
+        assert copy.instance.state == InstanceState.RUNNING
+        assert _python(copy, "print(x)") == "adopted"
+        for instance_id in ("a-copy", "a-source"):
+            loop.run(runtimes[1].stop(instance_id))
+        assert _leftovers(runtimes[1], [copy]) == []
+    finally:
+        for runtime_ in runtimes:
+            for instance in runtime_.instances():
+                loop.run(runtime_.stop(instance.instance_id))
+        loop.run(runtimes[-1].close(unstage=True))
+        shutil.rmtree(root, ignore_errors=True)
