@@ -220,6 +220,15 @@ class BwrapRuntime(LocalRuntime):
         source = Path(checkpoint)
         if not (source / "inventory.img").is_file():
             raise IsolationError(f"instance {spec.instance_id}: {checkpoint} holds no checkpoint")
+        # The image holds the tree's own network namespace unless CRIU ran in the one hutch made
+        # (`_in_netns`): a tree without one, restored outside a namespace, would get the host's.
+        networked = not any(source.glob("netns-*.img"))
+        if networked != (spec.network is not None):
+            with_or_without = "with" if networked else "without"
+            raise FailedPrecondition(
+                f"instance {spec.instance_id}: the checkpoint is of an instance {with_or_without} a network, "
+                f"and so must be every instance started from it"
+            )
         undo: list = []
         try:
             prepared = self._prepare(spec, undo)
@@ -410,7 +419,8 @@ class BwrapRuntime(LocalRuntime):
             watch.stopping = True  # its end after a good dump is no crash
         images = self._images_dir(instance_id)
         try:
-            image = await asyncio.to_thread(self._dump_guarded, criu, instance, images, False)
+            await asyncio.to_thread(shutil.rmtree, images.parent, True)  # a stale hibernation's
+            image = await asyncio.to_thread(self._dump_into, criu, instance, images, False)
         except BaseException:
             if watch is not None:
                 watch.stopping = False
@@ -436,23 +446,21 @@ class BwrapRuntime(LocalRuntime):
             raise FailedPrecondition(f"instance {instance_id} is {instance.state.value}, not running")
         if into.exists():
             raise FailedPrecondition(f"{into} exists: a checkpoint goes into a new directory")
-        return await asyncio.to_thread(self._dump_guarded, criu, instance, into, True)
+        return await asyncio.to_thread(self._dump_into, criu, instance, into, True)
 
-    def _dump_guarded(self, criu: Criu, instance: Instance, images: Path, leave_running: bool) -> HibernationImage:
-        """`_dump` into `images`, whose parent is made root's and 0700 first (the images hold
-        the session's memory) and goes again if the dump fails."""
-        made = [parent for parent in (images.parent, *images.parent.parents) if not parent.exists()]
-        if not leave_running:
-            shutil.rmtree(images.parent, ignore_errors=True)  # a stale hibernation's
-            made = [images.parent]
-        images.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chown(images.parent, 0, 0)
-        os.chmod(images.parent, 0o700)
+    def _dump_into(self, criu: Criu, instance: Instance, images: Path, leave_running: bool) -> HibernationImage:
+        """`_dump` into the new directory `images`, in a parent made root's and 0700 (the images
+        hold the session's memory); the directories made for it go again if the dump fails."""
+        parent = images.parent
+        made = next((path for path in reversed((parent, *parent.parents)) if not path.exists()), None)
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chown(parent, 0, 0)
+        os.chmod(parent, 0o700)
         try:
             return self._dump(criu, instance, images, leave_running)
         except BaseException:
-            if made:
-                shutil.rmtree(made[-1], ignore_errors=True)
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
             raise
 
     def _dump(self, criu: Criu, instance: Instance, images: Path, leave_running: bool) -> HibernationImage:

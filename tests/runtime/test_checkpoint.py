@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hutch.errors import IsolationError
+from hutch.errors import FailedPrecondition, IsolationError
 from hutch.runtime import make_runtime
 from hutch.runtime.base import InstanceSpec, InstanceState, RootFS
 from hutch.runtime.cgroups import Cgroup
@@ -120,7 +120,7 @@ def _checkpoint(sandbox: Sandbox, into: Path) -> RootFS:
     loop.run(sandbox.channel.aclose())  # hutch's own connections into the agent go first
     loop.run(backend.freeze(sandbox.id))
     try:
-        layer = into.parent.parent / "layer"
+        layer = into.parent.with_name(f"{into.parent.name}-layer")
         layer.mkdir(mode=0o755, parents=True)
         upper = sandbox.instance.workspace_path / "upper"
         subprocess.run(["cp", "-a", f"{upper}/.", f"{layer}/"], check=True)
@@ -231,6 +231,9 @@ def test_networked_copies_each_get_their_own_address(boot, runtime, internet, tm
     source = boot(network={"internet": True})
     _python(source, FETCH.format(internet=internet) + "w = 'kept'; print(fetch(8080))")
     rootfs = _checkpoint(source, tmp_path / "net" / "image")
+    # Its tree had the network namespace hutch made: never restored without one (the host's).
+    with pytest.raises(FailedPrecondition, match="with a network"):
+        boot.copies(rootfs, 1)
     copies = boot.copies(rootfs, 2, network={"internet": True})
     addresses = {source.run("hostname -I").text.strip()}
     for copy in copies:
@@ -245,7 +248,7 @@ def test_networked_copies_each_get_their_own_address(boot, runtime, internet, tm
     assert _leftovers(runtime, [source, *copies], namespaces) == []
 
 
-def test_a_copy_hibernates_and_comes_back(boot, runtime, tmp_path):
+def test_a_copy_hibernates_comes_back_and_has_copies_of_its_own(boot, runtime, tmp_path):
     source = boot()
     _python(source, "z = 'from the source'")
     rootfs = _checkpoint(source, tmp_path / "h" / "image")
@@ -259,8 +262,13 @@ def test_a_copy_hibernates_and_comes_back(boot, runtime, tmp_path):
         assert _python(copy, "print(z)") == "from the source, then the copy"
         assert copy.run("cat /home/user/mine.txt").text.strip() == "mine"
     assert copy.run("touch /etc/still-writable", user="root").exit_code == 0
-    copy.stop()
-    assert _leftovers(runtime, [copy]) == []
+    # A copy's checkpoint (its user namespace is root's, its map its own slot's) starts copies too.
+    (grandchild,) = boot.copies(_checkpoint(copy, tmp_path / "h2" / "image"), 1)
+    assert _python(grandchild, "print(z)") == "from the source, then the copy"
+    assert grandchild.run("cat /home/user/mine.txt /etc/still-writable").text.strip() == "mine"
+    for sandbox in (grandchild, copy):
+        sandbox.stop()
+    assert _leftovers(runtime, [copy, grandchild]) == []
 
 
 def test_a_missing_or_corrupt_checkpoint_fails_the_start_and_leaves_nothing(
@@ -276,6 +284,8 @@ def test_a_missing_or_corrupt_checkpoint_fails_the_start_and_leaves_nothing(
     before = set(runtime.instances_dir.iterdir())
     cgroups_before = set(runtime.cgroups.children())
     missing = dataclasses.replace(rootfs, memory_image=str(tmp_path / "nowhere"))
+    with pytest.raises(FailedPrecondition, match="without a network"):
+        boot.copies(rootfs, 1, network={"internet": False})
     for broken in ("missing", "corrupt"):
         if broken == "corrupt":
             pages = max(image.glob("pages-*.img"), key=lambda path: path.stat().st_size)
