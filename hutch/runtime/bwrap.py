@@ -698,8 +698,10 @@ class BwrapRuntime(LocalRuntime):
 # What every dump and restore of an instance passes (see `hutch.runtime.criu`).
 _CRIU_FLAGS = ("--external", "mnt[]", "--tcp-close", "--manage-cgroups=ignore")
 _CRIU_TIMEOUT = 120.0
-# Run the rest of the command line in the cgroups named before `--` (a restore's place).
-_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+# Run the rest of the command line in the cgroups named before `--` (a restore's place), in a
+# cgroup namespace rooted there: the restored tree inherits CRIU's (`--manage-cgroups=ignore`),
+# which would otherwise show it the host's cgroup paths.
+_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec unshare --cgroup "$@"'
 
 
 # Seconds between dumps that met a host connection hutch had just closed (the agent closes its

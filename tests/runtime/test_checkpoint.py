@@ -189,6 +189,7 @@ def test_copies_start_with_the_sources_memory_processes_and_files_each_its_own(b
         for pid in pids:
             assert all(base <= uid < base + RANGE for uid in _uids(pid)), (pid, _uids(pid))
         assert copy.run("cat /proc/self/uid_map").text.split() == ["0", str(base), str(RANGE)]
+        assert copy.id not in copy.run("cat /proc/self/cgroup").text  # its own cgroup namespace
     slots = {sandbox.instance.detail["slot"] for sandbox in (source, *copies)}
     assert len(slots) == 3
     assert _digest(into) == before  # only read
