@@ -1,6 +1,6 @@
 """Benchmark of hibernation to disk (CRIU) of an idle code-interpreter session, runtime level.
 
-    sudo .venv/bin/python bench/hibernate.py [--runs 10] [--templates DIR] [--json]
+    sudo .venv/bin/python bench/hibernate.py [--runs 10] [--templates DIR] [--json] [--fork]
 
 One template instance (the tests' `mini` Debian template: Python, ipykernel) with a live Python
 kernel holding an 80 MB heap, idle. Each run: `Runtime.hibernate` (from the call to its return:
@@ -9,6 +9,11 @@ agent's /health), then the first answer of the kernel after it (resume to first 
 one `print(x)`). Medians and p90 of `--runs` cycles on the same session; the image size; the
 session's memory before.
 Targets (issue 13): pause <= 200 ms, resume <= 150 ms.
+
+`--fork`: instead, each run checkpoints the same session (`Runtime.checkpoint`, the instance
+frozen around it and its upper layer copied into a new top layer first, as a fork does; the copy
+is not timed), then starts a new instance from the checkpoint (`RootFS.memory_image`, to its
+agent's /health) and times its first answer, then stops it.
 
 Builds the template in a temporary store (about a minute; `--templates DIR` reuses a store that
 holds `mini`), runs on a temporary data dir under /var/tmp, and removes all of it when done.
@@ -19,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -116,16 +123,78 @@ async def bench(templates: TemplateStore, runs: int) -> dict:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+async def bench_fork(templates: TemplateStore, runs: int) -> dict:
+    data_dir = Path(tempfile.mkdtemp(prefix="hutch-bench-fork-", dir="/var/tmp"))
+    data_dir.chmod(0o755)
+    store_root = data_dir / "workspaces"
+    store = ImageStore(store_root) if ImageStore.available() else DirectoryStore(store_root)
+    runtime = make_runtime("bwrap", data_dir, store)
+    try:
+        if not runtime.can_hibernate():
+            raise SystemExit(f"no checkpoints here: {runtime.hibernation_off_reason}")  # type: ignore[attr-defined]
+        rootfs = templates.rootfs(TEST_TEMPLATE)
+        source = await runtime.start(
+            InstanceSpec(instance_id=f"b-{uuid.uuid4().hex[:8]}", backend="bwrap", rootfs=rootfs)
+        )
+        channel = AgentChannel(source.socket_path)
+        await channel.execute(HEAP)
+        await channel.aclose()
+        await asyncio.sleep(1)  # idle
+        checkpoints, starts, first_answers, images = [], [], [], []
+        for run in range(runs):
+            into = data_dir / "checkpoints" / str(run)
+            layer = into / "layer"
+            layer.mkdir(parents=True)
+            await runtime.freeze(source.instance_id)
+            try:
+                await asyncio.to_thread(
+                    subprocess.run, ["cp", "-a", f"{source.workspace_path}/upper/.", f"{layer}/"], check=True
+                )
+                started = time.perf_counter()
+                image = await runtime.checkpoint(source.instance_id, into / "image")
+                checkpoints.append(_ms(started))
+            finally:
+                await runtime.thaw(source.instance_id)
+            images.append(image.size_bytes / 2**20)
+            spec = InstanceSpec(
+                instance_id=f"f-{uuid.uuid4().hex[:8]}",
+                backend="bwrap",
+                rootfs=dataclasses.replace(
+                    rootfs, layer_paths=(*rootfs.layer_paths, str(layer)), memory_image=str(image.path)
+                ),
+            )
+            started = time.perf_counter()
+            copy = await runtime.start(spec)
+            starts.append(_ms(started))
+            copy_channel = AgentChannel(copy.socket_path)
+            assert await _print_x(copy_channel) == "42"
+            first_answers.append(_ms(started))
+            await copy_channel.aclose()
+            await runtime.stop(copy.instance_id)
+        return {
+            "image_mb": round(sorted(images)[len(images) // 2], 1),
+            "checkpoint_ms": summary(checkpoints),
+            "start_from_checkpoint_ms": summary(starts),
+            "start_to_first_answer_ms": summary(first_answers),
+        }
+    finally:
+        for each in runtime.instances():
+            await runtime.stop(each.instance_id)
+        await runtime.close(unstage=True)  # type: ignore[attr-defined]
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--templates", type=Path, help="a template store holding `mini` (else one is built)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--fork", action="store_true", help="checkpoints and starts from them instead")
     args = parser.parse_args()
     own = args.templates is None
     root = Path(tempfile.mkdtemp(prefix="hutch-bench-tpl-", dir="/var/tmp")) if own else args.templates
     try:
-        result = asyncio.run(bench(template_store(root), args.runs))
+        result = asyncio.run((bench_fork if args.fork else bench)(template_store(root), args.runs))
     finally:
         if own:
             shutil.rmtree(root, ignore_errors=True)

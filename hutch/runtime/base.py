@@ -52,8 +52,8 @@ class RootFS:
     workdir: str = "/home/user"
     start_cmd: str | None = None
     ready_cmd: str | None = None
-    # A checkpoint (`Runtime.checkpoint`) that new instances start from instead of booting:
-    # a memory snapshot's processes, whose files are the top layer of `layer_paths`.
+    # A checkpoint (`Runtime.checkpoint`) that new instances start from instead of booting: a
+    # memory snapshot's processes, whose files are in the layers at the same paths (its top one).
     memory_image: str | None = None
 
     @classmethod
@@ -275,6 +275,21 @@ class Runtime(Protocol):
         """
         ...
 
+    async def checkpoint(self, instance_id: InstanceId, into: Path) -> HibernationImage:
+        """Write the memory and processes of a running instance (frozen or not) into the new
+        directory `into` (its parent made root's and 0700) and leave it as it was: a running one
+        runs on after a brief stop, a frozen one stays frozen. New instances start from it
+        (`RootFS.memory_image`), each with its own identity; their layers must hold the files
+        the instance had at that moment (the caller copies its upper layer while it is frozen).
+        The caller has closed its own connections to the agent first.
+
+        Raises:
+            Unimplemented: this backend, host or instance cannot checkpoint.
+            FailedPrecondition: the instance is not running, or `into` exists.
+            IsolationError: the dump failed; the instance runs on as it was.
+        """
+        ...
+
     async def restore(self, instance_id: InstanceId) -> Instance:
         """Bring a hibernated instance back with its memory, processes and files; returns once
         its agent answers.
@@ -282,18 +297,6 @@ class Runtime(Protocol):
         Raises:
             FailedPrecondition: the instance is not hibernated.
             IsolationError: the restore failed; the instance stays hibernated, its image intact.
-        """
-        ...
-
-    async def checkpoint(self, instance_id: InstanceId, into: Path) -> HibernationImage:
-        """Write a running instance's memory and processes to the new directory `into` (root's
-        alone) and let it go on (frozen if it was): new instances start from it
-        (`RootFS.memory_image`). The caller has closed its own connections to the agent.
-
-        Raises:
-            Unimplemented: this backend, host or instance cannot.
-            FailedPrecondition: the instance is not running.
-            IsolationError: the dump failed (the instance goes on as it was).
         """
         ...
 

@@ -40,7 +40,7 @@ from hutch.errors import FailedPrecondition, IsolationError, Unimplemented
 from hutch.runtime import idmap, seccomp
 from hutch.runtime.base import HibernationImage, Instance, InstanceSpec, InstanceState, Resources
 from hutch.runtime.cgroups import Cgroup, CgroupManager
-from hutch.runtime.criu import Criu, find_criu
+from hutch.runtime.criu import Criu, decode_userns, find_criu, rebase_userns
 from hutch.runtime.hostfs import RUN_DIR, SANDBOX_HOME
 from hutch.runtime.local import (
     INSTANCE_WORKSPACE_PREFIX,
@@ -56,11 +56,13 @@ from hutch.runtime.network import NETNS_DIR, Networking
 from hutch.runtime.rootfs import (
     CAPABILITIES,
     SANDBOX_PATH,
+    idmap_layers,
     mount_layers,
+    mount_overlay,
     template_has,
     unmount_layers,
 )
-from hutch.runtime.userns import SANDBOX_UID, UidSlots, create_userns
+from hutch.runtime.userns import RANGE, SANDBOX_UID, UidSlots, create_userns
 from hutch.storage.base import WorkspaceStore
 from hutch.types import InstanceId
 
@@ -104,7 +106,9 @@ class BwrapRuntime(LocalRuntime):
             log.info("hibernation: off: %s", why_not)
         self.hibernation_off_reason = why_not
 
-    def _spawn(self, spec: InstanceSpec) -> tuple[Instance, subprocess.Popen, int]:
+    def _spawn(self, spec: InstanceSpec) -> tuple[Instance, subprocess.Popen | None, int]:
+        if spec.rootfs is not None and spec.rootfs.memory_image is not None:
+            return self._spawn_from_image(spec, spec.rootfs.memory_image)
         undo: list = []
         fds: list[int] = []
         try:
@@ -202,6 +206,72 @@ class BwrapRuntime(LocalRuntime):
             for fd in fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+    def _spawn_from_image(self, spec: InstanceSpec, checkpoint: str) -> tuple[Instance, None, int]:
+        """A new instance restored from a checkpoint instead of booted: its own uid slot, cgroups,
+        run directory, network namespace and fresh upper layer, as any template instance's; the
+        checkpoint's process tree restored into them (the layers hold its files). The checkpoint
+        is only read: what a restore must see otherwise (its user namespace's map, of the
+        source's slot) is rewritten into the instance's own image directory."""
+        assert spec.rootfs is not None
+        criu = self.criu
+        if criu is None:
+            raise Unimplemented(f"this host cannot restore checkpoints: {self.hibernation_off_reason}")
+        source = Path(checkpoint)
+        if not (source / "inventory.img").is_file():
+            raise IsolationError(f"instance {spec.instance_id}: {checkpoint} holds no checkpoint")
+        # The image holds the tree's own network namespace unless CRIU ran in the one hutch made
+        # (`_in_netns`): a tree without one, restored outside a namespace, would get the host's.
+        networked = not any(source.glob("netns-*.img"))
+        if networked != (spec.network is not None):
+            with_or_without = "with" if networked else "without"
+            raise FailedPrecondition(
+                f"instance {spec.instance_id}: the checkpoint is of an instance {with_or_without} a network, "
+                f"and so must be every instance started from it"
+            )
+        undo: list = []
+        try:
+            prepared = self._prepare(spec, undo)
+            self._check_mount_points(spec, prepared.workspace_path)
+            base_uid = self.uid_slots.base(prepared.slot)
+            self._attach_network(spec, prepared, undo)
+            userns_fd = create_userns(base_uid, owned=True)  # only to idmap the layers with the slot's map
+            try:
+                undo.append(lambda: unmount_layers(prepared.instance_dir))
+                layers = spec.rootfs.layer_paths
+                idmap_layers(prepared.instance_dir, layers, prepared.workspace_path, userns_fd, base_uid)
+            finally:
+                os.close(userns_fd)
+            images = self._images_dir(spec.instance_id)
+            _image_copy(source, images, base_uid)
+            instance = Instance(
+                instance_id=spec.instance_id,
+                backend=self.name,
+                socket_path=prepared.instance_dir / "run" / "agent.sock",
+                workspace=prepared.workspace,
+                workspace_path=prepared.workspace_path,
+                host_uid=prepared.host_uid,
+                pid=0,
+                pid_start_time=0,
+                started_at=time.time(),
+                spec=spec,
+                # Restored by host root: its user namespace is root's (`_dump` runs as that).
+                detail={"slot": prepared.slot, "bwrap_pid": None, "hibernatable": True, "userns_owner": 0},
+            )
+            pid, cgroup = self._restore(criu, instance, failed="nothing of it is left")
+            undo.append(cgroup.remove)
+            undo.append(cgroup.kill_all)
+            # A restart of hutch from here on finds the record; before, leftovers are swept.
+            instance.pid, instance.pid_start_time = pid, pid_start_time(pid) or 0
+            instance.detail["cgroup"] = cgroup.to_dict()
+            self._save(instance)
+            shutil.rmtree(images.parent, ignore_errors=True)  # it runs on: never restored again
+            stderr_r, stderr_w = os.pipe()  # a restored agent's output is its own (nothing to read)
+            os.close(stderr_w)
+            return instance, None, stderr_r
+        except BaseException:
+            undo_all(undo)
+            raise
 
     def _agent_env(self, spec: InstanceSpec, listen_fd: int | None, go_fd: int | None = None) -> str:
         """`HUTCH_AGENT`: the agent's boot configuration (`hutch.agent.config`); without a
@@ -347,8 +417,10 @@ class BwrapRuntime(LocalRuntime):
         watch = self._watches.get(instance_id)
         if watch is not None:
             watch.stopping = True  # its end after a good dump is no crash
+        images = self._images_dir(instance_id)
         try:
-            image = await asyncio.to_thread(self._dump, criu, instance)
+            await asyncio.to_thread(shutil.rmtree, images.parent, True)  # a stale hibernation's
+            image = await asyncio.to_thread(self._dump_into, criu, instance, images, False)
         except BaseException:
             if watch is not None:
                 watch.stopping = False
@@ -367,10 +439,33 @@ class BwrapRuntime(LocalRuntime):
         await asyncio.to_thread(cgroup.remove)
         return image
 
-    def _dump(self, criu: Criu, instance: Instance) -> HibernationImage:
-        images = self._images_dir(instance.instance_id)
-        shutil.rmtree(images.parent, ignore_errors=True)
-        images.parent.mkdir(mode=0o700)
+    async def checkpoint(self, instance_id: InstanceId, into: Path) -> HibernationImage:
+        criu = self._hibernation_criu(instance_id)
+        instance = self.get(instance_id)
+        if instance.state != InstanceState.RUNNING:
+            raise FailedPrecondition(f"instance {instance_id} is {instance.state.value}, not running")
+        if into.exists():
+            raise FailedPrecondition(f"{into} exists: a checkpoint goes into a new directory")
+        return await asyncio.to_thread(self._dump_into, criu, instance, into, True)
+
+    def _dump_into(self, criu: Criu, instance: Instance, images: Path, leave_running: bool) -> HibernationImage:
+        """`_dump` into the new directory `images`, in a parent made root's and 0700 (the images
+        hold the session's memory); the directories made for it go again if the dump fails."""
+        parent = images.parent
+        made = next((path for path in reversed((parent, *parent.parents)) if not path.exists()), None)
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chown(parent, 0, 0)
+        os.chmod(parent, 0o700)
+        try:
+            return self._dump(criu, instance, images, leave_running)
+        except BaseException:
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+            raise
+
+    def _dump(self, criu: Criu, instance: Instance, images: Path, leave_running: bool) -> HibernationImage:
+        """CRIU's dump of a running instance (frozen or not) into the new directory `images`:
+        the tree ends once dumped, or runs on as it was (`leave_running`: a checkpoint)."""
         images.mkdir(mode=0o711)
         base_uid = self.uid_slots.base(instance.detail["slot"])
         os.chown(images, base_uid, base_uid)  # CRIU's dump writes as the namespace's owner
@@ -383,11 +478,10 @@ class BwrapRuntime(LocalRuntime):
             # restored one root's.
             *criu.command("dump", instance.detail.get("userns_owner", base_uid)),
             "-t", str(instance.pid), "-D", str(images), "-o", "dump.log",
+            *(["--leave-running"] if leave_running else []),
             *_CRIU_FLAGS,
             *[f"--external=mnt[{inside}]:{key}" for key, (inside, _) in self._host_binds(instance).items()],
         ]  # fmt: skip
-        if "root_overlay" not in instance.detail:
-            instance.detail["root_overlay"] = _root_overlay(instance.pid)
 
         def dump() -> tuple[subprocess.CompletedProcess, float]:
             # A frozen tree cannot be seized but through its freezer (CRIU then leaves it
@@ -410,8 +504,8 @@ class BwrapRuntime(LocalRuntime):
                     time.sleep(pause)
                     result, took = dump()
             finally:
-                if result.returncode != 0:
-                    cgroup.freeze()
+                if result.returncode != 0 or leave_running:
+                    cgroup.freeze()  # as it was
         for pause in _UNIX_RETRIES:
             # The agent may not yet have closed its end of a connection hutch just closed.
             if result.returncode == 0 or cgroup.frozen() or not _holds_host_socket(images / "dump.log"):
@@ -420,8 +514,9 @@ class BwrapRuntime(LocalRuntime):
             result, took = dump()
         if result.returncode != 0:
             why = _criu_errors(images / "dump.log", result)
-            shutil.rmtree(images.parent, ignore_errors=True)
-            raise IsolationError(f"hibernation of instance {instance.instance_id} failed (it runs on): {why}")
+            shutil.rmtree(images, ignore_errors=True)
+            what = "checkpoint" if leave_running else "hibernation"
+            raise IsolationError(f"{what} of instance {instance.instance_id} failed (it runs on): {why}")
         # Not fsync'ed: that doubled the time of a hibernation (and slowed the next restore)
         # for what only a crash of the host would need, which ends every session's memory anyway.
         size = 0
@@ -473,7 +568,9 @@ class BwrapRuntime(LocalRuntime):
         finally:
             await channel.aclose()
 
-    def _restore(self, criu: Criu, instance: Instance) -> tuple[int, Cgroup]:
+    def _restore(self, criu: Criu, instance: Instance, failed: str = "it stays hibernated") -> tuple[int, Cgroup]:
+        """CRIU's restore of the image in the instance's `_images_dir` into new cgroups and its
+        root file system; undoes itself if it fails (`failed`: what that leaves, for the error)."""
         images = self._images_dir(instance.instance_id)
         if not (images / "inventory.img").is_file():
             raise IsolationError(f"instance {instance.instance_id} has no hibernation image")
@@ -510,7 +607,7 @@ class BwrapRuntime(LocalRuntime):
             result = _run_criu(argv)
             if result.returncode != 0:
                 why = _criu_errors(images / "restore.log", result)
-                raise IsolationError(f"restore of instance {instance.instance_id} failed (it stays hibernated): {why}")
+                raise IsolationError(f"restore of instance {instance.instance_id} failed ({failed}): {why}")
             pid = int(pidfile.read_text().strip())
             pidfile.unlink()
             _detach_root(root)
@@ -567,16 +664,17 @@ class BwrapRuntime(LocalRuntime):
         return ["nsenter", f"--net={netns}", "--"]
 
     def _mount_root(self, instance: Instance, root: Path) -> None:
-        """The instance's overlay again, at `root` on the host, with the options bwrap gave it
-        (recorded at the first dump): the same idmapped layers and upper layer, which stay
-        mounted while it hibernates. Its flags match the dumped root's (CRIU applies those)."""
+        """The instance's overlay again, at `root` on the host, over the idmapped layers and
+        upper layer that stay mounted while it hibernates, made by root of a user namespace with
+        the instance's map as bwrap's was (`mount_overlay`)."""
+        assert instance.spec.rootfs is not None
         root.mkdir(mode=0o755, exist_ok=True)
-        options = instance.detail["root_overlay"]
-        result = subprocess.run(
-            ["mount", "-t", "overlay", "overlay", "-o", options, str(root)], capture_output=True, text=True
-        )
-        if result.returncode != 0:
-            raise IsolationError(f"cannot mount the root of instance {instance.instance_id}: {result.stderr.strip()}")
+        userns_fd = create_userns(self.uid_slots.base(instance.detail["slot"]), owned=True)
+        try:
+            layers = len(instance.spec.rootfs.layer_paths)
+            mount_overlay(self.instances_dir / instance.instance_id, layers, userns_fd, root, nosuid=False)
+        finally:
+            os.close(userns_fd)
 
     def _teardown_steps(self, instance: Instance) -> list:
         return [lambda: _detach_root(self.instances_dir / instance.instance_id / "root")]
@@ -600,8 +698,10 @@ class BwrapRuntime(LocalRuntime):
 # What every dump and restore of an instance passes (see `hutch.runtime.criu`).
 _CRIU_FLAGS = ("--external", "mnt[]", "--tcp-close", "--manage-cgroups=ignore")
 _CRIU_TIMEOUT = 120.0
-# Run the rest of the command line in the cgroups named before `--` (a restore's place).
-_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
+# Run the rest of the command line in the cgroups named before `--` (a restore's place), in a
+# cgroup namespace rooted there: the restored tree inherits CRIU's (`--manage-cgroups=ignore`),
+# which would otherwise show it the host's cgroup paths.
+_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec unshare --cgroup "$@"'
 
 
 # Seconds between dumps that met a host connection hutch had just closed (the agent closes its
@@ -643,20 +743,33 @@ def _criu_errors(log_path: Path, result: subprocess.CompletedProcess) -> str:
     return " | ".join(shown)
 
 
-def _root_overlay(pid: int) -> str:
-    """The mount options of the overlay bwrap made the root of the sandbox `pid`, with its
-    layers' host paths (bwrap named them through `/oldroot`): the layer order, the upper
-    layer, and `userxattr` (it was mounted in the user namespace, which keeps overlayfs's own
-    attributes of the upper layer in the user.* namespace)."""
-    with open(f"/proc/{pid}/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            separator = fields.index("-")
-            if fields[4] == "/" and fields[separator + 1] == "overlay":
-                options = fields[separator + 3].split(",")
-                kept = [option.replace("=/oldroot/", "=/").replace(":/oldroot/", ":/") for option in options]
-                return ",".join(option for option in kept if option not in ("rw", "ro"))
-    raise IsolationError(f"the sandbox of pid {pid} has no overlay root")
+def _image_copy(source: Path, images: Path, base_uid: int) -> None:
+    """A new instance's own image directory `images` (its parent made root's, 0700) with the
+    checkpoint `source`'s image files, hard links where it can (never written: a restore only
+    reads them), and its user namespace's maps moved to the instance's slot (`base_uid`)."""
+    images.parent.mkdir(mode=0o700)
+    images.mkdir(mode=0o711)
+    os.chown(images, base_uid, base_uid)  # as `_dump` leaves an image
+    for entry in source.iterdir():
+        if not entry.name.endswith(".img"):
+            continue  # logs and statistics: not read, and a restore writes its own
+        target = images / entry.name
+        if entry.name.startswith("userns-"):
+            data = entry.read_bytes()
+            try:
+                # The source's slot: where its root (0 inside) is, as `create_userns` maps it.
+                old_base = next(extent.lower_first for extent in decode_userns(data)[0] if extent.first == 0)
+                data = rebase_userns(data, old_base, base_uid, RANGE)
+            except (ValueError, StopIteration) as exc:
+                raise IsolationError(f"the checkpoint's {entry.name} cannot be used: {exc}") from None
+            target.write_bytes(data)
+            os.chown(target, base_uid, base_uid)
+            os.chmod(target, 0o644)
+            continue
+        try:
+            os.link(entry, target)
+        except OSError:
+            shutil.copy2(entry, target)  # another file system
 
 
 def _seal(run_dir: Path) -> None:

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,3 +126,115 @@ def find_criu(configured: str | None, data_dir: Path) -> tuple[Criu | None, str]
             continue
         return Criu(path, shown), ""
     return None, "; ".join(reasons) or "no criu found (scripts/install-criu.sh builds one)"
+
+
+# -- the user namespace's id maps in an image ----------------------------------------------------
+#
+# CRIU restores a user namespace with the uid and gid maps it recorded at dump time
+# (`userns-<id>.img`): host ids of the dumped instance's slot. A new instance started from the
+# image must run as its own slot's ids, so it restores from a copy of that file whose maps point
+# at its slot. The file: two little-endian u32 magics, then one entry (u32 length + the protobuf
+# message `userns_entry` of CRIU's images/userns.proto):
+#     message uid_gid_extent { required uint32 first = 1; required uint32 lower_first = 2;
+#                              required uint32 count = 3; }
+#     message userns_entry { repeated uid_gid_extent uid_map = 1; repeated uid_gid_extent gid_map = 2; }
+
+IMG_COMMON_MAGIC = 0x54564319
+USERNS_MAGIC = 0x55474906
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One line of a uid_map or gid_map: ids `first`.. inside are `lower_first`.. outside."""
+
+    first: int
+    lower_first: int
+    count: int
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _fields(data: bytes) -> list[tuple[int, int | bytes]]:
+    """(field number, value) of a protobuf message holding varints and length-delimited fields
+    only (all that `userns_entry` has)."""
+
+    def varint(pos: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            if pos >= len(data) or shift > 63:
+                raise ValueError("truncated varint")
+            byte = data[pos]
+            value |= (byte & 0x7F) << shift
+            pos, shift = pos + 1, shift + 7
+            if not byte & 0x80:
+                return value, pos
+
+    fields: list[tuple[int, int | bytes]] = []
+    pos = 0
+    while pos < len(data):
+        key, pos = varint(pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = varint(pos)
+            fields.append((number, value))
+        elif wire == 2:
+            length, pos = varint(pos)
+            if pos + length > len(data):
+                raise ValueError("truncated field")
+            fields.append((number, data[pos : pos + length]))
+            pos += length
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+    return fields
+
+
+def decode_userns(data: bytes) -> tuple[list[Extent], list[Extent]]:
+    """The uid and gid maps of a `userns-<id>.img` file's contents."""
+    if len(data) < 12 or struct.unpack_from("<II", data) != (IMG_COMMON_MAGIC, USERNS_MAGIC):
+        raise ValueError("not a CRIU userns image")
+    (size,) = struct.unpack_from("<I", data, 8)
+    if len(data) != 12 + size:
+        raise ValueError("a userns image holds one entry")
+    maps: tuple[list[Extent], list[Extent]] = ([], [])
+    for number, value in _fields(data[12:]):
+        if number in (1, 2) and isinstance(value, bytes):
+            parts = {n: v for n, v in _fields(value) if isinstance(v, int)}
+            if set(parts) != {1, 2, 3}:
+                raise ValueError("an extent without first, lower_first or count")
+            maps[number - 1].append(Extent(parts[1], parts[2], parts[3]))
+    return maps
+
+
+def encode_userns(uid_map: list[Extent], gid_map: list[Extent]) -> bytes:
+    """A `userns-<id>.img` file's contents (the inverse of `decode_userns`)."""
+    entry = bytearray()
+    for number, extents in ((1, uid_map), (2, gid_map)):
+        for extent in extents:
+            body = b"".join(_varint(key) + _varint(value) for key, value in
+                            ((0x08, extent.first), (0x10, extent.lower_first), (0x18, extent.count)))  # fmt: skip
+            entry += _varint(number << 3 | 2) + _varint(len(body)) + body
+    return struct.pack("<III", IMG_COMMON_MAGIC, USERNS_MAGIC, len(entry)) + bytes(entry)
+
+
+def rebase_userns(data: bytes, old_base: int, new_base: int, span: int) -> bytes:
+    """A userns image's contents with every host id in `old_base`..+`span` moved to the same
+    place in `new_base`..: the maps of another uid slot. An id outside that range is refused
+    (ValueError): the image would give the new instance ids that are not its own."""
+
+    def moved(extents: list[Extent]) -> list[Extent]:
+        out = []
+        for extent in extents:
+            if not (old_base <= extent.lower_first and extent.lower_first + extent.count <= old_base + span):
+                raise ValueError(f"the image maps host ids {extent.lower_first}+{extent.count}, outside its slot")
+            out.append(Extent(extent.first, extent.lower_first - old_base + new_base, extent.count))
+        return out
+
+    uid_map, gid_map = decode_userns(data)
+    return encode_userns(moved(uid_map), moved(gid_map))

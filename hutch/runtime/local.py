@@ -360,7 +360,8 @@ class LocalRuntime(InstanceTable):
                 raise Unavailable(f"the disk of hutch's data directory is full: {exc}") from exc
             raise
         self._instances[spec.instance_id] = instance
-        self._watch(instance, popen)
+        # No launcher: pid 1 may be our own child (restored by CRIU), reaped at its exit.
+        self._watch(instance, popen, reap=popen is None)
         try:
             await self._wait_ready(instance, stderr_r)
             self._ready(instance)

@@ -168,7 +168,7 @@ class AgentRuntime:
         return args
 
 
-def _idmap_layers(
+def idmap_layers(
     instance_dir: Path, layer_paths: Sequence[str], workspace_path: Path, userns_fd: int, owner: int
 ) -> tuple[list[Path], Path]:
     """Idmap the layers and the instance's workspace into `<instance_dir>/rootfs/`: the layers'
@@ -203,7 +203,7 @@ def mount_layers(
     """Idmap the template's layers and the instance's workspace into `<instance_dir>/rootfs/`
     and return the bwrap arguments of the overlay root over them. The caller undoes it with
     `unmount_layers` (also on failure)."""
-    targets, workspace = _idmap_layers(instance_dir, layer_paths, workspace_path, userns_fd, owner)
+    targets, workspace = idmap_layers(instance_dir, layer_paths, workspace_path, userns_fd, owner)
     args = [arg for target in targets for arg in ("--overlay-src", str(target))]
     return [*args, "--overlay", str(workspace / "upper"), str(workspace / "work"), "/"]
 
@@ -229,13 +229,14 @@ os.setresgid(0, 0, 0)
 os.setresuid(0, 0, 0)
 check(libc.unshare(0x00020000), "unshare")
 fs = check(libc.syscall(430, b"overlay", 1), "fsopen")
-for option in sys.argv[4:]:
+for option in sys.argv[5:]:
     key, _, value = option.partition("=")
     check(libc.syscall(431, fs, 1 if value else 0, key.encode(), value.encode() if value else None, 0), key)
 check(libc.syscall(431, fs, 6, None, None, 0), "create")
-socket.send_fds(socket.socket(fileno=sock), [b"m"], [check(libc.syscall(432, fs, 1, 0x6), "fsmount")])
+socket.send_fds(socket.socket(fileno=sock), [b"m"], [check(libc.syscall(432, fs, 1, int(sys.argv[4])), "fsmount")])
 """
 _SYS_MOVE_MOUNT = 429
+_MOUNT_NOSUID_NODEV = 0x6  # fsmount's MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
 _MOVE_MOUNT_F_EMPTY_PATH = 4
 
 
@@ -250,16 +251,26 @@ def mount_root(
     of the user namespace `userns_fd` and mounted (nosuid, nodev) at `<instance_dir>/rootfs/root`,
     which is returned: a root file system that the host can hand to a runtime (gVisor's gofer).
     The caller undoes it with `unmount_layers` (also on failure)."""
-    targets, workspace = _idmap_layers(instance_dir, layer_paths, workspace_path, userns_fd, owner)
+    idmap_layers(instance_dir, layer_paths, workspace_path, userns_fd, owner)
     root = instance_dir / "rootfs" / ROOT_MOUNT
     root.mkdir(mode=0o755, exist_ok=True)
+    mount_overlay(instance_dir, len(layer_paths), userns_fd, root, nosuid=True)
+    return root
+
+
+def mount_overlay(instance_dir: Path, layers: int, userns_fd: int, target: Path, nosuid: bool) -> None:
+    """Mount at `target` the overlay over the idmapped mounts `idmap_layers` made under
+    `<instance_dir>/rootfs/` (`layers` of them), made by root of the user namespace `userns_fd`
+    (one with the instance's map), as bwrap's is: an overlay host root made could not write
+    through the idmapped upper layer (it would be read-only). `nosuid`: also nodev; without,
+    the flags of bwrap's root, which CRIU gives a restored root (it may not clear locked ones)."""
     # One layer per `lowerdir+` (Linux 6.8+), the topmost first: `lowerdir=` takes them all in
     # one value, which fsconfig cuts at 256 bytes (a few layers' paths).
     base = instance_dir / "rootfs"
     options = [
-        *(f"lowerdir+={target.relative_to(base)}" for target in reversed(targets)),
-        f"upperdir={(workspace / 'upper').relative_to(base)}",
-        f"workdir={(workspace / 'work').relative_to(base)}",
+        *(f"lowerdir+=layer{index}" for index in reversed(range(layers))),
+        "upperdir=workspace/upper",
+        "workdir=workspace/work",
         "userxattr",  # as bwrap's overlay, made in a user namespace too: one upper layer format
     ]
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -275,6 +286,7 @@ def mount_root(
                     str(userns_fd),
                     str(theirs.fileno()),
                     str(base),
+                    str(_MOUNT_NOSUID_NODEV if nosuid else 0),
                     *options,
                 ],
                 pass_fds=(userns_fd, theirs.fileno()),
@@ -290,11 +302,10 @@ def mount_root(
     if not fds:
         raise IsolationError("cannot mount the root file system: no mount came back")
     try:
-        if _libc.syscall(_SYS_MOVE_MOUNT, fds[0], b"", _AT_FDCWD, os.fsencode(root), _MOVE_MOUNT_F_EMPTY_PATH) < 0:
-            raise IsolationError(f"cannot mount the root file system at {root}: {os.strerror(ctypes.get_errno())}")
+        if _libc.syscall(_SYS_MOVE_MOUNT, fds[0], b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH) < 0:
+            raise IsolationError(f"cannot mount the root file system at {target}: {os.strerror(ctypes.get_errno())}")
     finally:
         os.close(fds[0])
-    return root
 
 
 def unmount_layers(instance_dir: Path) -> None:

@@ -141,7 +141,9 @@ def test_memory_files_and_processes_survive_three_hibernations(boot, runtime):
         alive = sandbox.run(f"tr '\\0' ' ' < /proc/{background}/cmdline")
         assert alive.text.strip() == "sleep 100000"
         assert not image.path.parent.exists()  # a restored image is stale: removed
-    sandbox.run("echo more >> /home/user/kept.txt")  # it works on as usual
+        assert sandbox.id not in sandbox.run("cat /proc/self/cgroup").text  # the host's paths stay hidden
+    # It works on as usual, its root writable as before (new files and old ones alike).
+    assert sandbox.run("echo more >> /home/user/kept.txt && touch /etc/new", user="root").exit_code == 0
     hosts = _host_pids(runtime, sandbox)
     cgroup = Cgroup.from_dict(sandbox.instance.detail["cgroup"])
     sandbox.stop()
