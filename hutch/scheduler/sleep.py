@@ -61,6 +61,9 @@ class SessionSleep(SessionLifecycle):
         super().__init__(*args, **kwargs)
         self._cannot_sleep: set[str] = set()  # row ids whose idle freeze failed: not tried again
         self._cannot_hibernate: set[str] = set()  # row ids whose idle hibernation failed: not tried again
+        # Sessions whose instance is being dumped (hibernation, checkpoint), hutch's connections
+        # to it cut (`_quiesce`): their requests wait for the dump instead of reaching it.
+        self._quiesced: set[str] = set()
 
     async def route(self, session: SessionRecord) -> Route:
         """`SessionLifecycle.route`, waking a sleeping session first. The request counts as
@@ -69,6 +72,10 @@ class SessionSleep(SessionLifecycle):
         current = self._active.get(session.internal_id)
         if current is not None:
             self.activity.touch(current.row_id)
+            if current.internal_id in self._quiesced:
+                async with self._lock(current.internal_id):  # the dump holds it: asleep after, or not
+                    pass
+                current = self._active.get(session.internal_id) or current
             if current.sleep is not None:
                 if current.paused and not (current.lifecycle or {}).get("auto_resume"):
                     raise Paused(
@@ -135,22 +142,26 @@ class SessionSleep(SessionLifecycle):
             self.log.add(session, "warn", f"not hibernated: {over}")
             return None
         await self._quiesce(session)
-        # Accounted up to now while its cgroups still exist; down (disk only) from here.
-        await self.meter.instance_down(session.row_id, instance_id)
         try:
-            image = await self.scheduler.hibernate(instance_id)
-        except HutchError as exc:
-            log.warning("session %s could not hibernate (it stays as it was): %s", session.session_id, exc.message)
-            self.log.add(session, "warn", f"hibernation failed: {exc.message}")
-            await self.meter.instance_up(session)
-            self._follow_user_server(session, self._spec_of(session))
-            return None
-        try:
-            return await self._record_sleep(session, paused, HIBERNATED, image_bytes=image.size_bytes)
-        except BaseException:
-            await self.scheduler.restore(instance_id)  # MetaDB did not take it: awake
-            await self.meter.instance_up(session)
-            raise
+            # Accounted up to now while its cgroups still exist; down (disk only) from here.
+            await self.meter.instance_down(session.row_id, instance_id)
+            try:
+                image = await self.scheduler.hibernate(instance_id)
+            except HutchError as exc:
+                log.warning("session %s could not hibernate (it stays as it was): %s", session.session_id, exc.message)
+                self.log.add(session, "warn", f"hibernation failed: {exc.message}")
+                await self.meter.instance_up(session)
+                self._unquiesce(session)
+                return None
+            try:
+                return await self._record_sleep(session, paused, HIBERNATED, image_bytes=image.size_bytes)
+            except BaseException:
+                await self.scheduler.restore(instance_id)  # MetaDB did not take it: awake
+                await self.meter.instance_up(session)
+                self._unquiesce(session)
+                raise
+        finally:
+            self._quiesced.discard(session.internal_id)
 
     async def _memory_of(self, instance_id: InstanceId) -> int:
         """What an image of the instance may take: its memory now (compression only shrinks it)."""
@@ -189,8 +200,10 @@ class SessionSleep(SessionLifecycle):
 
     async def _quiesce(self, session: SessionRecord) -> None:
         """Close every connection hutch holds to the session's instance, which CRIU cannot dump
-        one end of (`_follow_user_server` follows its user server again afterwards)."""
+        one end of, and hold its new requests until the caller is done (`_unquiesce` if the
+        instance runs on; the caller holds the session's lock throughout)."""
         assert session.instance_id is not None
+        self._quiesced.add(session.internal_id)
         for callback in self.on_quiesce:
             callback(session.instance_id)
         # The log of its user server follows the agent over a connection of its own.
@@ -198,6 +211,11 @@ class SessionSleep(SessionLifecycle):
         if follower is not None:
             follower.cancel()
             await asyncio.wait({follower}, timeout=1)
+
+    def _unquiesce(self, session: SessionRecord) -> None:
+        """The instance runs on after `_quiesce`: its requests and its user server's log go on."""
+        self._quiesced.discard(session.internal_id)
+        self._follow_user_server(session, self._spec_of(session))
 
     async def hibernate_frozen(self, session: SessionRecord) -> bool:
         """The second tier of an idle sleep: a frozen session goes to disk. True if it did."""

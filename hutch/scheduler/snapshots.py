@@ -187,9 +187,9 @@ class SessionSnapshots(SessionSleep):
                 if over is not None:
                     raise QuotaExceeded(f"no memory snapshot of {current.session_id}: {over}")
                 await self._quiesce(current)
-            if not frozen:
-                await self.scheduler.freeze(instance_id)
             try:
+                if not frozen:
+                    await self.scheduler.freeze(instance_id)
                 copied = await asyncio.to_thread(
                     subprocess.run,
                     ["cp", "-a", f"{instance.workspace_path}/upper/.", f"{into}/"],
@@ -206,7 +206,7 @@ class SessionSnapshots(SessionSleep):
                 if not frozen:
                     await self.scheduler.thaw(instance_id)
                 if checkpoint is not None:
-                    self._follow_user_server(current, self._spec_of(current))
+                    self._unquiesce(current)
         self.log.add(current, "info", f"snapshot of its files{' and memory' if checkpoint else ''} taken")
         return rootfs
 

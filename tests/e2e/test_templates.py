@@ -447,6 +447,16 @@ def test_a_header_affinity_session_hibernates_when_idle_and_wakes_with_its_memor
     assert client.get(f"/functions/{name}/invoke/", headers=headers).text == str(first + 2)  # woken, memory kept
     session = client.get(path).json()
     assert session["state"] == "running" and session["epoch"] == 0
+    # The native fork: a new session with the server's memory, counting on apart from the source.
+    forked = client.post(f"{path}/fork", json={"count": 1})
+    assert forked.status_code == 201, forked.text
+    copy = forked.json()["sessions"][0]
+    assert copy["sessionId"] != "sleepy" and copy["functionName"].startswith("fork-")  # like the source's
+    copy_url, copy_headers = f"/functions/{copy['functionName']}/invoke/", {"x-fc-session-id": copy["sessionId"]}
+    assert client.get(copy_url, headers=copy_headers).text == str(first + 3)
+    assert client.get(copy_url, headers=copy_headers).text == str(first + 4)
+    answer = client.get(f"/functions/{name}/invoke/", headers=headers).text
+    assert answer == str(first + 3), template_server.log.read_text()[-6000:]
     client.delete(path)
 
 

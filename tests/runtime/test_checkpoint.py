@@ -10,13 +10,16 @@ import asyncio
 import dataclasses
 import hashlib
 import random
+import shlex
 import shutil
 import stat
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from hutch.errors import FailedPrecondition, IsolationError
@@ -344,3 +347,53 @@ def test_a_restarted_hutch_adopts_copies_as_any_instance(loop, template_store):
                 loop.run(runtime_.stop(instance.instance_id))
         loop.run(runtimes[-1].close(unstage=True))
         shutil.rmtree(root, ignore_errors=True)
+
+
+COUNTER = (
+    "import http.server, itertools\n"
+    "count = itertools.count(1)\n"
+    "class Counter(http.server.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        body = str(next(count)).encode()\n"
+    "        self.send_response(200)\n"
+    "        self.send_header('content-length', str(len(body)))\n"
+    "        self.end_headers()\n"
+    "        self.wfile.write(body)\n"
+    "http.server.ThreadingHTTPServer(('127.0.0.1', 8080), Counter).serve_forever()\n"
+)
+
+
+def _get(sandbox: Sandbox, client: httpx.Client | None = None) -> str:
+    """GET the sandbox's server on port 8080 through its agent (E2B's port header)."""
+    if client is None:
+        transport = httpx.HTTPTransport(uds=str(sandbox.instance.socket_path))
+        with httpx.Client(transport=transport, base_url="http://sandbox", timeout=10) as fresh:
+            return _get(sandbox, fresh)
+    return client.get("/", headers={"E2b-Sandbox-Port": "8080"}).text
+
+
+@pytest.mark.parametrize("restored", [False, True], ids=["booted", "restored"])
+def test_a_checkpoint_leaves_the_sources_server_serving(boot, tmp_path, restored):
+    """The source of a checkpoint runs on as it was: its server (reached through the agent, as
+    a session's traffic is) answers after the checkpoint with its memory, and so do copies."""
+    source = boot()
+    source.run(f"python3 -c {shlex.quote(COUNTER)} >/dev/null 2>&1 &")
+    deadline = time.monotonic() + 20
+    while source.run("python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 8080))'").exit_code != 0:
+        assert time.monotonic() < deadline, "the server never listened"
+        time.sleep(0.2)
+    assert _get(source) == "1"
+    transport = httpx.HTTPTransport(uds=str(source.instance.socket_path))
+    with httpx.Client(transport=transport, base_url="http://sandbox", timeout=10) as kept:
+        assert _get(source, kept) == "2"  # a connection left open across the checkpoint: cut by it
+    if restored:
+        _hibernate(source)
+        _restore(source)
+    rootfs = _checkpoint(source, tmp_path / "checkpoints" / "served" / "image")
+    assert _get(source) == "3"
+    (copy,) = boot.copies(rootfs, 1)
+    assert _get(copy) == "3"
+    assert _get(source) == "4"
+    _hibernate(source)  # and it hibernates and comes back as before
+    _restore(source)
+    assert _get(source) == "5"

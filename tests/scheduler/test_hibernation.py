@@ -5,6 +5,7 @@ Skipped where no usable CRIU is installed (scripts/install-criu.sh)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -173,6 +174,30 @@ def test_a_pause_with_memory_hibernates_and_a_wake_restores(loop, stack):
     assert again.sleep["state"] == "hibernated"
     loop.run(sessions.end(again, "deleted"))
     assert not scheduler.runtime.has(session.instance_id)
+
+
+def test_a_request_during_a_hibernation_waits_for_it_and_wakes_the_session(loop, stack):
+    """A request that comes while the session's instance is being dumped (hutch's connections
+    to it just cut) is not sent to the dying instance: it waits, then wakes the session with
+    its memory. The client sees a slower answer, never an error."""
+    _, tenant, scheduler, sessions, quiesced = stack
+    session, _ = loop.run(sessions.create(tenant, SPEC.name, ttl_s=3600, idle_timeout_s=0))
+    _python(loop, sessions, session, "z = 'waited'")
+
+    async def go():
+        sleeping = asyncio.create_task(sessions.sleep(session, paused=False, hibernate=True))
+        while session.instance_id not in quiesced:
+            await asyncio.sleep(0.001)
+        route = await sessions.route(session)  # the dump runs now
+        async with AgentChannel(route.socket_path) as channel:
+            lines = await channel.execute("print(z)")
+        slept, _ = await sleeping
+        return slept, "".join(line.get("text", "") for line in lines if line.get("type") == "stdout").strip()
+
+    slept, answer = loop.run(go())
+    assert slept.sleep["state"] == "hibernated" and answer == "waited"
+    woken = sessions.active(session.internal_id)
+    assert woken.sleep is None and woken.epoch == 0 and scheduler.is_live(woken.instance_id)
 
 
 def test_the_tenants_image_disk_quota_bounds_hibernation(loop, stack):
