@@ -53,6 +53,7 @@ from hutch.runtime.local import (
     undo_all,
 )
 from hutch.runtime.network import NETNS_DIR, Networking
+from hutch.runtime.pages import PageCompression
 from hutch.runtime.rootfs import (
     CAPABILITIES,
     SANDBOX_PATH,
@@ -93,8 +94,10 @@ class BwrapRuntime(LocalRuntime):
         cgroups: CgroupManager | None = None,
         networking: Networking | None = None,
         criu: str | None = None,
+        compress: str = "zstd",
     ) -> None:
         super().__init__(data_dir, store, uid_slots, cgroups, networking)
+        self.pages = PageCompression(compress)  # of hibernation images (`[hibernation] compress`)
         self.bwrap = bwrap_binary()
         # Hibernation to disk is optional: without a usable CRIU, sessions only freeze.
         self.criu, why_not = find_criu(criu, self.data_dir)
@@ -422,6 +425,7 @@ class BwrapRuntime(LocalRuntime):
             why = _criu_errors(images / "dump.log", result)
             shutil.rmtree(images.parent, ignore_errors=True)
             raise IsolationError(f"hibernation of instance {instance.instance_id} failed (it runs on): {why}")
+        self.pages.compress(images)
         # Not fsync'ed: that doubled the time of a hibernation (and slowed the next restore)
         # for what only a crash of the host would need, which ends every session's memory anyway.
         size = 0
@@ -507,7 +511,8 @@ class BwrapRuntime(LocalRuntime):
                 *_CRIU_FLAGS,
                 *[f"--external=mnt[{key}]:{source}" for key, (_, source) in self._host_binds(instance).items()],
             ]  # fmt: skip
-            result = _run_criu(argv)
+            with self.pages.expanded(images):
+                result = _run_criu(argv)
             if result.returncode != 0:
                 why = _criu_errors(images / "restore.log", result)
                 raise IsolationError(f"restore of instance {instance.instance_id} failed (it stays hibernated): {why}")
