@@ -34,14 +34,11 @@ _CHUNK = 1 << 20
 class PageCompression:
     """How a runtime stores the page images of its hibernations (`[hibernation] compress`)."""
 
-    def __init__(self, method: str = "zstd", level: int = 1, threads: int = 0) -> None:
+    def __init__(self, method: str = "zstd", level: int = 1) -> None:
         if method not in COMPRESSIONS:
             raise ValueError(f"unknown hibernation compression {method!r} (one of {', '.join(COMPRESSIONS)})")
         self.method = method
         self.level = level
-        # 0: zstd's single-threaded mode. Hibernations run side by side already (one thread
-        # each); on a 2-core host, extra workers per file only contend with them.
-        self.threads = threads
 
     @property
     def enabled(self) -> bool:
@@ -52,7 +49,9 @@ class PageCompression:
         that cannot be (a full disk) stays as it is."""
         if not self.enabled:
             return
-        compressor = zstandard.ZstdCompressor(level=self.level, threads=self.threads, write_checksum=True)
+        # Single-threaded: hibernations run side by side already, and on a 2-core host two
+        # workers per file were slower than one.
+        compressor = zstandard.ZstdCompressor(level=self.level, write_checksum=True)
         for plain in sorted(images.glob(_PATTERN)):
             packed = plain.with_name(plain.name + SUFFIX)
             info = plain.stat()
@@ -85,12 +84,6 @@ class PageCompression:
             for plain in made:
                 with contextlib.suppress(FileNotFoundError):
                     plain.unlink()
-
-
-def disk_bytes(images: Path) -> int:
-    """What the image's files take on disk (allocated blocks: a sparse page image counts what
-    it holds)."""
-    return sum(entry.stat().st_blocks * 512 for entry in images.iterdir() if entry.is_file())
 
 
 def _expand(packed: Path, plain: Path) -> None:
