@@ -9,6 +9,8 @@ agent's /health), then the first answer of the kernel after it (resume to first 
 one `print(x)`). Medians and p90 of `--runs` cycles on the same session; the image size; the
 session's memory before.
 Targets (issue 13): pause <= 200 ms, resume <= 150 ms.
+`--compare`: each cycle twice, page images compressed (zstd) and not (`[hibernation] compress`),
+alternating on the same session: both sets of medians and their ratios (zstd / none).
 
 `--fork`: instead, each run checkpoints the same session (`Runtime.checkpoint`, the instance
 frozen around it and its upper layer copied into a new top layer first, as a fork does; the copy
@@ -27,6 +29,7 @@ import asyncio
 import dataclasses
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +44,7 @@ from hutch.config import TemplatesConfig
 from hutch.runtime import make_runtime
 from hutch.runtime.base import InstanceSpec
 from hutch.runtime.channel import AgentChannel
+from hutch.runtime.pages import PageCompression
 from hutch.runtime.rootfs import CA_ENV
 from hutch.storage.local import DirectoryStore, ImageStore
 from hutch.templates import debian
@@ -76,7 +80,7 @@ async def _print_x(channel: AgentChannel) -> str:
     return "".join(line.get("text", "") for line in lines if line.get("type") == "stdout").strip()
 
 
-async def bench(templates: TemplateStore, runs: int) -> dict:
+async def bench(templates: TemplateStore, runs: int, compressions: tuple[str, ...] = ("zstd",)) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix="hutch-bench-hib-", dir="/var/tmp"))
     data_dir.chmod(0o755)
     store_root = data_dir / "workspaces"
@@ -93,29 +97,39 @@ async def bench(templates: TemplateStore, runs: int) -> dict:
         await channel.execute(HEAP)
         memory_mb = (await runtime.stats(instance.instance_id)).memory_bytes / 2**20
         await asyncio.sleep(1)  # idle
-        dumps, criu_dumps, restores, first_answers, images = [], [], [], [], []
+        samples: dict[str, dict[str, list[float]]] = {
+            method: {"image_mb": [], "hibernate_ms": [], "of_which_criu_dump_ms": [], "restore_ms": [],
+                     "resume_to_first_answer_ms": []}
+            for method in compressions
+        }  # fmt: skip
         for _ in range(runs):
-            await channel.aclose()
-            started = time.perf_counter()
-            image = await runtime.hibernate(instance.instance_id)
-            dumps.append(_ms(started))
-            criu_dumps.append(image.dump_seconds * 1000)
-            images.append(image.size_bytes / 2**20)
-            started = time.perf_counter()
-            await runtime.restore(instance.instance_id)
-            restores.append(_ms(started))
-            channel = AgentChannel(instance.socket_path)
-            assert await _print_x(channel) == "42"
-            first_answers.append(_ms(started))
+            for method in compressions:  # alternating: a load that comes and goes hits both alike
+                runtime.pages = PageCompression(method)  # type: ignore[attr-defined]
+                taken = samples[method]
+                await channel.aclose()
+                started = time.perf_counter()
+                image = await runtime.hibernate(instance.instance_id)
+                taken["hibernate_ms"].append(_ms(started))
+                taken["of_which_criu_dump_ms"].append(image.dump_seconds * 1000)
+                taken["image_mb"].append(image.size_bytes / 2**20)
+                started = time.perf_counter()
+                await runtime.restore(instance.instance_id)
+                taken["restore_ms"].append(_ms(started))
+                channel = AgentChannel(instance.socket_path)
+                assert await _print_x(channel) == "42"
+                taken["resume_to_first_answer_ms"].append(_ms(started))
         await channel.aclose()
-        return {
-            "session_memory_mb": round(memory_mb, 1),
-            "image_mb": round(sorted(images)[len(images) // 2], 1),
-            "hibernate_ms": summary(dumps),
-            "of_which_criu_dump_ms": summary(criu_dumps),
-            "restore_ms": summary(restores),
-            "resume_to_first_answer_ms": summary(first_answers),
-        }
+        result: dict = {"session_memory_mb": round(memory_mb, 1)}
+        for method, taken in samples.items():
+            prefix = f"{method}_" if len(compressions) > 1 else ""
+            result[f"{prefix}image_mb"] = round(statistics.median(taken.pop("image_mb")), 1)
+            result.update({f"{prefix}{name}": summary(values) for name, values in taken.items()})
+        if len(compressions) > 1:
+            first, second = compressions
+            for name in ("image_mb", "hibernate_ms", "restore_ms", "resume_to_first_answer_ms"):
+                ratio = _p50(result[f"{first}_{name}"]) / _p50(result[f"{second}_{name}"])
+                result[f"ratio_{first}_{second}_{name}"] = round(ratio, 2)
+        return result
     finally:
         for each in runtime.instances():
             await runtime.stop(each.instance_id)
@@ -184,17 +198,26 @@ async def bench_fork(templates: TemplateStore, runs: int) -> dict:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+def _p50(value: float | dict) -> float:
+    return value["p50"] if isinstance(value, dict) else value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--templates", type=Path, help="a template store holding `mini` (else one is built)")
+    parser.add_argument("--compare", action="store_true", help="page images compressed (zstd) vs not, alternating")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--fork", action="store_true", help="checkpoints and starts from them instead")
     args = parser.parse_args()
+    compressions = ("zstd", "none") if args.compare else ("zstd",)
     own = args.templates is None
     root = Path(tempfile.mkdtemp(prefix="hutch-bench-tpl-", dir="/var/tmp")) if own else args.templates
     try:
-        result = asyncio.run((bench_fork if args.fork else bench)(template_store(root), args.runs))
+        if args.fork:
+            result = asyncio.run(bench_fork(template_store(root), args.runs))
+        else:
+            result = asyncio.run(bench(template_store(root), args.runs, compressions))
     finally:
         if own:
             shutil.rmtree(root, ignore_errors=True)

@@ -138,7 +138,13 @@ class Hutch:
             self.data_dir,
             store,
             UidSlots(first_uid=self.config.uid_base),
-            options={"kubernetes": self.config.kubernetes.model_dump(), "bwrap": {"criu": self.config.criu or None}},
+            options={
+                "kubernetes": self.config.kubernetes.model_dump(),
+                "bwrap": {
+                    "criu": self.config.criu or None,
+                    "compress": self.config.hibernation.compress,
+                },
+            },
             networking=self._networking(),
             warm_lease_s=self.config.warm_lease,
         )

@@ -53,6 +53,8 @@ from hutch.runtime.local import (
     undo_all,
 )
 from hutch.runtime.network import NETNS_DIR, Networking
+from hutch.runtime.pages import SUFFIX as PAGES_SUFFIX
+from hutch.runtime.pages import PageCompression
 from hutch.runtime.rootfs import (
     CAPABILITIES,
     SANDBOX_PATH,
@@ -95,8 +97,10 @@ class BwrapRuntime(LocalRuntime):
         cgroups: CgroupManager | None = None,
         networking: Networking | None = None,
         criu: str | None = None,
+        compress: str = "zstd",
     ) -> None:
         super().__init__(data_dir, store, uid_slots, cgroups, networking)
+        self.pages = PageCompression(compress)  # of hibernation images (`[hibernation] compress`)
         self.bwrap = bwrap_binary()
         # Hibernation to disk is optional: without a usable CRIU, sessions only freeze.
         self.criu, why_not = find_criu(criu, self.data_dir)
@@ -517,6 +521,7 @@ class BwrapRuntime(LocalRuntime):
             shutil.rmtree(images, ignore_errors=True)
             what = "checkpoint" if leave_running else "hibernation"
             raise IsolationError(f"{what} of instance {instance.instance_id} failed (it runs on): {why}")
+        self.pages.compress(images)
         # Not fsync'ed: that doubled the time of a hibernation (and slowed the next restore)
         # for what only a crash of the host would need, which ends every session's memory anyway.
         size = 0
@@ -604,7 +609,8 @@ class BwrapRuntime(LocalRuntime):
                 *_CRIU_FLAGS,
                 *[f"--external=mnt[{key}]:{source}" for key, (_, source) in self._host_binds(instance).items()],
             ]  # fmt: skip
-            result = _run_criu(argv)
+            with self.pages.expanded(images):
+                result = _run_criu(argv)
             if result.returncode != 0:
                 why = _criu_errors(images / "restore.log", result)
                 raise IsolationError(f"restore of instance {instance.instance_id} failed ({failed}): {why}")
@@ -751,7 +757,7 @@ def _image_copy(source: Path, images: Path, base_uid: int) -> None:
     images.mkdir(mode=0o711)
     os.chown(images, base_uid, base_uid)  # as `_dump` leaves an image
     for entry in source.iterdir():
-        if not entry.name.endswith(".img"):
+        if not entry.name.endswith((".img", ".img" + PAGES_SUFFIX)):
             continue  # logs and statistics: not read, and a restore writes its own
         target = images / entry.name
         if entry.name.startswith("userns-"):
