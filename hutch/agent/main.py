@@ -204,7 +204,42 @@ def main(argv: list[str] | None = None) -> None:
         from hutch.agent.sudo import serve
 
         threading.Thread(target=serve, name="sudo", daemon=True).start()
-    serve_forever(listener, app)
+    if config.releasable:
+        _serve_releasable(config, app, listener)
+    else:
+        serve_forever(listener, app)
+
+
+def _serve_releasable(config, app, listener) -> None:
+    """Serve on a socket the agent bound itself, which it lets go of on the runtime's request
+    (gVisor, before `runsc checkpoint`: a host socket cannot be saved) and binds again on SIGUSR1
+    (sent after `runsc restore`, or after a checkpoint that did not happen)."""
+    import signal
+    import threading
+
+    from hutch.agent.server import release, serve_forever
+
+    released = threading.Event()
+    rebind = threading.Event()
+    serving = [listener]
+
+    def on_release() -> None:
+        rebind.clear()
+        released.set()
+        release(serving[0])
+
+    # Run in the main thread, which then waits on `rebind`: the wait is interrupted for it.
+    signal.signal(signal.SIGUSR1, lambda *_: rebind.set())
+    app.on_release = on_release
+    while True:
+        serve_forever(listener, app)
+        if not released.is_set():
+            return  # the listener failed for another reason: end as before
+        listener.close()
+        while not rebind.wait(1.0):
+            pass
+        released.clear()
+        listener = serving[0] = _listener(config)
 
 
 if __name__ == "__main__":
