@@ -217,29 +217,36 @@ def _serve_releasable(config, app, listener) -> None:
     import signal
     import threading
 
-    from hutch.agent.server import release, serve_forever
+    from hutch.agent.server import close_connections, serve_forever
 
+    stop_r, stop_w = os.pipe()
     released = threading.Event()
+    closed = threading.Event()
     rebind = threading.Event()
-    serving = [listener]
 
     def on_release() -> None:
         rebind.clear()
+        closed.clear()
         released.set()
-        release(serving[0])
+        os.write(stop_w, b"x")  # the accept loop returns, and the main thread closes the listener
+        if not closed.wait(5):
+            raise OSError("the agent's listener did not close")
+        close_connections()
 
     # Run in the main thread, which then waits on `rebind`: the wait is interrupted for it.
     signal.signal(signal.SIGUSR1, lambda *_: rebind.set())
     app.on_release = on_release
     while True:
-        serve_forever(listener, app)
+        serve_forever(listener, app, stop_r)
         if not released.is_set():
             return  # the listener failed for another reason: end as before
+        os.read(stop_r, 1)
         listener.close()
+        closed.set()
         while not rebind.wait(1.0):
             pass
         released.clear()
-        listener = serving[0] = _listener(config)
+        listener = _listener(config)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ logged to stderr and answered 500, never a traceback on the wire.
 
 from __future__ import annotations
 
+import select
 import socket
 import sys
 import threading
@@ -94,8 +95,17 @@ def serve_connection(sock: socket.socket, app) -> None:
             _connections.discard(sock)
 
 
-def serve_forever(listener: socket.socket, app) -> None:
+def serve_forever(listener: socket.socket, app, stop_fd: int | None = None) -> None:
+    """Accept and serve connections; returns when `stop_fd` becomes readable (a pipe: a thread
+    cannot wake another's accept() on a Unix socket by closing or shutting it down)."""
+    poller = None
+    if stop_fd is not None:
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        poller.register(stop_fd, select.POLLIN)
     while True:
+        if poller is not None and any(fd == stop_fd for fd, _ in poller.poll()):
+            return
         try:
             sock, _ = listener.accept()
         except InterruptedError:
@@ -124,12 +134,10 @@ def open_tcp_sockets() -> int:
     return count
 
 
-def release(listener: socket.socket, timeout: float = 2.0) -> None:
-    """Stop serving for a checkpoint of the whole sandbox (gVisor's hibernation): the listening
-    socket and every other connection are host sockets, which `runsc checkpoint` cannot save.
-    Wakes the accept loop (it returns) and the threads of other connections (they end, closing
-    theirs); returns once they have. The caller's own connection closes after its answer."""
-    listener.shutdown(socket.SHUT_RDWR)  # accept() fails with EINVAL: serve_forever returns
+def close_connections(timeout: float = 2.0) -> None:
+    """End every connection but the caller's, for a checkpoint of the whole sandbox (gVisor's
+    hibernation: they are host sockets, which `runsc checkpoint` cannot save): their threads,
+    woken by a shutdown, close them. Returns once they have, or after `timeout`."""
     own = getattr(_local, "sock", None)
     deadline = time.monotonic() + timeout
     while True:
