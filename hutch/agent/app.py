@@ -17,6 +17,10 @@ from hutch.agent.config import ENVD_PORT, ENVD_VERSION, INTERPRETER_PORT, AgentC
 from hutch.agent.http import Request, Response, error_response, json_response
 from hutch.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 
+TYPE_CHECKING = False  # not `typing`'s: the agent does not import it at boot
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 AGENT_PORTS = (str(ENVD_PORT), str(INTERPRETER_PORT))
 RELEASE_PATH = "/_hutch/release"  # the runtime's, before a checkpoint (`hutch.runtime.gvisor`)
 
@@ -48,7 +52,7 @@ class AgentApp:
         self._warming = False
         # Set by `main` where the runtime may ask the agent to let go of its socket (gVisor):
         # closes the listener and every other connection, returns once they are closed.
-        self.on_release = None
+        self.on_release: Callable[[], None] | None = None
 
     # -- services, created once on first use -------------------------------------------------
 
@@ -126,7 +130,7 @@ class AgentApp:
             return forward(req, port)
         path = req.path
         if path == RELEASE_PATH and req.method == "POST" and self.on_release is not None:
-            return self._release()
+            return self._release(self.on_release)
         if path != "/health":
             self._act_as(req, path)
         if path.startswith("/process.Process/"):
@@ -164,7 +168,7 @@ class AgentApp:
                 raise PermissionDenied("this sandbox has no root user (its template is the host's read-only system)")
             raise Unauthenticated(f"error looking up user '{name}': no such user in this sandbox")
 
-    def _release(self) -> Response:
+    def _release(self, release: Callable[[], None]) -> Response:
         """Let go of every host socket, so that the runtime can checkpoint the sandbox; the agent
         binds its socket again on SIGUSR1 (`main`). Refused while the sandbox holds a TCP socket:
         this runsc cannot save one that a process polls, and its failed checkpoint ends the
@@ -176,7 +180,7 @@ class AgentApp:
         held = open_tcp_sockets()
         if held:
             raise FailedPrecondition(f"the sandbox holds {held} TCP socket(s), which a checkpoint cannot save")
-        self.on_release()
+        release()
         import os
 
         return json_response({"pid": os.getpid()})

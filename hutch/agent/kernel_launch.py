@@ -39,8 +39,8 @@ def _pipe_over_ipc(connection_file: str) -> None:
         finally:
             zmq.Socket.connect = connect
 
-    IOPubThread._setup_pipe_in = pipe_in
-    IOPubThread._setup_pipe_out = pipe_out
+    IOPubThread._setup_pipe_in = pipe_in  # type: ignore[method-assign]
+    IOPubThread._setup_pipe_out = pipe_out  # type: ignore[method-assign]
 
 
 def main() -> None:
