@@ -42,6 +42,31 @@ its own, as bwrap's template instances (`hutch.runtime.rootfs`):
 - a link where it mounts is refused as under bwrap (the gofer resolves mount points inside the
   root, but a template and an upper layer are then accepted by both backends alike).
 
+Hibernation (`runsc checkpoint` / `runsc restore`, every instance, template or host view): the
+sentry saves the whole sandbox into one `checkpoint.img` in `<instance dir>/hibernation/image/`
+(root's, 0700: it holds the session's memory; it goes with the directory), and the container
+stops; its cgroups (the sentry, gofer and stubs) are removed and runsc's state with them. Run
+directory, workspace and a template's overlay stay mounted for the restore, which runs a new
+sentry from the image in new cgroups. What this runsc (2022-12-19) needs, and how it is met:
+- It cannot save a host socket ("Cannot save endpoint with bound host socket"), and the agent's
+  socket and every connection hutch made to it are ones (`--host-uds=create`). Before the
+  checkpoint hutch asks the agent to let go of them (`POST /_hutch/release`, answered once the
+  listener and every other connection are closed, with the agent's pid); after the restore the
+  run directory is given back to the sandbox, `runsc kill --pid <agent> USR1` has the agent
+  bind its socket again, and hutch waits for a socket of a new inode there (lstat, nothing
+  followed), seals the directory and only then checks that it is a socket, as at start.
+  Meanwhile restored user code runs and could bind a socket of its own there: one of its own
+  sandbox's, as the agent's is (the same user or root inside), never a link hutch follows.
+- It cannot save a TCP socket that a thread polls ("endpoint still has waiters upon save"), and
+  a failed checkpoint ends the sandbox, `--leave-running` or not (measured). The agent refuses
+  to let go while the sandbox holds any TCP socket (the instance runs on, frozen if it was, and
+  the scheduler freezes it instead); Python kernels put ipykernel's one TCP socket on a Unix one
+  (`hutch.agent.kernel_launch`). A user's TCP server, or Deno's kernel (TCP only), keeps its
+  session from hibernating. No room on the disk for an image of the instance's memory is refused
+  too. Any other failure ends the instance, reported as a crash.
+- A frozen instance is thawed for the agent to let go (frozen again if it refuses); it comes
+  back running. The save and the restore run in the sentry, under the instance's cpu limit.
+
 State of runsc lives in `<data>/instances/<id>/runsc/` (`--root`): stop kills the cgroup (the
 sentry, gofer and ptrace stubs), unmounts the run tmpfs and removes the directory, runsc's state
 with it. `runsc delete` is not used: it waits for the sentry to be reaped by the host's init,
