@@ -12,7 +12,8 @@ import pytest
 from hutch.runtime.gvisor import GVisorRuntime
 from tests.conftest import throwaway_data_dir
 from tests.loop_thread import LoopThread
-from tests.scheduler.test_hibernation import SPEC, Clock, Stack, _python, _shell
+from tests.scheduler.clock import Clock
+from tests.scheduler.test_hibernation import SPEC, Stack, _python, _shell
 
 pytestmark = pytest.mark.skipif(shutil.which("runsc") is None, reason="gVisor (runsc) is not installed")
 
