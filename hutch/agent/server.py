@@ -30,7 +30,7 @@ def log(message: str) -> None:
     sys.stderr.flush()
 
 
-# The connections being served, for `release` (gVisor's hibernation).
+# The connections being served, for `close_connections` (gVisor's hibernation).
 _connections: set[socket.socket] = set()
 _connections_lock = threading.Lock()
 _local = threading.local()  # the connection this thread serves
