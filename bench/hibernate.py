@@ -1,10 +1,10 @@
-"""Benchmark of hibernation to disk (CRIU) of an idle code-interpreter session, runtime level.
+"""Benchmark of hibernation to disk of an idle code-interpreter session, runtime level.
 
-    sudo .venv/bin/python bench/hibernate.py [--runs 10] [--templates DIR] [--json] [--fork]
+    sudo .venv/bin/python bench/hibernate.py [--backend bwrap|gvisor] [--runs 10] [--templates DIR] [--json] [--fork] [--compare]
 
 One template instance (the tests' `mini` Debian template: Python, ipykernel) with a live Python
 kernel holding an 80 MB heap, idle. Each run: `Runtime.hibernate` (from the call to its return:
-processes and cgroups gone; and of it the `criu dump` alone), then `Runtime.restore` (to the
+processes and cgroups gone; and of it the `criu dump` or `runsc checkpoint` alone), then `Runtime.restore` (to the
 agent's /health), then the first answer of the kernel after it (resume to first answer: restore +
 one `print(x)`). Medians and p90 of `--runs` cycles on the same session; the image size; the
 session's memory before.
@@ -19,7 +19,7 @@ agent's /health) and times its first answer, then stops it.
 
 Builds the template in a temporary store (about a minute; `--templates DIR` reuses a store that
 holds `mini`), runs on a temporary data dir under /var/tmp, and removes all of it when done.
-Needs root and a usable CRIU (scripts/install-criu.sh).
+Needs root and, for bwrap, a usable CRIU (scripts/install-criu.sh); for gvisor, runsc.
 """
 
 from __future__ import annotations
@@ -80,17 +80,19 @@ async def _print_x(channel: AgentChannel) -> str:
     return "".join(line.get("text", "") for line in lines if line.get("type") == "stdout").strip()
 
 
-async def bench(templates: TemplateStore, runs: int, compressions: tuple[str, ...] = ("zstd",)) -> dict:
+async def bench(
+    templates: TemplateStore, runs: int, compressions: tuple[str, ...] = ("zstd",), backend: str = "bwrap"
+) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix="hutch-bench-hib-", dir="/var/tmp"))
     data_dir.chmod(0o755)
     store_root = data_dir / "workspaces"
     store = ImageStore(store_root) if ImageStore.available() else DirectoryStore(store_root)
-    runtime = make_runtime("bwrap", data_dir, store)
+    runtime = make_runtime(backend, data_dir, store)
     try:
         if not runtime.can_hibernate():
             raise SystemExit(f"no hibernation here: {runtime.hibernation_off_reason}")  # type: ignore[attr-defined]
         spec = InstanceSpec(
-            instance_id=f"b-{uuid.uuid4().hex[:8]}", backend="bwrap", rootfs=templates.rootfs(TEST_TEMPLATE)
+            instance_id=f"b-{uuid.uuid4().hex[:8]}", backend=backend, rootfs=templates.rootfs(TEST_TEMPLATE)
         )
         instance = await runtime.start(spec)
         channel = AgentChannel(instance.socket_path)
@@ -104,7 +106,8 @@ async def bench(templates: TemplateStore, runs: int, compressions: tuple[str, ..
         }  # fmt: skip
         for _ in range(runs):
             for method in compressions:  # alternating: a load that comes and goes hits both alike
-                runtime.pages = PageCompression(method)  # type: ignore[attr-defined]
+                if backend == "bwrap":  # gVisor's runsc compresses its images itself
+                    runtime.pages = PageCompression(method)  # type: ignore[attr-defined]
                 taken = samples[method]
                 await channel.aclose()
                 started = time.perf_counter()
@@ -204,6 +207,7 @@ def _p50(value: float | dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", choices=("bwrap", "gvisor"), default="bwrap")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--templates", type=Path, help="a template store holding `mini` (else one is built)")
     parser.add_argument("--compare", action="store_true", help="page images compressed (zstd) vs not, alternating")
@@ -215,9 +219,9 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="hutch-bench-tpl-", dir="/var/tmp")) if own else args.templates
     try:
         if args.fork:
-            result = asyncio.run(bench_fork(template_store(root), args.runs))
+            result = asyncio.run(bench_fork(template_store(root), args.runs))  # bwrap's checkpoints
         else:
-            result = asyncio.run(bench(template_store(root), args.runs, compressions))
+            result = asyncio.run(bench(template_store(root), args.runs, compressions, args.backend))
     finally:
         if own:
             shutil.rmtree(root, ignore_errors=True)

@@ -17,7 +17,12 @@ from hutch.agent.config import ENVD_PORT, ENVD_VERSION, INTERPRETER_PORT, AgentC
 from hutch.agent.http import Request, Response, error_response, json_response
 from hutch.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 
+TYPE_CHECKING = False  # not `typing`'s: the agent does not import it at boot
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 AGENT_PORTS = (str(ENVD_PORT), str(INTERPRETER_PORT))
+RELEASE_PATH = "/_hutch/release"  # the runtime's, before a checkpoint (`hutch.runtime.gvisor`)
 
 
 def requested_user(authorization: str | None, query_user: str | None = None) -> str | None:
@@ -45,6 +50,9 @@ class AgentApp:
         self._files = None
         self._interpreter = None
         self._warming = False
+        # Set by `main` where the runtime may ask the agent to let go of its socket (gVisor):
+        # closes the listener and every other connection, returns once they are closed.
+        self.on_release: Callable[[], None] | None = None
 
     # -- services, created once on first use -------------------------------------------------
 
@@ -121,6 +129,8 @@ class AgentApp:
 
             return forward(req, port)
         path = req.path
+        if path == RELEASE_PATH and req.method == "POST" and self.on_release is not None:
+            return self._release(self.on_release)
         if path != "/health":
             self._act_as(req, path)
         if path.startswith("/process.Process/"):
@@ -157,6 +167,23 @@ class AgentApp:
             if name == "root":
                 raise PermissionDenied("this sandbox has no root user (its template is the host's read-only system)")
             raise Unauthenticated(f"error looking up user '{name}': no such user in this sandbox")
+
+    def _release(self, release: Callable[[], None]) -> Response:
+        """Let go of every host socket, so that the runtime can checkpoint the sandbox; the agent
+        binds its socket again on SIGUSR1 (`main`). Refused while the sandbox holds a TCP socket:
+        this runsc cannot save one that a process polls, and its failed checkpoint ends the
+        sandbox. Reached only through the agent's socket, i.e. by hutch or through hutch's
+        gateway on the sandbox's own behalf: a tenant can deafen no one but its own sandbox."""
+        from hutch.agent.server import open_tcp_sockets
+        from hutch.errors import FailedPrecondition
+
+        held = open_tcp_sockets()
+        if held:
+            raise FailedPrecondition(f"the sandbox holds {held} TCP socket(s), which a checkpoint cannot save")
+        release()
+        import os
+
+        return json_response({"pid": os.getpid()})
 
     def _init(self, req: Request) -> Response:
         """E2B's `/init`: set the environment that later processes and kernels start with."""

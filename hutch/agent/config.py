@@ -23,6 +23,7 @@ class AgentConfig:
         "listen_fd",
         "prestart_kernel",
         "python_path",
+        "releasable",
         "rlimits",
         "rootful",
         "socket_path",
@@ -50,6 +51,9 @@ class AgentConfig:
         # request names (`hutch.agent.users`); `workdir` is where commands start by default.
         self.rootful: bool = bool(raw.get("rootful", False))
         self.workdir: str = raw.get("workdir") or self.home
+        # The runtime may ask the agent to close its socket, and bind it again on SIGUSR1
+        # (gVisor's hibernation: `runsc checkpoint` cannot save a host socket).
+        self.releasable: bool = bool(raw.get("releasable", False)) and self.socket_path is not None
 
     def user_home(self) -> str:
         """The home of the user the current request acts as (relative paths start there)."""

@@ -96,6 +96,7 @@ RESTORE_ENV = (
 )
 UPDATE_ENV = "__import__('os').environ.update({env!r})"
 STARTUP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_startup.py")
+LAUNCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_launch.py")  # ipykernel_launcher
 
 
 def log(message: str) -> None:
@@ -285,8 +286,8 @@ class Interpreter:
     def _kernel_argv(self) -> list[str]:
         return [
             self.config.kernel_python,
-            "-m",
-            "ipykernel_launcher",
+            "-c",
+            f"exec(compile(open({LAUNCH!r}).read(), {LAUNCH!r}, 'exec'), {{}})",
             "-f",
             "{connection_file}",
             "--InteractiveShell.colors=nocolor",  # tracebacks as plain text

@@ -204,7 +204,49 @@ def main(argv: list[str] | None = None) -> None:
         from hutch.agent.sudo import serve
 
         threading.Thread(target=serve, name="sudo", daemon=True).start()
-    serve_forever(listener, app)
+    if config.releasable:
+        _serve_releasable(config, app, listener)
+    else:
+        serve_forever(listener, app)
+
+
+def _serve_releasable(config, app, listener) -> None:
+    """Serve on a socket the agent bound itself, which it lets go of on the runtime's request
+    (gVisor, before `runsc checkpoint`: a host socket cannot be saved) and binds again on SIGUSR1
+    (sent after `runsc restore`, or after a checkpoint that did not happen)."""
+    import signal
+    import threading
+
+    from hutch.agent.server import close_connections, serve_forever
+
+    stop_r, stop_w = os.pipe()
+    released = threading.Event()
+    closed = threading.Event()
+    rebind = threading.Event()
+
+    def on_release() -> None:
+        rebind.clear()
+        closed.clear()
+        released.set()
+        os.write(stop_w, b"x")  # the accept loop returns, and the main thread closes the listener
+        if not closed.wait(5):
+            raise OSError("the agent's listener did not close")
+        close_connections()
+
+    # Run in the main thread, which then waits on `rebind`: the wait is interrupted for it.
+    signal.signal(signal.SIGUSR1, lambda *_: rebind.set())
+    app.on_release = on_release
+    while True:
+        serve_forever(listener, app, stop_r)
+        if not released.is_set():
+            return  # the listener failed for another reason: end as before
+        os.read(stop_r, 1)
+        listener.close()
+        closed.set()
+        while not rebind.wait(1.0):
+            pass
+        released.clear()
+        listener = _listener(config)
 
 
 if __name__ == "__main__":

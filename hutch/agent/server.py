@@ -7,9 +7,11 @@ logged to stderr and answered 500, never a traceback on the wire.
 
 from __future__ import annotations
 
+import select
 import socket
 import sys
 import threading
+import time
 
 from hutch.agent.http import (
     BadRequest,
@@ -28,8 +30,17 @@ def log(message: str) -> None:
     sys.stderr.flush()
 
 
+# The connections being served, for `close_connections` (gVisor's hibernation).
+_connections: set[socket.socket] = set()
+_connections_lock = threading.Lock()
+_local = threading.local()  # the connection this thread serves
+
+
 def serve_connection(sock: socket.socket, app) -> None:
     conn = Connection(sock)
+    with _connections_lock:
+        _connections.add(sock)
+    _local.sock = sock
     try:
         while True:
             try:
@@ -80,10 +91,21 @@ def serve_connection(sock: socket.socket, app) -> None:
             sock.close()
         except OSError:
             pass
+        with _connections_lock:
+            _connections.discard(sock)
 
 
-def serve_forever(listener: socket.socket, app) -> None:
+def serve_forever(listener: socket.socket, app, stop_fd: int | None = None) -> None:
+    """Accept and serve connections; returns when `stop_fd` becomes readable (a pipe: a thread
+    cannot wake another's accept() on a Unix socket by closing or shutting it down)."""
+    poller = None
+    if stop_fd is not None:
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        poller.register(stop_fd, select.POLLIN)
     while True:
+        if poller is not None and any(fd == stop_fd for fd, _ in poller.poll()):
+            return
         try:
             sock, _ = listener.accept()
         except InterruptedError:
@@ -98,6 +120,39 @@ def serve_forever(listener: socket.socket, app) -> None:
         except RuntimeError:
             # No thread left under the pids limit (a fork bomb, say): say so instead of hanging.
             _refuse(sock, b'{"code":503,"message":"the sandbox has no process or thread left to serve this"}')
+
+
+def open_tcp_sockets() -> int:
+    """How many TCP sockets the sandbox holds (all processes': gVisor lists every socket)."""
+    count = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name, "rb") as f:
+                count += max(0, len(f.read().strip().splitlines()) - 1)  # after the header
+        except OSError:
+            pass
+    return count
+
+
+def close_connections(timeout: float = 2.0) -> None:
+    """End every connection but the caller's, for a checkpoint of the whole sandbox (gVisor's
+    hibernation: they are host sockets, which `runsc checkpoint` cannot save): their threads,
+    woken by a shutdown, close them. Returns once they have, or after `timeout`."""
+    own = getattr(_local, "sock", None)
+    deadline = time.monotonic() + timeout
+    while True:
+        with _connections_lock:
+            others = [sock for sock in _connections if sock is not own]
+        if not others or time.monotonic() > deadline:
+            break
+        for sock in others:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # a blocked reader or writer fails and closes it
+            except OSError:
+                pass
+        time.sleep(0.01)
+    if others:
+        log(f"release: {len(others)} connection(s) still open after {timeout:.0f} s")
 
 
 def _refuse(sock: socket.socket, body: bytes) -> None:

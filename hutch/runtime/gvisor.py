@@ -42,6 +42,31 @@ its own, as bwrap's template instances (`hutch.runtime.rootfs`):
 - a link where it mounts is refused as under bwrap (the gofer resolves mount points inside the
   root, but a template and an upper layer are then accepted by both backends alike).
 
+Hibernation (`runsc checkpoint` / `runsc restore`, every instance, template or host view): the
+sentry saves the whole sandbox into one `checkpoint.img` in `<instance dir>/hibernation/image/`
+(root's, 0700: it holds the session's memory; it goes with the directory), and the container
+stops; its cgroups (the sentry, gofer and stubs) are removed and runsc's state with them. Run
+directory, workspace and a template's overlay stay mounted for the restore, which runs a new
+sentry from the image in new cgroups. What this runsc (2022-12-19) needs, and how it is met:
+- It cannot save a host socket ("Cannot save endpoint with bound host socket"), and the agent's
+  socket and every connection hutch made to it are ones (`--host-uds=create`). Before the
+  checkpoint hutch asks the agent to let go of them (`POST /_hutch/release`, answered once the
+  listener and every other connection are closed, with the agent's pid); after the restore the
+  run directory is given back to the sandbox, `runsc kill --pid <agent> USR1` has the agent
+  bind its socket again, and hutch waits for a socket of a new inode there (lstat, nothing
+  followed), seals the directory and only then checks that it is a socket, as at start.
+  Meanwhile restored user code runs and could bind a socket of its own there: one of its own
+  sandbox's, as the agent's is (the same user or root inside), never a link hutch follows.
+- It cannot save a TCP socket that a thread polls ("endpoint still has waiters upon save"), and
+  a failed checkpoint ends the sandbox, `--leave-running` or not (measured). The agent refuses
+  to let go while the sandbox holds any TCP socket (the instance runs on, frozen if it was, and
+  the scheduler freezes it instead); Python kernels put ipykernel's one TCP socket on a Unix one
+  (`hutch.agent.kernel_launch`). A user's TCP server, or Deno's kernel (TCP only), keeps its
+  session from hibernating. No room on the disk for an image of the instance's memory is refused
+  too. Any other failure ends the instance, reported as a crash.
+- A frozen instance is thawed for the agent to let go (frozen again if it refuses); it comes
+  back running. The save and the restore run in the sentry, under the instance's cpu limit.
+
 State of runsc lives in `<data>/instances/<id>/runsc/` (`--root`): stop kills the cgroup (the
 sentry, gofer and ptrace stubs), unmounts the run tmpfs and removes the directory, runsc's state
 with it. `runsc delete` is not used: it waits for the sentry to be reaped by the host's init,
@@ -91,29 +116,44 @@ Where gVisor differs, and what is done about it:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import errno
 import hashlib
+import json
 import logging
 import marshal
 import os
 import shutil
+import socket
 import stat
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO, Any
 
-from hutch.errors import BackendUnavailable, IsolationError
+from hutch.errors import BackendUnavailable, FailedPrecondition, IsolationError, Unimplemented
 from hutch.runtime import oci, seccomp
-from hutch.runtime.base import Instance, InstanceSpec
-from hutch.runtime.cgroups import CgroupManager
+from hutch.runtime.base import HibernationImage, Instance, InstanceSpec, InstanceState
+from hutch.runtime.cgroups import Cgroup, CgroupManager
 from hutch.runtime.hostfs import AGENT_LIB, RUN_DIR, SANDBOX_HOME
-from hutch.runtime.local import READY_TIMEOUT, LocalRuntime, agent_command, agent_config, undo_all
+from hutch.runtime.local import (
+    READY_TIMEOUT,
+    LocalRuntime,
+    agent_command,
+    agent_config,
+    pid_start_time,
+    still_running,
+    undo_all,
+)
 from hutch.runtime.network import Networking
 from hutch.runtime.rootfs import AGENT_ROOT, CAPABILITIES, SANDBOX_PATH, mount_root, template_has, unmount_layers
 from hutch.runtime.userns import SANDBOX_UID, UidSlots, create_userns
 from hutch.storage.base import WorkspaceStore
+from hutch.types import InstanceId
 
 log = logging.getLogger(__name__)
 
@@ -258,12 +298,11 @@ class GVisorRuntime(LocalRuntime):
                     os.close(userns_fd)
             run_dir = prepared.instance_dir / "run"
             # The agent binds its socket there: as root inside of a template, else as the user.
-            _mount_run_dir(run_dir, uid_base if spec.rootfs is not None else prepared.host_uid)
+            run_owner = uid_base if spec.rootfs is not None else prepared.host_uid
+            _mount_run_dir(run_dir, run_owner)
             undo.append(lambda: _unmount_run_dir(run_dir))
 
-            resources = spec.resources
-            host_tasks = HOST_TASKS_BASE + HOST_TASKS_PER_PID * resources.pids
-            cgroup = self.cgroups.create(spec.instance_id, dataclasses.replace(resources, pids=host_tasks))
+            cgroup = self._create_cgroup(spec)
             undo.append(cgroup.remove)
             undo.append(cgroup.kill_all)
 
@@ -277,9 +316,7 @@ class GVisorRuntime(LocalRuntime):
             pid_file = bundle / "sandbox.pid"
             argv = [
                 "/bin/sh", "-c", JOIN_CGROUPS, "hutch-join", *map(str, cgroup.proc_files()), "--",
-                self.runsc, "--root", str(state_dir), f"--platform={self.platform}", "--network=none",
-                "--host-uds=create", "--oci-seccomp", "--ignore-cgroups", "--file-access-mounts=exclusive",
-                *self.runsc_flags,
+                *self._runsc(bundle),
                 "run", "--bundle", str(bundle), "--detach", "--pid-file", str(pid_file), spec.instance_id,
             ]  # fmt: skip
             # Not a pipe: the sentry inherits it, and Go dies of SIGPIPE on a closed stderr.
@@ -308,7 +345,8 @@ class GVisorRuntime(LocalRuntime):
                 message = log_path.read_text(errors="replace").strip()[-2000:]
                 raise IsolationError(f"runsc failed to start the sandbox: {message or returncode}")
             pid = int(pid_file.read_text())
-            instance = self._record(spec, prepared, pid, {"cgroup": cgroup.to_dict(), "platform": self.platform})
+            detail = {"cgroup": cgroup.to_dict(), "platform": self.platform, "run_owner": run_owner}
+            instance = self._record(spec, prepared, pid, detail)
             return instance, None, os.open(log_path, os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
             undo_all(undo)
@@ -320,6 +358,7 @@ class GVisorRuntime(LocalRuntime):
             **agent_config(self.host, spec),
             "socket_path": f"{RUN_DIR}/agent.sock",
             "switch_user": [SANDBOX_UID, SANDBOX_UID],
+            "releasable": True,
         }
         binds = [
             *self.binds,
@@ -364,6 +403,7 @@ class GVisorRuntime(LocalRuntime):
             **agent_config(self.host, spec),
             **self._rootfs_agent_config(spec),
             "socket_path": f"{RUN_DIR}/agent.sock",
+            "releasable": True,
         }
         binds = [
             *(oci.Bind(bind.source, bind.target) for bind in agent.binds),
@@ -405,9 +445,297 @@ class GVisorRuntime(LocalRuntime):
         connects to that path for every request. Left the sandbox user's, user code could put a
         symlink there to another instance's socket, and hutch would follow it (a session reaching
         another tenant's sandbox). Root's, and mapped to no uid of the sandbox, it cannot change."""
+        _seal_run_dir(instance)
+
+    def _runsc(self, bundle: Path) -> list[str]:
+        """runsc and the flags every command on the instance of `bundle` takes (run, restore)."""
+        return [
+            self.runsc, "--root", str(bundle / "runsc"), f"--platform={self.platform}", "--network=none",
+            "--host-uds=create", "--oci-seccomp", "--ignore-cgroups", "--file-access-mounts=exclusive",
+            *self.runsc_flags,
+        ]  # fmt: skip
+
+    def _create_cgroup(self, spec: InstanceSpec) -> Cgroup:
+        host_tasks = HOST_TASKS_BASE + HOST_TASKS_PER_PID * spec.resources.pids
+        return self.cgroups.create(spec.instance_id, dataclasses.replace(spec.resources, pids=host_tasks))
+
+    # -- hibernation (runsc checkpoint / restore) -----------------------------------------------
+
+    def can_hibernate(self, instance_id: InstanceId | None = None) -> bool:
+        if instance_id is None:
+            return True
+        instance = self._instances.get(instance_id)
+        # Records of agents from before they could let go of their socket have no "run_owner".
+        return instance is not None and "run_owner" in instance.detail
+
+    def _images_dir(self, instance_id: InstanceId) -> Path:
+        """`<instance dir>/hibernation/image/`, root's alone (0700): it holds the session's memory,
+        and goes with the instance's directory. runsc reads and writes it as root."""
+        return self.instances_dir / instance_id / "hibernation" / "image"
+
+    async def hibernate(self, instance_id: InstanceId) -> HibernationImage:
+        instance = self.get(instance_id)
+        if not self.can_hibernate(instance_id):
+            raise Unimplemented(f"instance {instance_id} cannot hibernate (it started before hutch could)")
+        if instance.state != InstanceState.RUNNING:
+            raise FailedPrecondition(f"instance {instance_id} is {instance.state.value}, not running")
+        cgroup = Cgroup.from_dict(instance.detail["cgroup"])
+        await asyncio.to_thread(self._check_image_room, instance, cgroup)
+        frozen = await asyncio.to_thread(cgroup.frozen)
+        if frozen:
+            await asyncio.to_thread(cgroup.thaw)  # the agent lets go of its socket only while it runs
+        try:
+            instance.detail["agent_pid"] = await asyncio.to_thread(_release_agent, instance)
+        except BaseException:
+            if frozen:
+                await asyncio.to_thread(cgroup.freeze)
+            raise
+        watch = self._watches.get(instance_id)
+        if watch is not None:
+            watch.stopping = True  # its end after a good checkpoint is no crash
+        try:
+            image = await asyncio.to_thread(self._checkpoint, instance)
+        except BaseException:
+            await self._after_failed_checkpoint(instance, cgroup, frozen)
+            raise
+        if watch is not None:
+            try:
+                await asyncio.wait_for(watch.exited.wait(), 5)
+            except TimeoutError:
+                log.error("instance %s: the sentry is still there after its checkpoint", instance_id)
+        self._watches.pop(instance_id, None)
+        instance.state = InstanceState.HIBERNATED
+        self._save(instance)
+        # The gofer and ptrace stubs go with the sentry; nothing may hold memory in the cgroup.
+        await asyncio.to_thread(cgroup.kill_all)
+        await asyncio.to_thread(cgroup.remove, 5.0)
+        await asyncio.to_thread(shutil.rmtree, self.instances_dir / instance_id / "runsc", True)
+        return image
+
+    def _check_image_room(self, instance: Instance, cgroup: Cgroup) -> None:
+        """Refuse a checkpoint the disk may not hold (its image is about the memory the cgroup
+        charges, sentry included): a failed checkpoint ends the sandbox with this runsc."""
+        _, memory, _, _ = cgroup.stats()
+        free = self.free_disk_mb() << 20
+        if free < memory + (self.min_free_disk_mb << 20):
+            raise IsolationError(
+                f"hibernation of instance {instance.instance_id} refused (it runs on): "
+                f"{free >> 20} MB free on the data directory's disk for an image of about {memory >> 20} MB"
+            )
+
+    def _checkpoint(self, instance: Instance) -> HibernationImage:
+        images = self._images_dir(instance.instance_id)
+        shutil.rmtree(images.parent, ignore_errors=True)
+        images.parent.mkdir(mode=0o700)
+        images.mkdir(mode=0o700)
+        bundle = self.instances_dir / instance.instance_id
+        started = time.monotonic()
+        result = _run_runsc([*self._runsc(bundle), "checkpoint", "--image-path", str(images), instance.instance_id])
+        took = time.monotonic() - started
+        if result.returncode != 0:
+            shutil.rmtree(images.parent, ignore_errors=True)
+            raise IsolationError(f"hibernation of instance {instance.instance_id} failed: {_runsc_error(result)}")
+        size = sum(entry.stat().st_size for entry in images.iterdir())
+        return HibernationImage(images, size, took)
+
+    async def _after_failed_checkpoint(self, instance: Instance, cgroup: Cgroup, frozen: bool) -> None:
+        """This runsc ends the sandbox when its checkpoint fails (its known causes are refused
+        before: a TCP socket, no room for the image): the instance is then reported crashed.
+        One that still runs gets its agent's socket back, frozen again if it was."""
+        watch = self._watches.get(instance.instance_id)
+        if watch is not None and still_running(instance.pid, instance.pid_start_time):
+            watch.stopping = False
+            try:
+                await asyncio.to_thread(self._rebind_agent, instance)
+            finally:
+                if frozen:
+                    await asyncio.to_thread(cgroup.freeze)
+            return
+        log.error("instance %s: runsc ended it when its checkpoint failed", instance.instance_id)
+        if watch is not None:
+            watch.stopping = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watch.exited.wait(), 5)
+        if instance.state != InstanceState.CRASHED:
+            instance.state = InstanceState.CRASHED
+            if self.on_exit is not None:
+                self.on_exit(instance)
+
+    def _rebind_agent(self, instance: Instance) -> None:
+        """Have the agent bind its socket again (SIGUSR1, through runsc) and seal the run
+        directory behind it. The directory is the sandbox's until then, and its processes run:
+        hutch waits for a socket of a new inode there without following anything, seals it, and
+        only then checks that it is a socket (a link refused), as at start."""
         run_dir = self.instances_dir / instance.instance_id / "run"
-        os.chown(run_dir, 0, 0)
-        os.chmod(run_dir, 0o755)
-        mode = os.lstat(instance.socket_path).st_mode
-        if not stat.S_ISSOCK(mode):
-            raise IsolationError(f"instance {instance.instance_id}: {instance.socket_path} is not the agent's socket")
+        try:
+            stale = os.lstat(instance.socket_path).st_ino
+        except FileNotFoundError:
+            stale = None
+        owner = instance.detail["run_owner"]
+        os.chown(run_dir, owner, owner)
+        os.chmod(run_dir, 0o700)
+        bundle = self.instances_dir / instance.instance_id
+        pid = str(instance.detail.get("agent_pid", 2))
+        result = _run_runsc([*self._runsc(bundle), "kill", "--pid", pid, instance.instance_id, "USR1"])
+        if result.returncode != 0:
+            raise IsolationError(f"instance {instance.instance_id}: cannot wake its agent: {_runsc_error(result)}")
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            try:
+                st = os.lstat(instance.socket_path)
+                if st.st_ino != stale:
+                    break
+            except FileNotFoundError:
+                pass
+            if time.monotonic() > deadline:
+                raise IsolationError(f"instance {instance.instance_id}: its agent did not bind its socket again")
+            time.sleep(0.002)
+        _seal_run_dir(instance)
+
+    async def restore(self, instance_id: InstanceId) -> Instance:
+        instance = self.get(instance_id)
+        if instance.state != InstanceState.HIBERNATED:
+            raise FailedPrecondition(f"instance {instance_id} is {instance.state.value}, not hibernated")
+        pid, cgroup = await asyncio.to_thread(self._restore, instance)
+        instance.pid = pid
+        instance.pid_start_time = pid_start_time(pid) or 0
+        instance.detail["cgroup"] = cgroup.to_dict()
+        instance.state = InstanceState.STARTING
+        self._watch(instance, None)
+        try:
+            await asyncio.to_thread(self._rebind_agent, instance)
+            channel = self.channel(instance_id)
+            try:
+                await channel.wait_healthy(READY_TIMEOUT)
+            finally:
+                await channel.aclose()
+        except BaseException:
+            # Back to hibernated: the image is intact, and a later restore may work.
+            watch = self._watches.pop(instance_id, None)
+            if watch is not None:
+                watch.stopping = True
+            await asyncio.to_thread(self._undo_restore, instance, cgroup)
+            if watch is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watch.exited.wait(), 5)
+            instance.state = InstanceState.HIBERNATED
+            self._save(instance)
+            raise
+        instance.state = InstanceState.RUNNING
+        self._save(instance)
+        # The image is stale now that the instance runs on: never to be restored again.
+        await asyncio.to_thread(shutil.rmtree, self._images_dir(instance_id).parent, True)
+        return instance
+
+    def _restore(self, instance: Instance) -> tuple[int, Cgroup]:
+        images = self._images_dir(instance.instance_id)
+        if not (images / "checkpoint.img").is_file():
+            raise IsolationError(f"instance {instance.instance_id} has no hibernation image")
+        bundle = self.instances_dir / instance.instance_id
+        cgroup = self._create_cgroup(instance.spec)
+        try:
+            shutil.rmtree(bundle / "runsc", ignore_errors=True)  # the checkpointed container's state
+            (bundle / "runsc").mkdir(mode=0o700)
+            pid_file = bundle / "sandbox.pid"
+            pid_file.unlink(missing_ok=True)
+            argv = [
+                "/bin/sh", "-c", JOIN_CGROUPS, "hutch-join", *map(str, cgroup.proc_files()), "--",
+                *self._runsc(bundle),
+                "restore", "--image-path", str(images), "--bundle", str(bundle), "--detach",
+                "--pid-file", str(pid_file), instance.instance_id,
+            ]  # fmt: skip
+            with open(bundle / "runsc.log", "ab") as log_file:
+                # Not a pipe, as at start: the sentry inherits it.
+                result = _run_runsc(argv, stderr=log_file)
+            if result.returncode != 0:
+                message = (bundle / "runsc.log").read_text(errors="replace").strip()[-1000:]
+                raise IsolationError(
+                    f"restore of instance {instance.instance_id} failed (it stays hibernated): "
+                    f"{message or result.returncode}"
+                )
+            return int(pid_file.read_text()), cgroup
+        except BaseException:
+            self._undo_restore(instance, cgroup)
+            raise
+
+    def _undo_restore(self, instance: Instance, cgroup: Cgroup) -> None:
+        cgroup.kill_all()
+        cgroup.remove(5.0)
+        shutil.rmtree(self.instances_dir / instance.instance_id / "runsc", ignore_errors=True)
+        _seal_run_dir(instance, check=False)
+
+    def _adopt_hibernated(self, instance: Instance) -> None:
+        """A restore that a kill of hutch cut may have left a sandbox running (runsc's sentry is
+        no child of hutch, to die with it) that no record names: it is ended and its set-up
+        undone; the image, which a restore only reads, waits for the next one."""
+        if instance.instance_id in self.cgroups.children():
+            cgroup = self.cgroups.open(instance.instance_id)
+            if cgroup.procs():
+                log.warning("instance %s: a restore cut by a restart left it running: ended, its image kept",
+                            instance.instance_id)  # fmt: skip
+            self._undo_restore(instance, cgroup)
+        else:
+            _seal_run_dir(instance, check=False)
+
+
+def _seal_run_dir(instance: Instance, check: bool = True) -> None:
+    run_dir = instance.socket_path.parent
+    os.chown(run_dir, 0, 0)
+    os.chmod(run_dir, 0o755)
+    if not check:
+        return
+    mode = os.lstat(instance.socket_path).st_mode
+    if not stat.S_ISSOCK(mode):
+        raise IsolationError(f"instance {instance.instance_id}: {instance.socket_path} is not the agent's socket")
+
+
+RUNSC_TIMEOUT = 120.0
+
+
+def _run_runsc(argv: list[str], stderr: int | IO[Any] = subprocess.PIPE) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+            timeout=RUNSC_TIMEOUT,
+            start_new_session=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise IsolationError(f"cannot run runsc: {exc}") from None
+
+
+def _runsc_error(result: subprocess.CompletedProcess) -> str:
+    """runsc's message, without the Go stack traces and state dumps it appends."""
+    text = (result.stderr or "").strip()
+    first = text.splitlines()[0] if text else f"runsc exited with {result.returncode}"
+    return first if len(first) <= 300 else first[:240] + " ... " + first[-60:]
+
+
+def _release_agent(instance: Instance, timeout: float = 10.0) -> int:
+    """Ask the agent to let go of its socket and every connection (`POST /_hutch/release`);
+    returns its pid inside. Raises IsolationError if it refuses (the instance runs on)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(instance.socket_path))
+            sock.sendall(
+                b"POST /_hutch/release HTTP/1.1\r\nhost: agent\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
+            answer = b""
+            while chunk := sock.recv(65536):  # until the agent closed its end
+                answer += chunk
+        except OSError as exc:
+            raise IsolationError(f"hibernation of instance {instance.instance_id} failed (it runs on): {exc}") from None
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1:2]
+    if status != [b"200"]:
+        try:
+            message = json.loads(body)["message"]
+        except (ValueError, KeyError, TypeError):
+            message = head[:200].decode(errors="replace") or "no answer"
+        raise IsolationError(f"hibernation of instance {instance.instance_id} refused (it runs on): {message}")
+    return int(json.loads(body)["pid"])

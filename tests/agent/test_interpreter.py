@@ -80,7 +80,7 @@ def kernel_pids(parent_pid: int) -> list[int]:
                 cmdline = f.read()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == parent_pid and b"ipykernel_launcher" in cmdline:
+        if ppid == parent_pid and b"kernel_launch" in cmdline:
             pids.append(int(entry))
     return pids
 
@@ -119,6 +119,22 @@ def test_state_persists_across_executions_in_the_default_context(agent):
     assert [line["type"] for line in second] == ["number_of_executions", "result", "end_of_execution"]
     assert second[1] == {"type": "result", "text": "1", "is_main_result": True}
     assert second[0]["execution_count"] == first[0]["execution_count"] + 1
+
+
+def test_a_forked_childs_output_arrives_over_a_unix_socket_not_tcp(agent):
+    """ipykernel's pipe for forked subprocesses listens beside the connection file
+    (`hutch.agent.kernel_launch`): the kernel holds no TCP socket, which gVisor cannot save."""
+    code = (
+        "import os\npid = os.fork()\n"
+        "if pid == 0:\n    print('from the child', flush=True)\n    os._exit(0)\nos.waitpid(pid, 0)"
+    )
+    lines = execute(agent.client, code)
+    assert "from the child" in "".join(line["text"] for line in of_type(lines, "stdout"))
+    (pid,) = kernel_pids(agent.proc.pid)
+    with open(f"/proc/{pid}/net/tcp") as f:
+        inodes = {line.split()[9] for line in f.read().splitlines()[1:]}
+    held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    assert not {f"socket:[{inode}]" for inode in inodes} & held
 
 
 def test_stdout_and_stderr_arrive_as_separate_timestamped_lines(agent):

@@ -66,7 +66,7 @@ def loop():
 class Stack:
     """MetaDB + runtime + scheduler + session manager on one data directory."""
 
-    def __init__(self, loop: LoopThread, data_dir, clock: Clock, template_store) -> None:
+    def __init__(self, loop: LoopThread, data_dir, clock: Clock, template_store, runtime_class=BwrapRuntime) -> None:
         self.loop = loop
         self.clock = clock
         self.metadb = SQLiteMetaDB(data_dir / "meta.sqlite3")
@@ -77,10 +77,11 @@ class Stack:
             try:
                 await self.metadb.create_tenant(self.tenant)
                 for spec in (SPEC, WEB):
+                    spec = spec.model_copy(update={"runtime": runtime_class.name})
                     await self.metadb.put_function(FunctionRecord("t1", spec.name, spec.wire(), 0.0, 0.0))
             except AlreadyExists:
                 pass  # a restart on the same data directory
-            self.runtime = BwrapRuntime(data_dir, DirectoryStore(data_dir / "workspaces"))
+            self.runtime = runtime_class(data_dir, DirectoryStore(data_dir / "workspaces"))
             self.scheduler = Scheduler(
                 "s1", self.runtime, self.metadb, fill_interval=0.05, templates=Templates(template_store)
             )
