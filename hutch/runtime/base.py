@@ -275,6 +275,15 @@ class Runtime(Protocol):
         """
         ...
 
+    def can_checkpoint(self, instance_id: InstanceId) -> bool:
+        """Whether `checkpoint` can take this instance (cheap)."""
+        ...
+
+    def restores_checkpoints(self, backend: str) -> bool:
+        """Whether new instances of `backend` can start from a checkpoint (`RootFS.memory_image`);
+        where they cannot, such a root file system's files boot afresh."""
+        ...
+
     async def checkpoint(self, instance_id: InstanceId, into: Path) -> HibernationImage:
         """Write the memory and processes of a running instance (frozen or not) into the new
         directory `into` (its parent made root's and 0700) and leave it as it was: a running one

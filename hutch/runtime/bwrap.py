@@ -384,6 +384,12 @@ class BwrapRuntime(LocalRuntime):
         instance = self._instances.get(instance_id)
         return self.criu is not None and instance is not None and bool(instance.detail.get("hibernatable"))
 
+    def can_checkpoint(self, instance_id: InstanceId) -> bool:
+        return self.can_hibernate(instance_id)  # the same dump, left running
+
+    def restores_checkpoints(self, backend: str) -> bool:
+        return backend == self.name and self.criu is not None
+
     def _ready(self, instance: Instance) -> None:
         if instance.detail.get("hibernatable"):
             self._seal_run_dir(instance)

@@ -438,6 +438,12 @@ class LocalRuntime(InstanceTable):
     async def restore(self, instance_id: InstanceId) -> Instance:
         raise Unimplemented(f"the {self.name} backend cannot hibernate instances")
 
+    def can_checkpoint(self, instance_id: InstanceId) -> bool:
+        return False
+
+    def restores_checkpoints(self, backend: str) -> bool:
+        return False
+
     async def checkpoint(self, instance_id: InstanceId, into: Path) -> HibernationImage:
         raise Unimplemented(f"the {self.name} backend cannot take memory snapshots")
 

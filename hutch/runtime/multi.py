@@ -161,6 +161,12 @@ class MultiRuntime:
     async def restore(self, instance_id: InstanceId) -> Instance:
         return await self._owner(instance_id).restore(instance_id)
 
+    def can_checkpoint(self, instance_id: InstanceId) -> bool:
+        return self._owner(instance_id).can_checkpoint(instance_id)
+
+    def restores_checkpoints(self, backend: str) -> bool:
+        return self.runtime(backend).restores_checkpoints(backend)
+
     async def checkpoint(self, instance_id: InstanceId, into: Path) -> HibernationImage:
         return await self._owner(instance_id).checkpoint(instance_id, into)
 

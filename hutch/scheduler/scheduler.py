@@ -242,7 +242,9 @@ class Scheduler:
         return list(broken)
 
     def _has_room(self) -> bool:
-        return len(self.runtime.instances()) + self._starting < self.max_instances
+        # Hibernated instances hold disk, not RAM or CPU: bounded by their tenants' image quota.
+        running = sum(1 for i in self.runtime.instances() if i.state != InstanceState.HIBERNATED)
+        return running + self._starting < self.max_instances
 
     # -- allocation ----------------------------------------------------------------------------
 
@@ -316,7 +318,11 @@ class Scheduler:
                 base_env = self.templates.env(spec.template)
             elif spec.template not in BUILTIN_TEMPLATES:  # built-ins fall back to the host's system
                 raise FailedPrecondition(f"this node has no templates; function {spec.name} needs {spec.template!r}")
-        if rootfs is not None and rootfs.memory_image is not None and (not fresh or not self.runtime.can_hibernate()):
+        if (
+            rootfs is not None
+            and rootfs.memory_image is not None
+            and (not fresh or not self.runtime.restores_checkpoints(spec.runtime))
+        ):
             # A memory snapshot's processes go with its files as they were: a session's own files
             # (a recovery, a wake after a filesystem pause) or a host without CRIU boot afresh.
             rootfs = dataclasses.replace(rootfs, memory_image=None)
@@ -418,6 +424,10 @@ class Scheduler:
     def can_hibernate(self, instance_id: InstanceId) -> bool:
         """Whether the instance can go to disk with its memory (`Runtime.hibernate`)."""
         return self.runtime.can_hibernate(instance_id)
+
+    def can_checkpoint(self, instance_id: InstanceId) -> bool:
+        """Whether the instance's memory and processes can be copied out (`Runtime.checkpoint`)."""
+        return self.runtime.can_checkpoint(instance_id)
 
     async def hibernate(self, instance_id: InstanceId) -> HibernationImage:
         return await self.runtime.hibernate(instance_id)

@@ -176,7 +176,7 @@ class SessionSnapshots(SessionSleep):
                     f"session {current.session_id} runs on the host's system (template 'host'): only sessions "
                     "of a template can be snapshotted"
                 )
-            if checkpoint is not None and not self.scheduler.can_hibernate(instance_id):
+            if checkpoint is not None and not self.scheduler.can_checkpoint(instance_id):
                 raise Unimplemented(
                     f"session {current.session_id} cannot be snapshotted with its memory on this host "
                     "(its backend or a missing CRIU); a filesystem snapshot keeps its files"

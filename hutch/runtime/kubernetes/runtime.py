@@ -515,6 +515,12 @@ class KubernetesRuntime(InstanceTable):
     async def restore(self, instance_id: InstanceId) -> Instance:
         raise Unimplemented("kubernetes instances cannot hibernate")
 
+    def can_checkpoint(self, instance_id: InstanceId) -> bool:
+        return False
+
+    def restores_checkpoints(self, backend: str) -> bool:
+        return False
+
     async def checkpoint(self, instance_id: InstanceId, into: Path) -> HibernationImage:
         raise Unimplemented("kubernetes instances cannot take memory snapshots")
 
