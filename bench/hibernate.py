@@ -1,6 +1,7 @@
 """Benchmark of hibernation to disk of an idle code-interpreter session, runtime level.
 
-    sudo .venv/bin/python bench/hibernate.py [--backend bwrap|gvisor] [--runs 10] [--templates DIR] [--json] [--fork] [--compare]
+    sudo .venv/bin/python bench/hibernate.py [--backend bwrap|gvisor] [--runs 10] [--templates DIR] [--json]
+                                               [--fork] [--compare]
 
 One template instance (the tests' `mini` Debian template: Python, ipykernel) with a live Python
 kernel holding an 80 MB heap, idle. Each run: `Runtime.hibernate` (from the call to its return:
