@@ -717,8 +717,9 @@ _JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; don
 
 
 # Seconds between dumps that met a host connection hutch had just closed (the agent closes its
-# end when it gets to it: a stream's writer may take a while on a loaded host).
-_UNIX_RETRIES = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
+# end when it gets to it: a stream's writer may take a while on a loaded host; 1.6 s in all was
+# seen to fall short there, on a loaded 2-core host, so up to 6.4 s).
+_UNIX_RETRIES = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 
 
 def _holds_host_socket(log_path: Path) -> bool:
