@@ -54,6 +54,8 @@ class RootFS:
     ready_cmd: str | None = None
     # A checkpoint (`Runtime.checkpoint`) that new instances start from instead of booting: a
     # memory snapshot's processes, whose files are in the layers at the same paths (its top one).
+    # Or `moved_image(instance_id)`: the hibernation image that instance (of another node) left
+    # in the workspace, which this start takes over (a session moving nodes; see `HibernationImage`).
     memory_image: str | None = None
 
     @classmethod
@@ -123,6 +125,18 @@ class HibernationImage:
     path: Path  # a root-only directory on the host (the images hold the session's secrets)
     size_bytes: int
     dump_seconds: float
+    # In the instance's workspace on a store every node shares: when this node dies, another
+    # starts the session's next instance from it (`RootFS.memory_image = moved_image(id)`).
+    movable: bool = False
+
+
+MOVED_IMAGE = "moved:"
+
+
+def moved_image(instance_id: str) -> str:
+    """`RootFS.memory_image` for an instance that takes over the hibernation image `instance_id`
+    left in their common workspace (`HibernationImage.movable`)."""
+    return MOVED_IMAGE + instance_id
 
 
 class InstanceTable:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import marshal
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from hutch.errors import FailedPrecondition, IsolationError, Unimplemented
 from hutch.runtime import idmap, seccomp
-from hutch.runtime.base import HibernationImage, Instance, InstanceSpec, InstanceState, Resources
+from hutch.runtime.base import MOVED_IMAGE, HibernationImage, Instance, InstanceSpec, InstanceState, Resources
 from hutch.runtime.cgroups import Cgroup, CgroupManager
 from hutch.runtime.criu import Criu, decode_userns, find_criu, rebase_userns
 from hutch.runtime.hostfs import RUN_DIR, SANDBOX_HOME
@@ -216,26 +217,27 @@ class BwrapRuntime(LocalRuntime):
         run directory, network namespace and fresh upper layer, as any template instance's; the
         checkpoint's process tree restored into them (the layers hold its files). The checkpoint
         is only read: what a restore must see otherwise (its user namespace's map, of the
-        source's slot) is rewritten into the instance's own image directory."""
+        source's slot) is rewritten into the instance's own image directory.
+
+        `checkpoint` may also be `moved_image(id)`: the hibernation image instance `id` (of a
+        node that died) left in the workspace, on the upper layer it was dumped with. This
+        start takes it over (a rename on the shared store: no other node, nor that one, can
+        restore it again) and deletes it, whether the restore works or not."""
         assert spec.rootfs is not None
         criu = self.criu
         if criu is None:
             raise Unimplemented(f"this host cannot restore checkpoints: {self.hibernation_off_reason}")
-        source = Path(checkpoint)
-        if not (source / "inventory.img").is_file():
-            raise IsolationError(f"instance {spec.instance_id}: {checkpoint} holds no checkpoint")
-        # The image holds the tree's own network namespace unless CRIU ran in the one hutch made
-        # (`_in_netns`): a tree without one, restored outside a namespace, would get the host's.
-        networked = not any(source.glob("netns-*.img"))
-        if networked != (spec.network is not None):
-            with_or_without = "with" if networked else "without"
-            raise FailedPrecondition(
-                f"instance {spec.instance_id}: the checkpoint is of an instance {with_or_without} a network, "
-                f"and so must be every instance started from it"
-            )
         undo: list = []
         try:
             prepared = self._prepare(spec, undo)
+            if checkpoint.startswith(MOVED_IMAGE):
+                source = self._take_moved_image(checkpoint.removeprefix(MOVED_IMAGE), spec, prepared.workspace_path)
+                undo.append(lambda: shutil.rmtree(source.parent, ignore_errors=True))
+                images = source.with_name("image")
+            else:
+                source = Path(checkpoint)
+                images = self._images_dir(spec.instance_id)
+            self._check_checkpoint(spec, source)
             self._check_mount_points(spec, prepared.workspace_path)
             base_uid = self.uid_slots.base(prepared.slot)
             self._attach_network(spec, prepared, undo)
@@ -246,7 +248,6 @@ class BwrapRuntime(LocalRuntime):
                 idmap_layers(prepared.instance_dir, layers, prepared.workspace_path, userns_fd, base_uid)
             finally:
                 os.close(userns_fd)
-            images = self._images_dir(spec.instance_id)
             _image_copy(source, images, base_uid)
             instance = Instance(
                 instance_id=spec.instance_id,
@@ -269,13 +270,45 @@ class BwrapRuntime(LocalRuntime):
             instance.pid, instance.pid_start_time = pid, pid_start_time(pid) or 0
             instance.detail["cgroup"] = cgroup.to_dict()
             self._save(instance)
-            shutil.rmtree(images.parent, ignore_errors=True)  # it runs on: never restored again
+            shutil.rmtree(images.parent, ignore_errors=True)  # it runs on: never restored again (nor moved)
             stderr_r, stderr_w = os.pipe()  # a restored agent's output is its own (nothing to read)
             os.close(stderr_w)
             return instance, None, stderr_r
         except BaseException:
             undo_all(undo)
             raise
+
+    @staticmethod
+    def _check_checkpoint(spec: InstanceSpec, source: Path) -> None:
+        if not (source / "inventory.img").is_file():
+            raise IsolationError(f"instance {spec.instance_id}: {source} holds no checkpoint")
+        # The image holds the tree's own network namespace unless CRIU ran in the one hutch made
+        # (`_in_netns`): a tree without one, restored outside a namespace, would get the host's.
+        networked = not any(source.glob("netns-*.img"))
+        if networked != (spec.network is not None):
+            with_or_without = "with" if networked else "without"
+            raise FailedPrecondition(
+                f"instance {spec.instance_id}: the checkpoint is of an instance {with_or_without} a network, "
+                f"and so must be every instance started from it"
+            )
+
+    def _take_moved_image(self, previous: str, spec: InstanceSpec, workspace_path: Path) -> Path:
+        """Take over the hibernation image `previous` left in the workspace: renamed into this
+        instance's own directory there (one rename on the shared store, so one taker), where its
+        `image/` copy is made beside it. Returns where it is now."""
+        if not self.store.shared or not re.fullmatch(r"[A-Za-z0-9_.-]+", previous):
+            raise FailedPrecondition(f"instance {spec.instance_id}: no image of {previous!r} can move here")
+        left = self._images_dir(InstanceId(previous), workspace_path).parent
+        mine = self._images_dir(spec.instance_id, workspace_path).parent
+        mine.mkdir(mode=0o700)
+        taken = mine / "moved"
+        try:
+            os.rename(left / "image", taken)
+        except OSError as exc:
+            shutil.rmtree(mine, ignore_errors=True)
+            raise IsolationError(f"instance {spec.instance_id}: the image of {previous} is not there: {exc}") from None
+        shutil.rmtree(left, ignore_errors=True)
+        return taken
 
     def _agent_env(self, spec: InstanceSpec, listen_fd: int | None, go_fd: int | None = None) -> str:
         """`HUTCH_AGENT`: the agent's boot configuration (`hutch.agent.config`); without a
@@ -403,12 +436,18 @@ class BwrapRuntime(LocalRuntime):
         if not stat.S_ISSOCK(mode):
             raise IsolationError(f"instance {instance.instance_id}: {instance.socket_path} is not the agent's socket")
 
-    def _images_dir(self, instance_id: InstanceId) -> Path:
-        """`<instance dir>/hibernation/image/`: it goes with the instance's directory. The images
-        hold the session's memory: `hibernation/` is root's and 0700, so no host user but root
-        reaches them. Inside, the restore's tasks read them before their user namespace maps
-        any uid (through the directory's fd CRIU opened as root): the image directory is the
-        namespace owner's and 0711, its files 0644."""
+    def _images_dir(self, instance_id: InstanceId, workspace_path: Path | None = None) -> Path:
+        """`<instance dir>/hibernation/image/`: it goes with the instance's directory. On a
+        shared store (`workspace_path` given), `<workspace>/hibernation/<instance id>/image/`
+        instead, beside the upper layer it was dumped with: where a node that takes the session
+        over finds it (`_take_moved_image`); the workspace's root is host root's and 0700 and
+        only its `upper/` reaches the instance. The images hold the session's memory: their
+        parent is root's and 0700, so no host user but root reaches them. Inside, the restore's
+        tasks read them before their user namespace maps any uid (through the directory's fd
+        CRIU opened as root): the image directory is the namespace owner's and 0711, its files
+        0644."""
+        if workspace_path is not None and self.store.shared:
+            return workspace_path / "hibernation" / instance_id / "image"
         return self.instances_dir / instance_id / "hibernation" / "image"
 
     def _hibernation_criu(self, instance_id: InstanceId) -> Criu:
@@ -427,7 +466,7 @@ class BwrapRuntime(LocalRuntime):
         watch = self._watches.get(instance_id)
         if watch is not None:
             watch.stopping = True  # its end after a good dump is no crash
-        images = self._images_dir(instance_id)
+        images = self._images_dir(instance_id, instance.workspace_path)
         try:
             await asyncio.to_thread(shutil.rmtree, images.parent, True)  # a stale hibernation's
             image = await asyncio.to_thread(self._dump_into, criu, instance, images, False)
@@ -447,7 +486,7 @@ class BwrapRuntime(LocalRuntime):
         cgroup = Cgroup.from_dict(instance.detail["cgroup"])
         await asyncio.to_thread(cgroup.kill_all)  # nothing should be left; CRIU killed the tree
         await asyncio.to_thread(cgroup.remove)
-        return image
+        return dataclasses.replace(image, movable=self.store.shared)
 
     async def checkpoint(self, instance_id: InstanceId, into: Path) -> HibernationImage:
         criu = self._hibernation_criu(instance_id)
@@ -567,7 +606,7 @@ class BwrapRuntime(LocalRuntime):
         instance.state = InstanceState.RUNNING
         self._save(instance)
         # The image is stale now that the instance runs on: never to be restored again.
-        await asyncio.to_thread(shutil.rmtree, self._images_dir(instance_id).parent, True)
+        await asyncio.to_thread(shutil.rmtree, self._images_dir(instance_id, instance.workspace_path).parent, True)
         return instance
 
     async def _wait_restored(self, instance: Instance) -> None:
@@ -582,7 +621,7 @@ class BwrapRuntime(LocalRuntime):
     def _restore(self, criu: Criu, instance: Instance, failed: str = "it stays hibernated") -> tuple[int, Cgroup]:
         """CRIU's restore of the image in the instance's `_images_dir` into new cgroups and its
         root file system; undoes itself if it fails (`failed`: what that leaves, for the error)."""
-        images = self._images_dir(instance.instance_id)
+        images = self._images_dir(instance.instance_id, instance.workspace_path)
         if not (images / "inventory.img").is_file():
             raise IsolationError(f"instance {instance.instance_id} has no hibernation image")
         instance_dir = self.instances_dir / instance.instance_id
@@ -689,7 +728,12 @@ class BwrapRuntime(LocalRuntime):
             os.close(userns_fd)
 
     def _teardown_steps(self, instance: Instance) -> list:
-        return [lambda: _detach_root(self.instances_dir / instance.instance_id / "root")]
+        # An image on a shared store goes with the instance (its directory takes the others').
+        images = self._images_dir(instance.instance_id, instance.workspace_path).parent
+        return [
+            lambda: _detach_root(self.instances_dir / instance.instance_id / "root"),
+            lambda: shutil.rmtree(images, ignore_errors=True),
+        ]
 
     @staticmethod
     def _read_info(info_r: int, popen: subprocess.Popen, stderr_r: int) -> dict:
@@ -760,7 +804,7 @@ def _image_copy(source: Path, images: Path, base_uid: int) -> None:
     """A new instance's own image directory `images` (its parent made root's, 0700) with the
     checkpoint `source`'s image files, hard links where it can (never written: a restore only
     reads them), and its user namespace's maps moved to the instance's slot (`base_uid`)."""
-    images.parent.mkdir(mode=0o700)
+    images.parent.mkdir(mode=0o700, exist_ok=True)  # there already for an image that moved here
     images.mkdir(mode=0o711)
     os.chown(images, base_uid, base_uid)  # as `_dump` leaves an image
     for entry in source.iterdir():

@@ -32,6 +32,9 @@ def check_key(key: str) -> str:
 
 class WorkspaceStore(Protocol):
     name: str
+    # Other nodes attach the same workspaces: what an instance keeps in its workspace (its
+    # hibernation image too) is there for the node that takes its session over.
+    shared: bool
 
     def attach(self, key: str, owner_uid: int, size_mb: int) -> Path:
         """Create the workspace if it does not exist, make `owner_uid` own it, and return the host

@@ -72,6 +72,7 @@ def _run(argv: list[str]) -> None:
 
 class DirectoryStore:
     name = "directory"
+    shared = False
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -126,6 +127,7 @@ class DirectoryStore:
 
 class ImageStore:
     name = "image"
+    shared = False
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)

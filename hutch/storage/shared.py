@@ -179,6 +179,7 @@ class SharedStore:
     operator's mount (no quotas)."""
 
     name = "shared"
+    shared = True
 
     def __init__(self, root: Path, node_id: str, juicefs: JuiceFSMount | None = None) -> None:
         self.root = Path(root)
