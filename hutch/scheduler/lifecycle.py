@@ -207,6 +207,11 @@ class SessionLifecycle(SessionTable):
         await self.scheduler.instance_gone(session.instance_id)
         return await self.route(session)
 
+    async def _take_over(self, moved: SessionRecord) -> SessionRecord:
+        """An instance here for a session just moved from a dead node (`SessionRecovery.adopt`;
+        `epoch` + 1 counted by the move). Called under the session's lock."""
+        return await self._recover(moved, next_epoch=False)
+
     async def _recover(self, session: SessionRecord, next_epoch: bool = True) -> SessionRecord:
         """A new instance for a session whose instance is gone, on its workspace; `epoch` + 1
         unless the caller counted it already (an adoption does, in the same write as the move)."""

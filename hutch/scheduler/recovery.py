@@ -58,8 +58,9 @@ class SessionRecovery(SessionLifecycle):
     async def adopt(self, row_id: str, dead_node: str) -> SessionRecord:
         """Take over a session of a dead node (a gateway saw its lease run out): move it here in
         MetaDB (one compare-and-set, `epoch` + 1) and give it an instance on its workspace, which
-        a shared store lets this host attach. If another node took it first, that node's record
-        is returned and nothing happens here.
+        a shared store lets this host attach (one restored from its hibernation image, if it was
+        hibernated there: `SessionSleep._take_over`). If another node took it first, that node's
+        record is returned and nothing happens here.
 
         Raises:
             NotFound: the session has ended.
@@ -76,7 +77,7 @@ class SessionRecovery(SessionLifecycle):
         await self.meter.restore([moved])
         await self._announce(moved)
         async with self._lock(moved.internal_id):
-            return await self._recover(moved, next_epoch=False)
+            return await self._take_over(moved)
 
     async def reconcile(self) -> None:
         """Make this node's sessions MetaDB's: drop those that moved away or ended while this node

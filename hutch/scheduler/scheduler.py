@@ -257,11 +257,14 @@ class Scheduler:
         env: dict[str, str] | None = None,
         fresh_workspace: bool = True,
         network: dict[str, Any] | None = None,
+        memory_image: str | None = None,
     ) -> Instance:
         """An instance for a session. `fresh_workspace`: the session has no workspace yet, so a
         warm instance can be used (its fresh workspace becomes the session's). `network`: the
         session's egress policy, None for loopback only; a warm instance serves only if it has a
-        network exactly when the session needs one (its policy is then set at claim)."""
+        network exactly when the session needs one (its policy is then set at claim).
+        `memory_image`: the instance starts from that image on the session's files
+        (`hutch.runtime.base.moved_image`) instead of booting."""
         instance = None
         pool = self.pools.get(pool_key)
         usable = pool is not None and (pool.spec.network is None) == (network is None)
@@ -288,7 +291,9 @@ class Scheduler:
             self.stats["pool_misses"] += 1
             if not self._has_room():
                 raise CapacityError(f"this host runs its maximum of {self.max_instances} instances")
-            instance = await self._start(spec, workspace=workspace, env=env, network=network, fresh=fresh_workspace)
+            instance = await self._start(
+                spec, workspace=workspace, env=env, network=network, fresh=fresh_workspace, memory_image=memory_image
+            )
         try:
             await self.metadb.put_instance(
                 InstanceRecord(
@@ -307,9 +312,10 @@ class Scheduler:
         env: dict[str, str] | None = None,
         network: dict[str, Any] | Default | None = DEFAULT,
         fresh: bool = True,
+        memory_image: str | None = None,
     ) -> Instance:
         """A new instance of `spec`'s function; `fresh`: its workspace is new (not a session's
-        files to boot on)."""
+        files to boot on); `memory_image`: see `allocate`."""
         rootfs = None
         base_env: dict[str, str] = {}
         if spec.template != HOST:
@@ -326,6 +332,10 @@ class Scheduler:
             # A memory snapshot's processes go with its files as they were: a session's own files
             # (a recovery, a wake after a filesystem pause) or a host without CRIU boot afresh.
             rootfs = dataclasses.replace(rootfs, memory_image=None)
+        if memory_image is not None:
+            if rootfs is None or not self.runtime.restores_checkpoints(spec.runtime):
+                raise FailedPrecondition(f"instances of function {spec.name} cannot start from a memory image")
+            rootfs = dataclasses.replace(rootfs, memory_image=memory_image)
         restored = rootfs is not None and rootfs.memory_image is not None
         instance_spec = InstanceSpec(
             instance_id=InstanceId(f"i-{uuid.uuid4().hex[:16]}"),

@@ -40,6 +40,7 @@ from typing import Any
 
 from hutch.errors import FailedPrecondition, HutchError, Paused
 from hutch.metadb.records import SessionRecord
+from hutch.runtime.base import moved_image
 from hutch.scheduler.interface import Route
 from hutch.scheduler.lifecycle import SessionLifecycle
 from hutch.types import InstanceId
@@ -105,7 +106,10 @@ class SessionSleep(SessionLifecycle):
             current = self._current(session)
             if current.sleep is not None:
                 if paused and not current.paused:  # an idly frozen session paused by its owner
-                    return await self._record_sleep(current, paused, current.sleep["state"]), True
+                    kept = current.sleep
+                    return await self._record_sleep(
+                        current, paused, kept["state"], kept.get("image_bytes"), kept.get("image_of")
+                    ), True
                 return current, False
             instance_id = current.instance_id
             if instance_id is None or not self.scheduler.is_live(instance_id):
@@ -154,7 +158,10 @@ class SessionSleep(SessionLifecycle):
                 self._unquiesce(session)
                 return None
             try:
-                return await self._record_sleep(session, paused, HIBERNATED, image_bytes=image.size_bytes)
+                # A movable image (on a shared store) is named in MetaDB for the node that may
+                # take the session over should this one die (`SessionRecovery.adopt`).
+                moves = instance_id if image.movable else None
+                return await self._record_sleep(session, paused, HIBERNATED, image.size_bytes, image_of=moves)
             except BaseException:
                 await self.scheduler.restore(instance_id)  # MetaDB did not take it: awake
                 await self.meter.instance_up(session)
@@ -232,12 +239,20 @@ class SessionSleep(SessionLifecycle):
         return True
 
     async def _record_sleep(
-        self, session: SessionRecord, paused: bool, state: str, image_bytes: int | None = None, **more: Any
+        self,
+        session: SessionRecord,
+        paused: bool,
+        state: str,
+        image_bytes: int | None = None,
+        image_of: str | None = None,
+        **more: Any,
     ) -> SessionRecord:
         now = self.clock()
         sleep: dict[str, Any] = {"state": state, "since": now, "paused": paused}
         if image_bytes is not None:
             sleep["image_bytes"] = image_bytes  # counted against the tenant's `max_image_disk_mb`
+        if image_of is not None:
+            sleep["image_of"] = image_of
         changes: dict[str, Any] = {"sleep": sleep, "last_modified": now}
         if paused:
             changes["expires_at"] = now + self.paused_retention_s
@@ -296,6 +311,54 @@ class SessionSleep(SessionLifecycle):
         self._remember(updated)
         await self.meter.instance_up(updated)
         self._follow_user_server(updated, self._spec_of(updated))
+        return updated
+
+    async def _take_over(self, moved: SessionRecord) -> SessionRecord:
+        """A session hibernated on a node that died, its image on the shared store: its instance
+        here starts from that image, with its memory and processes, on its files (`epoch` as it
+        was: nothing was lost); a paused one stays paused (frozen here). Without such an image,
+        or if it cannot be restored (then it is gone), a new instance on its files."""
+        image_of = (moved.sleep or {}).get("image_of")
+        if (moved.sleep or {}).get("state") != HIBERNATED or not image_of:
+            return await super()._take_over(moved)
+        pool_key, spec = await self.function(moved.tenant_id, moved.function)
+        try:
+            instance = await self.scheduler.allocate(
+                pool_key,
+                spec,
+                moved.workspace_key,
+                moved.row_id,
+                env=moved.env,
+                fresh_workspace=False,
+                network=self.network_of(moved, spec),
+                memory_image=moved_image(image_of),
+            )
+        except HutchError as exc:
+            log.error("session %s: its hibernation image could not be restored here: %s", moved.session_id, exc.message)
+            self.log.add(moved, "warn", f"its hibernation image could not be restored here: {exc.message}")
+            return await super()._take_over(moved)
+        now = self.clock()
+        sleep = {"state": FROZEN, "since": now, "paused": True} if moved.paused else None
+        try:
+            if sleep is not None:
+                await self.scheduler.freeze(instance.instance_id)
+            updated = await self.metadb.update_session(
+                moved.row_id,
+                instance_id=instance.instance_id,
+                epoch=moved.epoch - 1,  # the move counted a loss; the memory came along
+                last_modified=now,
+                scheduler_id=self.scheduler.scheduler_id,
+                sleep=sleep,
+            )
+        except BaseException:
+            await self.scheduler.release(instance.instance_id, keep_workspace=True)
+            raise
+        self._remember(updated)
+        await self.meter.instance_up(updated)
+        self.log.add(
+            updated, "info", "restored here from its hibernation image, memory kept", instance=instance.instance_id
+        )
+        self._follow_user_server(updated, spec)
         return updated
 
     def _forget(self, session: SessionRecord) -> None:

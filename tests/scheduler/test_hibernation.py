@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -17,9 +20,11 @@ from hutch.metadb.records import FunctionRecord, Tenant
 from hutch.metadb.sqlite import SQLiteMetaDB
 from hutch.runtime.bwrap import BwrapRuntime
 from hutch.runtime.channel import AgentChannel
+from hutch.runtime.userns import RANGE, UidSlots
 from hutch.scheduler.scheduler import Scheduler
 from hutch.scheduler.sessions import SessionManager
 from hutch.storage.local import DirectoryStore
+from hutch.storage.shared import SharedStore
 from tests.conftest import TEST_TEMPLATE, throwaway_data_dir
 from tests.loop_thread import LoopThread
 from tests.scheduler.clock import Clock
@@ -63,13 +68,33 @@ def loop():
     thread.close()
 
 
+@dataclass
+class Node:
+    """One node of a cluster on this host: its name, uid slots of its own, and the MetaDB and
+    workspace store every node shares."""
+
+    name: str
+    metadb_path: Path
+    store: SharedStore
+    uid_slots: UidSlots
+
+
 class Stack:
     """MetaDB + runtime + scheduler + session manager on one data directory."""
 
-    def __init__(self, loop: LoopThread, data_dir, clock: Clock, template_store, runtime_class=BwrapRuntime) -> None:
+    def __init__(
+        self,
+        loop: LoopThread,
+        data_dir,
+        clock: Clock,
+        template_store,
+        runtime_class=BwrapRuntime,
+        node: Node | None = None,
+    ) -> None:
+        """`node`: this stack is that node of a cluster (its MetaDB and store shared)."""
         self.loop = loop
         self.clock = clock
-        self.metadb = SQLiteMetaDB(data_dir / "meta.sqlite3")
+        self.metadb = SQLiteMetaDB(node.metadb_path if node else data_dir / "meta.sqlite3")
         self.tenant = Tenant("t1", "one", clock.now, max_sessions=4)
 
         async def build():
@@ -81,11 +106,20 @@ class Stack:
                     await self.metadb.put_function(FunctionRecord("t1", spec.name, spec.wire(), 0.0, 0.0))
             except AlreadyExists:
                 pass  # a restart on the same data directory
-            self.runtime = runtime_class(data_dir, DirectoryStore(data_dir / "workspaces"))
+            if node is None:
+                self.runtime = runtime_class(data_dir, DirectoryStore(data_dir / "workspaces"))
+            else:
+                self.runtime = runtime_class(data_dir, node.store, node.uid_slots)
             self.scheduler = Scheduler(
-                "s1", self.runtime, self.metadb, fill_interval=0.05, templates=Templates(template_store)
+                node.name if node else "s1",
+                self.runtime,
+                self.metadb,
+                fill_interval=0.05,
+                templates=Templates(template_store),
             )
-            self.sessions = SessionManager(self.metadb, self.scheduler, b"k" * 32, clock=clock, reap_interval=3600)
+            self.sessions = SessionManager(
+                self.metadb, self.scheduler, b"k" * 32, clock=clock, reap_interval=3600, cluster=node is not None
+            )
             await self.sessions.start()
 
         loop.run(build())
@@ -254,6 +288,60 @@ def test_a_hibernated_session_survives_a_restart_and_wakes_with_its_memory(loop,
         assert _python(loop, second.sessions, woken, "print(z)") == "across restarts"
     finally:
         second.close()
+
+
+def test_a_session_hibernated_on_a_dead_node_moves_to_another_with_its_memory(loop, data_dir, template_store):
+    """Two nodes share MetaDB and a workspace store: node A hibernates two idle sessions (their
+    images on the store) and dies; node B adopts them. The one whose image is there runs on B
+    with its memory, processes and files, `epoch` as it was; the one whose image was lost gets a
+    new instance on its files (`epoch` + 1), as any adopted session."""
+    clock = Clock()
+    (data_dir / "shared").mkdir()
+    first_uid = 2_000_000_000 + random.randrange(128) * 128 * RANGE
+
+    def node(index: int) -> Stack:
+        name = f"node-{index}"
+        store = SharedStore(data_dir / "shared" / "workspaces", name)
+        slots = UidSlots(first_uid=first_uid + index * 64 * RANGE, count=64)
+        shared = Node(name, data_dir / "meta.sqlite3", store, slots)
+        return Stack(loop, data_dir / name, clock, template_store, node=shared)
+
+    node_a = node(0)
+    if not node_a.runtime.can_hibernate():
+        node_a.close()
+        pytest.skip(f"no usable CRIU: {node_a.runtime.hibernation_off_reason}")
+    kept, lost = (loop.run(node_a.sessions.create(node_a.tenant, SPEC.name, ttl_s=3600))[0] for _ in range(2))
+    for session, word in ((kept, "kept"), (lost, "lost")):
+        _python(loop, node_a.sessions, session, f"z = '{word} memory'")
+        _shell(loop, node_a.sessions, session, f"echo {word} > /home/user/file.txt")
+    asleep = {}
+    for session in (kept, lost):
+        asleep[session.session_id], _ = loop.run(node_a.sessions.sleep(session, paused=False, hibernate=True))
+        assert asleep[session.session_id].sleep["image_of"] == session.instance_id  # on the store
+    lost_images = node_a.runtime.get(lost.instance_id).workspace_path / "hibernation"
+    node_a.close(stop_instances=False)  # node A dies
+    for image in lost_images.iterdir():
+        for entry in (image / "image").iterdir():
+            entry.unlink()  # this one's image is lost
+
+    node_b = node(1)
+    try:
+        moved = loop.run(node_b.sessions.adopt(kept.row_id, "node-0"))
+        assert moved.scheduler_id == "node-1" and moved.instance_id != kept.instance_id
+        assert moved.epoch == kept.epoch and moved.sleep is None  # nothing was lost
+        assert _python(loop, node_b.sessions, moved, "print(z)") == "kept memory"
+        assert _shell(loop, node_b.sessions, moved, "cat /home/user/file.txt") == "kept"
+        assert not (node_b.runtime.get(moved.instance_id).workspace_path / "hibernation" / kept.instance_id).exists()
+
+        recovered = loop.run(node_b.sessions.adopt(lost.row_id, "node-0"))
+        assert recovered.epoch == lost.epoch + 1 and recovered.sleep is None
+        assert _python(loop, node_b.sessions, recovered, "print(globals().get('z'))") == "None"
+        assert _shell(loop, node_b.sessions, recovered, "cat /home/user/file.txt") == "lost"
+        loop.run(node_b.sessions.log.flush())
+        assert loop.run(node_b.metadb.session_logs(lost.row_id, search="image could not be restored here"))
+        assert loop.run(node_b.metadb.session_logs(kept.row_id, search="restored here from its hibernation image"))
+    finally:
+        node_b.close()
 
 
 def test_a_session_whose_restore_fails_gets_a_new_instance_on_its_files(loop, stack):
