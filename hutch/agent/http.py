@@ -336,13 +336,19 @@ class Connection:
                 close()
 
     def peer_closed(self) -> bool:
-        """True when the client has hung up (EOF or error on a readable socket)."""
+        """True when the client has hung up: its side shut (seen even past bytes it sent that
+        nobody read, such as a chunked body's last chunk while its response streams), or EOF
+        or an error on a readable socket."""
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN | select.POLLRDHUP)
+            events = poller.poll(0)
         except (OSError, ValueError):
             return True
-        if not readable:
+        if not events:
             return False
+        if events[0][1] & (select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            return True
         try:
             return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except BlockingIOError:
