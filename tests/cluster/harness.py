@@ -121,8 +121,11 @@ class Gateway(Process):
 
 
 class Cluster:
-    def __init__(self, volume, nodes: int = 3, gateways: int = 2, lease_seconds: float = 3.0) -> None:
+    def __init__(
+        self, volume, nodes: int = 3, gateways: int = 2, lease_seconds: float = 3.0, templates: Path | None = None
+    ) -> None:
         self.volume = volume  # tests/sharedfs.SharedVolume
+        self.templates = templates  # a template store every node uses, if given
         self.root = Path(tempfile.mkdtemp(prefix="hutch-cluster-", dir="/var/tmp"))
         self.root.chmod(0o755)
         self.lease_seconds = lease_seconds
@@ -182,6 +185,7 @@ class Cluster:
                 f"uid_base = {UID_BASE + (index - 1) * UID_STRIDE}\nmax_instances = {MAX_INSTANCES}\n{warm}"
                 f'[shared_storage]\npath = "{mount.mount_point / self.shared_dir}"\nnode_id = "node{index}"\n'
                 f'[cluster]\nnode_id = "node{index}"\nlease_seconds = {self.lease_seconds}\nheartbeat_interval = 0.5\n'
+                + (f'[templates]\ndir = "{self.templates}"\n' if self.templates else "")
             )
             self.nodes.append(Node(index, self.root, config))
         for index in range(1, self.gateway_count + 1):
