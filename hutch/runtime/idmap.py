@@ -55,8 +55,8 @@ def _check(result: int, what: str, path: Path) -> int:
         if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
             raise BackendUnavailable(
                 f"cannot make an idmapped mount of {path} ({what}: {os.strerror(code)}): templates need Linux "
-                "5.12 or later and a data directory on a file system that supports idmapped mounts (ext4, xfs, "
-                "btrfs, tmpfs)"
+                "5.12 or later, and a data directory and workspace store on a file system that supports idmapped "
+                "mounts (ext4, xfs, btrfs, tmpfs, CephFS; not JuiceFS's FUSE mount)"
             )
         raise IsolationError(f"idmapped mount of {path}: {what}: {os.strerror(code)}")
     return result
