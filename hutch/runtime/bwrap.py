@@ -249,20 +249,9 @@ class BwrapRuntime(LocalRuntime):
             finally:
                 os.close(userns_fd)
             _image_copy(source, images, base_uid)
-            instance = Instance(
-                instance_id=spec.instance_id,
-                backend=self.name,
-                socket_path=prepared.instance_dir / "run" / "agent.sock",
-                workspace=prepared.workspace,
-                workspace_path=prepared.workspace_path,
-                host_uid=prepared.host_uid,
-                pid=0,
-                pid_start_time=0,
-                started_at=time.time(),
-                spec=spec,
-                # Restored by host root: its user namespace is root's (`_dump` runs as that).
-                detail={"slot": prepared.slot, "bwrap_pid": None, "hibernatable": True, "userns_owner": 0},
-            )
+            # Restored by host root: its user namespace is root's (`_dump` runs as that).
+            detail = {"bwrap_pid": None, "hibernatable": True, "userns_owner": 0}
+            instance = self._new_instance(spec, prepared, None, detail)
             pid, cgroup = self._restore(criu, instance, failed="nothing of it is left")
             undo.append(cgroup.remove)
             undo.append(cgroup.kill_all)
@@ -591,23 +580,9 @@ class BwrapRuntime(LocalRuntime):
         try:
             await self._wait_restored(instance)
         except BaseException:
-            # Back to hibernated: the image is intact, and a later restore may work.
-            watch = self._watches.pop(instance_id, None)
-            if watch is not None:
-                watch.stopping = True
-            await asyncio.to_thread(self._kill, instance, cgroup)
-            if watch is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(watch.exited.wait(), 5)
-            await asyncio.to_thread(cgroup.remove)
-            instance.state = InstanceState.HIBERNATED
-            self._save(instance)
+            await self._back_to_hibernated(instance, lambda: self._kill(instance, cgroup), cgroup.remove)
             raise
-        instance.state = InstanceState.RUNNING
-        self._save(instance)
-        # The image is stale now that the instance runs on: never to be restored again.
-        await asyncio.to_thread(shutil.rmtree, self._images_dir(instance_id, instance.workspace_path).parent, True)
-        return instance
+        return await self._restored(instance, self._images_dir(instance_id, instance.workspace_path).parent)
 
     async def _wait_restored(self, instance: Instance) -> None:
         from hutch.runtime.channel import AgentChannel
@@ -645,7 +620,9 @@ class BwrapRuntime(LocalRuntime):
                 os.unlink(pidfile)
             argv = [
                 *self._in_netns(instance),
-                "/bin/sh", "-c", _JOIN_CGROUPS, "hutch-join", *map(str, cgroup.proc_files()), "--",
+                # In a cgroup namespace rooted at its cgroups: the restored tree inherits CRIU's
+                # (`--manage-cgroups=ignore`), which would otherwise show it the host's paths.
+                *cgroup.join_argv(own_namespace=True),
                 # As host root: a restore writes the new UTS namespace's sysctls, which only
                 # host root may (the restored user namespace is then root's: `userns_owner`).
                 *criu.command("restore"), "-D", str(images), "-o", "restore.log",
@@ -754,10 +731,6 @@ class BwrapRuntime(LocalRuntime):
 # What every dump and restore of an instance passes (see `hutch.runtime.criu`).
 _CRIU_FLAGS = ("--external", "mnt[]", "--tcp-close", "--manage-cgroups=ignore")
 _CRIU_TIMEOUT = 120.0
-# Run the rest of the command line in the cgroups named before `--` (a restore's place), in a
-# cgroup namespace rooted there: the restored tree inherits CRIU's (`--manage-cgroups=ignore`),
-# which would otherwise show it the host's cgroup paths.
-_JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec unshare --cgroup "$@"'
 
 
 # Seconds between dumps that met a host connection hutch had just closed (the agent closes its

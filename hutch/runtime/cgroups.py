@@ -133,6 +133,14 @@ class Cgroup:
         """The `cgroup.procs` files a process is written to to join every hierarchy."""
         return [d / "cgroup.procs" for d in [*self.dirs.values(), *([self.kill_dir] if self.kill_dir else [])]]
 
+    def join_argv(self, own_namespace: bool = False) -> list[str]:
+        """The prefix of a command line that runs the rest of it in these cgroups (joined before
+        it starts, so that whatever it forks is in them too); `own_namespace`: in a cgroup
+        namespace rooted there, so that it sees its cgroups as the root."""
+        then = "exec unshare --cgroup" if own_namespace else "exec"
+        script = f'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; {then} "$@"'
+        return ["/bin/sh", "-c", script, "hutch-join", *map(str, self.proc_files()), "--"]
+
     def add_process(self, pid: int) -> None:
         for path in self.proc_files():
             _write(path, str(pid))

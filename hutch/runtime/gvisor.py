@@ -163,8 +163,6 @@ RUN_TMPFS_OPTIONS = "size=64k,nr_inodes=16,mode=0700"
 # limit inside is RLIMIT_NPROC = `Resources.pids`; hitting this one would kill the sentry.
 HOST_TASKS_BASE = 512
 HOST_TASKS_PER_PID = 16
-# Joins every cgroup given before `--`, then execs the rest.
-JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
 COMPAT_TARGET = f"{AGENT_LIB}/gvisor-compat.so"
 COMPAT_SOURCE = r"""
 /* Preloaded into every process of a hutch gVisor sandbox (/etc/ld.so.preload). runsc 20221219
@@ -315,7 +313,7 @@ class GVisorRuntime(LocalRuntime):
             state_dir.mkdir(mode=0o700)
             pid_file = bundle / "sandbox.pid"
             argv = [
-                "/bin/sh", "-c", JOIN_CGROUPS, "hutch-join", *map(str, cgroup.proc_files()), "--",
+                *cgroup.join_argv(),
                 *self._runsc(bundle),
                 "run", "--bundle", str(bundle), "--detach", "--pid-file", str(pid_file), spec.instance_id,
             ]  # fmt: skip
@@ -610,22 +608,9 @@ class GVisorRuntime(LocalRuntime):
             finally:
                 await channel.aclose()
         except BaseException:
-            # Back to hibernated: the image is intact, and a later restore may work.
-            watch = self._watches.pop(instance_id, None)
-            if watch is not None:
-                watch.stopping = True
-            await asyncio.to_thread(self._undo_restore, instance, cgroup)
-            if watch is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(watch.exited.wait(), 5)
-            instance.state = InstanceState.HIBERNATED
-            self._save(instance)
+            await self._back_to_hibernated(instance, lambda: self._undo_restore(instance, cgroup))
             raise
-        instance.state = InstanceState.RUNNING
-        self._save(instance)
-        # The image is stale now that the instance runs on: never to be restored again.
-        await asyncio.to_thread(shutil.rmtree, self._images_dir(instance_id).parent, True)
-        return instance
+        return await self._restored(instance, self._images_dir(instance_id).parent)
 
     def _restore(self, instance: Instance) -> tuple[int, Cgroup]:
         images = self._images_dir(instance.instance_id)
@@ -639,7 +624,7 @@ class GVisorRuntime(LocalRuntime):
             pid_file = bundle / "sandbox.pid"
             pid_file.unlink(missing_ok=True)
             argv = [
-                "/bin/sh", "-c", JOIN_CGROUPS, "hutch-join", *map(str, cgroup.proc_files()), "--",
+                *cgroup.join_argv(),
                 *self._runsc(bundle),
                 "restore", "--image-path", str(images), "--bundle", str(bundle), "--detach",
                 "--pid-file", str(pid_file), instance.instance_id,

@@ -492,21 +492,25 @@ class LocalRuntime(InstanceTable):
 
     def _record(self, spec: InstanceSpec, prepared: Prepared, pid: int, detail: dict) -> Instance:
         """The new instance, saved to its `instance.json` (`detail` needs "cgroup")."""
-        instance = Instance(
+        instance = self._new_instance(spec, prepared, pid, detail)
+        self._save(instance)
+        return instance
+
+    def _new_instance(self, spec: InstanceSpec, prepared: Prepared, pid: int | None, detail: dict) -> Instance:
+        """The new instance, not saved yet (`pid` None: it has no process yet)."""
+        return Instance(
             instance_id=spec.instance_id,
             backend=self.name,
             socket_path=prepared.instance_dir / "run" / "agent.sock",
             workspace=prepared.workspace,
             workspace_path=prepared.workspace_path,
             host_uid=prepared.host_uid,
-            pid=pid,
-            pid_start_time=pid_start_time(pid) or 0,
+            pid=pid or 0,
+            pid_start_time=(pid_start_time(pid) or 0) if pid else 0,
             started_at=time.time(),
             spec=spec,
             detail={"slot": prepared.slot, **detail},
         )
-        self._save(instance)
-        return instance
 
     def _preferred_slot(self, workspace: str) -> int | None:
         """Re-use the uid the workspace already belongs to, to spare a chown of the whole tree."""
@@ -533,6 +537,33 @@ class LocalRuntime(InstanceTable):
             raise IsolationError(f"instance {instance.instance_id} died while starting: {message or 'no output'}")
         finally:
             await channel.aclose()
+
+    # -- after a restore (hibernation) ---------------------------------------------------------
+
+    async def _back_to_hibernated(
+        self, instance: Instance, end: Callable[[], object], after: Callable[[], object] | None = None
+    ) -> None:
+        """A restored instance that did not come up: `end` it (then `after`, once its pid 1 is
+        gone) and record it hibernated again; its image is intact, and a later restore may work."""
+        watch = self._watches.pop(instance.instance_id, None)
+        if watch is not None:
+            watch.stopping = True
+        await asyncio.to_thread(end)
+        if watch is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watch.exited.wait(), 5)
+        if after is not None:
+            await asyncio.to_thread(after)
+        instance.state = InstanceState.HIBERNATED
+        self._save(instance)
+
+    async def _restored(self, instance: Instance, images: Path) -> Instance:
+        """A restored instance that came up: recorded running, and its image (the directory
+        `images`) deleted, stale now that it runs on: never to be restored again."""
+        instance.state = InstanceState.RUNNING
+        self._save(instance)
+        await asyncio.to_thread(shutil.rmtree, images, True)
+        return instance
 
     # -- watching ------------------------------------------------------------------------------
 
