@@ -1,7 +1,7 @@
 """Density: how many idle code-interpreter sessions one host holds with hibernation on.
 
     sudo .venv/bin/python bench/density.py [--sessions 2000] [--live 100] [--concurrency 4]
-                                           [--wake 20] [--max-minutes M] [--templates DIR] [--json]
+                                           [--wake 20] [--max-minutes M] [--forks] [--templates DIR] [--json]
 
 Runtime level, in this process (as `bench/hibernate.py`: the runtime `hutch serve` runs, without
 its HTTP layer): template instances of the tests' `mini` Debian template (Python, ipykernel).
@@ -9,7 +9,10 @@ its HTTP layer): template instances of the tests' `mini` Debian template (Python
    `print(x)` on each (3 rounds) with nothing else on the host: median and p95.
 2. `--sessions` more such sessions (fewer if `--max-minutes` runs out first: the rest of the
    run measures what was made), `--concurrency` at a time: start, the kernel and its `x`, then
-   hibernated (`Runtime.hibernate`, the same call an idle session's sleep makes). Progress is
+   hibernated (`Runtime.hibernate`, the same call an idle session's sleep makes). `--forks`:
+   each starts from a checkpoint of one such session taken first (as E2B's fork does: its own
+   uid slot, cgroups, upper layer and kernel process, restored instead of booted, which spares
+   the kernel's start-up), sets its own `x`, and is hibernated into an image of its own. Progress is
    printed as it goes. Measured: time per session, the host's MemAvailable drop and free disk
    drop per hibernated session, the image's size (`HibernationImage.size_bytes`), this process's
    RSS (the runtime's own memory).
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -42,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.hibernate import _print_x, template_store
 from bench.sandbox import summary
 from hutch.runtime import make_runtime
-from hutch.runtime.base import Instance, InstanceSpec, Runtime
+from hutch.runtime.base import Instance, InstanceSpec, RootFS, Runtime
 from hutch.runtime.channel import AgentChannel
 from hutch.runtime.userns import UidSlots
 from hutch.storage.local import DirectoryStore, ImageStore
@@ -81,8 +85,8 @@ class Fleet:
         self.rootfs = templates.rootfs(TEST_TEMPLATE)
         self.numbers: dict[str, int] = {}
 
-    async def start(self, number: int) -> tuple[Instance, AgentChannel]:
-        spec = InstanceSpec(instance_id=f"d-{uuid.uuid4().hex[:10]}", backend="bwrap", rootfs=self.rootfs)
+    async def start(self, number: int, rootfs: RootFS | None = None) -> tuple[Instance, AgentChannel]:
+        spec = InstanceSpec(instance_id=f"d-{uuid.uuid4().hex[:10]}", backend="bwrap", rootfs=rootfs or self.rootfs)
         instance = await self.runtime.start(spec)
         self.numbers[instance.instance_id] = number
         channel = AgentChannel(instance.socket_path)
@@ -96,12 +100,40 @@ class Fleet:
         return (time.perf_counter() - started) * 1000
 
 
+async def _checkpointed(fleet: Fleet, data_dir: Path) -> RootFS:
+    """A root file system that starts new sessions from a checkpoint of one with a live kernel:
+    its upper layer copied into a layer of its own while it is frozen, and its checkpoint taken
+    in that moment (what `hutch.scheduler.snapshots` does for a fork). The source is stopped."""
+    runtime = fleet.runtime
+    source, channel = await fleet.start(-1)
+    await channel.aclose()  # hutch's connections go before a dump
+    layer = data_dir / "fork-layer"
+    layer.mkdir(mode=0o755)
+    await runtime.freeze(source.instance_id)
+    try:
+        copy = await asyncio.create_subprocess_exec("cp", "-a", f"{source.workspace_path}/upper/.", f"{layer}/")
+        assert await copy.wait() == 0, "the upper layer could not be copied"
+        image = await runtime.checkpoint(source.instance_id, data_dir / "fork-checkpoint" / "image")
+    finally:
+        await runtime.thaw(source.instance_id)
+    await runtime.stop(source.instance_id)
+    return dataclasses.replace(
+        fleet.rootfs, layer_paths=(*fleet.rootfs.layer_paths, str(layer)), memory_image=str(image.path)
+    )
+
+
 async def _latencies(fleet: Fleet, live: list[tuple[Instance, AgentChannel]], rounds: int = 3) -> list[float]:
     return [await fleet.check(*each) for _ in range(rounds) for each in live]
 
 
 async def bench(
-    templates: TemplateStore, sessions: int, live_count: int, concurrency: int, wake: int, max_seconds: float
+    templates: TemplateStore,
+    sessions: int,
+    live_count: int,
+    concurrency: int,
+    wake: int,
+    max_seconds: float,
+    forks: bool = False,
 ) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix="hutch-bench-density-", dir="/var/tmp"))
     data_dir.chmod(0o755)
@@ -112,7 +144,13 @@ async def bench(
     runtime = make_runtime("bwrap", data_dir, store, slots)
     fleet = Fleet(runtime, templates)
     live: list[tuple[Instance, AgentChannel]] = []
-    result: dict = {"sessions": sessions, "live": live_count, "concurrency": concurrency, "store": store.name}
+    result: dict = {
+        "sessions": sessions,
+        "live": live_count,
+        "concurrency": concurrency,
+        "store": store.name,
+        "made_as": "forks of one checkpoint" if forks else "booted",
+    }
     try:
         if not runtime.can_hibernate():
             raise SystemExit(f"no hibernation here: {runtime.hibernation_off_reason}")  # type: ignore[attr-defined]
@@ -133,6 +171,7 @@ async def bench(
         result["live_print_x_ms_before"] = _latency(before)
         print(f"{live_count} live sessions; print(x) {result['live_print_x_ms_before']}", flush=True)
 
+        origin = await _checkpointed(fleet, data_dir) if forks else None
         mem1, disk1, rss1 = _mem_available(), _disk_free(data_dir), _rss()
         hibernated: list[Instance] = []
         images: list[int] = []
@@ -146,7 +185,7 @@ async def bench(
             while not queue.empty() and time.perf_counter() - started < max_seconds:
                 number = queue.get_nowait()
                 t0 = time.perf_counter()
-                instance, channel = await fleet.start(number)
+                instance, channel = await fleet.start(number, origin)
                 await channel.aclose()  # hutch's connections go before a dump (as a sleep does)
                 image = await runtime.hibernate(instance.instance_id)
                 per_session.append(time.perf_counter() - t0)
@@ -228,6 +267,9 @@ def main() -> None:
     parser.add_argument(
         "--max-minutes", type=float, default=float("inf"), help="stop creating sessions after this long, measure on"
     )
+    parser.add_argument(
+        "--forks", action="store_true", help="start the hibernated sessions from a checkpoint of one (faster)"
+    )
     parser.add_argument("--templates", type=Path, help="a template store holding `mini` (else one is built)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -239,7 +281,15 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="hutch-bench-tpl-", dir="/var/tmp")) if own else args.templates
     try:
         result = asyncio.run(
-            bench(template_store(root), args.sessions, args.live, args.concurrency, args.wake, args.max_minutes * 60)
+            bench(
+                template_store(root),
+                args.sessions,
+                args.live,
+                args.concurrency,
+                args.wake,
+                args.max_minutes * 60,
+                args.forks,
+            )
         )
     finally:
         if own:
