@@ -156,6 +156,10 @@ async def bench(
             raise SystemExit(f"no hibernation here: {runtime.hibernation_off_reason}")  # type: ignore[attr-defined]
         compression = runtime.pages.method  # type: ignore[attr-defined]
         result["compress"] = compression
+        origin = None
+        if forks:
+            origin = await _checkpointed(fleet, data_dir)
+            await asyncio.sleep(5)  # the source's memory and workspace given back before measuring
         mem0, disk0, rss0 = _mem_available(), _disk_free(data_dir), _rss()
         numbers = iter(range(live_count))
 
@@ -171,7 +175,6 @@ async def bench(
         result["live_print_x_ms_before"] = _latency(before)
         print(f"{live_count} live sessions; print(x) {result['live_print_x_ms_before']}", flush=True)
 
-        origin = await _checkpointed(fleet, data_dir) if forks else None
         mem1, disk1, rss1 = _mem_available(), _disk_free(data_dir), _rss()
         hibernated: list[Instance] = []
         images: list[int] = []
