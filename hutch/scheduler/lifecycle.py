@@ -19,6 +19,7 @@ from typing import Any
 from hutch.errors import AlreadyExists, FailedPrecondition, HutchError, NotFound
 from hutch.functions import FunctionSpec
 from hutch.metadb.records import EndReason, SessionRecord, SessionStatus, Tenant
+from hutch.runtime.base import Instance
 from hutch.scheduler.interface import Route
 from hutch.scheduler.session_table import SessionTable, check_session_id, new_session_id
 from hutch.storage.base import check_key
@@ -150,15 +151,7 @@ class SessionLifecycle(SessionTable):
             instance = None
             try:
                 fresh = not await asyncio.to_thread(self.scheduler.runtime.store.exists, record.workspace_key)
-                instance = await self.scheduler.allocate(
-                    pool_key,
-                    spec,
-                    record.workspace_key,
-                    record.row_id,
-                    env=record.env,
-                    fresh_workspace=fresh,
-                    network=self.network_of(record, spec),
-                )
+                instance = await self._allocate(record, pool_key, spec, fresh=fresh)
                 record = await self.metadb.update_session(record.row_id, instance_id=instance.instance_id)
             except BaseException:
                 if instance is not None:
@@ -207,6 +200,22 @@ class SessionLifecycle(SessionTable):
         await self.scheduler.instance_gone(session.instance_id)
         return await self.route(session)
 
+    async def _allocate(
+        self, session: SessionRecord, pool_key: str, spec: FunctionSpec, fresh: bool = False, **more: Any
+    ) -> Instance:
+        """An instance for the session, on its workspace (`fresh`: a new one), with its
+        environment and network (`Scheduler.allocate`, which takes `more`)."""
+        return await self.scheduler.allocate(
+            pool_key,
+            spec,
+            session.workspace_key,
+            session.row_id,
+            env=session.env,
+            fresh_workspace=fresh,
+            network=self.network_of(session, spec),
+            **more,
+        )
+
     async def _take_over(self, moved: SessionRecord) -> SessionRecord:
         """An instance here for a session just moved from a dead node (`SessionRecovery.adopt`;
         `epoch` + 1 counted by the move). Called under the session's lock."""
@@ -220,23 +229,41 @@ class SessionLifecycle(SessionTable):
         if session.instance_id is not None:
             await self.meter.instance_down(session.row_id, session.instance_id)
             await self.scheduler.release(session.instance_id, keep_workspace=True)
-        instance = await self.scheduler.allocate(
-            pool_key,
+        instance = await self._allocate(session, pool_key, spec)
+        epoch = session.epoch + 1 if next_epoch else session.epoch
+        return await self._bind(
+            session,
+            instance,
             spec,
-            session.workspace_key,
-            session.row_id,
-            env=session.env,
-            fresh_workspace=False,
-            network=self.network_of(session, spec),
+            epoch,
+            None,  # a new instance runs
+            "warn",
+            "instance replaced: processes and memory were lost, files kept",
+            lost=session.instance_id,
+            epoch=epoch,
         )
+
+    async def _bind(
+        self,
+        session: SessionRecord,
+        instance: Instance,
+        spec: FunctionSpec,
+        new_epoch: int,
+        sleep: dict[str, Any] | None,
+        level: str,
+        message: str,
+        **fields: Any,
+    ) -> SessionRecord:
+        """Record a new instance of this node as the session's (at `new_epoch`, asleep as `sleep`
+        says), meter and follow it, and log why. Called under the session's lock."""
         try:
             updated = await self.metadb.update_session(
                 session.row_id,
                 instance_id=instance.instance_id,
-                epoch=session.epoch + 1 if next_epoch else session.epoch,
+                epoch=new_epoch,
                 last_modified=self.clock(),
                 scheduler_id=self.scheduler.scheduler_id,
-                sleep=None,  # a new instance runs
+                sleep=sleep,
             )
         except BaseException:
             # MetaDB did not take the new binding: no instance may run for nobody (the next request
@@ -245,14 +272,7 @@ class SessionLifecycle(SessionTable):
             raise
         self._remember(updated)
         await self.meter.instance_up(updated)
-        self.log.add(
-            updated,
-            "warn",
-            "instance replaced: processes and memory were lost, files kept",
-            lost=session.instance_id,
-            instance=updated.instance_id,
-            epoch=updated.epoch,
-        )
+        self.log.add(updated, level, message, instance=instance.instance_id, **fields)
         self._follow_user_server(updated, spec)
         return updated
 

@@ -323,43 +323,21 @@ class SessionSleep(SessionLifecycle):
             return await super()._take_over(moved)
         pool_key, spec = await self.function(moved.tenant_id, moved.function)
         try:
-            instance = await self.scheduler.allocate(
-                pool_key,
-                spec,
-                moved.workspace_key,
-                moved.row_id,
-                env=moved.env,
-                fresh_workspace=False,
-                network=self.network_of(moved, spec),
-                memory_image=moved_image(image_of),
-            )
+            instance = await self._allocate(moved, pool_key, spec, memory_image=moved_image(image_of))
         except HutchError as exc:
             log.error("session %s: its hibernation image could not be restored here: %s", moved.session_id, exc.message)
             self.log.add(moved, "warn", f"its hibernation image could not be restored here: {exc.message}")
             return await super()._take_over(moved)
-        now = self.clock()
-        sleep = {"state": FROZEN, "since": now, "paused": True} if moved.paused else None
-        try:
-            if sleep is not None:
+        sleep = {"state": FROZEN, "since": self.clock(), "paused": True} if moved.paused else None
+        if sleep is not None:
+            try:
                 await self.scheduler.freeze(instance.instance_id)
-            updated = await self.metadb.update_session(
-                moved.row_id,
-                instance_id=instance.instance_id,
-                epoch=moved.epoch - 1,  # the move counted a loss; the memory came along
-                last_modified=now,
-                scheduler_id=self.scheduler.scheduler_id,
-                sleep=sleep,
-            )
-        except BaseException:
-            await self.scheduler.release(instance.instance_id, keep_workspace=True)
-            raise
-        self._remember(updated)
-        await self.meter.instance_up(updated)
-        self.log.add(
-            updated, "info", "restored here from its hibernation image, memory kept", instance=instance.instance_id
-        )
-        self._follow_user_server(updated, spec)
-        return updated
+            except BaseException:
+                await self.scheduler.release(instance.instance_id, keep_workspace=True)
+                raise
+        # The move counted a loss (`epoch` + 1); the memory came along.
+        message = "restored here from its hibernation image, memory kept"
+        return await self._bind(moved, instance, spec, moved.epoch - 1, sleep, "info", message)
 
     def _forget(self, session: SessionRecord) -> None:
         super()._forget(session)

@@ -24,8 +24,7 @@ import pytest
 
 from tests.cluster.harness import Cluster
 from tests.cluster.test_cluster import _session, _until
-from tests.conftest import TEST_TEMPLATE
-from tests.e2e.test_templates import COUNTER
+from tests.e2e.test_templates import sleepy_counter
 
 pytestmark = [pytest.mark.slow, pytest.mark.sandbox]
 
@@ -59,17 +58,7 @@ def test_a_session_hibernated_on_a_killed_node_wakes_on_another_with_its_memory(
     the other node with its user server's memory: the count goes
     on and the epoch is unchanged. The killed node comes back harmless."""
     name = f"napper-{uuid.uuid4().hex[:6]}"
-    made = gateways[0].post(
-        "/v1/functions",
-        json={
-            "name": name,
-            "template": TEST_TEMPLATE,
-            "startCommand": ["python3", "-c", COUNTER],
-            "port": 8080,
-            "resources": {"memoryMB": 256, "diskMB": 256},
-            "sessionAffinityConfig": {"sessionHibernateAfterIdleInSeconds": 2},
-        },
-    )
+    made = gateways[0].post("/v1/functions", json=sleepy_counter(name))
     assert made.status_code == 201, made.text
     key, invoke = "napper", f"/functions/{name}/invoke/"
     headers = {"x-fc-session-id": key}

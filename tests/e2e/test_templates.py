@@ -414,23 +414,26 @@ http.server.ThreadingHTTPServer(("127.0.0.1", 8080), Counter).serve_forever()
 """
 
 
+def sleepy_counter(name: str) -> dict:
+    """A function of the test template whose user server counts in memory (`COUNTER`), its
+    sessions hibernated after 2 s idle."""
+    return {
+        "name": name,
+        "template": TEST_TEMPLATE,
+        "startCommand": ["python3", "-c", COUNTER],
+        "port": 8080,
+        "resources": {"memoryMB": 256, "diskMB": 256},
+        "sessionAffinityConfig": {"sessionHibernateAfterIdleInSeconds": 2},
+    }
+
+
 def test_a_header_affinity_session_hibernates_when_idle_and_wakes_with_its_memory(template_server):
     """A function's session (header affinity, a user server of a template) hibernates after
     `sessionHibernateAfterIdleInSeconds` and its next request, by the same header, wakes it with
     its memory: the server's in-memory count goes on, the epoch is unchanged."""
     client = template_server.new_tenant(f"idle-{uuid.uuid4().hex[:6]}")
     name = f"counter-{uuid.uuid4().hex[:6]}"
-    made = client.post(
-        "/v1/functions",
-        json={
-            "name": name,
-            "template": TEST_TEMPLATE,
-            "startCommand": ["python3", "-c", COUNTER],
-            "port": 8080,
-            "resources": {"memoryMB": 256, "diskMB": 64},
-            "sessionAffinityConfig": {"sessionHibernateAfterIdleInSeconds": 2},
-        },
-    )
+    made = client.post("/v1/functions", json=sleepy_counter(name))
     assert made.status_code == 201, made.text
     headers = {"x-fc-session-id": "sleepy"}
     first = int(client.get(f"/functions/{name}/invoke/", headers=headers).text)
